@@ -1,0 +1,58 @@
+"""QuantizedLinear: a quantized weight leaf that applies itself (`x @ qlinear`)."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from flexq_jax import formats
+
+
+@flax.struct.dataclass
+class QuantizedLinear:
+  """A linear layer's kernel in quantized form, standing where the model keeps a [K, N] array.
+
+  The logical weight is W [N, K] (out, in) as integers in the signed `w_bits` range with one
+  fp16 scale per (output channel, K-group); what is stored is `packed` in `layout` (see
+  flexq_jax.formats), so the storage type differs from the logical one. `x @ layer` runs the
+  quantized matmul of the numerics contract with `a_bits`-bit dynamic activations (16 = the
+  activations stay float: weight-only quantization) on `backend`.
+  """
+
+  packed: jax.Array  # layout-specific, e.g. uint32 [w_bits, N, K32/32] for "bitplanes"
+  scales: jax.Array  # fp16 [N, Kp / group]
+  in_features: int = flax.struct.field(pytree_node=False)  # K (unpadded)
+  out_features: int = flax.struct.field(pytree_node=False)  # N
+  w_bits: int = flax.struct.field(pytree_node=False)
+  a_bits: int = flax.struct.field(pytree_node=False)  # 6, 8, or 16 (no activation quantization)
+  group_size: int | None = flax.struct.field(pytree_node=False)  # None = one group per row
+  layout: str = flax.struct.field(pytree_node=False, default="bitplanes")
+  backend: str = flax.struct.field(pytree_node=False, default="reference")
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The shape of the float kernel this stands for: [K, N]."""
+    return (self.in_features, self.out_features)
+
+  @property
+  def padded_in_features(self) -> int:
+    return formats.padded_k(self.in_features)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of packed weights plus scales."""
+    return int(self.packed.size * self.packed.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
+
+  def logical_weight(self) -> jax.Array:
+    """int8 [N, Kp]: the canonical logical form (a transient; never stored)."""
+    return formats.unpack(self.packed, self.w_bits, self.layout, self.in_features)
+
+  def dequantize(self) -> jax.Array:
+    """fp32 [K, N]: the float kernel this layer computes with (for analysis, not inference)."""
+    from flexq_jax import numerics
+    return numerics.dequantize_weight(self.logical_weight(), self.scales, self.in_features).T
+
+  def __rmatmul__(self, x: jax.Array) -> jax.Array:
+    from flexq_jax import matmul
+    return matmul.quantized_matmul(x, self)

@@ -1,0 +1,139 @@
+"""Layer-wise sensitivity of the loss to 6-bit (vs 8-bit) activations, in one forward/backward.
+
+Every quantized projection is replaced by a probe computing
+
+    y = (x8 + t * (x6 - x8)) @ W_q
+
+where x8 / x6 are x fake-quantized to 8 / 6 bits (the contract's per-token-group rounding,
+with a straight-through gradient) and t is a per-token scalar, zero in the pass. At t = 0 the
+model is the W6A8 model; t = 1 moves that layer (at that token) to A6. One backward gives
+dL/dt for every token of every layer at once, and
+
+    score(layer) = 1/2 * sum_tokens (dL/dt_token)^2
+
+is the Fisher (outer-product) estimate of the loss increase when that layer goes to A6; the
+first-order term sum_tokens dL/dt is reported too. Cost: one forward and one backward over the
+calibration batch, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from flexq_jax import formats
+
+
+def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> jax.Array:
+  """x [M, K] -> the float value of its contract quantization (scale * q), same shape."""
+  m, k = x.shape
+  kp = formats.padded_k(k)
+  g = kp if group_size is None else group_size
+  qmin, qmax = formats.qrange(bits)
+  xg = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, kp - k)]).reshape(m, kp // g, g)
+  s = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax
+  safe = jnp.where(s > 0, s, 1.0)
+  q = jnp.clip(jnp.round(xg / safe), qmin, qmax) * s
+  return q.reshape(m, kp)[:, :k]
+
+
+@flax.struct.dataclass
+class _SwitchProbe:
+  kernel: jax.Array  # [K, N] float: the quantized weight, dequantized
+  t: jax.Array  # [tokens] zeros: d loss / d t is the sensitivity signal
+  lo_bits: int = flax.struct.field(pytree_node=False)
+  hi_bits: int = flax.struct.field(pytree_node=False)
+  group_size: int | None = flax.struct.field(pytree_node=False)
+
+  def __rmatmul__(self, x):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    hi = fake_quant_activation(x2, self.hi_bits, self.group_size)
+    lo = fake_quant_activation(x2, self.lo_bits, self.group_size)
+    x_hi = x2 + jax.lax.stop_gradient(hi - x2)  # straight-through
+    x_in = x_hi + self.t[:, None] * jax.lax.stop_gradient(lo - hi)
+    return (x_in @ self.kernel.astype(jnp.float32)).astype(x.dtype).reshape(*lead, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+  path: str
+  fisher: float  # 1/2 sum (dL/dt)^2: estimated loss increase (nats, summed over tokens)
+  first_order: float  # sum dL/dt
+
+
+def activation_sensitivity(
+    params: Any,
+    kernels: dict[str, jax.Array],
+    paths: dict[str, tuple],
+    loss_fn: Callable[[Any, jax.Array], jax.Array],
+    calib_batch: jax.Array,
+    *,
+    lo_bits: int = 6,
+    hi_bits: int = 8,
+    group_size: int | None = 128,
+    batch_rows: int = 4,
+) -> dict[str, LayerSensitivity]:
+  """Scores every layer in `kernels` by the estimated loss increase of going hi_bits -> lo_bits.
+
+  Args:
+    params: the parameter pytree (float; its kernels at `paths` are replaced by probes).
+    kernels: {path: [K, N] float kernel to probe with (normally the dequantized W6 weight)}.
+    paths: {path: index tuple into params}.
+    loss_fn: loss_fn(params, tokens) -> summed NLL (scalar).
+    calib_batch: [B, T] int tokens.
+    lo_bits, hi_bits: the two activation widths compared.
+    group_size: activation group size.
+    batch_rows: rows per forward/backward (bounds memory); scores add up over chunks.
+
+  Returns:
+    {path: LayerSensitivity}.
+  """
+  b, t = calib_batch.shape
+  fisher = {p: 0.0 for p in kernels}
+  first = {p: 0.0 for p in kernels}
+  for start in range(0, b, batch_rows):
+    tokens = jnp.asarray(calib_batch[start:start + batch_rows])
+    grads = _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size)
+    for p, g in grads.items():
+      fisher[p] += 0.5 * float(jnp.sum(g * g))
+      first[p] += float(jnp.sum(g))
+  return {p: LayerSensitivity(p, fisher[p], first[p]) for p in kernels}
+
+
+def _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size):
+  n_tok = tokens.size
+  ts = {p: jnp.zeros((n_tok,), jnp.float32) for p in kernels}
+  return _grad_fn(loss_fn, tuple(paths[p] for p in kernels), tuple(kernels), lo_bits, hi_bits, group_size)(
+      params, [kernels[p] for p in kernels], ts, tokens)
+
+
+@functools.lru_cache(maxsize=8)
+def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
+
+  def with_probes(params, kernels, ts):
+    out = _copy(params)
+    for idx, name, kernel in zip(index_paths, names, kernels):
+      node = out
+      for key in idx[:-1]:
+        node = node[key]
+      node[idx[-1]] = _SwitchProbe(kernel, ts[name], lo_bits, hi_bits, group_size)
+    return out
+
+  def loss(ts, params, kernels, tokens):
+    return loss_fn(with_probes(params, kernels, ts), tokens)
+
+  return jax.jit(lambda params, kernels, ts, tokens: jax.grad(loss)(ts, params, kernels, tokens))
+
+
+def _copy(tree):
+  if isinstance(tree, dict):
+    return {k: _copy(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_copy(v) for v in tree]
+  return tree
