@@ -67,7 +67,8 @@ def cmd_eval(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, windows = _eval_tokens(args, tokenizer, args.seq_len, args.windows)
   _log(f"perplexity on {corpus.name}: {windows.shape[0]} windows x {windows.shape[1]} tokens")
-  result = perplexity.perplexity(model_logits_fn(config), params, windows, batch_size=args.batch_size)
+  result = perplexity.perplexity(functools.partial(model_logits_fn(config), params), windows,
+                                 batch_size=args.batch_size)
   print(f"perplexity {result.ppl:.4f}  (nll {result.nll:.5f}, {result.num_tokens} tokens, {result.seconds:.1f}s)")
   if args.json:
     Path(args.json).write_text(json.dumps({"corpus": corpus.name, "model": args.model, "dtype": args.dtype,
