@@ -112,6 +112,135 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--calib-batch", type=int, default=8, help="calibration crops (default 8)")
+  p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration crop (default 512)")
+  p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+  p.add_argument("--weight-method", choices=("gptq", "rtn"), default="gptq",
+                 help="gptq: error compensation with calibration Hessians (default); rtn: round to nearest")
+  p.add_argument("--a8-selection", choices=("sensitivity", "down_proj", "none"), default="sensitivity",
+                 help="which layers keep 8-bit activations: our sensitivity analysis (default), "
+                      "FlexQ's released rule (every down_proj), or none")
+  p.add_argument("--a8-budget", type=float, default=None,
+                 help="how many layers keep A8: a count (>= 1) or a fraction (< 1); default 1/7 of the layers")
+  p.add_argument("--a-bits", type=int, default=6, help="activation bits of ordinary layers (default 6; 16 = float)")
+  p.add_argument("--rule", action="append", default=[], metavar="REGEX=BITS",
+                 help="force activation bits for layers whose path (layers/<i>/<proj>) matches REGEX; "
+                      "repeatable, first match wins, e.g. --rule 'layers/0/.*=8'")
+  p.add_argument("--smooth-alpha", type=float, default=None, help="SmoothQuant smoothing strength (default off)")
+
+
+def _quant_config(args):
+  from flexq_jax.quantize import QuantConfig
+  rules = []
+  for r in args.rule:
+    pattern, sep, bits = r.rpartition("=")
+    if not sep or not bits.isdigit():
+      raise ValueError(f"--rule {r!r} must look like REGEX=BITS")
+    rules.append((pattern, int(bits)))
+  budget = args.a8_budget
+  if budget is not None and budget >= 1:
+    budget = int(budget)
+  return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
+                     a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha)
+
+
+def _calib(args, tokenizer):
+  from evaluation import calibration, corpora
+  corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir) if args.corpus == "wikitext2" \
+      else corpora.load_corpus(args.corpus)
+  ids = calibration.tokenize_corpus(tokenizer, corpus.calib_text)
+  return corpus, calibration.calibration_batch(ids, args.calib_batch, args.calib_len, args.seed)
+
+
+def cmd_quantize(args) -> int:
+  from flexq_jax import checkpoint
+  from flexq_jax.quantize import quantize
+  from evaluation import plots
+  config, params, tokenizer = _load(args)
+  _require_tokenizer(tokenizer)
+  corpus, calib = _calib(args, tokenizer)
+  _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
+  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  print(report.summary())
+  file = checkpoint.save(args.out, qparams, config, report)
+  heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
+  print(f"wrote {file}, {Path(args.out) / 'report.json'} and {heatmap}")
+  return 0
+
+
+def cmd_accuracy(args) -> int:
+  from evaluation import accuracy, calibration, corpora, perplexity
+  config, params, tokenizer = _load(args)
+  _require_tokenizer(tokenizer)
+  corpus, calib = _calib(args, tokenizer)
+  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
+                                    args.windows)
+  rows = accuracy.ROWS if not args.only else tuple(r for r in accuracy.ROWS if r[1] is None or
+                                                   any(o.lower() in r[0].lower() for o in args.only))
+  header = (f"Perplexity of {args.model or 'SmolLM2-135M-Instruct'} ({args.dtype}) on {corpus.name} "
+            f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens); calibration "
+            f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}.")
+  meta = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name, "windows": list(windows.shape),
+          "calib": list(calib.shape), "date": time.strftime("%Y-%m-%d")}
+  done = []
+
+  def save(row):
+    done.append(row)
+    accuracy.write(done, args.out, header, meta)
+
+  rows = accuracy.run_table(config, params, windows, calib, rows=rows, log=_log, on_row=save)
+  print(accuracy.to_markdown(rows, header))
+  print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
+  return 0
+
+
+def cmd_run(args) -> int:
+  """The main job: the FlexQ pipeline on the built-in default model and text."""
+  from flexq_jax import checkpoint
+  from flexq_jax.quantize import quantize
+  from evaluation import calibration, corpora, perplexity, plots
+  t_start = time.perf_counter()
+  out = Path(args.out)
+  config, params, tokenizer = _load(args)
+  _require_tokenizer(tokenizer)
+  corpus, calib = _calib(args, tokenizer)
+  _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
+  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  print(report.summary())
+  file = checkpoint.save(out, qparams, config, report)
+  heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
+                                      title=f"FlexQ sensitivity, {args.model or 'SmolLM2-135M-Instruct'}")
+
+  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
+                                    args.windows)
+  _log(f"perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}")
+  logits = model_logits_fn(config)
+  ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
+  ppl_q = perplexity.perplexity(functools.partial(logits, qparams), windows)
+
+  prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
+  _log("generating samples (greedy)")
+  fp_text = generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=True)
+  q_text = generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=True)
+
+  results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
+             "eval_windows": list(windows.shape), "ppl_fp32": ppl_fp.ppl, "ppl_flexq": ppl_q.ppl,
+             "linear_bf16_bytes": report.linear_bf16_bytes, "linear_packed_bytes": report.linear_packed_bytes,
+             "samples": [{"prompt": p, "fp32": a, "flexq": b} for p, a, b in zip(prompts, fp_text, q_text)]}
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+
+  print()
+  print(f"perplexity ({windows.shape[0]} x {windows.shape[1]} tokens): FP32 {ppl_fp.ppl:.3f}   "
+        f"FlexQ {ppl_q.ppl:.3f}  ({100 * (ppl_q.ppl / ppl_fp.ppl - 1):+.2f}%)")
+  for p, a, b in zip(prompts, fp_text, q_text):
+    print(f"\n>>> {p}\n  FP32 : {a.strip()}\n  FlexQ: {b.strip()}")
+  print(f"\nwrote: {file} (quantized checkpoint)\n       {out / 'report.json'} (report, sensitivity map)\n"
+        f"       {heatmap} (sensitivity heatmap)\n       {out / 'results.json'} (perplexity, samples)")
+  _log(f"done in {time.perf_counter() - t_start:.0f}s")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="flexq", description="FlexQ INT6 quantization (W6A6 / W6A8) of LLaMA-family models in JAX.")
@@ -141,6 +270,44 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
   p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
   p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("quantize", help="quantize a model (FlexQ) and save the checkpoint, report and heatmap",
+                     description="Calibrate, run the sensitivity analysis, quantize every linear layer to 6-bit "
+                                 "weights (W6A6, sensitive layers W6A8) and save a quantized checkpoint.")
+  _add_model_args(p)
+  _add_corpus_args(p)
+  _add_quant_args(p)
+  p.add_argument("--out", default="runs/quantized", help="output directory (default runs/quantized)")
+  p.set_defaults(func=cmd_quantize)
+
+  p = sub.add_parser("accuracy", help="the accuracy table: FP32, W8A8, W6A16, W6A6, W6A8, FlexQ variants",
+                     description="Perplexity of every configuration in evaluation.accuracy.ROWS on the same windows; "
+                                 "writes accuracy.md and accuracy.json (updated after every row).")
+  _add_model_args(p)
+  _add_corpus_args(p)
+  p.add_argument("--calib-batch", type=int, default=8, help="calibration crops (default 8)")
+  p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration crop (default 512)")
+  p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+  p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+  p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+  p.add_argument("--only", action="append", default=[], metavar="TEXT",
+                 help="run only rows whose label contains TEXT (repeatable; the FP32 row always runs)")
+  p.add_argument("--out", default="results", help="output directory (default results/)")
+  p.set_defaults(func=cmd_accuracy)
+
+  p = sub.add_parser("run", help="the main job: calibrate, analyse, quantize, compare FP32 vs FlexQ, save",
+                     description="The FlexQ pipeline on a model (default: the built-in SmolLM2-135M-Instruct and "
+                                 "Wikipedia excerpt): calibration, sensitivity analysis, GPTQ quantization to "
+                                 "W6A6/W6A8, perplexity FP32 vs FlexQ on a short evaluation, generation samples from "
+                                 "both, and the quantized checkpoint, report and heatmap written to --out.")
+  _add_model_args(p)
+  _add_corpus_args(p)
+  _add_quant_args(p)
+  p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+  p.add_argument("--windows", type=int, default=2, help="evaluation windows (default 2: a short evaluation)")
+  p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation sample (default 40)")
+  p.add_argument("--out", default="runs/flexq-smollm2", help="output directory (default runs/flexq-smollm2)")
+  p.set_defaults(func=cmd_run)
   return parser
 
 

@@ -1,0 +1,88 @@
+"""The accuracy table: perplexity of FP32, baselines and FlexQ variants on the same windows."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flexq_jax.quantize import QuantConfig, quantize
+
+RTN = dict(weight_method="rtn")
+GPTQ = dict(weight_method="gptq")
+
+# (row label, QuantConfig or None for the float model). Every W6 row uses g = 128 for weights and
+# activations; the budget of A8 layers is FlexQ's (one in seven: as many as down_proj).
+ROWS: tuple[tuple[str, QuantConfig | None], ...] = (
+    ("FP32", None),
+    ("W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)",
+     QuantConfig(w_bits=8, group_size=None, a_bits=8, a8_selection="none", smooth_alpha=0.5, **RTN)),
+    ("W6A16 (RTN)", QuantConfig(a_bits=16, a8_selection="none", **RTN)),
+    ("W6A6 everywhere (RTN)", QuantConfig(a8_selection="none", **RTN)),
+    ("W6A8 everywhere (RTN)", QuantConfig(a_bits=8, a8_selection="none", **RTN)),
+    ("W6A6 + down_proj A8, paper rule (RTN)", QuantConfig(a8_selection="down_proj", **RTN)),
+    ("W6A6 + sensitivity-chosen A8 (RTN)", QuantConfig(a8_selection="sensitivity", **RTN)),
+    ("W6A16 (GPTQ)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ)),
+    ("W6A6 + down_proj A8, paper rule (GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ)),
+    ("W6A6 + sensitivity-chosen A8 (GPTQ) = FlexQ-JAX default", QuantConfig(a8_selection="sensitivity", **GPTQ)),
+)
+
+
+@dataclasses.dataclass
+class Row:
+  label: str
+  ppl: float
+  delta_pct: float  # vs the first (FP32) row
+  a8_layers: int
+  quantize_seconds: float
+  eval_seconds: float
+
+
+def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
+              rows=ROWS, log: Callable[[str], None] = print, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+  """Evaluates every row on the same windows; the float row must come first."""
+  from evaluation import perplexity
+  from evaluation.cli import model_logits_fn
+
+  logits = model_logits_fn(config)
+  out: list[Row] = []
+  base = None
+  for label, qcfg in rows:
+    t0 = time.perf_counter()
+    a8 = 0
+    if qcfg is None:
+      p = params
+    else:
+      p, report = quantize(params, calib_batch, qcfg, model_config=config, progress=lambda m: log(f"  {m}"))
+      a8 = sum(1 for l in report.layers if l.a_bits == qcfg.sensitive_a_bits and l.a_bits != qcfg.a_bits)
+    tq = time.perf_counter() - t0
+    res = perplexity.perplexity(functools.partial(logits, p), windows, progress=False)
+    base = base if base is not None else res.ppl
+    row = Row(label, res.ppl, 100 * (res.ppl / base - 1), a8, tq, res.seconds)
+    log(f"{label}: ppl {row.ppl:.3f} ({row.delta_pct:+.2f}%)  [quantize {tq:.0f}s, eval {res.seconds:.0f}s]")
+    out.append(row)
+    if on_row:
+      on_row(row)
+  return out
+
+
+def to_markdown(rows: list[Row], header: str) -> str:
+  lines = [header, "", "| configuration | perplexity | vs FP32 | A8 layers |", "| --- | ---: | ---: | ---: |"]
+  for r in rows:
+    lines.append(f"| {r.label} | {r.ppl:.3f} | {r.delta_pct:+.2f}% | {r.a8_layers} |")
+  return "\n".join(lines) + "\n"
+
+
+def write(rows: list[Row], out_dir: str | Path, header: str, meta: dict) -> tuple[Path, Path]:
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  md = out / "accuracy.md"
+  js = out / "accuracy.json"
+  md.write_text(to_markdown(rows, header))
+  js.write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+  return md, js
