@@ -180,7 +180,8 @@ def cmd_accuracy(args) -> int:
                                                    any(o.lower() in r[0].lower() for o in args.only))
   header = (f"Perplexity of {args.model or 'SmolLM2-135M-Instruct'} ({args.dtype}) on {corpus.name} "
             f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens); calibration "
-            f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}.")
+            f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}; quantized matmuls on the "
+            f"'{args.backend}' backend.")
   meta = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name, "windows": list(windows.shape),
           "calib": list(calib.shape), "date": time.strftime("%Y-%m-%d")}
   done = []
@@ -189,7 +190,7 @@ def cmd_accuracy(args) -> int:
     done.append(row)
     accuracy.write(done, args.out, header, meta)
 
-  rows = accuracy.run_table(config, params, windows, calib, rows=rows, log=_log, on_row=save)
+  rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save)
   print(accuracy.to_markdown(rows, header))
   print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
   return 0
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
   p.add_argument("--only", action="append", default=[], metavar="TEXT",
                  help="run only rows whose label contains TEXT (repeatable; the FP32 row always runs)")
+  p.add_argument("--backend", choices=("dequant", "reference"), default="dequant",
+                 help="quantized matmul path: 'dequant' (the contract's numbers in one fp32 dot, fast on CPU; "
+                      "default) or 'reference' (exact int32 group sums, ~4x slower on CPU)")
   p.add_argument("--out", default="results", help="output directory (default results/)")
   p.set_defaults(func=cmd_accuracy)
 

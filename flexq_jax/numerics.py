@@ -161,6 +161,24 @@ def reference_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: in
   return y.astype(out_dtype)
 
 
+def dequant_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int,
+                   group_size: int | None = 128, out_dtype=None) -> jax.Array:
+  """reference_matmul's numbers multiplied as floats: (s_x q_x) @ (s_w q_w)^T in one fp32 dot.
+
+  Equal to the reference up to fp32 rounding and summation order (no integer sums).
+  """
+  m, k = x.shape
+  n, kp = q_w.shape
+  out_dtype = out_dtype or x.dtype
+  if a_bits >= 16:
+    return reference_matmul(x, q_w, s_w, a_bits=a_bits, group_size=group_size, out_dtype=out_dtype)
+  g = _group(group_size, kp)
+  q_x, s_x = quantize_activation(x, a_bits, group_size)
+  x_deq = (q_x.astype(jnp.float32).reshape(m, kp // g, g) * s_x[..., None]).reshape(m, kp)
+  w_deq = dequantize_weight(q_w, s_w)
+  return jnp.dot(x_deq, w_deq.T, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def bitplanes_of(q: jax.Array, bits: int) -> jax.Array:
   """int [R, Kp] -> uint32 [bits, R, Kp/32] two's complement bit planes (formats' layout)."""
   return formats.pack_bitplanes(q, bits)

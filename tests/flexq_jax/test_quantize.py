@@ -1,0 +1,154 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexq_jax import checkpoint, gptq, numerics
+from flexq_jax.qlinear import QuantizedLinear
+from flexq_jax.quantize import QuantConfig, quantize
+from models import llama
+from models.config import LlamaConfig
+
+# K = 256 / 384: multiples of 128, so storage is exactly 6 bits + fp16 scales per 128.
+CONFIG = LlamaConfig(vocab_size=101, hidden_size=256, intermediate_size=384, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=64)
+PARAMS = llama.init_params(CONFIG, jax.random.key(0), scale=0.08)
+CALIB = np.random.default_rng(0).integers(0, 101, (4, 48))
+forward = jax.jit(llama.forward, static_argnums=1)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+  return quantize(PARAMS, CALIB, QuantConfig(), model_config=CONFIG)
+
+
+def test_every_linear_is_quantized_and_the_model_runs(quantized):
+  qparams, report = quantized
+  for layer in qparams["layers"]:
+    for proj in llama.PROJECTIONS:
+      assert isinstance(layer[proj], QuantizedLinear)
+      assert layer[proj].packed.dtype == jnp.uint32  # no int8 container
+  assert len(report.layers) == 14
+  # Storage: 6 bits per weight + one fp16 scale per 128 weights = 6.125 / 16 of bf16.
+  assert report.linear_packed_bytes / report.linear_bf16_bytes == pytest.approx(6.125 / 16, abs=1e-9)
+  assert sum(1 for l in report.layers if l.a_bits == 8) == 2  # 14 / 7: FlexQ's budget
+  fp, _ = forward(PARAMS, CONFIG, CALIB)
+  q, _ = forward(qparams, CONFIG, CALIB)
+  err = float(jnp.abs(q - fp).max() / jnp.abs(fp).max())
+  assert 1e-4 < err < 0.2  # it really quantized, and stayed close
+
+
+def test_save_load_gives_identical_outputs(quantized, tmp_path):
+  qparams, report = quantized
+  checkpoint.save(tmp_path, qparams, CONFIG, report)
+  loaded, config, meta = checkpoint.load(tmp_path)
+  assert config == CONFIG
+  assert meta["report"]["layers"][0]["path"] == "layers/0/q_proj"
+  a, _ = forward(qparams, CONFIG, CALIB)
+  b, _ = forward(loaded, CONFIG, CALIB)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_or_mismatched_checkpoint_fails_clearly(quantized, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  import json
+  from safetensors import safe_open
+  qparams, report = quantized
+  file = checkpoint.save(tmp_path / "ok", qparams, CONFIG, report)
+  with safe_open(str(file), "np") as f:
+    meta = json.loads(f.metadata()["flexq"])
+  arrays = load_file(str(file))
+
+  def write(arrays, meta, name):
+    d = tmp_path / name
+    d.mkdir()
+    save_file(arrays, str(d / "model.safetensors"), metadata={"flexq": json.dumps(meta)})
+    return d
+
+  with pytest.raises(ValueError, match="format version 99"):
+    checkpoint.load(write(arrays, {**meta, "version": 99}, "v99"))
+  bad = dict(arrays)
+  bad["layers.1.up_proj.packed"] = bad["layers.1.up_proj.packed"][:, :5]
+  with pytest.raises(ValueError, match=r"layers.1.up_proj.packed is uint32 \(6, 5, 8\)"):
+    checkpoint.load(write(bad, meta, "shape"))
+  missing = {k: v for k, v in arrays.items() if k != "norm"}
+  with pytest.raises(ValueError, match="tensor norm is missing"):
+    checkpoint.load(write(missing, meta, "missing"))
+  (tmp_path / "garbage").mkdir()
+  (tmp_path / "garbage" / "model.safetensors").write_bytes(b"\x00" * 64)
+  with pytest.raises(ValueError, match="not a readable safetensors file"):
+    checkpoint.load(tmp_path / "garbage")
+  with pytest.raises(FileNotFoundError, match="no quantized checkpoint"):
+    checkpoint.load(tmp_path / "nowhere")
+
+
+def test_rules_override_and_unmatched_rules_are_reported():
+  cfg = QuantConfig(weight_method="rtn", a8_selection="none",
+                    rules=(("layers/1/down_proj", 8), ("layers/0/.*", 16), ("layers/9/.*", 8)))
+  qparams, report = quantize(PARAMS, CALIB, cfg, model_config=CONFIG)
+  bits = report.sensitivity_map
+  assert bits["layers/1/down_proj"] == 8 and bits["layers/1/q_proj"] == 6
+  assert all(bits[f"layers/0/{p}"] == 16 for p in llama.PROJECTIONS)
+  assert report.unmatched_rules == ["layers/9/.*"]
+
+
+def test_paper_rule_marks_every_down_proj():
+  _, report = quantize(PARAMS, CALIB, QuantConfig(weight_method="rtn", a8_selection="down_proj"), model_config=CONFIG)
+  assert {l.path for l in report.layers if l.a_bits == 8} == {"layers/0/down_proj", "layers/1/down_proj"}
+
+
+def test_sensitivity_finds_the_layers_that_6_bit_activations_break():
+  """Layer 1's down_proj input gets outlier channels (same float function: up_proj columns
+  scaled up, down_proj rows down), so 6-bit per-group activations crush the other channels of
+  those groups there. The one-pass estimate must rank it first. (Measured loss changes on a
+  random, untrained model are noise around a non-minimum, so they are checked on the real
+  model instead: see the accuracy table.)"""
+  params = jax.tree.map(lambda a: a, PARAMS)
+  layer = params["layers"][1]
+  boost = jnp.ones((384,)).at[jnp.arange(0, 384, 16)].set(1000.0)
+  layer["up_proj"] = layer["up_proj"] * boost[None, :]
+  layer["down_proj"] = layer["down_proj"] / boost[:, None]
+  _, report = quantize(params, CALIB, QuantConfig(weight_method="rtn", a8_budget=1), model_config=CONFIG)
+  scores = {l.path: l.sensitivity for l in report.layers}
+  outliers = {"layers/1/down_proj"}
+  assert max(scores, key=scores.get) == "layers/1/down_proj"
+  assert {l.path for l in report.layers if l.a_bits == 8} == outliers
+
+
+def test_gptq_beats_round_to_nearest_on_output_error():
+  rng = np.random.default_rng(0)
+  # Correlated inputs with uneven channel scales: where error compensation matters.
+  mix = rng.standard_normal((256, 256)) * 0.3 + np.eye(256)
+  x = (rng.standard_normal((2048, 256)) @ mix * rng.uniform(0.2, 3, 256)).astype(np.float32)
+  w = rng.standard_normal((96, 256)).astype(np.float32)
+  h = jnp.asarray(x.T @ x)
+  q_g, s_g = gptq.gptq_quantize(jnp.asarray(w), h, bits=6, group=128)
+  q_r, s_r = numerics.quantize_weight(jnp.asarray(w))
+  assert int(jnp.min(q_g)) >= -32 and int(jnp.max(q_g)) <= 31 and s_g.dtype == jnp.float16
+  err = lambda q, s: np.linalg.norm(x @ (w - np.asarray(numerics.dequantize_weight(q, s, 256))).T)
+  assert err(q_g, s_g) < 0.8 * err(q_r, s_r)
+
+
+def test_bad_inputs_give_clear_errors():
+  bad = jax.tree.map(lambda a: a, PARAMS)
+  bad["layers"][1]["v_proj"] = bad["layers"][1]["v_proj"].at[3, 4].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"weights of layers/1/v_proj contains NaN or Inf"):
+    quantize(bad, CALIB, model_config=CONFIG)
+  bad["layers"][1]["v_proj"] = jnp.ones((4, 4, 4))
+  with pytest.raises(ValueError, match=r"layers/1/v_proj must be a 2-D"):
+    quantize(bad, CALIB, model_config=CONFIG)
+  with pytest.raises(ValueError, match=r"calib_batch must be \[batch, seq\] integer"):
+    quantize(PARAMS, CALIB.astype(np.float32), model_config=CONFIG)
+  with pytest.raises(ValueError, match="outside"):
+    quantize(PARAMS, CALIB + 1000, model_config=CONFIG)
+  with pytest.raises(ValueError, match="cannot tell the model architecture"):
+    quantize(PARAMS, CALIB)
+  with pytest.raises(ValueError, match="weight_method"):
+    QuantConfig(weight_method="magic")
+  qparams, _ = quantize(PARAMS, CALIB, QuantConfig(weight_method="rtn", a8_selection="none"), model_config=CONFIG)
+  with pytest.raises(ValueError, match="already quantized"):
+    quantize(qparams, CALIB, model_config=CONFIG)
+  with pytest.raises(ValueError, match="expects K=256"):
+    jnp.ones((2, 100)) @ qparams["layers"][0]["q_proj"]
