@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from flexq_jax._tree import copy_containers, get_at, set_at
+
 
 @dataclasses.dataclass
 class InputStats:
@@ -86,27 +88,9 @@ def collect_input_stats(
   """
   recorder = _Recorder()
   for start in range(0, calib_batch.shape[0], batch_rows):
-    probed = _replace_leaves(params, {p: (lambda w, p=p: _Probe(w, p, recorder)) for p in linear_paths}, linear_paths)
+    probed = copy_containers(params)
+    for path, idx in linear_paths.items():
+      set_at(probed, idx, _Probe(get_at(params, idx), path, recorder))
     recorder._last_input = None
     forward_fn(probed, jnp.asarray(calib_batch[start:start + batch_rows]))
   return recorder.stats
-
-
-def _replace_leaves(params, makers: dict[str, Callable], linear_paths: dict[str, tuple]):
-  """A shallow copy of the nested dict/list params with the kernels at `linear_paths` replaced."""
-  out = _copy_containers(params)
-  for path, fn in makers.items():
-    idx = linear_paths[path]
-    node = out
-    for key in idx[:-1]:
-      node = node[key]
-    node[idx[-1]] = fn(node[idx[-1]])
-  return out
-
-
-def _copy_containers(tree):
-  if isinstance(tree, dict):
-    return {k: _copy_containers(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return [_copy_containers(v) for v in tree]
-  return tree

@@ -6,7 +6,9 @@ Paths side by side:
   dequant    the same numbers (q_x, s_x, q_w, s_w) dequantized to fp32 and multiplied in one
              dot: identical up to fp32 rounding and summation order, the latitude the contract
              gives every backend, at the speed of a float matmul. For long CPU evaluations.
-GPU kernel paths (Pallas, BMMA) plug in here, chosen per layer by `backend`.
+  pallas     the Pallas (Triton) GPU kernels of pallas_kernels.w6a_matmul: int8 tensor-core dots
+             on weights unpacked from the "pallas6" layout (repack once with to_backend).
+GPU kernel paths (BMMA) plug in here, chosen per layer by `backend`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 from flexq_jax import numerics
 from flexq_jax.qlinear import QuantizedLinear
 
-BACKENDS = ("reference", "dequant")
+BACKENDS = ("reference", "dequant", "pallas")
+# The layout each backend reads; a backend not listed here reads any layout.
+BACKEND_LAYOUTS = {"pallas": "pallas6"}
 
 
 def quantized_matmul(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
@@ -34,6 +38,14 @@ def quantized_matmul(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
   elif layer.backend == "dequant":
     y = numerics.dequant_matmul(x2, layer.logical_weight(), layer.scales, a_bits=layer.a_bits,
                                 group_size=layer.group_size, out_dtype=x.dtype)
+  elif layer.backend == "pallas":
+    from pallas_kernels import w6a_matmul
+    if layer.layout != "pallas6" or layer.w_bits != 6 or layer.group_size != numerics.CHUNK or layer.a_bits not in (6, 8):
+      raise ValueError(f"backend 'pallas' runs W6A6/W6A8, group 128, layout 'pallas6' (see to_backend); got layout "
+                       f"{layer.layout!r}, w{layer.w_bits}a{layer.a_bits}, group {layer.group_size}")
+    # Interpret mode off the GPU: slow, but the same kernel code (the CPU path of choice is "dequant").
+    y = w6a_matmul.w6a_matmul(x2, layer.packed, layer.scales, a_bits=layer.a_bits,
+                              interpret=jax.default_backend() != "gpu")
   else:
     raise ValueError(f"unknown backend {layer.backend!r}; known: {BACKENDS}")
   return y.reshape(*lead, layer.out_features)
@@ -45,3 +57,27 @@ def with_backend(params, backend: str):
     raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
   return jax.tree.map(lambda l: l.replace(backend=backend) if isinstance(l, QuantizedLinear) else l, params,
                       is_leaf=lambda l: isinstance(l, QuantizedLinear))
+
+
+def to_backend(params, backend: str):
+  """Every QuantizedLinear set to run on `backend`, repacked (once, offline) to the layout it reads.
+
+  Layers the backend cannot run (e.g. `pallas` needs w6, a6/a8, group 128) keep their layout and
+  backend. Repacking goes through the canonical int form, so it is exact.
+  """
+  from flexq_jax import formats
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+  want = BACKEND_LAYOUTS.get(backend)
+
+  def convert(l):
+    if not isinstance(l, QuantizedLinear):
+      return l
+    if backend == "pallas" and (l.w_bits != 6 or l.a_bits not in (6, 8) or l.group_size != numerics.CHUNK):
+      return l
+    if want is not None and l.layout != want:
+      q = formats.unpack(l.packed, l.w_bits, l.layout, l.in_features)
+      l = l.replace(packed=formats.pack(q, l.w_bits, want, l.in_features), layout=want)
+    return l.replace(backend=backend)
+
+  return jax.tree.map(convert, params, is_leaf=lambda l: isinstance(l, QuantizedLinear))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexq_jax import calibration, formats, gptq, numerics, sensitivity
+from flexq_jax._tree import copy_containers, get_at, set_at
 from flexq_jax.qlinear import QuantizedLinear
 from models import llama
 from models.config import LlamaConfig, PRESETS
@@ -139,12 +140,6 @@ def linear_paths(params: dict) -> dict[str, tuple]:
   return out
 
 
-def get_at(tree, idx):
-  for key in idx:
-    tree = tree[key]
-  return tree
-
-
 def infer_model_config(params: dict) -> LlamaConfig:
   """The preset whose shapes these params have; head counts cannot be read from shapes alone."""
   def shapes_of(cfg):
@@ -195,28 +190,23 @@ def smooth(params: dict, stats: dict, alpha: float) -> tuple[dict, dict[str, np.
   Returns:
     (smoothed params, {path: s [K]} per smoothed kernel, so input statistics can be rescaled).
   """
-  params = calibration._copy_containers(params)
+  params = copy_containers(params)
   factors = {}
+  # (where 1/s is folded, the kernels whose input rows are multiplied by s)
+  groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+            ("post_attention_layernorm", ("gate_proj", "up_proj")),
+            ("up_proj", ("down_proj",)))
   for i, layer in enumerate(params["layers"]):
-    groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
-              ("post_attention_layernorm", ("gate_proj", "up_proj")),
-              (None, ("down_proj",)))
     for fold_into, projs in groups:
       act = np.asarray(stats[f"layers/{i}/{projs[0]}"].absmax, np.float64)
       wmax = np.max([np.max(np.abs(np.asarray(layer[p], np.float64)), axis=1) for p in projs], axis=0)
       s = np.where((act > 0) & (wmax > 0), act ** alpha / np.maximum(wmax, 1e-8) ** (1 - alpha), 1.0)
       s = np.clip(s, 1e-5, 1e5)
       for p in projs:
-        layer[p] = (np.asarray(layer[p], np.float64) * s[:, None]).astype(layer[p].dtype)
+        layer[p] = jnp.asarray(np.asarray(layer[p], np.float64) * s[:, None], layer[p].dtype)
         factors[f"layers/{i}/{p}"] = s
-      if fold_into is not None:
-        layer[fold_into] = (np.asarray(layer[fold_into], np.float64) / s).astype(layer[fold_into].dtype)
-      else:
-        layer["up_proj"] = (np.asarray(layer["up_proj"], np.float64) / s[None, :]).astype(layer["up_proj"].dtype)
-      for p in projs:
-        layer[p] = jnp.asarray(layer[p])
-    for name in ("input_layernorm", "post_attention_layernorm", "up_proj"):
-      layer[name] = jnp.asarray(layer[name])
+      # A norm weight [D] scales channels; up_proj [D, F] scales its output columns.
+      layer[fold_into] = jnp.asarray(np.asarray(layer[fold_into], np.float64) / s, layer[fold_into].dtype)
   return params, factors
 
 
@@ -299,7 +289,7 @@ def quantize(
   a_bits, why, scores = _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say,
                                                 seconds)
 
-  qparams = calibration._copy_containers(params)
+  qparams = copy_containers(params)
   layers = []
   for path, idx in paths.items():
     q, s = quantized[path]
@@ -307,8 +297,7 @@ def quantize(
     layer = QuantizedLinear(packed=formats.pack(q, config.w_bits, config.layout, k), scales=s, in_features=k,
                             out_features=n, w_bits=config.w_bits, a_bits=a_bits[path], group_size=config.group_size,
                             layout=config.layout)
-    node = get_at(qparams, idx[:-1])
-    node[idx[-1]] = layer
+    set_at(qparams, idx, layer)
     layers.append(LayerReport(path, k, n, config.w_bits, a_bits[path], why[path], scores.get(path), 2 * k * n,
                               layer.nbytes))
   unmatched = [p for p, _ in config.rules if not any(re.search(p, path) for path in paths)]

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from flexq_jax import formats
+from flexq_jax._tree import copy_containers, set_at
 
 
 def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> jax.Array:
@@ -117,12 +118,9 @@ def _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size
 def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
 
   def with_probes(params, kernels, ts):
-    out = _copy(params)
+    out = copy_containers(params)
     for idx, name, kernel in zip(index_paths, names, kernels):
-      node = out
-      for key in idx[:-1]:
-        node = node[key]
-      node[idx[-1]] = _SwitchProbe(kernel, ts[name], lo_bits, hi_bits, group_size)
+      set_at(out, idx, _SwitchProbe(kernel, ts[name], lo_bits, hi_bits, group_size))
     return out
 
   def loss(ts, params, kernels, tokens):
@@ -130,10 +128,3 @@ def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
 
   return jax.jit(lambda params, kernels, ts, tokens: jax.grad(loss)(ts, params, kernels, tokens))
 
-
-def _copy(tree):
-  if isinstance(tree, dict):
-    return {k: _copy(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return [_copy(v) for v in tree]
-  return tree

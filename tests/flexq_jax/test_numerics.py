@@ -120,3 +120,13 @@ def test_bad_inputs():
   q_w, s_w = numerics.quantize_weight(jnp.ones((4, 256)))
   with pytest.raises(ValueError, match="does not match"):
     numerics.reference_matmul(jnp.ones((2, 100)), q_w, s_w, a_bits=6)
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_dequant_path_equals_reference_up_to_fp32_rounding(group):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((16, 576)).astype(np.float32))
+  q_w, s_w = numerics.quantize_weight(jnp.asarray(rng.standard_normal((40, 576)).astype(np.float32)), 6, group)
+  ref = numerics.reference_matmul(x, q_w, s_w, a_bits=6, group_size=group)
+  fast = numerics.dequant_matmul(x, q_w, s_w, a_bits=6, group_size=group)
+  np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()) * 16)

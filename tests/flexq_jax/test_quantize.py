@@ -152,3 +152,18 @@ def test_bad_inputs_give_clear_errors():
     quantize(qparams, CALIB, model_config=CONFIG)
   with pytest.raises(ValueError, match="expects K=256"):
     jnp.ones((2, 100)) @ qparams["layers"][0]["q_proj"]
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama2-7b", "llama3-8b"])
+def test_two_argument_quantize_recognizes_real_architectures(preset):
+  from flexq_jax.quantize import infer_model_config
+  from models.config import PRESETS
+  config = PRESETS[preset]()
+  shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
+  assert infer_model_config(shapes) == config
+
+
+def test_public_api_two_arguments():
+  import flexq_jax
+  with pytest.raises(ValueError, match="pass model_config"):
+    flexq_jax.quantize(PARAMS, CALIB)
