@@ -103,9 +103,12 @@ def cmd_generate(args) -> int:
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   sampling = gen.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  chat = not args.raw and tokenizer.chat_template is not None
+  if not args.raw and not chat:
+    _log("this tokenizer has no chat template: prompts are fed as plain text")
   t0 = time.perf_counter()
   texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                        chat=not args.raw, sampling=sampling, seed=args.seed)
+                        chat=chat, sampling=sampling, seed=args.seed)
   _log(f"generated in {time.perf_counter() - t0:.1f}s (compilation included)")
   for prompt, text in zip(args.prompt, texts):
     print(f">>> {prompt}\n{text}\n")
@@ -258,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--raw", action="store_true",
-                 help="feed prompts as plain text instead of wrapping them in the model's chat template")
+                 help="feed prompts as plain text instead of wrapping them in the model's chat template "
+                      "(plain text is also used when the tokenizer has no chat template)")
   p.set_defaults(func=cmd_generate)
 
   p = sub.add_parser("eval", help="perplexity on an evaluation text (WikiText-2 protocol)",
