@@ -16,6 +16,7 @@ from flexq_jax.quantize import QuantConfig, quantize
 
 RTN = dict(weight_method="rtn")
 GPTQ = dict(weight_method="gptq")
+GPTQ_SQ = dict(weight_method="gptq", smooth_alpha=0.5)
 
 # (row label, QuantConfig or None for the float model). Every W6 row uses g = 128 for weights and
 # activations; the budget of A8 layers is FlexQ's (one in seven: as many as down_proj).
@@ -30,7 +31,10 @@ ROWS: tuple[tuple[str, QuantConfig | None], ...] = (
     ("W6A6 + sensitivity-chosen A8 (RTN)", QuantConfig(a8_selection="sensitivity", **RTN)),
     ("W6A16 (GPTQ)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ)),
     ("W6A6 + down_proj A8, paper rule (GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ)),
-    ("W6A6 + sensitivity-chosen A8 (GPTQ) = FlexQ-JAX default", QuantConfig(a8_selection="sensitivity", **GPTQ)),
+    ("W6A6 + sensitivity-chosen A8 (GPTQ)", QuantConfig(a8_selection="sensitivity", **GPTQ)),
+    ("W6A6 + down_proj A8, paper rule (GPTQ + smoothing 0.5)", QuantConfig(a8_selection="down_proj", **GPTQ_SQ)),
+    ("W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5) = flexq-jax default",
+     QuantConfig(a8_selection="sensitivity", **GPTQ_SQ)),
 )
 
 
@@ -46,8 +50,10 @@ class Row:
 
 def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
               rows=ROWS, backend: str = "dequant", log: Callable[[str], None] = print,
-              on_row: Callable[[Row], None] | None = None) -> list[Row]:
+              on_row: Callable[[Row], None] | None = None, done: dict[str, Row] | None = None) -> list[Row]:
   """Evaluates every row on the same windows; the float row must come first.
+
+  Rows whose label is in `done` (from an earlier run on the same windows) are reused.
 
   backend "dequant" (default) computes the contract's numbers with one fp32 dot per layer
   (equal to the exact reference up to fp32 summation order; about 4x faster on CPU);
@@ -60,6 +66,14 @@ def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
   out: list[Row] = []
   base = None
   for label, qcfg in rows:
+    if done and label in done:
+      row = done[label]
+      base = base if base is not None else row.ppl
+      log(f"{label}: ppl {row.ppl:.3f} (from the earlier run)")
+      out.append(row)
+      if on_row:
+        on_row(row)
+      continue
     t0 = time.perf_counter()
     a8 = 0
     if qcfg is None:
@@ -94,3 +108,14 @@ def write(rows: list[Row], out_dir: str | Path, header: str, meta: dict) -> tupl
   md.write_text(to_markdown(rows, header))
   js.write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
   return md, js
+
+
+def load_done(out_dir: str | Path, meta: dict) -> dict[str, Row]:
+  """Rows of an earlier run in out_dir with the same model, corpus, windows and calibration."""
+  js = Path(out_dir) / "accuracy.json"
+  if not js.is_file():
+    return {}
+  old = json.loads(js.read_text())
+  if any(old.get(k) != meta.get(k) for k in ("model", "corpus", "windows", "calib", "backend")):
+    return {}
+  return {r["label"]: Row(**r) for r in old.get("rows", [])}

@@ -186,14 +186,17 @@ def cmd_accuracy(args) -> int:
             f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}; quantized matmuls on the "
             f"'{args.backend}' backend.")
   meta = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name, "windows": list(windows.shape),
-          "calib": list(calib.shape), "date": time.strftime("%Y-%m-%d")}
-  done = []
+          "calib": list(calib.shape), "backend": args.backend, "date": time.strftime("%Y-%m-%d"),
+          "machine": "CPU"}
+  earlier = accuracy.load_done(args.out, meta) if args.resume else {}
+  finished = []
 
   def save(row):
-    done.append(row)
-    accuracy.write(done, args.out, header, meta)
+    finished.append(row)
+    accuracy.write(finished, args.out, header, meta)
 
-  rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save)
+  rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save,
+                            done=earlier)
   print(accuracy.to_markdown(rows, header))
   print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
   return 0
@@ -300,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--backend", choices=("dequant", "reference"), default="dequant",
                  help="quantized matmul path: 'dequant' (the contract's numbers in one fp32 dot, fast on CPU; "
                       "default) or 'reference' (exact int32 group sums, ~4x slower on CPU)")
+  p.add_argument("--resume", action="store_true",
+                 help="reuse rows of an earlier run in --out with the same model, corpus, windows and calibration")
   p.add_argument("--out", default="results", help="output directory (default results/)")
   p.set_defaults(func=cmd_accuracy)
 

@@ -167,3 +167,19 @@ def test_public_api_two_arguments():
   import flexq_jax
   with pytest.raises(ValueError, match="pass model_config"):
     flexq_jax.quantize(PARAMS, CALIB)
+
+
+def test_smoothing_keeps_the_float_model_and_shrinks_activation_outliers():
+  from flexq_jax import calibration
+  from flexq_jax.quantize import linear_paths, smooth
+  paths = linear_paths(PARAMS)
+  fwd = lambda p, t: llama.forward(p, CONFIG, t)[0]
+  stats = calibration.collect_input_stats(PARAMS, paths, fwd, CALIB)
+  smoothed, factors = smooth(PARAMS, stats, 0.5)
+  assert set(factors) == set(paths) - {"layers/0/o_proj", "layers/1/o_proj"}
+  a, _ = forward(PARAMS, CONFIG, CALIB)
+  b, _ = forward(smoothed, CONFIG, CALIB)
+  np.testing.assert_allclose(b, a, atol=1e-4 * float(jnp.abs(a).max()))
+  after = calibration.collect_input_stats(smoothed, paths, fwd, CALIB)
+  ratio = lambda st: float(jnp.max(st.absmax) / jnp.mean(st.absmax))  # peak-to-mean over channels
+  assert ratio(after["layers/1/down_proj"]) < ratio(stats["layers/1/down_proj"])

@@ -1,0 +1,385 @@
+"""Kernel benchmark: the W6A6 / W6A8 linear layer against bf16 and int8 baselines on one GPU.
+
+    python -m evaluation.kernel_bench [--quick] [--out-dir results/kernels]
+
+For every (LLaMA-2 layer shape N x K, tokens M, activation bits) it times, in the same run:
+  ours        pallas_kernels.w6a_matmul (activation quantization + GEMM + split-K sum: the op)
+  xla_bf16    jnp.dot of bf16 activations and bf16 weights
+  xla_w8a8    XLA int8 dot with its own per-token activation quantization (per-channel weights)
+  cublas_bf16 torch.nn.functional.linear in bf16 (cuBLAS), when torch is importable
+  cublaslt_i8 torch._int_mm (cuBLASLt int8 -> int32; M padded to >= 32), GEMM only, when importable
+and reports each one's median device time, our fraction of the HBM floor (bytes at 6.125 bits a
+weight plus activations and outputs, over the copy bandwidth measured in this run) and our
+speedup over each baseline. Writes <card>-<date>.{md,json,png} into --out-dir.
+
+Timing. JAX: one jitted lax.fori_loop whose body calls the op once on each of several weight
+buffers (rotated so that the L2 cache never holds the weights a call reads), each iteration's
+input made to depend on the last output with an in-place one-element update, so that XLA can
+neither hoist nor drop the calls; host time of the whole loop minus that of the same loop with
+no calls, divided by the number of calls; median of several runs. torch: CUDA graph of the same
+rotation, timed with CUDA events. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexq_jax import formats, numerics
+from pallas_kernels import w6a_matmul as wk
+
+SHAPES = {  # name -> (N, K) of the LLaMA-2 linear layers
+    "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (11008, 4096), "7b.down": (4096, 11008),
+    "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (28672, 8192), "70b.down": (8192, 28672),
+}
+M_ALL = (1, 4, 8, 16, 64, 256, 1024, 4096)
+QUICK_M = (1, 16, 256, 4096)
+L2_BYTES = 50 * 2 ** 20  # H100 / H200 L2 (50 / 60 MB): rotate at least 4x this much weight data
+TARGET_LOOP_S = 4e-3  # device time of one timed loop
+
+
+def _sync(tree) -> None:
+  jax.block_until_ready(tree)
+
+
+def _median_host_time(fn: Callable, args, reps: int) -> float:
+  _sync(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    _sync(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _loop(op: Callable, iters: int, with_calls: bool = True) -> Callable:
+  """jit(x, bufs) -> runs op(x, *buf) for every buf, `iters` times, as described above."""
+
+  def run(x, bufs):
+    y0 = [jnp.zeros(s.shape, s.dtype) for s in (jax.eval_shape(op, x, *b) for b in bufs)] if with_calls else []
+
+    def body(i, carry):
+      x, ys = carry
+      dep = (ys[-1][0, 0] if with_calls else x[0, 0]).astype(x.dtype) * 0
+      x = x.at[0, 0].add(dep)  # one element, in place: the calls of this iteration wait for it
+      return x, [op(x, *b) for b in bufs] if with_calls else ys
+
+    return jax.lax.fori_loop(0, iters, body, (x, y0))
+
+  return jax.jit(run)
+
+
+def time_jax(op: Callable, x: jax.Array, bufs: list, est_s: float, reps: int = 5) -> float:
+  """Median device seconds of one op(x, *buf) call (see the module docstring)."""
+  iters = int(min(200, max(2, math.ceil(TARGET_LOOP_S / (est_s * len(bufs))))))
+  total = _median_host_time(_loop(op, iters), (x, bufs), reps)
+  empty = _median_host_time(_loop(op, iters, with_calls=False), (x, bufs), reps)
+  return max(total - empty, 1e-9) / (iters * len(bufs))
+
+
+def time_torch(fn: Callable, bufs: list, est_s: float, reps: int = 5) -> float:
+  """Median device seconds of fn(buf) over a CUDA graph of the rotation, by CUDA events."""
+  import torch
+  calls = int(min(400, max(len(bufs), math.ceil(TARGET_LOOP_S / est_s))))
+  stream = torch.cuda.Stream()
+  stream.wait_stream(torch.cuda.current_stream())
+  with torch.cuda.stream(stream):
+    for b in bufs:  # warm up (cuBLAS handles, heuristics) outside the capture
+      fn(b)
+  torch.cuda.current_stream().wait_stream(stream)
+  torch.cuda.synchronize()
+  graph = torch.cuda.CUDAGraph()
+  with torch.cuda.graph(graph):
+    for i in range(calls):
+      fn(bufs[i % len(bufs)])
+  graph.replay()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(reps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    times.append(start.elapsed_time(end) * 1e-3 / calls)
+  del graph
+  return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+  """Device copy bandwidth in bytes/s (bytes read + written) of a 2 GiB array, through JAX."""
+  x = jnp.ones((2 ** 28,), jnp.float32)
+  fn = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, a: a * 1.0000001, a))
+  t = _median_host_time(fn, (x,), 5)
+  return 10 * 2 * x.nbytes / t
+
+
+def torch_available() -> bool:
+  try:
+    import torch
+    return torch.cuda.is_available()
+  except ImportError:
+    return False
+
+
+def card_name() -> str:
+  kind = jax.devices()[0].device_kind
+  for tag in ("H200", "H100", "A100", "B200"):
+    if tag in kind:
+      return tag.lower()
+  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
+
+
+def _n_bufs(bytes_per_buf: int) -> int:
+  return int(min(8, max(2, math.ceil(4 * L2_BYTES / bytes_per_buf))))
+
+
+def floor_bytes(m: int, n: int, k: int) -> float:
+  """Fewest HBM bytes of the op: 6.125-bit weights, bf16 activations in and outputs out."""
+  return n * k * 6.125 / 8 + 2 * m * k + 2 * m * n
+
+
+@dataclasses.dataclass
+class Case:
+  shape: str
+  n: int
+  k: int
+  m: int
+  a_bits: int
+  ours_us: float = float("nan")
+  floor_us: float = float("nan")
+  xla_bf16_us: float = float("nan")
+  xla_w8a8_us: float = float("nan")
+  cublas_bf16_us: float = float("nan")
+  cublaslt_i8_us: float = float("nan")
+  rel_err: float = float("nan")
+  config: str = ""
+
+  @property
+  def floor_frac(self) -> float:
+    return self.floor_us / self.ours_us
+
+  def speedup(self, name: str) -> float:
+    return getattr(self, f"{name}_us") / self.ours_us
+
+  @property
+  def tops(self) -> float:
+    return 2 * self.m * self.n * self.k / (self.ours_us * 1e-6) / 1e12
+
+
+def _our_weights(key, n: int, k: int, count: int):
+  bufs = []
+  for i in range(count):
+    kq, ks = jax.random.split(jax.random.fold_in(key, i))
+    q = jax.random.randint(kq, (n, formats.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
+    s = (jax.random.uniform(ks, (n, formats.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
+    bufs.append((jax.jit(formats.pack_pallas6)(q), s, q))
+  return bufs
+
+
+def bench_ours(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, float]:
+  """(seconds per call, relative error against the contract's numbers) of w6a_matmul."""
+  m = x.shape[0]
+  wbytes = n * k * 0.75
+  bufs = _our_weights(key, n, k, _n_bufs(int(wbytes)))
+  op = lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits, config=config)
+  rel = float("nan")
+  if check:
+    p, s, q = bufs[0]
+    y = op(x, p, s).astype(jnp.float32)
+    ref = numerics.dequant_matmul(x, q, s, a_bits=a_bits).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+    if not np.isfinite(rel):
+      rel = float("inf")
+  est = max(floor_bytes(m, n, k) / 3e12, 2 * m * n * k / 5e14)
+  t = time_jax(op, x, [(p, s) for p, s, _ in bufs], est)
+  return t, rel
+
+
+def bench_xla(x, n, k, key) -> tuple[float, float]:
+  """(bf16 dot, int8 W8A8 dot) seconds per call through XLA."""
+  m = x.shape[0]
+  est_bf16 = max((2 * n * k + 2 * m * k + 2 * m * n) / 3e12, 2 * m * n * k / 6e14)
+  bf = [(jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16),)
+        for i in range(_n_bufs(2 * n * k))]
+  t_bf16 = time_jax(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype), x, bf, est_bf16)
+  del bf
+  i8 = [(jax.random.randint(jax.random.fold_in(key, 100 + i), (k, n), -127, 128, jnp.int32).astype(jnp.int8),
+         jax.random.uniform(jax.random.fold_in(key, 200 + i), (n,), jnp.float32, 1e-3, 2e-3))
+        for i in range(_n_bufs(n * k))]
+
+  def w8a8(x, w, sw):
+    s = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 127
+    q = jnp.round(x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0)).astype(jnp.int8)
+    acc = jax.lax.dot(q, w, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * s * sw[None, :]).astype(x.dtype)
+
+  t_i8 = time_jax(w8a8, x, i8, est_bf16 / 2)
+  return t_bf16, t_i8
+
+
+def bench_torch(m: int, n: int, k: int) -> tuple[float, float]:
+  """(cuBLAS bf16 linear, cuBLASLt int8 _int_mm with M padded to >= 32) seconds per call."""
+  import torch
+  est = max((2 * n * k) / 3e12, 2 * m * n * k / 6e14)
+  x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+  ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(_n_bufs(2 * n * k))]
+  t_bf16 = time_torch(lambda w: torch.nn.functional.linear(x, w), ws, est)
+  del ws
+  mp = max(32, -(-m // 8) * 8)
+  xi = torch.randint(-127, 128, (mp, k), device="cuda", dtype=torch.int8)
+  wi = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t() for _ in range(_n_bufs(n * k))]
+  t_i8 = time_torch(lambda w: torch._int_mm(xi, w), wi, est / 2)
+  del wi
+  torch.cuda.empty_cache()
+  return t_bf16, t_i8
+
+
+def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ...], use_torch: bool,
+              log=print) -> tuple[list[Case], float]:
+  bw = copy_bandwidth()
+  log(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
+  key = jax.random.key(0)
+  cases = []
+  for name in shapes:
+    n, k = SHAPES[name]
+    for m in ms:
+      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      t_bf16, t_w8a8 = bench_xla(x, n, k, key)
+      t_cb, t_ci8 = bench_torch(m, n, k) if use_torch else (float("nan"), float("nan"))
+      for a_bits in a_bits_list:
+        c = Case(name, n, k, m, a_bits, floor_us=floor_bytes(m, n, k) / bw * 1e6, xla_bf16_us=t_bf16 * 1e6,
+                 xla_w8a8_us=t_w8a8 * 1e6, cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
+                 config=repr(wk.default_config(m, n, k)).replace("TileConfig", ""))
+        t, c.rel_err = bench_ours(x, n, k, a_bits, key)
+        c.ours_us = t * 1e6
+        cases.append(c)
+        log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
+            f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
+            f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}")
+  return cases, bw
+
+
+def markdown(cases: list[Case], bw: float, card: str, date: str) -> str:
+  lines = [f"# W6A6 / W6A8 Pallas kernel benchmark: {card}, {date}", "",
+           f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}. Copy bandwidth {bw / 1e12:.2f} TB/s "
+           "(read + write, measured in this run). Times are median device microseconds per call; `ours` "
+           "includes the activation quantization kernel and the split-K sum. floor = bytes at 6.125 "
+           "bits/weight + bf16 activations and outputs over the copy bandwidth. cuBLASLt int8 is "
+           "torch._int_mm alone (no activation quantization, M padded to >= 32).", "",
+           "| layer | N x K | M | W6A | ours us | % floor | xla bf16 | xla w8a8 | cuBLAS bf16 | cuBLASLt i8 | "
+           "x xla bf16 | x xla w8a8 | x cuBLAS bf16 | x cuBLASLt i8 | TOPS | rel err |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for c in cases:
+    lines.append(
+        f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {c.ours_us:.1f} | {100 * c.floor_frac:.0f} | "
+        f"{c.xla_bf16_us:.1f} | {c.xla_w8a8_us:.1f} | {c.cublas_bf16_us:.1f} | {c.cublaslt_i8_us:.1f} | "
+        f"{c.speedup('xla_bf16'):.2f} | {c.speedup('xla_w8a8'):.2f} | {c.speedup('cublas_bf16'):.2f} | "
+        f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(cases: list[Case], path: Path, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name in dict.fromkeys(c.shape for c in cases):
+    cs = sorted((c for c in cases if c.shape == name and c.a_bits == min(x.a_bits for x in cases)), key=lambda c: c.m)
+    ms = [c.m for c in cs]
+    a0.plot(ms, [100 * c.floor_frac for c in cs], marker="o", label=name)
+    a1.plot(ms, [c.speedup("cublas_bf16") if np.isfinite(c.cublas_bf16_us) else c.speedup("xla_bf16") for c in cs],
+            marker="o", label=name)
+  for ax, ylabel in ((a0, "% of HBM floor"), (a1, "speedup over cuBLAS bf16 (XLA bf16 without torch)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  a1.axhline(1.0, color="k", lw=0.8)
+  a0.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], log=print) -> list[dict]:
+  """Times each tiling on each case (W6A6); for choosing default_config."""
+  key = jax.random.key(1)
+  rows = []
+  for name in shapes:
+    n, k = SHAPES[name]
+    for m in ms:
+      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      for cfg in [None, *configs]:
+        try:
+          t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
+          us = t * 1e6
+        except Exception as e:  # a tiling the compiler rejects: report, go on
+          us, err = float("nan"), float("nan")
+          log(f"  failed: {type(e).__name__}: {str(e)[:200]}")
+        label = "default " + repr(wk.default_config(m, n, k)) if cfg is None else repr(cfg)
+        label = label.replace("TileConfig", "")
+        rows.append(dict(shape=name, m=m, us=us, err=err, config=label))
+        log(f"sweep {name:11s} M={m:5d} {us:9.1f} us err {err:.1e} {label}")
+  return rows
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}, W6A6 only")
+  ap.add_argument("--shapes", default="all", help="comma list of " + ", ".join(SHAPES) + "; or 7b, 70b, all")
+  ap.add_argument("--m", default=None, help="comma list of M")
+  ap.add_argument("--a-bits", default=None, help="comma list of 6, 8")
+  ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
+  ap.add_argument("--out-dir", default="results/kernels")
+  args = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    sys.exit("kernel_bench needs a GPU (jax.default_backend() is %r)" % jax.default_backend())
+  if args.shapes in ("all", "7b", "70b"):
+    shapes = [s for s in SHAPES if args.shapes == "all" or s.startswith(args.shapes + ".")]
+  else:
+    shapes = args.shapes.split(",")
+  ms = tuple(int(v) for v in args.m.split(",")) if args.m else (QUICK_M if args.quick else M_ALL)
+  a_bits = tuple(int(v) for v in args.a_bits.split(",")) if args.a_bits else ((6,) if args.quick else (6, 8))
+  log = lambda s: print(s, flush=True)
+  if args.sweep:
+    cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
+             for bn, sk, nw, ns, asm in [(64, 4, 4, 4, False), (128, 2, 4, 4, True), (128, 4, 4, 4, True),
+                                         (32, 4, 2, 4, True), (64, 8, 4, 3, True), (64, 2, 4, 4, True),
+                                         (256, 4, 8, 3, True)]]
+    if max(ms) > 16:
+      cands = [wk.TileConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, unpack_asm=True, group_m=8)
+               for bm, bn, nw, ns in [(128, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 4, 4),
+                                      (128, 64, 4, 4)]]
+    sweep(shapes, ms, cands, log)
+    return
+  use_torch = not args.no_torch and torch_available()
+  cases, bw = run_cases(shapes, ms, a_bits, use_torch, log)
+  card, date = card_name(), datetime.date.today().isoformat()
+  out = Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"{card}-{date}{'-quick' if args.quick else ''}"
+  md = markdown(cases, bw, card, date)
+  stem.with_suffix(".md").write_text(md)
+  stem.with_suffix(".json").write_text(json.dumps(dict(
+      card=card, device=jax.devices()[0].device_kind, date=date, jax=jax.__version__, copy_bandwidth=bw,
+      cases=[dict(dataclasses.asdict(c), floor_frac=c.floor_frac, tops=c.tops) for c in cases]), indent=1))
+  plot(cases, stem.with_suffix(".png"), f"W6A6/W6A8 Pallas kernels, {card}, {date}")
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
