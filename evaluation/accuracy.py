@@ -14,8 +14,8 @@ import numpy as np
 from flexq_jax import matmul
 from flexq_jax.quantize import QuantConfig, quantize
 
-RTN = dict(weight_method="rtn")
-GPTQ = dict(weight_method="gptq")
+RTN = dict(weight_method="rtn", smooth_alpha=None)
+GPTQ = dict(weight_method="gptq", smooth_alpha=None)
 GPTQ_SQ = dict(weight_method="gptq", smooth_alpha=0.5)
 
 # (row label, QuantConfig or None for the float model). Every W6 row uses g = 128 for weights and

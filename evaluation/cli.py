@@ -115,6 +115,10 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def _alpha(text: str) -> float | None:
+  return None if text.lower() == "none" else float(text)
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--calib-batch", type=int, default=8, help="calibration crops (default 8)")
   p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration crop (default 512)")
@@ -130,7 +134,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rule", action="append", default=[], metavar="REGEX=BITS",
                  help="force activation bits for layers whose path (layers/<i>/<proj>) matches REGEX; "
                       "repeatable, first match wins, e.g. --rule 'layers/0/.*=8'")
-  p.add_argument("--smooth-alpha", type=float, default=None, help="SmoothQuant smoothing strength (default off)")
+  p.add_argument("--smooth-alpha", type=_alpha, default=0.5,
+                 help="SmoothQuant smoothing strength in [0, 1] folded into the weights before quantization "
+                      "(default 0.5), or 'none' to switch smoothing off")
 
 
 def _quant_config(args):

@@ -72,7 +72,7 @@ def _loop(op: Callable, iters: int, with_calls: bool = True) -> Callable:
 
     def body(i, carry):
       x, ys = carry
-      dep = (ys[-1][0, 0] if with_calls else x[0, 0]).astype(x.dtype) * 0
+      dep = ((ys[-1][0, 0] if with_calls else x[0, 0]).astype(jnp.float32) * 0).astype(x.dtype)
       x = x.at[0, 0].add(dep)  # one element, in place: the calls of this iteration wait for it
       return x, [op(x, *b) for b in bufs] if with_calls else ys
 
@@ -87,6 +87,26 @@ def time_jax(op: Callable, x: jax.Array, bufs: list, est_s: float, reps: int = 5
   total = _median_host_time(_loop(op, iters), (x, bufs), reps)
   empty = _median_host_time(_loop(op, iters, with_calls=False), (x, bufs), reps)
   return max(total - empty, 1e-9) / (iters * len(bufs))
+
+
+def kernel_times(op: Callable, x: jax.Array, bufs: list, iters: int = 10) -> list[tuple[str, int, float]]:
+  """(kernel name, launches, mean device us) of every GPU kernel of the timed loop, by the profiler."""
+  import glob
+  import tempfile
+  fn = _loop(op, iters)
+  _sync(fn(x, bufs))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      _sync(fn(x, bufs))
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  totals: dict[str, list[float]] = {}
+  lines = [line for plane in data.planes if plane.name.startswith("/device:GPU") for line in plane.lines]
+  streams = [line for line in lines if "stream" in line.name.lower()] or lines
+  for line in streams:
+    for ev in line.events:
+      totals.setdefault(ev.name, []).append(ev.duration_ns / 1e3)
+  rows = [(name, len(d), sum(d) / len(d)) for name, d in totals.items()]
+  return sorted(rows, key=lambda r: -r[1] * r[2])
 
 
 def time_torch(fn: Callable, bufs: list, est_s: float, reps: int = 5) -> float:
@@ -118,12 +138,20 @@ def time_torch(fn: Callable, bufs: list, est_s: float, reps: int = 5) -> float:
   return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-  """Device copy bandwidth in bytes/s (bytes read + written) of a 2 GiB array, through JAX."""
+def copy_bandwidth(use_torch: bool) -> dict[str, float]:
+  """Device copy bandwidth in bytes/s (bytes read + written) of a 1 GiB array: JAX, and torch."""
   x = jnp.ones((2 ** 28,), jnp.float32)
   fn = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, a: a * 1.0000001, a))
-  t = _median_host_time(fn, (x,), 5)
-  return 10 * 2 * x.nbytes / t
+  out = {"jax": 10 * 2 * x.nbytes / _median_host_time(fn, (x,), 5)}
+  del x
+  if use_torch:
+    import torch
+    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    out["torch"] = 2 * src.nbytes / time_torch(lambda _: dst.copy_(src), [None], 2 * src.nbytes / 4e12)
+    del src, dst
+    torch.cuda.empty_cache()
+  return out
 
 
 def torch_available() -> bool:
@@ -247,10 +275,27 @@ def bench_torch(m: int, n: int, k: int) -> tuple[float, float]:
   return t_bf16, t_i8
 
 
+def profile_ours(name: str, m: int, log=print) -> list[dict]:
+  """Per-kernel device times of the op (quantization, GEMM, split-K sum) by the profiler."""
+  n, k = SHAPES[name]
+  key = jax.random.key(2)
+  x = jax.random.normal(key, (m, k), jnp.bfloat16)
+  bufs = [b[:2] for b in _our_weights(key, n, k, 2)]
+  rows = []
+  try:
+    for kname, count, us in kernel_times(lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=6), x, bufs)[:5]:
+      log(f"  profile {name} M={m}: {us:9.2f} us x {count:4d}  {kname[:80]}")
+      rows.append(dict(shape=name, m=m, kernel=kname, launches=count, mean_us=us))
+  except Exception as e:  # a diagnostic: report and go on
+    log(f"  profile failed: {type(e).__name__}: {str(e)[:200]}")
+  return rows
+
+
 def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ...], use_torch: bool,
-              log=print) -> tuple[list[Case], float]:
-  bw = copy_bandwidth()
-  log(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
+              a8_ms: tuple[int, ...] | None = None, log=print) -> tuple[list[Case], dict]:
+  bws = copy_bandwidth(use_torch)
+  bw = max(bws.values())  # the floor uses the best copy rate seen
+  log("copy bandwidth (read + write): " + ", ".join(f"{k} {v / 1e12:.3f} TB/s" for k, v in bws.items()))
   key = jax.random.key(0)
   cases = []
   for name in shapes:
@@ -260,6 +305,8 @@ def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ..
       t_bf16, t_w8a8 = bench_xla(x, n, k, key)
       t_cb, t_ci8 = bench_torch(m, n, k) if use_torch else (float("nan"), float("nan"))
       for a_bits in a_bits_list:
+        if a_bits == 8 and a8_ms is not None and m not in a8_ms:
+          continue
         c = Case(name, n, k, m, a_bits, floor_us=floor_bytes(m, n, k) / bw * 1e6, xla_bf16_us=t_bf16 * 1e6,
                  xla_w8a8_us=t_w8a8 * 1e6, cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
                  config=repr(wk.default_config(m, n, k)).replace("TileConfig", ""))
@@ -269,13 +316,15 @@ def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ..
         log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
             f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
             f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}")
-  return cases, bw
+  return cases, bws
 
 
-def markdown(cases: list[Case], bw: float, card: str, date: str) -> str:
+def markdown(cases: list[Case], bws: dict, card: str, date: str) -> str:
+  bw = max(bws.values())
   lines = [f"# W6A6 / W6A8 Pallas kernel benchmark: {card}, {date}", "",
            f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}. Copy bandwidth {bw / 1e12:.2f} TB/s "
-           "(read + write, measured in this run). Times are median device microseconds per call; `ours` "
+           "(read + write, measured in this run: "
+           + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bws.items()) + "). Times are median device microseconds per call; `ours` "
            "includes the activation quantization kernel and the split-K sum. floor = bytes at 6.125 "
            "bits/weight + bf16 activations and outputs over the copy bandwidth. cuBLASLt int8 is "
            "torch._int_mm alone (no activation quantization, M padded to >= 32).", "",
@@ -322,6 +371,13 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
     n, k = SHAPES[name]
     for m in ms:
       x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      cfg0 = wk.default_config(m, n, k)
+      qx, sx, xs = wk.quantize_activations(x, a_bits=6, config=cfg0)
+      t_q = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg0)[0], x, [()], 2e-6)
+      t_g = time_jax(lambda qx, p, s: wk.gemm(qx, sx, xs, p, s, m=m, out_dtype=jnp.bfloat16, config=cfg0), qx,
+                     [b[:2] for b in _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))], 1e-5)
+      log(f"breakdown {name:11s} M={m:5d} default: quantize {t_q * 1e6:.1f} us, gemm (+ split-K sum) {t_g * 1e6:.1f} us")
+      rows += profile_ours(name, m, log)
       for cfg in [None, *configs]:
         try:
           t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
@@ -342,8 +398,10 @@ def main(argv=None) -> None:
   ap.add_argument("--shapes", default="all", help="comma list of " + ", ".join(SHAPES) + "; or 7b, 70b, all")
   ap.add_argument("--m", default=None, help="comma list of M")
   ap.add_argument("--a-bits", default=None, help="comma list of 6, 8")
+  ap.add_argument("--a8-m", default=None, help="comma list of M at which W6A8 is timed too (default: all)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
+  ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
   ap.add_argument("--out-dir", default="results/kernels")
   args = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
@@ -357,26 +415,32 @@ def main(argv=None) -> None:
   log = lambda s: print(s, flush=True)
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
-             for bn, sk, nw, ns, asm in [(64, 4, 4, 4, False), (128, 2, 4, 4, True), (128, 4, 4, 4, True),
-                                         (32, 4, 2, 4, True), (64, 8, 4, 3, True), (64, 2, 4, 4, True),
-                                         (256, 4, 8, 3, True)]]
+             for bn, sk, nw, ns, asm in [(128, 4, 4, 4, False), (128, 4, 4, 4, True), (128, 2, 4, 4, True),
+                                         (128, 8, 4, 4, True), (128, 4, 4, 6, True), (64, 4, 4, 4, True),
+                                         (256, 2, 4, 4, True), (256, 4, 8, 4, True), (128, 4, 8, 4, True)]]
     if max(ms) > 16:
-      cands = [wk.TileConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, unpack_asm=True, group_m=8)
-               for bm, bn, nw, ns in [(128, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 4, 4),
-                                      (128, 64, 4, 4)]]
+      cands = [wk.TileConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, join_phases=jp, group_m=8)
+               for bm, bn, nw, ns, jp in [(64, 128, 4, 3, True), (64, 128, 4, 3, False), (128, 128, 8, 3, True),
+                                          (128, 128, 4, 3, False), (64, 256, 8, 3, True), (128, 64, 4, 4, False),
+                                          (64, 64, 4, 4, False)]]
     sweep(shapes, ms, cands, log)
     return
   use_torch = not args.no_torch and torch_available()
-  cases, bw = run_cases(shapes, ms, a_bits, use_torch, log)
+  a8_ms = tuple(int(v) for v in args.a8_m.split(",")) if args.a8_m else None
+  cases, bws = run_cases(shapes, ms, a_bits, use_torch, a8_ms, log)
+  profile = [r for spec in filter(None, args.profile.split(",")) for r in
+             profile_ours(spec.split(":")[0], int(spec.split(":")[1]), log)]
   card, date = card_name(), datetime.date.today().isoformat()
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"{card}-{date}{'-quick' if args.quick else ''}"
-  md = markdown(cases, bw, card, date)
+  subset = args.quick or ms != M_ALL or len(shapes) != len(SHAPES) or a_bits != (6, 8) or a8_ms is not None
+  stem = out / f"{card}-{date}{'-subset' if subset else ''}"
+  md = markdown(cases, bws, card, date)
   stem.with_suffix(".md").write_text(md)
   stem.with_suffix(".json").write_text(json.dumps(dict(
-      card=card, device=jax.devices()[0].device_kind, date=date, jax=jax.__version__, copy_bandwidth=bw,
-      cases=[dict(dataclasses.asdict(c), floor_frac=c.floor_frac, tops=c.tops) for c in cases]), indent=1))
+      card=card, device=jax.devices()[0].device_kind, date=date, jax=jax.__version__, copy_bandwidth=bws,
+      cases=[dict(dataclasses.asdict(c), floor_frac=c.floor_frac, tops=c.tops) for c in cases],
+      profile=profile), indent=1))
   plot(cases, stem.with_suffix(".png"), f"W6A6/W6A8 Pallas kernels, {card}, {date}")
   print(md)
 

@@ -37,7 +37,7 @@ class QuantConfig:
   rules: tuple[tuple[str, int], ...] = ()
   weight_method: str = "gptq"  # "rtn" (round to nearest) or "gptq" (error compensation)
   gptq_damp: float = 0.01  # GPTQ diagonal damping (fraction of mean diag(H))
-  smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
+  smooth_alpha: float | None = 0.5  # SmoothQuant migration strength; None = no smoothing
   layout: str = "bitplanes"  # packed weight layout (flexq_jax.formats)
 
   def __post_init__(self):
@@ -232,8 +232,8 @@ def quantize(
   Args:
     params: float parameter pytree (see models.llama).
     calib_batch: [B, T] int tokens of calibration text.
-    config: QuantConfig (default: W6, g128, GPTQ weights, A6 with 1/7 of layers at A8 chosen
-      by the sensitivity analysis).
+    config: QuantConfig (default: W6, g128, SmoothQuant smoothing (alpha 0.5) and GPTQ weights,
+      A6 with 1/7 of the layers at A8 chosen by the sensitivity analysis).
     model_config: the architecture; inferred from the shapes for the known presets.
     progress: optional callback taking a status line.
 

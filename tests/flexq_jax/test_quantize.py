@@ -110,7 +110,7 @@ def test_sensitivity_finds_the_layers_that_6_bit_activations_break():
   boost = jnp.ones((384,)).at[jnp.arange(0, 384, 16)].set(1000.0)
   layer["up_proj"] = layer["up_proj"] * boost[None, :]
   layer["down_proj"] = layer["down_proj"] / boost[:, None]
-  _, report = quantize(params, CALIB, QuantConfig(weight_method="rtn", a8_budget=1), model_config=CONFIG)
+  _, report = quantize(params, CALIB, QuantConfig(weight_method="rtn", smooth_alpha=None, a8_budget=1), model_config=CONFIG)
   scores = {l.path: l.sensitivity for l in report.layers}
   outliers = {"layers/1/down_proj"}
   assert max(scores, key=scores.get) == "layers/1/down_proj"
