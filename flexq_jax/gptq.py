@@ -1,10 +1,17 @@
 """GPTQ-style error compensation for group-wise weight quantization (the contract's numerics).
 
-Columns are quantized left to right; each column's rounding error is spread over the columns
+Columns are quantized one at a time; each column's rounding error is spread over the columns
 not yet quantized through the inverse Hessian of the layer input (H = X^T X), so the layer's
-output error on the calibration data, not the weight error, is what gets minimized. Each
-128-wide group takes its scale (max|w| / qmax) from its weights as updated when the group is
-reached, which is what makes the result a valid contract weight: q_w in range, fp16 scales.
+output error on the calibration data, not the weight error, is what gets minimized.
+
+Two column orders:
+  in order   (act_order=False) left to right; each 128-wide group takes its scale
+             (max|w| / qmax) from its weights as updated when the group is reached.
+  act order  (act_order=True) columns with the largest H diagonal (the most active inputs) go
+             first, while they can still be compensated; the group scales are fixed up front
+             from the original weights ("static groups"), since a group's columns are then
+             visited out of order.
+Either way the result is a contract weight: q_w in range, one fp16 scale per group.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import jax.numpy as jnp
 from flexq_jax import formats
 from flexq_jax.numerics import pad_k
 
+BLOCK = 128  # columns updated together before the lazy update of the rest
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "damp"))
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "damp", "act_order"))
 def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int = 128,
-                  damp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+                  damp: float = 0.01, act_order: bool = True) -> tuple[jax.Array, jax.Array]:
   """GPTQ quantization of one layer.
 
   Args:
@@ -29,6 +38,7 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
     bits: weight bits.
     group: K-group size (a multiple of 128).
     damp: diagonal damping, as a fraction of the mean diagonal.
+    act_order: visit columns by decreasing H diagonal (with static group scales).
 
   Returns:
     (q int8 [N, Kp], scales fp16 [N, Kp / group]): same form as numerics.quantize_weight.
@@ -42,32 +52,50 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
   dead = diag <= 0  # channels never active (and the padding): fix them at zero
   h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
   w = jnp.where(dead[None, :], 0.0, w)
-  h = h + jnp.eye(kp) * damp * jnp.mean(jnp.where(dead, 0.0, diag)) * kp / jnp.maximum(1, jnp.sum(~dead))
-  # Upper Cholesky factor of H^-1: row i holds how column i's error moves the later columns.
-  hinv = jnp.linalg.inv(h)
-  hinv = jnp.linalg.cholesky(hinv, upper=True)
+  live_mean = jnp.sum(jnp.where(dead, 0.0, diag)) / jnp.maximum(1, jnp.sum(~dead))
+  h = h + jnp.eye(kp) * damp * live_mean
 
-  qs, scales = [], []
-  for start in range(0, kp, group):
-    stop = start + group
+  # Scales fixed up front: with act order, and whenever a group is not exactly one block.
+  static = act_order or group != BLOCK
+  if static:
+    static_scales = (jnp.max(jnp.abs(w.reshape(n, kp // group, group)), axis=-1) / qmax).astype(jnp.float16)
+  else:
+    static_scales = None
+  perm = jnp.argsort(-jnp.where(dead, -1.0, diag)) if act_order else jnp.arange(kp)
+  w = w[:, perm]
+  h = h[perm][:, perm]
+  # Upper Cholesky factor of H^-1: row i holds how column i's error moves the later columns.
+  hinv = jnp.linalg.cholesky(jnp.linalg.inv(h), upper=True)
+
+  qs, block_scales = [], []
+  for start in range(0, kp, BLOCK):
+    stop = start + BLOCK
     w_blk = w[:, start:stop]
-    scale = (jnp.max(jnp.abs(w_blk), axis=1) / qmax).astype(jnp.float16)
-    s = scale.astype(jnp.float32)
-    safe = jnp.where(s > 0, s, 1.0)
+    if static:
+      # [BLOCK, N]: the scale of each column's own (original) group.
+      col_scales = static_scales.astype(jnp.float32)[:, perm[start:stop] // group].T
+    else:
+      scale = (jnp.max(jnp.abs(w_blk), axis=1) / qmax).astype(jnp.float16)
+      block_scales.append(scale)
+      col_scales = jnp.broadcast_to(scale.astype(jnp.float32), (BLOCK, n))
     h_blk = hinv[start:stop, start:stop]
 
-    def column(i, carry, s=s, safe=safe, h_blk=h_blk):
+    def column(i, carry, col_scales=col_scales, h_blk=h_blk):
       w_blk, q_blk, err_blk = carry
       col = w_blk[:, i]
-      q = jnp.where(s > 0, jnp.clip(jnp.round(col / safe), qmin, qmax), 0.0)
+      s = col_scales[i]
+      q = jnp.where(s > 0, jnp.clip(jnp.round(col / jnp.where(s > 0, s, 1.0)), qmin, qmax), 0.0)
       err = (col - q * s) / h_blk[i, i]
       # Only columns after i change (h_blk is upper triangular).
       w_blk = w_blk - err[:, None] * h_blk[i][None, :]
       return w_blk, q_blk.at[:, i].set(q), err_blk.at[:, i].set(err)
 
-    zeros = jnp.zeros((n, group), jnp.float32)
-    _, q_blk, err_blk = jax.lax.fori_loop(0, group, column, (w_blk, zeros, zeros))
+    zeros = jnp.zeros((n, BLOCK), jnp.float32)
+    _, q_blk, err_blk = jax.lax.fori_loop(0, BLOCK, column, (w_blk, zeros, zeros))
     w = w.at[:, stop:].add(-err_blk @ hinv[start:stop, stop:])
     qs.append(q_blk)
-    scales.append(scale)
-  return jnp.concatenate(qs, axis=1).astype(jnp.int8), jnp.stack(scales, axis=1)
+  q = jnp.concatenate(qs, axis=1)
+  q = q[:, jnp.argsort(perm)].astype(jnp.int8)  # back to the original column order
+  if static:
+    return q, static_scales
+  return q, jnp.stack(block_scales, axis=1)

@@ -37,6 +37,7 @@ class QuantConfig:
   rules: tuple[tuple[str, int], ...] = ()
   weight_method: str = "gptq"  # "rtn" (round to nearest) or "gptq" (error compensation)
   gptq_damp: float = 0.01  # GPTQ diagonal damping (fraction of mean diag(H))
+  gptq_act_order: bool = True  # GPTQ visits the most active input channels first
   smooth_alpha: float | None = 0.5  # SmoothQuant migration strength; None = no smoothing
   layout: str = "bitplanes"  # packed weight layout (flexq_jax.formats)
 
@@ -279,7 +280,7 @@ def quantize(
         inv = jnp.asarray(1.0 / factors[path], jnp.float32)
         h = h * inv[:, None] * inv[None, :]
       q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=config.group_size or formats.padded_k(w.shape[1]),
-                                damp=config.gptq_damp)
+                                damp=config.gptq_damp, act_order=config.gptq_act_order)
     else:
       q, s = numerics.quantize_weight(w, config.w_bits, config.group_size)
     quantized[path] = (q, s)

@@ -117,14 +117,15 @@ def test_sensitivity_finds_the_layers_that_6_bit_activations_break():
   assert {l.path for l in report.layers if l.a_bits == 8} == outliers
 
 
-def test_gptq_beats_round_to_nearest_on_output_error():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_output_error(act_order):
   rng = np.random.default_rng(0)
   # Correlated inputs with uneven channel scales: where error compensation matters.
   mix = rng.standard_normal((256, 256)) * 0.3 + np.eye(256)
   x = (rng.standard_normal((2048, 256)) @ mix * rng.uniform(0.2, 3, 256)).astype(np.float32)
   w = rng.standard_normal((96, 256)).astype(np.float32)
   h = jnp.asarray(x.T @ x)
-  q_g, s_g = gptq.gptq_quantize(jnp.asarray(w), h, bits=6, group=128)
+  q_g, s_g = gptq.gptq_quantize(jnp.asarray(w), h, bits=6, group=128, act_order=act_order)
   q_r, s_r = numerics.quantize_weight(jnp.asarray(w))
   assert int(jnp.min(q_g)) >= -32 and int(jnp.max(q_g)) <= 31 and s_g.dtype == jnp.float16
   err = lambda q, s: np.linalg.norm(x @ (w - np.asarray(numerics.dequantize_weight(q, s, 256))).T)
