@@ -22,24 +22,29 @@ Layout "bitplanes" (b bits/weight; the binary-tensor-core layout, any b from 2 t
     Shards along N split rows; shards along K split words on group boundaries (4 words).
 
 Layout "pallas6" (6 bits/weight only; the Pallas/Triton GPU kernels' layout):
-    K-major bytes, N contiguous, so a kernel loads [32, block_n] byte tiles along whole rows.
     Weights are stored offset, u = q + 32 in [0, 63] (no sign extension; a kernel subtracts
-    32 * sum(q_x) per group), split 4 + 2 bits. Group j covers k = 128j .. 128j+127, in four
-    32-row quarters r = 0..3 (k = 128j + 32r + t, t = 0..31); it takes 96 byte rows:
+    32 * sum(q_x) per group), split 4 + 2 bits into three byte planes. Group j (k = 128j ..
+    128j+127) of row n has three 32-byte planes; byte t of each describes the four weights
+    k = 128j + 4t + p, phases p = 0..3:
 
-        row 96j      + t :  lo4(u[q0, t])  | lo4(u[q1, t]) << 4                     quarters 0, 1
-        row 96j + 32 + t :  lo4(u[q2, t])  | lo4(u[q3, t]) << 4                     quarters 2, 3
-        row 96j + 64 + t :  hi2(u[q0, t])  | hi2(u[q1, t]) << 2 | hi2(u[q2, t]) << 4 | hi2(u[q3, t]) << 6
+        plane 0, byte t :  lo4(u[4t])     | lo4(u[4t + 1]) << 4                           phases 0, 1
+        plane 1, byte t :  lo4(u[4t + 2]) | lo4(u[4t + 3]) << 4                           phases 2, 3
+        plane 2, byte t :  hi2(u[4t]) | hi2(u[4t + 1]) << 2 | hi2(u[4t + 2]) << 4 | hi2(u[4t + 3]) << 6
+        (k relative to 128j; lo4 = low 4 bits, hi2 = high 2 bits of the 6-bit u)
 
-        columns: n = 0 .. N-1 (one byte per output channel in every row)
+    Tiles of 16 rows x 1 group are contiguous (1536 bytes), so a kernel streams long runs of
+    memory and loads K-contiguous [16, 32] byte blocks, what an int8 tensor-core operand wants:
 
-    shape [96 * Kp / 128, N] uint8 = [3 Kp / 4, N]: exactly 6 bits a weight. Quarter r of a
-    group unpacks without any reshape or interleave:
-        u = ((lo[r // 2] >> 4 (r % 2)) & 0xF) | (((hi >> 2r) & 3) << 4),   q = u - 32,
-    and since every byte lane is independent, four weights in a 32-bit word unpack in a few
-    word operations. Unlike "bitplanes", this layout stores the whole padded K (Kp, a multiple
-    of 128): one group is the unit of every row block. Shards along N split columns; shards
-    along K split rows on group boundaries (96 rows).
+        packed[b, j, plane, i, t]  =  the byte above for row n = 16b + i, group j
+        shape [N / 16, Kp / 128, 3, 16, 32] uint8     (N a multiple of 16)
+        memory: | b=0: j=0 [plane 0: 16x32 | plane 1: 16x32 | plane 2: 16x32] | j=1 ... | b=1 ...
+
+    Exactly 6 bits a weight. Phase p unpacks with byte-lane-local operations only (four weights
+    per 32-bit word): u_p = ((plane[p // 2] >> 4 (p % 2)) & 0xF) | (((plane[2] >> 2p) & 3) << 4),
+    q = u - 32; the phases interleave back to K order as interleave(interleave(u_0, u_2),
+    interleave(u_1, u_3)) (interleave(a, b) = stack([a, b], -1) flattened), or each meets the
+    matching phase of the activations. Unlike "bitplanes", this layout stores the whole padded
+    K (Kp). Shards along N split axis 0 (16-row blocks); shards along K split axis 1 (groups).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import numpy as np
 GROUP_ALIGN = 128  # K is padded to a multiple of this (the group size; BMMA's K per MMA)
 WORD_BITS = 32
 LAYOUTS = ("bitplanes", "pallas6")
-PALLAS6_ROWS_PER_GROUP = 96  # byte rows per 128-group in "pallas6": lo 0|1, lo 2|3, hi 0..3
+PALLAS6_ROWS = 16  # rows of one contiguous "pallas6" tile (N must be a multiple)
 PALLAS6_OFFSET = 32  # "pallas6" stores u = q + 32
 
 
@@ -104,30 +109,30 @@ def unpack_bitplanes(planes: jax.Array) -> jax.Array:
 
 
 def pack_pallas6(q: jax.Array) -> jax.Array:
-  """int [N, Kp] in [-32, 31] (Kp a multiple of 128) -> uint8 [3 Kp / 4, N] ("pallas6" above)."""
-  if q.ndim != 2 or q.shape[1] % GROUP_ALIGN:
-    raise ValueError(f"pallas6 packs [N, Kp] with Kp a multiple of {GROUP_ALIGN}, got shape {q.shape}")
+  """int [N, Kp] in [-32, 31] (N % 16 == 0, Kp % 128 == 0) -> uint8 [N/16, Kp/128, 3, 16, 32]."""
+  if q.ndim != 2 or q.shape[1] % GROUP_ALIGN or q.shape[0] % PALLAS6_ROWS:
+    raise ValueError(f"pallas6 packs [N, Kp] with N a multiple of {PALLAS6_ROWS} and Kp a multiple of "
+                     f"{GROUP_ALIGN}, got shape {q.shape}")
   n, kp = q.shape
-  u = (jnp.asarray(q).astype(jnp.int32) + PALLAS6_OFFSET).astype(jnp.uint8)  # [N, Kp] in 0..63
-  u = u.reshape(n, kp // GROUP_ALIGN, 4, 32).transpose(1, 2, 3, 0)  # [G, quarter, t, N]
+  u = (jnp.asarray(q).astype(jnp.int32) + PALLAS6_OFFSET).astype(jnp.uint8)
+  u = u.reshape(n, kp // GROUP_ALIGN, 32, 4)  # [N, G, t, phase], values 0..63
   lo, hi = u & 0xF, u >> 4
-  lo01 = lo[:, 0] | (lo[:, 1] << 4)
-  lo23 = lo[:, 2] | (lo[:, 3] << 4)
-  hi4 = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-  return jnp.stack([lo01, lo23, hi4], axis=1).reshape(3 * kp // 4, n)  # [G, 3, 32, N] -> rows
+  planes = jnp.stack([lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
+                      hi[..., 0] | (hi[..., 1] << 2) | (hi[..., 2] << 4) | (hi[..., 3] << 6)], axis=2)  # [N, G, 3, 32]
+  return planes.reshape(n // PALLAS6_ROWS, PALLAS6_ROWS, kp // GROUP_ALIGN, 3, 32).transpose(0, 2, 3, 1, 4)
 
 
 def unpack_pallas6(packed: jax.Array) -> jax.Array:
-  """uint8 [3 Kp / 4, N] -> int8 [N, Kp], the exact inverse of pack_pallas6."""
-  if packed.ndim != 2 or packed.dtype != jnp.uint8 or packed.shape[0] % PALLAS6_ROWS_PER_GROUP:
-    raise ValueError(f"pallas6 arrays are uint8 [96 * groups, N], got {packed.dtype} {packed.shape}")
-  rows, n = packed.shape
-  g = rows // PALLAS6_ROWS_PER_GROUP
-  p = packed.reshape(g, 3, 32, n)
-  lo = jnp.stack([p[:, 0] & 0xF, p[:, 0] >> 4, p[:, 1] & 0xF, p[:, 1] >> 4], axis=1)  # [G, 4, 32, N]
-  hi = jnp.stack([(p[:, 2] >> (2 * r)) & 3 for r in range(4)], axis=1)
+  """uint8 [N/16, Kp/128, 3, 16, 32] -> int8 [N, Kp], the exact inverse of pack_pallas6."""
+  if packed.ndim != 5 or packed.dtype != jnp.uint8 or packed.shape[2:] != (3, PALLAS6_ROWS, 32):
+    raise ValueError(f"pallas6 arrays are uint8 [N/16, groups, 3, 16, 32], got {packed.dtype} {packed.shape}")
+  blocks, g = packed.shape[:2]
+  p = packed.transpose(0, 3, 1, 2, 4).reshape(blocks * PALLAS6_ROWS, g, 3, 32)  # [N, G, plane, t]
+  lo01, lo23, hi = p[:, :, 0], p[:, :, 1], p[:, :, 2]
+  lo = jnp.stack([lo01 & 0xF, lo01 >> 4, lo23 & 0xF, lo23 >> 4], axis=-1)  # [N, G, t, phase]
+  hi = jnp.stack([(hi >> (2 * ph)) & 3 for ph in range(4)], axis=-1)
   u = (lo | (hi << 4)).astype(jnp.int32) - PALLAS6_OFFSET
-  return u.astype(jnp.int8).transpose(3, 0, 1, 2).reshape(n, g * GROUP_ALIGN)
+  return u.astype(jnp.int8).reshape(blocks * PALLAS6_ROWS, g * GROUP_ALIGN)
 
 
 def pack(q: jax.Array, bits: int, layout: str, k: int) -> jax.Array:

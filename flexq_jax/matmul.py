@@ -62,8 +62,8 @@ def with_backend(params, backend: str):
 def to_backend(params, backend: str):
   """Every QuantizedLinear set to run on `backend`, repacked (once, offline) to the layout it reads.
 
-  Layers the backend cannot run (e.g. `pallas` needs w6, a6/a8, group 128) keep their layout and
-  backend. Repacking goes through the canonical int form, so it is exact.
+  Layers the backend cannot run (e.g. `pallas` needs w6, a6/a8, group 128, N a multiple of 16)
+  keep their layout and backend. Repacking goes through the canonical int form, so it is exact.
   """
   from flexq_jax import formats
   if backend not in BACKENDS:
@@ -73,7 +73,8 @@ def to_backend(params, backend: str):
   def convert(l):
     if not isinstance(l, QuantizedLinear):
       return l
-    if backend == "pallas" and (l.w_bits != 6 or l.a_bits not in (6, 8) or l.group_size != numerics.CHUNK):
+    if backend == "pallas" and (l.w_bits != 6 or l.a_bits not in (6, 8) or l.group_size != numerics.CHUNK
+                                or l.out_features % formats.PALLAS6_ROWS):
       return l
     if want is not None and l.layout != want:
       q = formats.unpack(l.packed, l.w_bits, l.layout, l.in_features)

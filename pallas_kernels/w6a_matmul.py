@@ -1,0 +1,354 @@
+"""W6A6 / W6A8 quantized linear layer: Pallas kernels with the Triton lowering (NVIDIA GPUs).
+
+    y = w6a_matmul(x, w_packed, w_scales, a_bits=6)     # x [M, K] float -> y [M, N] in x.dtype
+
+computes the numerics contract (DESIGN.md section 2; flexq_jax.numerics.reference_matmul) with
+6-bit weights stored in the "pallas6" layout (flexq_jax.formats: u = q + 32 split 4 + 2 bits in
+three byte planes, contiguous tiles of 16 rows x 1 group: uint8 [N/16, Kp/128, 3, 16, 32]) and fp16
+group scales [N, Kp / 128]. N must be a multiple of 16 (the layout's tile); any M, any K.
+
+Two kernels, both timed as the op:
+  1. _quantize_kernel: x [M, K] -> q_x int8 [Mp, Kp], s_x fp32 [Mp, G], sum(q_x) int32 [Mp, G]
+     (per token and 128-group, dynamic, symmetric; rows padded to the GEMM's block_m with zeros).
+  2. _gemm_kernel: for every 128-group, the four phases of the packed weights (p: k = 4t + p)
+     are unpacked (byte-lane operations on words of four weights) and give, through int8
+     tensor-core dots, the exact int32 group sum of q_x * u; subtracting 32 * sum(q_x) turns it
+     into sum(q_x * q_w), and the group's scales s_x[m] * s_w[n] are applied to it in fp32.
+     Two ways to meet the phases (TileConfig.join_phases):
+       join: interleave the four [bn, 32] phases back to K order in registers and make one
+             K = 128 dot (one accumulator: what large tiles need; the joins cost byte shuffles);
+       split: four K = 32 dots, one per phase, against q_x that the quantization kernel wrote
+             phase-major within each group (no shuffles: what decode needs).
+     Partial sums over K splits (split_k > 1: decode, where N alone does not fill the SMs) are
+     added by XLA after the kernel.
+
+Regimes (default_config, chosen from H200 sweeps; results/kernels/NOTES.md): decode M <= 16
+(memory-bound: 64-wide N tiles and split-K give ~4 programs per SM, mma.sync on split phases),
+middle M <= 256, prefill (128 x 128 tiles, 8 warps, joined phases for one wgmma chain per group,
+grouped program order so weight tiles are reused from L2).
+
+Unpacking: with unpack_asm (GPU only), one PTX sequence turns four packed bytes held in a
+32-bit register into four int8 weights (shift, mask, or on the whole word); otherwise, and always
+in interpret mode, the same arithmetic is written as jnp byte operations.
+
+This module imports only jax and flexq_jax.formats (the kernel rule of DESIGN.md section 4);
+the reference imports flexq_jax.numerics, the definition, inside its body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flexq_jax import formats
+
+GROUP = formats.GROUP_ALIGN  # 128: the K-group; one loop step of the GEMM
+PLANE = 32  # bytes of one "pallas6" plane per row and group (one byte per 4 weights: the phases)
+PLANES = 3
+TILE_ROWS = formats.PALLAS6_ROWS  # 16 rows: the "pallas6" tile
+OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
+A_BITS = (6, 8)
+
+# PTX for one phase of a group, four weights per 32-bit register: $1 = four lo bytes
+# (phases 0|1 or 2|3 as nibbles), $2 = four hi bytes (four 2-bit fields); $0 = four u bytes.
+# Every step keeps to its byte lane (the masks cut what a shift carries across lanes).
+_UNPACK_PTX = {
+    0: "{.reg .b32 a, b; and.b32 a, $1, 0x0F0F0F0F; shl.b32 b, $2, 4; and.b32 b, b, 0x30303030; or.b32 $0, a, b;}",
+    1: ("{.reg .b32 a, b; shr.b32 a, $1, 4; and.b32 a, a, 0x0F0F0F0F; shl.b32 b, $2, 2; "
+        "and.b32 b, b, 0x30303030; or.b32 $0, a, b;}"),
+    2: "{.reg .b32 a, b; and.b32 a, $1, 0x0F0F0F0F; and.b32 b, $2, 0x30303030; or.b32 $0, a, b;}",
+    3: ("{.reg .b32 a, b; shr.b32 a, $1, 4; and.b32 a, a, 0x0F0F0F0F; shr.b32 b, $2, 2; "
+        "and.b32 b, b, 0x30303030; or.b32 $0, a, b;}"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileConfig:
+  """Tiling of the GEMM kernel (hashable: a static argument of the jitted wrapper)."""
+
+  block_m: int = 16  # rows of x per program (>= 16: the tensor-core dot's minimum)
+  block_n: int = 128  # output channels per program
+  split_k: int = 1  # programs sharing one output tile along K (partial sums added after)
+  group_m: int = 8  # programs along M that run next to each other (L2 reuse of weight tiles)
+  num_warps: int = 4
+  num_stages: int = 3
+  unpack_asm: bool = True  # PTX word unpacking on GPU (interpret mode always uses jnp ops)
+  join_phases: bool = False  # one K=128 dot on re-interleaved weights, else four K=32 dots
+  quant_block_m: int = 16  # rows per program of the activation-quantization kernel
+
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "quant_block_m"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if self.split_k < 1 or self.group_m < 1:
+      raise ValueError(f"split_k={self.split_k} and group_m={self.group_m} must be >= 1")
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = 132) -> TileConfig:
+  """The tiling the wrapper picks for an [M, K] x [K, N] product (K may be unpadded)."""
+  groups = formats.padded_k(k) // GROUP
+  if m <= 16:  # decode: stream the weights with every SM; split K until ~4 programs per SM
+    block_n = 64
+    tiles = pl.cdiv(n, block_n)
+    split_k = max(1, min(groups // 4, pl.cdiv(4 * num_sms, tiles)))
+    return TileConfig(block_m=16, block_n=block_n, split_k=split_k, num_warps=4, num_stages=4)
+  if m <= 256:
+    block_m = 32 if m <= 32 else 64
+    tiles = pl.cdiv(n, 128) * pl.cdiv(m, block_m)
+    split_k = max(1, min(groups // 4, pl.cdiv(2 * num_sms, tiles)))
+    return TileConfig(block_m=block_m, block_n=128, split_k=split_k, num_warps=4, num_stages=3)
+  return TileConfig(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, join_phases=True)
+
+
+def can_use_pallas(*, a_bits: int, w_bits: int = 6, group_size: int | None = 128, layout: str = "pallas6",
+                   platform: str | None = None) -> bool:
+  """Whether w6a_matmul runs this layer compiled on this platform (else use a jnp path)."""
+  platform = platform or jax.default_backend()
+  return (platform in ("gpu", "cuda") and a_bits in A_BITS and w_bits == 6 and group_size == GROUP
+          and layout == "pallas6")
+
+
+def _round_half_even(v: jax.Array) -> jax.Array:
+  """jnp.round for fp32 |v| < 2^22 from floor (Triton has no lowering for lax.round).
+
+  v + 0.5 is exact in that range; a tie (v = i + 0.5) lands on the odd neighbour half the time
+  and steps back to the even one.
+  """
+  r = jnp.floor(v + 0.5)
+  odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0
+  return jnp.where(((r - v) == 0.5) & odd, r - 1.0, r)
+
+
+def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
+                     q_ref,  # [Mp, Kp] int8
+                     s_ref,  # [Mp, G] f32
+                     sum_ref,  # [Mp, G] int32
+                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool):
+  pid_m, g = pl.program_id(0), pl.program_id(1)
+  m0 = pid_m * block_m
+  mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
+  x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
+  x = x.astype(jnp.float32)  # [block_m, 128]
+  s = jnp.max(jnp.abs(x), axis=1) / qmax  # [block_m]
+  # |x| <= max|x| keeps x / s within [-qmax, qmax]: the contract's clip never acts here.
+  q = _round_half_even(x / jnp.where(s > 0, s, 1.0)[:, None])
+  s_ref[pl.ds(m0, block_m), g] = s
+  sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
+  if phase_major:  # column 32p + t <- k = 4t + p
+    q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
+  q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+
+
+def _unpack_phase(lo: jax.Array, hi: jax.Array, phase: int, use_asm: bool) -> jax.Array:
+  """uint8 [bn, 32] lo / hi plane tiles -> int8 [bn, 32] u = q + 32 at k = 4t + phase."""
+  if use_asm:
+    [u] = plgpu.elementwise_inline_asm(_UNPACK_PTX[phase], args=[lo, hi], constraints="=r,r,r", pack=4,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(lo.shape, jnp.int8)])
+    return u
+  lo4 = (lo >> 4 if phase % 2 else lo) & 0xF
+  hi2 = (hi >> (2 * phase)) & 0x3
+  return (lo4 | (hi2 << 4)).astype(jnp.int8)
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[r, c], [r, c] -> [r, 2c] with a in the even columns, b in the odd ones (a register join)."""
+  return jnp.stack([a, b], axis=-1).reshape(a.shape[0], 2 * a.shape[1])
+
+
+def _unpack_group(lo01: jax.Array, lo23: jax.Array, hi: jax.Array, use_asm: bool) -> jax.Array:
+  """The three uint8 [bn, 32] planes of a group -> int8 [bn, 128] u = q + 32 in K order."""
+  u = [_unpack_phase(lo01 if p < 2 else lo23, hi, p, use_asm) for p in range(4)]
+  # interleave(u0, u2)[2t + i] = u_2i[t]; interleaving that with (u1, u3) puts u_p[t] at 4t + p.
+  return _interleave(_interleave(u[0], u[2]), _interleave(u[1], u[3]))
+
+
+def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
+                 sx_ref,  # [Mp, G] f32
+                 xsum_ref,  # [Mp, G] int32
+                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6")
+                 sw_ref,  # [N, G] f16
+                 o_ref,  # [M, N] out dtype, or [split_k, M, N] f32 partial sums
+                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool):
+  bm, bn = cfg.block_m, cfg.block_n
+  num_m, num_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
+  # Grouped order: cfg.group_m consecutive programs walk down M over the same weight columns.
+  pid, pid_k = pl.program_id(0), pl.program_id(1)
+  span = cfg.group_m * num_n
+  first_m = (pid // span) * cfg.group_m
+  rows_here = jnp.minimum(num_m - first_m, cfg.group_m)
+  pid_m = first_m + (pid % span) % rows_here
+  pid_n = (pid % span) // rows_here
+  m0, n0 = pid_m * bm, pid_n * bn
+  col_ok = (n0 + jnp.arange(bn)) < n
+  groups_per_split = pl.cdiv(groups, cfg.split_k)
+  g_begin = pid_k * groups_per_split
+  g_end = jnp.minimum(g_begin + groups_per_split, groups)
+
+  tiles = bn // TILE_ROWS
+  tile_ok = (pid_n * tiles + jnp.arange(tiles) < n // TILE_ROWS)[:, None, None]
+
+  def load_w(g, plane):  # -> [bn, 32] uint8
+    ref = w_ref.at[pl.ds(pid_n * tiles, tiles), g, jnp.int32(plane), :, :]  # [bn/16, 16, 32]: 512-byte runs
+    w = plgpu.load(ref, mask=tile_ok, other=0) if n % bn else ref[...]
+    return w.reshape(bn, PLANE)
+
+  def group_dot(g):  # -> [bm, bn] int32: sum over group g of q_x * u, exact
+    lo01, lo23, hi = (load_w(g, plane) for plane in range(PLANES))  # [bn, 32] uint8 each
+    if cfg.join_phases:
+      u = _unpack_group(lo01, lo23, hi, use_asm)  # [bn, 128] int8 in K order
+      xq = qx_ref[pl.ds(m0, bm), pl.ds(g * GROUP, GROUP)]  # [bm, 128] int8
+      return jax.lax.dot_general(xq, u, _NT, preferred_element_type=jnp.int32)
+    dot = jnp.zeros((bm, bn), jnp.int32)
+    for p in range(4):
+      u = _unpack_phase(lo01 if p < 2 else lo23, hi, p, use_asm)  # [bn, 32] int8: k = 4t + p
+      xq = qx_ref[pl.ds(m0, bm), pl.ds(g * GROUP + p * PLANE, PLANE)]  # [bm, 32] int8, phase-major q_x
+      dot += jax.lax.dot_general(xq, u, _NT, preferred_element_type=jnp.int32)
+    return dot
+
+  def group_scales(g):  # -> ([bm] int32 sum(q_x), [bm] f32 s_x, [bn] f32 s_w)
+    sw_tile = sw_ref.at[pl.ds(n0, bn), g]
+    sw = plgpu.load(sw_tile, mask=col_ok, other=0) if n % bn else sw_tile[...]
+    return xsum_ref[pl.ds(m0, bm), g], sx_ref[pl.ds(m0, bm), g], sw.astype(jnp.float32)
+
+  def apply(acc, dot, scales):
+    xsum, sx, sw = scales
+    exact = dot - OFFSET * xsum[:, None]  # sum_k q_x q_w, exact int32
+    return acc + exact.astype(jnp.float32) * (sx[:, None] * sw[None, :])
+
+  # Each step loads the next group's scales ahead of use: their latency hides behind this
+  # group's loads, unpacking and dots. (Issuing the next group's dot before scaling this one's
+  # does not overlap them: Triton waits for a wgmma right after it unless it chains an
+  # accumulator, and group sums must stay apart until scaled.)
+  last = jnp.maximum(g_end - 1, 0)
+
+  def body(g, carry):
+    acc, scales = carry
+    scales_next = group_scales(jnp.minimum(g + 1, last))
+    return apply(acc, group_dot(g), scales), scales_next
+
+  init = (jnp.zeros((bm, bn), jnp.float32), group_scales(jnp.minimum(g_begin, last)))
+  acc, _ = jax.lax.fori_loop(g_begin, g_end, body, init)
+  mask = ((m0 + jnp.arange(bm)) < m)[:, None] & col_ok[None, :]
+  if cfg.split_k == 1:
+    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=mask)
+  else:
+    plgpu.store(o_ref.at[pid_k, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
+
+
+_NT = (((1,), (1,)), ((), ()))  # dot_general: contract the last axes of [bm, K] and [bn, K]
+
+
+def _check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bits: int) -> tuple[int, int, int]:
+  if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a float [M, K] array, got {x.dtype} {x.shape}")
+  if w_packed.ndim != 5 or w_packed.dtype != jnp.uint8 or w_packed.shape[2:] != (PLANES, TILE_ROWS, PLANE):
+    raise ValueError(f"w_packed must be 'pallas6' uint8 [N/16, groups, 3, 16, 32], got {w_packed.dtype} "
+                     f"{w_packed.shape}")
+  if a_bits not in A_BITS:
+    raise ValueError(f"{a_bits=} must be one of {A_BITS}")
+  m, k = x.shape
+  n = w_packed.shape[0] * TILE_ROWS
+  groups = w_packed.shape[1]
+  if formats.padded_k(k) != groups * GROUP:
+    raise ValueError(f"x has {k=}, padded to {formats.padded_k(k)}, but the weights hold {groups * GROUP}")
+  if w_scales.shape != (n, groups):
+    raise ValueError(f"w_scales must be [N, Kp / 128] = {(n, groups)}, got {w_scales.shape}")
+  return m, k, n
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
+def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None = None,
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token, per-128-group dynamic quantization (the contract's q_x, s_x) as a Pallas kernel.
+
+  Args:
+    x: [M, K] float activations.
+    a_bits: 6 or 8.
+    config: the GEMM's tiling (rows are padded to a multiple of its block_m).
+    interpret: run the kernel in Pallas interpret mode (CPU).
+
+  Returns:
+    (q_x int8 [Mp, Kp], s_x fp32 [Mp, G], sum(q_x) int32 [Mp, G]); rows >= M are zeros. Unless
+    config.join_phases, q_x is phase-major within each group: column 128g + 32p + t holds
+    k = 128g + 4t + p (the order of the "pallas6" phases).
+  """
+  m, k = x.shape
+  config = config or default_config(m, 1, k)
+  kp = formats.padded_k(k)
+  groups = kp // GROUP
+  mp = pl.cdiv(m, config.block_m) * config.block_m
+  bq = min(config.quant_block_m, config.block_m)
+  qmax = formats.qrange(a_bits)[1]
+  return pl.pallas_call(
+      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases),
+      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
+                 jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
+      grid=(mp // bq, groups),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="w6a_quantize_activations",
+  )(x)
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
+def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
+               config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
+  """Quantized linear y = x W^T by the numerics contract, with 6-bit "pallas6" weights.
+
+  Args:
+    x: [M, K] float activations (bf16, fp16 or fp32); any M, any K (K is zero-padded to a
+      multiple of 128 as the contract says).
+    w_packed: uint8 [N/16, Kp/128, 3, 16, 32], formats.pack_pallas6 of the int weights [N, Kp].
+    w_scales: fp16 [N, Kp / 128] weight group scales.
+    a_bits: activation bits, 6 or 8.
+    config: tiling; default_config(M, N, K) when None.
+    interpret: run the kernels in Pallas interpret mode (CPU; for tests).
+
+  Returns:
+    [M, N] in x.dtype.
+  """
+  m, k, n = _check_operands(x, w_packed, w_scales, a_bits)
+  groups = w_packed.shape[1]
+  cfg = config or default_config(m, n, k)
+  if cfg.split_k > groups:
+    raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
+  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=cfg, interpret=interpret)
+  return gemm(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "out_dtype", "config", "interpret"))
+def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, m: int,
+         out_dtype, config: TileConfig, interpret: bool = False) -> jax.Array:
+  """The GEMM half of w6a_matmul, on quantize_activations' outputs (exposed for benchmarks)."""
+  cfg = config
+  n, groups = w_packed.shape[0] * TILE_ROWS, w_packed.shape[1]
+  num_programs = pl.cdiv(m, cfg.block_m) * pl.cdiv(n, cfg.block_n)
+  out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if cfg.split_k == 1
+               else jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32))
+  y = pl.pallas_call(
+      functools.partial(_gemm_kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
+      out_shape=out_shape,
+      grid=(num_programs, cfg.split_k),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="w6a_gemm",
+  )(qx, sx, xsum, w_packed, w_scales)
+  if cfg.split_k > 1:
+    y = jnp.sum(y, axis=0).astype(out_dtype)
+  return y
+
+
+def w6a_matmul_reference(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
+                         config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
+  """w6a_matmul by the definition: unpack "pallas6", then numerics.reference_matmul (pure jnp)."""
+  del config, interpret  # same signature as w6a_matmul
+  from flexq_jax import numerics  # the one definition of the contract; not a kernel dependency
+  _check_operands(x, w_packed, w_scales, a_bits)
+  q_w = formats.unpack_pallas6(w_packed)
+  return numerics.reference_matmul(x, q_w, w_scales, a_bits=a_bits, group_size=GROUP, out_dtype=x.dtype)

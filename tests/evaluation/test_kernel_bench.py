@@ -1,0 +1,38 @@
+"""The kernel benchmark's CPU-side parts: timing loop structure, floor arithmetic, report files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evaluation import kernel_bench as kb
+
+
+def test_loop_keeps_every_call_inside_the_loop():
+  # XLA must neither hoist the calls out of the loop (loop-invariant) nor drop them (unused).
+  bufs = [(jnp.full((64, 32), float(i)),) for i in range(3)]
+  hlo = kb._loop(lambda x, w: jnp.dot(x, w), 5).lower(jnp.ones((4, 64)), bufs).compile().as_text()
+  comps = {c.strip().split(" ")[0].lstrip("%"): c for c in hlo.split("\n\n") if c.strip()}
+  dots = [name for name, c in comps.items() if " dot(" in c]
+  assert len(dots) == 3  # one per weight buffer, none dropped
+  entry = next(c for name, c in comps.items() if name == "ENTRY")
+  assert "while(" in entry and not any(f"calls=%{d}," in entry or f"calls=%{d}\n" in entry for d in dots)
+
+
+def test_floor_uses_the_fastest_rate_and_rerender(tmp_path):
+  # cuBLAS at M = 1 streaming 2NK bytes in 10 us beats the copy rate: it sets the ceiling.
+  n, k = 4096, 4096
+  c = kb.Case("7b.o", n, k, 1, 6, ours_us=20.0, xla_bf16_us=12.0, xla_w8a8_us=15.0, cublas_bf16_us=10.0,
+              cublaslt_i8_us=11.0, rel_err=1e-3)
+  bws = kb.with_stream_ceiling([c], {"jax": 1e12})
+  stream = (2 * n * k + 2 * k + 2 * n) / 10e-6
+  assert np.isclose(bws["bf16_gemv_stream"], stream)
+  assert np.isclose(c.floor_us, kb.floor_bytes(1, n, k) / stream * 1e6)
+  path = tmp_path / "h100-2026-01-01.json"
+  path.write_text(json.dumps(dict(card="h100", device="NVIDIA H100", date="2026-01-01", jax=jax.__version__,
+                                  copy_bandwidth={"jax": 1e12}, cases=[kb.dataclasses.asdict(c)], profile=[])))
+  kb.rerender(str(path))
+  md = path.with_suffix(".md").read_text()
+  assert "| 7b.o | 4096x4096 | 1 | 6 | 20.0 |" in md and "bf16_gemv_stream" in md
+  assert path.with_suffix(".png").stat().st_size > 0

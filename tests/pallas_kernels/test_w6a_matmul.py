@@ -1,0 +1,236 @@
+"""The Pallas W6A6 / W6A8 kernels against the numerics contract.
+
+TestW6AMatmul compiles for a GPU (marker `gpu`; skipped without one); TestW6AMatmulInterpret runs
+the same cases in Pallas interpret mode on the CPU. Every check draws fresh random inputs, so an
+output left unwritten (or stale from an earlier call) cannot match the reference.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexq_jax import formats, matmul, numerics
+from flexq_jax.qlinear import QuantizedLinear
+from pallas_kernels import w6a_matmul as wk
+
+_SEED = iter(range(10_000))
+
+
+def _rng() -> np.random.Generator:
+  return np.random.default_rng(next(_SEED))
+
+
+def _has_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+def _weights(rng, n: int, k: int, scale: float = 1.0):
+  w = rng.standard_normal((n, k)).astype(np.float32) * scale
+  q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
+  return q, s, formats.pack(q, 6, "pallas6", k)
+
+
+# ---- the layout (CPU) -------------------------------------------------------------------------
+
+def _reference_pallas6(q: np.ndarray) -> np.ndarray:
+  """Independent packer: one byte at a time with plain Python ints, from formats' drawing."""
+  n, kp = q.shape
+  out = np.zeros((n // 16, kp // 128, 3, 16, 32), np.uint8)
+  for j in range(kp // 128):
+    for t in range(32):
+      for c in range(n):
+        u = [int(q[c, 128 * j + 4 * t + p]) + 32 for p in range(4)]
+        tile = out[c // 16, j, :, c % 16]
+        tile[0, t] = (u[0] & 15) | (u[1] & 15) << 4
+        tile[1, t] = (u[2] & 15) | (u[3] & 15) << 4
+        tile[2, t] = (u[0] >> 4) | (u[1] >> 4) << 2 | (u[2] >> 4) << 4 | (u[3] >> 4) << 6
+  return out
+
+
+def test_pallas6_bit_exact_against_reference_packer():
+  rng = _rng()
+  q = rng.integers(-32, 32, (32, 256)).astype(np.int8)
+  q[0, :8] = [-32, 31, 0, -1, 1, -31, 30, -2]  # the signed bounds and neighbours
+  q[1, 128:] = 0  # an all-zero group
+  q[2] = -32
+  q[3] = 31
+  packed = formats.pack_pallas6(jnp.asarray(q))
+  assert packed.dtype == jnp.uint8 and packed.shape == (2, 2, 3, 16, 32)  # 6 bits a weight
+  np.testing.assert_array_equal(packed, _reference_pallas6(q))
+  np.testing.assert_array_equal(formats.unpack_pallas6(packed), q)
+
+
+def test_pallas6_round_trip_with_k_padding():
+  rng = _rng()
+  q = rng.integers(-32, 32, (304, 576)).astype(np.int8)
+  q_padded = np.pad(q, [(0, 0), (0, 64)])
+  packed = formats.pack(jnp.asarray(q_padded), 6, "pallas6", k=576)
+  assert packed.shape == (19, 5, 3, 16, 32)  # stores the padded Kp = 640
+  assert formats.packed_bytes_per_weight(6, "pallas6") == 0.75
+  back = formats.unpack(packed, 6, "pallas6", k=576)
+  np.testing.assert_array_equal(back, q_padded)
+  with pytest.raises(ValueError, match="6-bit weights only"):
+    formats.pack(jnp.asarray(q_padded), 8, "pallas6", k=576)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    formats.pack_pallas6(jnp.zeros((16, 96), jnp.int8))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    formats.pack_pallas6(jnp.zeros((40, 128), jnp.int8))
+
+
+def test_to_backend_repacks_exactly_and_dispatches():
+  rng = _rng()
+  n, k = 80, 200
+  q, s, _ = _weights(rng, n, k)
+  layer = QuantizedLinear(packed=formats.pack(q, 6, "bitplanes", k), scales=s, in_features=k, out_features=n,
+                          w_bits=6, a_bits=8, group_size=128)
+  params = {"w": layer, "other": jnp.ones(3)}
+  moved = matmul.to_backend(params, "pallas")
+  assert moved["w"].layout == "pallas6" and moved["w"].backend == "pallas"
+  np.testing.assert_array_equal(moved["w"].logical_weight(), layer.logical_weight())
+  x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+  np.testing.assert_allclose(x @ moved["w"], x @ layer, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(x @ layer))))
+  with pytest.raises(ValueError, match="layout 'pallas6'"):
+    x @ matmul.with_backend(params, "pallas")["w"]  # bitplanes on the pallas backend
+
+
+def test_can_use_pallas():
+  assert wk.can_use_pallas(a_bits=6, platform="gpu")
+  assert wk.can_use_pallas(a_bits=8, platform="cuda")
+  assert not wk.can_use_pallas(a_bits=6, platform="cpu")
+  assert not wk.can_use_pallas(a_bits=16, platform="gpu")
+  assert not wk.can_use_pallas(a_bits=6, layout="bitplanes", platform="gpu")
+  assert not wk.can_use_pallas(a_bits=6, group_size=None, platform="gpu")
+
+
+def test_wrapper_errors():
+  x = jnp.zeros((2, 256), jnp.bfloat16)
+  packed = jnp.zeros((4, 2, 3, 16, 32), jnp.uint8)
+  scales = jnp.zeros((64, 2), jnp.float16)
+  with pytest.raises(ValueError, match="a_bits=4"):
+    wk.w6a_matmul(x, packed, scales, a_bits=4)
+  with pytest.raises(ValueError, match="k=384"):
+    wk.w6a_matmul(jnp.zeros((2, 384), jnp.bfloat16), packed, scales, a_bits=6)
+  with pytest.raises(ValueError, match="w_scales"):
+    wk.w6a_matmul(x, packed, scales[:, :1], a_bits=6)
+  with pytest.raises(ValueError, match="split_k=3 exceeds"):
+    wk.w6a_matmul(x, packed, scales, a_bits=6, config=wk.TileConfig(split_k=3))
+  with pytest.raises(ValueError, match="power of two"):
+    wk.TileConfig(block_n=48)
+
+
+# ---- the kernels (GPU compiled, or CPU interpret) --------------------------------------------
+
+class _W6AMatmulCases:
+  INTERPRET: bool
+  USE_ASM = (False,)  # unpacking variants to check (the PTX one compiles only for a GPU)
+
+  def _run(self, x, packed, scales, a_bits, config=None):
+    return wk.w6a_matmul(x, packed, scales, a_bits=a_bits, config=config, interpret=self.INTERPRET)
+
+  def _check(self, x, packed, scales, a_bits, config=None):
+    ref = np.asarray(wk.w6a_matmul_reference(x, packed, scales, a_bits=a_bits), np.float32)
+    for use_asm in self.USE_ASM:
+      cfg = dataclasses.replace(config or wk.default_config(x.shape[0], packed.shape[1], x.shape[1]),
+                                unpack_asm=use_asm)
+      out = self._run(x, packed, scales, a_bits, cfg)
+      assert out.shape == ref.shape and out.dtype == x.dtype
+      out = np.asarray(out, np.float32)
+      assert np.isfinite(out).all()
+      # fp32 outputs: summation order only; bf16: one rounding of the output (2^-8 relative).
+      rtol = 1e-5 if x.dtype == jnp.float32 else 2 ** -7
+      np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * max(1e-30, float(np.abs(ref).max())))
+
+  @pytest.mark.parametrize("m", [1, 3, 16, 17])
+  @pytest.mark.parametrize("k,a_bits", [(256, 6), (200, 8)])
+  def test_against_reference(self, m, k, a_bits):
+    rng = _rng()
+    _, s, packed = _weights(rng, 112, k)  # N = 112: not a multiple of any block_n > 16
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    self._check(x, packed, s, a_bits)
+
+  @pytest.mark.parametrize("config", [
+      wk.TileConfig(block_m=16, block_n=32, split_k=3),
+      wk.TileConfig(block_m=32, block_n=32, split_k=1, group_m=2, join_phases=True),
+      wk.TileConfig(block_m=16, block_n=64, split_k=2, join_phases=True),
+      wk.TileConfig(block_m=16, block_n=16, split_k=3),
+  ])
+  def test_other_tilings(self, config):
+    rng = _rng()
+    _, s, packed = _weights(rng, 80, 400)
+    x = jnp.asarray(rng.standard_normal((70, 400)), jnp.bfloat16)
+    self._check(x, packed, s, 6, config)
+
+  def test_exact_integer_group_sums(self):
+    # Power-of-two scales on both sides: every product and sum is exact in fp32, so the output
+    # must equal the integer sum_g 2^(ex + ew) sum_k q_x q_w exactly.
+    rng = _rng()
+    m, n, k = 17, 48, 384
+    q_w = rng.integers(-32, 32, (n, k)).astype(np.int8)
+    q_w[:, 0] = 31  # max |q| = 31 in every group -> the weight scale is exactly 2^-3
+    q_w[:, 128] = -31
+    q_w[:, 256] = 31
+    s_w = jnp.full((n, 3), 2.0 ** -3, jnp.float16)
+    for a_bits in A_BITS_AND_QMAX:
+      qmax = A_BITS_AND_QMAX[a_bits]
+      q_x = rng.integers(-qmax, qmax + 1, (m, k)).astype(np.float32)
+      q_x[:, [0, 128, 256]] = qmax  # s_x = 2^2 exactly
+      x = jnp.asarray(q_x * 4.0)
+      want = (q_x.astype(np.int64) @ q_w.T.astype(np.int64)) * 4.0 * 2.0 ** -3
+      out = self._run(x, formats.pack_pallas6(jnp.asarray(q_w)), s_w, a_bits)
+      np.testing.assert_array_equal(np.asarray(out, np.float64), want)
+
+  def test_zeros_and_large_magnitudes(self):
+    rng = _rng()
+    n, k = 64, 256
+    _, s, packed = _weights(rng, n, k, scale=1e3)
+    zeros = jnp.zeros((3, k), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(self._run(zeros, packed, s, 6), np.float32), 0.0)
+    x = jnp.asarray(rng.standard_normal((5, k)) * 1e4, jnp.bfloat16)
+    x = x.at[1, 128:].set(0)  # an all-zero activation group
+    self._check(x, packed, s, 6)
+    q0 = np.zeros((n, k), np.int8)  # all-zero weights: scale 0
+    np.testing.assert_array_equal(
+        np.asarray(self._run(x, formats.pack_pallas6(jnp.asarray(q0)), jnp.zeros((n, 2), jnp.float16), 8)), 0.0)
+
+  @pytest.mark.parametrize("a_bits,phase_major", [(6, True), (8, False)])
+  def test_quantize_activations(self, a_bits, phase_major):
+    rng = _rng()
+    x = jnp.asarray(rng.standard_normal((19, 300)) * 3, jnp.bfloat16)
+    cfg = wk.TileConfig(block_m=16, join_phases=not phase_major)
+    q_x, s_x, sums = wk.quantize_activations(x, a_bits=a_bits, config=cfg, interpret=self.INTERPRET)
+    rq, rs = numerics.quantize_activation(x, a_bits)
+    if phase_major:  # column 128g + 32p + t holds k = 128g + 4t + p
+      rq = rq.reshape(19, 3, 32, 4).transpose(0, 1, 3, 2).reshape(19, 384)
+    assert q_x.shape == (32, 384) and not np.asarray(q_x[19:]).any() and not np.asarray(s_x[19:]).any()
+    diff = np.abs(np.asarray(q_x[:19], np.int32) - np.asarray(rq, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-3  # division ties may round apart, rarely
+    np.testing.assert_array_equal(s_x[:19], rs)
+    np.testing.assert_array_equal(sums[:19], np.asarray(q_x[:19], np.int32).reshape(19, 3, 128).sum(-1))
+
+
+A_BITS_AND_QMAX = {6: 31, 8: 127}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+class TestW6AMatmul(_W6AMatmulCases):
+  INTERPRET = False
+  USE_ASM = (False, True)
+
+  @pytest.mark.parametrize("m", [1, 8, 64, 256, 1024])
+  @pytest.mark.parametrize("a_bits", [6, 8])
+  def test_llama_shapes(self, m, a_bits):
+    rng = _rng()
+    _, s, packed = _weights(rng, 4096, 4096, scale=0.02)
+    x = jnp.asarray(rng.standard_normal((m, 4096)), jnp.bfloat16)
+    self._check(x, packed, s, a_bits)
+
+
+class TestW6AMatmulInterpret(_W6AMatmulCases):
+  INTERPRET = True
