@@ -23,7 +23,7 @@ GPTQ_SQ = dict(weight_method="gptq", smooth_alpha=0.5)
 ROWS: tuple[tuple[str, QuantConfig | None], ...] = (
     ("FP32", None),
     ("W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)",
-     QuantConfig(w_bits=8, group_size=None, a_bits=8, a8_selection="none", smooth_alpha=0.5, **RTN)),
+     QuantConfig(w_bits=8, group_size=None, a_bits=8, a8_selection="none", weight_method="rtn", smooth_alpha=0.5)),
     ("W6A16 (RTN)", QuantConfig(a_bits=16, a8_selection="none", **RTN)),
     ("W6A6 everywhere (RTN)", QuantConfig(a8_selection="none", **RTN)),
     ("W6A8 everywhere (RTN)", QuantConfig(a_bits=8, a8_selection="none", **RTN)),
