@@ -49,8 +49,7 @@ def _load(args):
 
 def _eval_tokens(args, tokenizer, seq_len: int, windows: int):
   from evaluation import calibration, corpora, perplexity
-  corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir) if args.corpus == "wikitext2" \
-      else corpora.load_corpus(args.corpus)
+  corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
   ids = calibration.tokenize_corpus(tokenizer, corpus.eval_text)
   return corpus, perplexity.eval_windows(ids, seq_len, windows)
 
@@ -119,10 +118,19 @@ def _alpha(text: str) -> float | None:
   return None if text.lower() == "none" else float(text)
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--calib-batch", type=int, default=8, help="calibration crops (default 8)")
   p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration crop (default 512)")
   p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+
+
+def _add_window_args(p: argparse.ArgumentParser, windows: int, what: str) -> None:
+  p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+  p.add_argument("--windows", type=int, default=windows, help=f"evaluation windows (default {windows}{what})")
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+  _add_calib_args(p)
   p.add_argument("--weight-method", choices=("gptq", "rtn"), default="gptq",
                  help="gptq: error compensation with calibration Hessians (default); rtn: round to nearest")
   p.add_argument("--a8-selection", choices=("sensitivity", "down_proj", "none"), default="sensitivity",
@@ -156,8 +164,7 @@ def _quant_config(args):
 
 def _calib(args, tokenizer):
   from evaluation import calibration, corpora
-  corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir) if args.corpus == "wikitext2" \
-      else corpora.load_corpus(args.corpus)
+  corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
   ids = calibration.tokenize_corpus(tokenizer, corpus.calib_text)
   return corpus, calibration.calibration_batch(ids, args.calib_batch, args.calib_len, args.seed)
 
@@ -279,8 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "the text is tokenized once, cut into windows of --seq-len tokens, PPL = exp(mean NLL).")
   _add_model_args(p)
   _add_corpus_args(p)
-  p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
-  p.add_argument("--windows", type=int, default=8, help="number of windows (default 8; 0 = all)")
+  _add_window_args(p, 8, "; 0 = all")
   p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
   p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
   p.set_defaults(func=cmd_eval)
@@ -299,11 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "writes accuracy.md and accuracy.json (updated after every row).")
   _add_model_args(p)
   _add_corpus_args(p)
-  p.add_argument("--calib-batch", type=int, default=8, help="calibration crops (default 8)")
-  p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration crop (default 512)")
-  p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-  p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
-  p.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+  _add_calib_args(p)
+  _add_window_args(p, 8, "")
   p.add_argument("--only", action="append", default=[], metavar="TEXT",
                  help="run only rows whose label contains TEXT (repeatable; the FP32 row always runs)")
   p.add_argument("--backend", choices=("dequant", "reference"), default="dequant",
@@ -322,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_args(p)
   _add_corpus_args(p)
   _add_quant_args(p)
-  p.add_argument("--seq-len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
-  p.add_argument("--windows", type=int, default=2, help="evaluation windows (default 2: a short evaluation)")
+  _add_window_args(p, 2, ": a short evaluation")
   p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation sample (default 40)")
   p.add_argument("--out", default="runs/flexq-smollm2", help="output directory (default runs/flexq-smollm2)")
   p.set_defaults(func=cmd_run)
