@@ -32,5 +32,9 @@ test: venv
 test-all: venv
 	$(VENV)/bin/pytest -q -m 'not gpu' $(PYTEST_ARGS)
 
+# Compile the BMMA CUDA sources for sm_90a with nvcc (no GPU needed); also part of `make test`.
+cuda-compile: venv
+	$(VENV)/bin/pytest -q tests/flexq_jax/test_cuda_build.py -k compile
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

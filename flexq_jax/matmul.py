@@ -8,7 +8,9 @@ Paths side by side:
              gives every backend, at the speed of a float matmul. For long CPU evaluations.
   pallas     the Pallas (Triton) GPU kernels of pallas_kernels.w6a_matmul: int8 tensor-core dots
              on weights unpacked from the "pallas6" layout (repack once with to_backend).
-GPU kernel paths (BMMA) plug in here, chosen per layer by `backend`.
+  bmma       the CUDA binary-tensor-core kernel of flexq_jax.cuda (jax.ffi; W6, A6/A8, group 128,
+             bf16): reads the "bitplanes" layout directly. NOT YET RUN ON A GPU.
+GPU kernel paths plug in here, chosen per layer by `backend`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import jax.numpy as jnp
 from flexq_jax import numerics
 from flexq_jax.qlinear import QuantizedLinear
 
-BACKENDS = ("reference", "dequant", "pallas")
+BACKENDS = ("reference", "dequant", "pallas", "bmma")
 # The layout each backend reads; a backend not listed here reads any layout.
-BACKEND_LAYOUTS = {"pallas": "pallas6"}
+BACKEND_LAYOUTS = {"pallas": "pallas6", "bmma": "bitplanes"}
 
 
 def quantized_matmul(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
@@ -46,6 +48,13 @@ def quantized_matmul(x: jax.Array, layer: QuantizedLinear) -> jax.Array:
     # Interpret mode off the GPU: slow, but the same kernel code (the CPU path of choice is "dequant").
     y = w6a_matmul.w6a_matmul(x2, layer.packed, layer.scales, a_bits=layer.a_bits,
                               interpret=jax.default_backend() != "gpu")
+  elif layer.backend == "bmma":
+    from flexq_jax.cuda import bmma
+    if layer.layout != "bitplanes" or layer.w_bits != 6 or layer.group_size != numerics.CHUNK or layer.a_bits not in (6, 8) \
+        or x.dtype != jnp.bfloat16:
+      raise ValueError(f"backend 'bmma' runs W6A6/W6A8, group 128, layout 'bitplanes', bf16 activations; got layout "
+                       f"{layer.layout!r}, w{layer.w_bits}a{layer.a_bits}, group {layer.group_size}, {x.dtype}")
+    y = bmma.bmma_matmul(x2, layer.packed, layer.scales, a_bits=layer.a_bits, k=layer.in_features)
   else:
     raise ValueError(f"unknown backend {layer.backend!r}; known: {BACKENDS}")
   return y.reshape(*lead, layer.out_features)
@@ -75,6 +84,8 @@ def to_backend(params, backend: str):
       return l
     if backend == "pallas" and (l.w_bits != 6 or l.a_bits not in (6, 8) or l.group_size != numerics.CHUNK
                                 or l.out_features % formats.PALLAS6_ROWS):
+      return l
+    if backend == "bmma" and (l.w_bits != 6 or l.a_bits not in (6, 8) or l.group_size != numerics.CHUNK):
       return l
     if want is not None and l.layout != want:
       q = formats.unpack(l.packed, l.w_bits, l.layout, l.in_features)

@@ -1,0 +1,69 @@
+// Dynamic activation quantization to bit planes. NOT YET RUN ON A GPU.
+//
+// One warp per (token m, K-group g). Lane t holds the 4 elements k = 128g + 32e + t
+// (e = 0..3), so __ballot_sync over the lanes yields word 4g+e of a plane with bit t =
+// element 32(4g+e)+t: exactly the "bitplanes" layout of flexq_jax/formats.py:
+//   planes[i, m, w] bit t = bit i of (q[m, 32w + t] mod 2^b),  shape [b, M, Kp/32]
+// Elements past K read as zero, which changes neither the group max nor any sum.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "configs.h"
+
+namespace flexq {
+
+template <int kABits>
+__global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
+                                 uint32_t* __restrict__ planes,        // [kABits, M, 4 * groups]
+                                 float* __restrict__ scales,           // [M, groups]
+                                 int m, int k, int groups) {
+  static_assert(kWordsPerGroup * kABits <= 32, "one lane stores each plane word");
+  const int lane = threadIdx.x & 31;
+  const long task = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  // A whole warp shares `task`, so it leaves together and the ballots below stay full-mask.
+  if (task >= static_cast<long>(m) * groups) return;
+  const int row = static_cast<int>(task / groups);
+  const int g = static_cast<int>(task % groups);
+
+  float v[kWordsPerGroup];
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < kWordsPerGroup; ++e) {
+    const int kk = g * kGroupSize + e * kWordBits + lane;
+    v[e] = kk < k ? __bfloat162float(x[static_cast<long>(row) * k + kk]) : 0.f;
+    amax = fmaxf(amax, fabsf(v[e]));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+
+  // The contract in fp32: s = max|x| / qmax, q = round_half_even(x / s) (rintf is half to
+  // even like jnp.round). The jnp reference's "/ qmax" is compiled by XLA into a multiply by
+  // the fp32-rounded reciprocal (seen on CPU with jax 0.11.2: 1 ulp off true division for
+  // about a third of inputs), so the kernel does the same to give bit-equal scales; x / s is
+  // a true IEEE division in both (nvcc's default -prec-div=true: never --use_fast_math).
+  // A zero group gets s = 0 and q = 0.
+  constexpr int kQMax = (1 << (kABits - 1)) - 1;
+  const float s = amax * (1.0f / static_cast<float>(kQMax));
+  if (lane == 0) scales[static_cast<long>(row) * groups + g] = s;
+
+  uint32_t my_word = 0;  // lane e * kABits + i keeps word e of plane i
+#pragma unroll
+  for (int e = 0; e < kWordsPerGroup; ++e) {
+    float q = s > 0.f ? rintf(v[e] / s) : 0.f;
+    q = fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax));
+    const uint32_t u = static_cast<uint32_t>(static_cast<int>(q)) & ((1u << kABits) - 1u);
+#pragma unroll
+    for (int i = 0; i < kABits; ++i) {
+      const uint32_t word = __ballot_sync(0xffffffffu, (u >> i) & 1u);
+      if (lane == e * kABits + i) my_word = word;
+    }
+  }
+  if (lane < kWordsPerGroup * kABits) {
+    const int e = lane / kABits, i = lane % kABits;
+    planes[(static_cast<long>(i) * m + row) * (kWordsPerGroup * groups) + kWordsPerGroup * g + e] = my_word;
+  }
+}
+
+}  // namespace flexq

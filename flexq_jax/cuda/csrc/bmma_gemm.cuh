@@ -1,0 +1,126 @@
+// W6A6 / W6A8 GEMM on binary tensor cores. NOT YET RUN ON A GPU.
+//
+//   y[m, n] = sum_g s_x[m, g] * s_w[n, g] * D_g[m, n],
+//   D_g = sum_k q_x q_w over group g = sum_ij c_i c_j popc(X_i[m, g] AND W_j[n, g]),
+//   c_i = 2^i, c_(b-1) = -2^(b-1) (two's complement planes).
+//
+// Planes come straight from global memory in the "bitplanes" layout (uint32 [b, rows,
+// words], word w = k 32w..32w+31): for group g, lane (group r, quad q) of a warp loads word
+// 4g+q of row r, which is its m8n8k128 fragment as is (ptx_mma.cuh). Weight rows store K
+// only up to a multiple of 32, so words past w_words read as zero (K padding); rows past M
+// or N read as zero and are never stored.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "configs.h"
+#include "ptx_mma.cuh"
+
+namespace flexq {
+
+// D_g for one 8x8 tile: Horner over both plane indices, top plane first, so every step
+// multiplies the running sum by +-2 (-2 right after the negative top plane) and the MMA's
+// accumulator input adds the next popcount. One int multiply per MMA, no table of c_i c_j.
+template <int kABits, int kWBits>
+__device__ __forceinline__ void group_dot(const uint32_t (&xf)[kABits], const uint32_t (&wf)[kWBits],
+                                          int32_t (&out)[2]) {
+#pragma unroll
+  for (int i = kABits - 1; i >= 0; --i) {
+    int32_t t[2] = {0, 0};
+#pragma unroll
+    for (int j = kWBits - 1; j >= 0; --j) {
+      const int32_t mul = j == kWBits - 2 ? -2 : 2;
+      const int32_t c[2] = {t[0] * mul, t[1] * mul};
+      mma_b1_and_popc_m8n8k128(t, xf[i], wf[j], c);
+    }
+    if (i == kABits - 1) {
+      out[0] = t[0];
+      out[1] = t[1];
+    } else {
+      const int32_t mul = i == kABits - 2 ? -2 : 2;
+      out[0] = out[0] * mul + t[0];
+      out[1] = out[1] * mul + t[1];
+    }
+  }
+}
+
+template <int kABits, class Tile>
+__global__ void __launch_bounds__(Tile::kThreads)
+bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]  x_words = 4 * groups
+                 const float* __restrict__ x_scales,     // [M, groups]
+                 const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, w_words]  w_words <= x_words
+                 const __half* __restrict__ w_scales,    // [N, groups]
+                 __nv_bfloat16* __restrict__ y,          // [M, N]
+                 int m, int n, int w_words, int groups) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int lane_row = lane >> 2;  // fragment row (A) / column (B) of this lane
+  const int lane_quad = lane & 3;  // which 32-bit word of the group
+  const int row0 = blockIdx.y * Tile::kBlockM + (warp / Tile::kWarpsN) * Tile::kWarpM;
+  const int col0 = blockIdx.x * Tile::kBlockN + (warp % Tile::kWarpsN) * Tile::kWarpN;
+  const int x_words = kWordsPerGroup * groups;
+
+  float acc[Tile::kMmaM][Tile::kMmaN][2] = {};
+  for (int g = 0; g < groups; ++g) {
+    const int word = kWordsPerGroup * g + lane_quad;
+    uint32_t xf[Tile::kMmaM][kABits];
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+      const int r = row0 + mi * 8 + lane_row;
+#pragma unroll
+      for (int i = 0; i < kABits; ++i)
+        xf[mi][i] = r < m ? __ldg(x_planes + (static_cast<long>(i) * m + r) * x_words + word) : 0u;
+    }
+    uint32_t wf[Tile::kMmaN][kWeightBits];
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+      const int c = col0 + ni * 8 + lane_row;
+      const bool live = c < n && word < w_words;
+#pragma unroll
+      for (int j = 0; j < kWeightBits; ++j)
+        wf[ni][j] = live ? __ldg(w_planes + (static_cast<long>(j) * n + c) * w_words + word) : 0u;
+    }
+    // Output element e of a tile sits at (row lane_row, column 2 * lane_quad + e).
+    float sx[Tile::kMmaM];
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+      const int r = row0 + mi * 8 + lane_row;
+      sx[mi] = r < m ? x_scales[static_cast<long>(r) * groups + g] : 0.f;
+    }
+    float sw[Tile::kMmaN][2];
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = col0 + ni * 8 + 2 * lane_quad + e;
+        sw[ni][e] = c < n ? __half2float(w_scales[static_cast<long>(c) * groups + g]) : 0.f;
+      }
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+        int32_t d[2];
+        group_dot<kABits, kWeightBits>(xf[mi], wf[ni], d);
+        // The group scale fused here: the integer sum is exact, then fp32 from here on.
+#pragma unroll
+        for (int e = 0; e < 2; ++e) acc[mi][ni][e] += (sx[mi] * sw[ni][e]) * static_cast<float>(d[e]);
+      }
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+    const int r = row0 + mi * 8 + lane_row;
+    if (r >= m) continue;
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = col0 + ni * 8 + 2 * lane_quad + e;
+        if (c < n) y[static_cast<long>(r) * n + c] = __float2bfloat16_rn(acc[mi][ni][e]);
+      }
+  }
+}
+
+}  // namespace flexq

@@ -1,0 +1,37 @@
+// Compile-time tiling of the BMMA GEMM. NOT YET TUNED OR RUN ON A GPU.
+#pragma once
+
+namespace flexq {
+
+// One K-group is 128 bits = 4 uint32 words of a plane row: exactly one m8n8k128 MMA, so
+// the group scales apply once per MMA chain (FlexQ's "MMA K == group size").
+constexpr int kGroupSize = 128;
+constexpr int kWordBits = 32;
+constexpr int kWordsPerGroup = kGroupSize / kWordBits;
+constexpr int kWeightBits = 6;  // the kernel is W6 only; activations are 6 or 8 bits
+
+// A block is a kWarpsM x kWarpsN grid of warps; each warp owns kMmaM x kMmaN tiles of 8x8
+// outputs (rows = tokens M, columns = output channels N).
+template <int kWarpsM_, int kWarpsN_, int kMmaM_, int kMmaN_>
+struct TileConfig {
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kMmaM = kMmaM_;
+  static constexpr int kMmaN = kMmaN_;
+  static constexpr int kWarpM = 8 * kMmaM;
+  static constexpr int kWarpN = 8 * kMmaN;
+  static constexpr int kBlockM = kWarpsM * kWarpM;
+  static constexpr int kBlockN = kWarpsN * kWarpN;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+};
+
+// Decode: M is a handful of tokens, the weights are the traffic. Warps split N so that every
+// weight word is loaded once per block and many blocks stream HBM (N = 8192 -> 256 blocks).
+using DecodeM8Tile = TileConfig<1, 4, 1, 1>;   // M <= 8:  block 8 x 32
+using DecodeM16Tile = TileConfig<1, 4, 2, 1>;  // M <= 16: block 16 x 32
+// Larger M: each warp reuses its activation fragments over two N tiles and its weight
+// fragments over two M tiles. A first guess (4 x 2 MMA tiles a warp took 255 registers under
+// ptxas); prefill likely belongs to an int8 path anyway (DESIGN.md section 9).
+using LargeTile = TileConfig<2, 2, 2, 2>;  // block 32 x 32
+
+}  // namespace flexq

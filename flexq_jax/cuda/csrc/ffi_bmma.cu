@@ -1,0 +1,137 @@
+// XLA FFI handlers: shape checks, tile choice, kernel launch. NOT YET RUN ON A GPU.
+//
+// Two custom calls, so XLA owns the intermediate activation planes:
+//   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, Kp/32], scales f32 [M, Kp/128]
+//   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, K32/32], w_scales f16 [N, Kp/128]
+//                         -> y bf16 [M, N]
+// Kp = K rounded up to 128, K32 = K rounded up to 32 (formats.padded_k / formats.stored_k).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "act_quant.cuh"
+#include "bmma_gemm.cuh"
+#include "configs.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace flexq {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+ffi::Error expect_dims(const char* name, ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
+  bool ok = got.size() == want.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) ok = got[i] == want.begin()[i];
+  if (ok) return ffi::Error::Success();
+  std::string w = "[";
+  size_t i = 0;
+  for (int64_t v : want) w += (i++ ? ", " : "") + std::to_string(v);
+  return ffi::Error::InvalidArgument(std::string(name) + " has shape " + dims_str(got) + ", expected " + w + "]");
+}
+
+ffi::Error last_cuda_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::ResultBuffer<ffi::U32> planes,
+                        ffi::ResultBuffer<ffi::F32> scales, int32_t a_bits) {
+  if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + dims_str(x.dimensions()));
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  const int64_t groups = ceil_div(k, kGroupSize);
+  if (auto e = expect_dims("activation planes", planes->dimensions(), {a_bits, m, groups * kWordsPerGroup}); e.failure()) return e;
+  if (auto e = expect_dims("activation scales", scales->dimensions(), {m, groups}); e.failure()) return e;
+  if (m == 0 || groups == 0) return ffi::Error::Success();
+
+  constexpr int kThreads = 256;  // 8 (token, group) tasks a block
+  const int64_t blocks = ceil_div(m * groups * 32, kThreads);
+  const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.typed_data());
+  if (a_bits == 6) {
+    act_quant_kernel<6><<<blocks, kThreads, 0, stream>>>(xp, planes->typed_data(), scales->typed_data(), m, k, groups);
+  } else if (a_bits == 8) {
+    act_quant_kernel<8><<<blocks, kThreads, 0, stream>>>(xp, planes->typed_data(), scales->typed_data(), m, k, groups);
+  } else {
+    return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
+  }
+  return last_cuda_error("flexq_bmma_act_quant launch");
+}
+
+template <int kABits, class Tile>
+void launch_gemm(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp, const __half* ws,
+                 __nv_bfloat16* y, int m, int n, int w_words, int groups) {
+  const dim3 grid(ceil_div(n, Tile::kBlockN), ceil_div(m, Tile::kBlockM));
+  bmma_gemm_kernel<kABits, Tile><<<grid, Tile::kThreads, 0, stream>>>(xp, xs, wp, ws, y, m, n, w_words, groups);
+}
+
+template <int kABits>
+void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp,
+                       const __half* ws, __nv_bfloat16* y, int m, int n, int w_words, int groups) {
+  if (m <= DecodeM8Tile::kBlockM) {
+    launch_gemm<kABits, DecodeM8Tile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+  } else if (m <= DecodeM16Tile::kBlockM) {
+    launch_gemm<kABits, DecodeM16Tile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+  } else {
+    launch_gemm<kABits, LargeTile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+  }
+}
+
+ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Buffer<ffi::F32> x_scales,
+                    ffi::Buffer<ffi::U32> w_planes, ffi::Buffer<ffi::F16> w_scales, ffi::ResultBuffer<ffi::BF16> y,
+                    int32_t a_bits, int32_t k) {
+  if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
+  if (k <= 0) return ffi::Error::InvalidArgument("k must be positive, got " + std::to_string(k));
+  if (x_planes.dimensions().size() != 3 || w_planes.dimensions().size() != 3)
+    return ffi::Error::InvalidArgument("plane arrays must be 3-D [bits, rows, words]");
+  const int64_t m = x_planes.dimensions()[1], n = w_planes.dimensions()[1];
+  const int64_t groups = ceil_div(k, kGroupSize);
+  const int64_t w_words = ceil_div(k, kWordBits);
+  if (auto e = expect_dims("activation planes", x_planes.dimensions(), {a_bits, m, groups * kWordsPerGroup}); e.failure()) return e;
+  if (auto e = expect_dims("activation scales", x_scales.dimensions(), {m, groups}); e.failure()) return e;
+  if (auto e = expect_dims("weight planes", w_planes.dimensions(), {kWeightBits, n, w_words}); e.failure()) return e;
+  if (auto e = expect_dims("weight scales", w_scales.dimensions(), {n, groups}); e.failure()) return e;
+  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  const auto* ws = reinterpret_cast<const __half*>(w_scales.typed_data());
+  auto* yp = reinterpret_cast<__nv_bfloat16*>(y->typed_data());
+  if (a_bits == 6) {
+    launch_gemm_for_m<6>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
+                         w_words, groups);
+  } else {
+    launch_gemm_for_m<8>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
+                         w_words, groups);
+  }
+  return last_cuda_error("flexq_bmma_gemm launch");
+}
+
+}  // namespace
+}  // namespace flexq
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaActQuant, flexq::ActQuantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Ret<ffi::Buffer<ffi::U32>>()   // planes [a_bits, M, Kp/32]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scales [M, Kp/128]
+                                  .Attr<int32_t>("a_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaGemm, flexq::GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // activation planes [a_bits, M, Kp/32]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // activation scales [M, Kp/128]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // weight planes [6, N, K32/32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // weight scales [N, Kp/128]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
+                                  .Attr<int32_t>("a_bits")
+                                  .Attr<int32_t>("k"));

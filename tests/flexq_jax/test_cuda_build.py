@@ -1,0 +1,246 @@
+"""The BMMA CUDA kernel (flexq_jax/cuda): the build and the plan on CPU; the kernel on a GPU.
+
+CPU: nvcc compiles csrc/ for sm_90a; the build cache is keyed as documented; a NumPy model of
+exactly what the kernels compute (ballot-built activation planes, Horner-ordered MMA chains,
+scales fused per group in fp32) equals the numerics contract; wrappers fail with clear errors.
+GPU (marker `gpu`, skipped without one; NOT YET RUN): the kernels against the contract.
+"""
+
+import ctypes
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from flexq_jax import formats, matmul, numerics
+from flexq_jax.cuda import bmma
+from flexq_jax.qlinear import QuantizedLinear
+
+_SEED = iter(range(10_000))
+
+
+def _rng() -> np.random.Generator:
+  return np.random.default_rng(next(_SEED))
+
+
+def _has_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+def _nvcc_or_skip() -> str:
+  try:
+    return bmma.find_nvcc()
+  except RuntimeError as e:
+    pytest.skip(f"nvcc is not installed here: {e}")
+
+
+def _layer_inputs(rng, m: int, n: int, k: int, *, extremes: bool = False):
+  """bf16 x [M, K]; q_w int8 [N, Kp], s_w fp16, and the "bitplanes" weights of a W6 layer."""
+  x = rng.standard_normal((m, k)).astype(np.float32) * 3
+  if m > 1:
+    x[1] = 0  # an all-zero token: scale 0, q 0
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  if extremes:  # weights at both signed bounds -32 and 31 in one group
+    w[0, :64], w[0, 64:128] = -1.0, 31 / 32
+  q_w, s_w = numerics.quantize_weight(jnp.asarray(w), 6, 128)
+  return jnp.asarray(x, jnp.bfloat16), q_w, s_w, formats.pack(q_w, 6, "bitplanes", k)
+
+
+# ---- the build (CPU) ---------------------------------------------------------------------------
+
+def test_sources_compile_for_sm90a(tmp_path):
+  nvcc = _nvcc_or_skip()
+  library = tmp_path / "flexq_bmma.so"
+  done = subprocess.run(bmma.compile_command(nvcc, "sm_90a", library), capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  # jaxlib's FFI headers warn under nvcc; our own sources must not.
+  ours = [line for line in done.stderr.splitlines() if "warning" in line and str(bmma.CSRC) in line]
+  assert not ours, "\n".join(ours)
+  lib = ctypes.CDLL(str(library))  # cudart is linked statically: loads without a GPU
+  assert lib.FlexqBmmaActQuant and lib.FlexqBmmaGemm
+
+
+def test_build_cache_is_keyed_by_arch_and_reused(tmp_path):
+  nvcc = _nvcc_or_skip()
+  hopper = bmma.library_path(nvcc, "sm_90a", tmp_path)
+  assert hopper != bmma.library_path(nvcc, "sm_80", tmp_path)
+  assert hopper == bmma.library_path(nvcc, "sm_90a", tmp_path)
+  hopper.write_bytes(b"cached")  # a cached build is returned as is, nvcc is not run again
+  assert bmma.build_library("sm_90a", tmp_path) == hopper and hopper.read_bytes() == b"cached"
+
+
+def test_arch_for_compute_capability():
+  assert bmma.arch_for("9.0") == "sm_90a"
+  assert bmma.arch_for("8.0") == "sm_80"
+  assert bmma.arch_for("8.9") == "sm_89"
+  with pytest.raises(RuntimeError, match="sm_80 or newer"):
+    bmma.arch_for("7.5")
+
+
+# ---- the kernels' plan as NumPy (CPU) ----------------------------------------------------------
+
+_WORDS_PER_GROUP = formats.GROUP_ALIGN // formats.WORD_BITS
+
+
+def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """act_quant.cuh: one warp per (token, group); lane t holds elements 128g + 32e + t."""
+  m, k = x.shape
+  groups = formats.padded_k(k) // formats.GROUP_ALIGN
+  v = np.zeros((m, groups * formats.GROUP_ALIGN), np.float32)
+  v[:, :k] = x
+  v = v.reshape(m, groups, _WORDS_PER_GROUP, formats.WORD_BITS)  # [M, G, e, lane]
+  qmax = np.float32((1 << (a_bits - 1)) - 1)
+  s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)  # the rounded reciprocal, as XLA does
+  safe = np.where(s > 0, s, np.float32(1))[..., None, None]
+  q = np.where(s[..., None, None] > 0, np.rint(v / safe), 0)  # rint: half to even, like rintf
+  u = np.clip(q, -qmax - 1, qmax).astype(np.int64) & ((1 << a_bits) - 1)
+  lane_bit = np.uint64(1) << np.arange(formats.WORD_BITS, dtype=np.uint64)
+  # __ballot_sync: bit t of word e of plane i = bit i of lane t's element e.
+  planes = [(((u >> i) & 1).astype(np.uint64) * lane_bit).sum(-1) for i in range(a_bits)]  # [M, G, e]
+  planes = np.stack(planes).astype(np.uint32).reshape(a_bits, m, groups * _WORDS_PER_GROUP)
+  return planes, s.astype(np.float32)
+
+
+def _model_group_dot(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
+  """bmma_gemm.cuh's group_dot: Horner over both plane indices, one m8n8k128 MMA a step.
+
+  xw [a_bits, M, 4], ww [6, N, 4] uint32 words of one group -> int32 [M, N].
+  """
+  def mma(c, i, j):  # popc(A AND B) over the 128 bits, added to the accumulator input
+    pop = np.bitwise_count(xw[i][:, None, :] & ww[j][None, :, :]).sum(-1, dtype=np.int64)
+    return c + pop
+
+  a_bits, w_bits = xw.shape[0], ww.shape[0]
+  out = None
+  for i in range(a_bits - 1, -1, -1):
+    t = np.zeros((xw.shape[1], ww.shape[1]), np.int64)
+    for j in range(w_bits - 1, -1, -1):
+      t = mma(t * (-2 if j == w_bits - 2 else 2), i, j)
+    out = t if out is None else out * (-2 if i == a_bits - 2 else 2) + t
+  assert np.abs(out).max() < 2**31
+  return out.astype(np.int32)
+
+
+def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int):
+  """bmma_gemm.cuh: per group, exact D_g, then acc += (s_x * s_w) * D_g in fp32; bf16 out."""
+  groups = formats.padded_k(k) // formats.GROUP_ALIGN
+  w_words = w_planes.shape[2]
+  # Weight words past K32 are not stored; the kernel reads them as zero.
+  w_full = np.zeros(w_planes.shape[:2] + (groups * _WORDS_PER_GROUP,), np.uint32)
+  w_full[..., :w_words] = w_planes
+  sw = np.asarray(w_scales).astype(np.float32)
+  acc = np.zeros((x_planes.shape[1], w_planes.shape[1]), np.float32)
+  sums = []
+  for g in range(groups):
+    words = slice(_WORDS_PER_GROUP * g, _WORDS_PER_GROUP * (g + 1))
+    d = _model_group_dot(x_planes[..., words], w_full[..., words])
+    sums.append(d)
+    acc += (x_scales[:, g, None] * sw[None, :, g]) * d.astype(np.float32)
+  return acc.astype(ml_dtypes.bfloat16), np.stack(sums)
+
+
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m,n,k", [(5, 20, 200), (3, 13, 576), (2, 9, 256)])
+def test_kernel_plan_equals_contract(a_bits, m, n, k):
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
+  x_planes, x_scales = _model_act_quant(np.asarray(x, np.float32), a_bits)
+  q_x, s_x = numerics.quantize_activation(x, a_bits)
+  # The activation planes are formats' "bitplanes" layout of the contract's q_x, bit for bit.
+  np.testing.assert_array_equal(x_planes, np.asarray(formats.pack_bitplanes(q_x, a_bits)))
+  np.testing.assert_array_equal(x_scales, np.asarray(s_x))
+  y, sums = _model_gemm(x_planes, x_scales, np.asarray(w_planes), s_w, k)
+  np.testing.assert_array_equal(sums, np.asarray(numerics.group_dots(q_x, q_w, 128)))  # exact
+  ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
+  # Only the fp32 summation order differs: at most one bf16 rounding step apart.
+  np.testing.assert_allclose(y.astype(np.float32), ref, rtol=2**-7, atol=1e-6)
+
+
+# ---- wrappers (CPU) ----------------------------------------------------------------------------
+
+def test_wrapper_rejects_bad_inputs():
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), 2, 16, 200)
+  with pytest.raises(ValueError, match="a_bits"):
+    bmma.bmma_matmul(x, w_planes, s_w, a_bits=4, k=200)
+  with pytest.raises(ValueError, match="bf16"):
+    bmma.bmma_matmul(x.astype(jnp.float32), w_planes, s_w, a_bits=6, k=200)
+  with pytest.raises(ValueError, match="weight planes"):
+    bmma.bmma_matmul(x, formats.pack(q_w, 6, "pallas6", 200), s_w, a_bits=6, k=200)
+  with pytest.raises(ValueError, match="weight scales"):
+    bmma.bmma_matmul(x, w_planes, s_w.astype(jnp.float32), a_bits=6, k=200)
+
+
+@pytest.mark.skipif(_has_gpu(), reason="checks the error raised without a GPU")
+def test_clear_error_without_gpu():
+  x, _, s_w, w_planes = _layer_inputs(_rng(), 2, 16, 200)
+  with pytest.raises(RuntimeError, match="GPU|nvcc"):
+    bmma.bmma_matmul(x, w_planes, s_w, a_bits=6, k=200)
+
+
+def test_dispatch_routes_bmma_and_checks_the_layer():
+  _, q_w, s_w, w_planes = _layer_inputs(_rng(), 2, 16, 200)
+  layer = QuantizedLinear(packed=w_planes, scales=s_w, in_features=200, out_features=16, w_bits=6, a_bits=6,
+                          group_size=128, layout="bitplanes", backend="bmma")
+  with pytest.raises(ValueError, match="bf16"):
+    jnp.ones((2, 200), jnp.float32) @ layer
+  assert matmul.to_backend({"l": layer.replace(backend="reference")}, "bmma")["l"].backend == "bmma"
+  w4 = layer.replace(backend="reference", w_bits=4)  # not W6: keeps its backend
+  assert matmul.to_backend({"l": w4}, "bmma")["l"].backend == "reference"
+
+
+# ---- the kernels (GPU; not yet run) ------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+
+
+def _assert_matches_contract(y, x, q_w, s_w, a_bits):
+  ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m", list(range(1, 18)) + [64, 256])
+def test_gpu_bmma_matmul_equals_contract(a_bits, m):
+  n, k = 200, 840  # N not a multiple of any tile; K32 = 864 (27 words stored), Kp = 896 (28 words)
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
+  y = jax.jit(bmma.bmma_matmul, static_argnames=("a_bits", "k"))(x, w_planes, s_w, a_bits=a_bits, k=k)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  _assert_matches_contract(y, x, q_w, s_w, a_bits)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m,n,k", [(3, 40, 200), (17, 13, 576), (33, 72, 128), (8, 4096, 4096)])
+def test_gpu_shapes_and_padding(a_bits, m, n, k):
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k)
+  _assert_matches_contract(bmma.bmma_matmul(x, w_planes, s_w, a_bits=a_bits, k=k), x, q_w, s_w, a_bits)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+def test_gpu_activation_planes_are_the_contract(a_bits):
+  x, *_ = _layer_inputs(_rng(), 19, 8, 300)
+  planes, scales = bmma.quantize_activation_planes(x, a_bits=a_bits)
+  q_x, s_x = numerics.quantize_activation(x, a_bits)
+  np.testing.assert_array_equal(np.asarray(scales), np.asarray(s_x))
+  # The contract allows rare +-1 ties between x/s on two backends; both divide in IEEE fp32 here.
+  np.testing.assert_array_equal(np.asarray(planes), np.asarray(formats.pack_bitplanes(q_x, a_bits)))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dispatch_through_quantized_linear():
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), 4, 48, 576)
+  layer = QuantizedLinear(packed=w_planes, scales=s_w, in_features=576, out_features=48, w_bits=6, a_bits=8,
+                          group_size=128, layout="bitplanes", backend="bmma")
+  y = jax.jit(lambda x, l: x @ l)(x.reshape(2, 2, 576), layer)
+  _assert_matches_contract(y.reshape(4, 48), x, q_w, s_w, 8)
