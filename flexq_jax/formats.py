@@ -95,6 +95,13 @@ def pack_bitplanes(q: jax.Array, bits: int) -> jax.Array:
   return jnp.sum(bit.astype(jnp.uint32) * weights, axis=-1, dtype=jnp.uint32)
 
 
+def plane_coefficients(bits: int) -> np.ndarray:
+  """c_i = 2^i for i < b-1 and c_(b-1) = -2^(b-1): q = sum_i c_i * plane_i (two's complement)."""
+  c = (1 << np.arange(bits)).astype(np.int32)
+  c[-1] = -c[-1]
+  return c
+
+
 def unpack_bitplanes(planes: jax.Array) -> jax.Array:
   """uint32 [b, N, K32/32] bit planes -> int8 [N, K32], the exact inverse of pack_bitplanes."""
   if planes.ndim != 3 or planes.dtype != jnp.uint32:
@@ -102,9 +109,7 @@ def unpack_bitplanes(planes: jax.Array) -> jax.Array:
   bits, n, words = planes.shape
   t = jnp.arange(WORD_BITS, dtype=jnp.uint32)
   bit = ((planes[..., None] >> t) & 1).astype(jnp.int32)  # [b, N, W, 32]
-  coeff = (1 << np.arange(bits)).astype(np.int32)
-  coeff[-1] = -coeff[-1]  # the top plane carries -2^(b-1)
-  q = jnp.tensordot(jnp.asarray(coeff), bit, axes=1)  # [N, W, 32]
+  q = jnp.tensordot(jnp.asarray(plane_coefficients(bits)), bit, axes=1)  # [N, W, 32]
   return q.reshape(n, words * WORD_BITS).astype(jnp.int8)
 
 

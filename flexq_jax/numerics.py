@@ -179,18 +179,6 @@ def dequant_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int,
   return jnp.dot(x_deq, w_deq.T, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def bitplanes_of(q: jax.Array, bits: int) -> jax.Array:
-  """int [R, Kp] -> uint32 [bits, R, Kp/32] two's complement bit planes (formats' layout)."""
-  return formats.pack_bitplanes(q, bits)
-
-
-def plane_coefficients(bits: int) -> np.ndarray:
-  """c_i = 2^i for i < b-1 and c_(b-1) = -2^(b-1): q = sum_i c_i * plane_i."""
-  c = (1 << np.arange(bits)).astype(np.int32)
-  c[-1] = -c[-1]
-  return c
-
-
 def bitplane_group_dots(x_planes: jax.Array, w_planes: jax.Array, group: int = 128) -> jax.Array:
   """sum_k qx*qw per group from bit planes: sum_ij c_i c_j popc(X_i AND W_j) (BMMA's identity).
 
@@ -208,7 +196,8 @@ def bitplane_group_dots(x_planes: jax.Array, w_planes: jax.Array, group: int = 1
   anded = x_planes[:, None, :, None, :] & w_planes[None, :, None, :, :]  # [a, w, M, N, W]
   pop = jax.lax.population_count(anded).astype(jnp.int32)
   pop = pop.reshape(a_bits, w_bits, m, n, words // wpg, wpg).sum(-1)  # [a, w, M, N, G]
-  coeff = jnp.asarray(plane_coefficients(a_bits))[:, None] * jnp.asarray(plane_coefficients(w_bits))[None, :]
+  coeff = (jnp.asarray(formats.plane_coefficients(a_bits))[:, None]
+           * jnp.asarray(formats.plane_coefficients(w_bits))[None, :])
   return jnp.einsum("AW,AWMNG->GMN", coeff, pop)
 
 
