@@ -19,18 +19,8 @@ from flexq_jax import formats, matmul, numerics
 from flexq_jax.cuda import bmma
 from flexq_jax.qlinear import QuantizedLinear
 
-_SEED = iter(range(10_000))
-
-
-def _rng() -> np.random.Generator:
-  return np.random.default_rng(next(_SEED))
-
-
-def _has_gpu() -> bool:
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
+from tests.helpers import fresh_rng as _rng
+from tests.helpers import has_gpu as _has_gpu
 
 
 def _nvcc_or_skip() -> str:

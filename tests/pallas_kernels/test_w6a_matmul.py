@@ -16,18 +16,8 @@ from flexq_jax import formats, matmul, numerics
 from flexq_jax.qlinear import QuantizedLinear
 from pallas_kernels import w6a_matmul as wk
 
-_SEED = iter(range(10_000))
-
-
-def _rng() -> np.random.Generator:
-  return np.random.default_rng(next(_SEED))
-
-
-def _has_gpu() -> bool:
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
+from tests.helpers import fresh_rng as _rng
+from tests.helpers import has_gpu as _has_gpu
 
 
 def _weights(rng, n: int, k: int, scale: float = 1.0):
