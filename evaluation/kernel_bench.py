@@ -413,6 +413,52 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
   return rows
 
 
+GEMV_TILES = ((16, 1, 4), (16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 1, 4), (64, 4, 4), (64, 4, 8), (64, 2, 4))
+
+
+def gemv_candidates(m: int, n: int, k: int, full: bool) -> list[wk.TileConfig]:
+  """Decode (gemv) tilings to time: (block_n, warps, block_kg) x split_k in {1, 4}; fewer when not full."""
+  groups = formats.padded_k(k) // 128
+  tiles = GEMV_TILES if full else GEMV_TILES[:1] + GEMV_TILES[2:3] + GEMV_TILES[5:6]
+  return [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=sk, num_stages=1)
+          for bn, nw, kg in tiles for sk in (1, 4) if groups // sk >= kg]
+
+
+def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """Times the mma default and gemv tilings on every (shape, M) (W6A6), the quantization kernel alone,
+  and prints the best of each case last."""
+  key = jax.random.key(1)
+  rows = []
+  for name in shapes:
+    n, k = SHAPES[name]
+    for m in ms:
+      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      cfg0 = wk.default_config(m, n, k)
+      t_q = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg0)[0], x, [()], 2e-6)
+      log(f"{name:11s} M={m:3d} quantize kernel alone {t_q * 1e6:.2f} us")
+      for cfg in [cfg0, *gemv_candidates(m, n, k, full=m == 1)]:
+        try:
+          t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
+          us = t * 1e6
+        except Exception as e:  # a tiling the compiler rejects: report, go on
+          us, err = float("nan"), float("nan")
+          log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
+        label = repr(cfg).replace("TileConfig", "")
+        floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+        rows.append(dict(shape=name, m=m, us=us, err=err, config=label, floor_frac=floor / us))
+        log(f"gemv-sweep {name:11s} M={m:3d} {us:8.1f} us {100 * floor / us:5.1f}% of floor@4.3TB/s err {err:.1e} {label}")
+  log("== best per case (floor at 4.3 TB/s)")
+  for name in shapes:
+    for m in ms:
+      cs = [r for r in rows if r["shape"] == name and r["m"] == m and np.isfinite(r["us"]) and r["err"] < 1e-2]
+      mma = [r["us"] for r in rows if r["shape"] == name and r["m"] == m and "gemv=True" not in r["config"]]
+      if cs:
+        b = min(cs, key=lambda r: r["us"])
+        log(f"| {name} | {m} | {b['us']:.1f} us | {100 * b['floor_frac']:.0f}% | mma {mma[0] if mma else float('nan'):.1f} us "
+            f"| {b['config'][:150]} |")
+  return rows
+
+
 def rerender(json_path: str) -> None:
   """Rewrites the .md, .json and .png of a saved run (e.g. after a change to the floor's definition)."""
   path = Path(json_path)
@@ -438,6 +484,7 @@ def main(argv=None) -> None:
   ap.add_argument("--a8-m", default=None, help="comma list of M at which W6A8 is timed too (default: all)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
+  ap.add_argument("--sweep-gemv", action="store_true", help="time the decode (gemv) tilings against the mma default")
   ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
   ap.add_argument("--out-dir", default="results/kernels")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
@@ -454,6 +501,12 @@ def main(argv=None) -> None:
   ms = tuple(int(v) for v in args.m.split(",")) if args.m else (QUICK_M if args.quick else M_ALL)
   a_bits = tuple(int(v) for v in args.a_bits.split(",")) if args.a_bits else ((6,) if args.quick else (6, 8))
   log = lambda s: print(s, flush=True)
+  if args.sweep_gemv:
+    rows = sweep_gemv(shapes, ms, log)
+    if args.out_dir:
+      Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+      (Path(args.out_dir) / f"gemv-sweep-{card_name()}.json").write_text(json.dumps(rows, indent=1))
+    return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
              for bn, sk, nw, ns, asm in [(32, 4, 4, 4, True), (32, 8, 4, 4, True), (32, 4, 2, 4, True),

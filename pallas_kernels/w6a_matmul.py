@@ -66,6 +66,23 @@ _UNPACK_PTX = {
         "and.b32 b, b, 0x30303030; or.b32 $0, a, b;}"),
 }
 
+# PTX for the gemv kernel: $4 = four lo01 bytes, $5 = four lo23 bytes, $6 = four hi bytes of one
+# row and group (the "pallas6" planes at t .. t+3), $7..$10 = q_x at the same t for phases 0..3
+# (signed bytes). The four u words are unpacked as in _UNPACK_PTX and multiplied by dp4a (four
+# byte products a CUDA-core instruction, exact): $0 = sum of the 16 products u * q_x, $1..$3 = 0
+# (the asm returns one int32 per input byte; the caller sums them, ptxas drops the zero adds).
+_UNPACK_DP4A_PTX = (
+    "{.reg .b32 a, b, u; .reg .s32 t;"
+    " and.b32 a, $4, 0x0F0F0F0F; shl.b32 b, $6, 4; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
+    " dp4a.u32.s32 t, u, $7, 0;"
+    " shr.b32 a, $4, 4; and.b32 a, a, 0x0F0F0F0F; shl.b32 b, $6, 2; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
+    " dp4a.u32.s32 t, u, $8, t;"
+    " and.b32 a, $5, 0x0F0F0F0F; and.b32 b, $6, 0x30303030; or.b32 u, a, b;"
+    " dp4a.u32.s32 t, u, $9, t;"
+    " shr.b32 a, $5, 4; and.b32 a, a, 0x0F0F0F0F; shr.b32 b, $6, 2; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
+    " dp4a.u32.s32 $0, u, $10, t;"
+    " mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;}")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
@@ -80,12 +97,16 @@ class TileConfig:
   unpack_asm: bool = True  # PTX word unpacking on GPU (interpret mode always uses jnp ops)
   join_phases: bool = False  # one K=128 dot on re-interleaved weights, else four K=32 dots
   quant_block_m: int = 16  # rows per program of the activation-quantization kernel
+  gemv: bool = False  # decode kernel: CUDA-core dp4a dots, activation quantization fused (M <= 16)
+  block_kg: int = 4  # gemv: K-groups per loop step (the step's loads are issued together)
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "quant_block_m"):
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
         raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if self.block_kg < 1:
+      raise ValueError(f"block_kg={self.block_kg} must be >= 1")
     if self.split_k < 1 or self.group_m < 1:
       raise ValueError(f"split_k={self.split_k} and group_m={self.group_m} must be >= 1")
 
@@ -241,6 +262,96 @@ def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
     plgpu.store(o_ref.at[pid_k, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
 
 
+def _group_dots(lo01: jax.Array, lo23: jax.Array, hi: jax.Array, xq: list, use_asm: bool) -> jax.Array:
+  """Row sums over a group of u * q_x: planes uint8 [..., 32], xq: 4 phases of int8 [..., 32] (broadcast)."""
+  if use_asm:
+    shape = lo01.shape
+    [d] = plgpu.elementwise_inline_asm(
+        _UNPACK_DP4A_PTX, args=[lo01, lo23, hi, *(jnp.broadcast_to(x, shape) for x in xq)],
+        constraints="=r,=r,=r,=r," + ",".join("r" * 7), pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
+  else:
+    u = [_unpack_phase(lo01 if p < 2 else lo23, hi, p, use_asm=False) for p in range(4)]
+    d = sum(up.astype(jnp.int32) * xp.astype(jnp.int32) for up, xp in zip(u, xq))
+  return jnp.sum(d, axis=-1)
+
+
+def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
+                 sx_ref,  # [Mp, G] f32
+                 xsum_ref,  # [Mp, G] int32
+                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6")
+                 sw_ref,  # [N, G] f16
+                 o_ref,  # [M, N] out dtype, or [split_k, M, N] f32 partial sums
+                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool):
+  """Decode GEMV: every program takes block_n rows and a K range, block_kg groups a step.
+
+  Per step: the three weight planes of block_kg groups are loaded together; each row's group sum of u * q_x comes from dp4a
+  (four byte products a CUDA-core instruction, exact int32), then sum q_x q_w = that - 32 sum q_x,
+  scaled by s_x s_w in fp32 once per group. No shared memory, no barriers in the loop.
+  """
+  tiles, kg = cfg.block_n // TILE_ROWS, cfg.block_kg
+  pid_n, pid_k = pl.program_id(0), pl.program_id(1)
+  t0 = pid_n * tiles
+  n0 = t0 * TILE_ROWS
+  gps = pl.cdiv(groups, cfg.split_k)
+  steps = pl.cdiv(gps, kg)
+  g_begin = pid_k * gps
+  g_end = jnp.minimum(g_begin + gps, groups)
+  ragged_k = gps % kg != 0 or groups % gps != 0  # a step can run past this program's groups
+  mask_n = n % cfg.block_n != 0
+  tile_ok = (t0 + jnp.arange(tiles) < n // TILE_ROWS)[:, None, None] if mask_n else None
+  col_ok = (n0 + jnp.arange(cfg.block_n)) < n if mask_n else None
+
+  def group(step, j):  # the j-th group of a step (clamped in range: past g_end it counts zero)
+    g = g_begin + step * kg + j
+    return jnp.minimum(g, groups - 1) if ragged_k else g
+
+  def load_w(step):  # -> kg x 3 planes, uint8 [tiles, 16, 32]
+    out = []
+    for j in range(kg):
+      for plane in range(PLANES):
+        ref = w_ref.at[pl.ds(t0, tiles), group(step, j), jnp.int32(plane), :, :]
+        out.append(ref[...] if tile_ok is None else plgpu.load(ref, mask=tile_ok, other=0))
+    return tuple(out)
+
+  def compute(step, w, accs):
+    accs = list(accs)
+    for j in range(kg):
+      g = group(step, j)
+      lo01, lo23, hi = w[PLANES * j: PLANES * (j + 1)]
+      sw_ref_g = sw_ref.at[pl.ds(n0, cfg.block_n), g]
+      sw = (sw_ref_g[...] if col_ok is None else plgpu.load(sw_ref_g, mask=col_ok, other=0)).astype(jnp.float32)
+      sw = sw.reshape(tiles, TILE_ROWS)
+      if ragged_k:
+        sw = jnp.where(g_begin + step * kg + j < g_end, sw, 0.0)
+      for row in range(m):
+        r = jnp.int32(row)
+        xq = [qx_ref[r, pl.ds(g * GROUP + p * PLANE, PLANE)][None, None, :] for p in range(4)]  # int8 [1, 1, 32]
+        dots = _group_dots(lo01, lo23, hi, xq, use_asm)  # [tiles, 16] int32
+        exact = dots - OFFSET * xsum_ref[r, g]
+        accs[row] = accs[row] + exact.astype(jnp.float32) * (sx_ref[r, g] * sw)
+    return tuple(accs)
+
+  # Each step's loads are issued together at its top (block_kg groups x 3 planes: 16-byte loads when
+  # block_n = 16 x num_warps); latency is hidden by the many programs an SM holds (no cp.async ring:
+  # Triton pipelines only loads that feed a dot, and carrying prefetched int8 tiles through the loop
+  # makes LLVM split them into bytes and repack them, ~9 PRMT a dp4a).
+  zeros = tuple(jnp.zeros((tiles, TILE_ROWS), jnp.float32) for _ in range(m))
+  accs = jax.lax.fori_loop(0, steps, lambda step, a: compute(step, load_w(step), a), zeros)
+
+  cols = pl.ds(n0, cfg.block_n)
+  for row in range(m):
+    y = accs[row].reshape(cfg.block_n)
+    if cfg.split_k == 1:
+      dst, y = o_ref.at[jnp.int32(row), cols], y.astype(o_ref.dtype)
+    else:
+      dst = o_ref.at[pid_k, jnp.int32(row), cols]
+    if col_ok is None:
+      dst[...] = y
+    else:
+      plgpu.store(dst, y, mask=col_ok)
+
+
 _NT = (((1,), (1,)), ((), ()))  # dot_general: contract the last axes of [bm, K] and [bn, K]
 
 
@@ -318,6 +429,8 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   cfg = config or default_config(m, n, k)
   if cfg.split_k > groups:
     raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
+  if cfg.gemv:
+    return gemv(x, w_packed, w_scales, a_bits=a_bits, config=cfg, interpret=interpret)
   qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=cfg, interpret=interpret)
   return gemm(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg, interpret=interpret)
 
@@ -343,6 +456,29 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
     y = jnp.sum(y, axis=0).astype(out_dtype)
   return y
 
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
+def gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, config: TileConfig,
+         interpret: bool = False) -> jax.Array:
+  """The decode path of w6a_matmul (config.gemv): quantization kernel + dp4a GEMV (M <= 16)."""
+  cfg = config
+  m, k, n = _check_operands(x, w_packed, w_scales, a_bits)
+  groups = w_packed.shape[1]
+  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=dataclasses.replace(cfg, join_phases=False),
+                                      interpret=interpret)
+  out_shape = (jax.ShapeDtypeStruct((m, n), x.dtype) if cfg.split_k == 1
+               else jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32))
+  y = pl.pallas_call(
+      functools.partial(_gemv_kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
+      out_shape=out_shape,
+      grid=(pl.cdiv(n, cfg.block_n), cfg.split_k),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="w6a_gemv",
+  )(qx, sx, xsum, w_packed, w_scales)
+  if cfg.split_k > 1:
+    y = jnp.sum(y, axis=0).astype(x.dtype)
+  return y
 
 def w6a_matmul_reference(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                          config: TileConfig | None = None, interpret: bool = False) -> jax.Array:

@@ -156,6 +156,19 @@ class _W6AMatmulCases:
     x = jnp.asarray(rng.standard_normal((70, 400)), jnp.bfloat16)
     self._check(x, packed, s, 6, config)
 
+  @pytest.mark.parametrize("config", [
+      wk.TileConfig(gemv=True, block_n=32, num_warps=2, block_kg=4, num_stages=1),
+      wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=3, split_k=2, num_stages=1),
+      wk.TileConfig(gemv=True, block_n=64, num_warps=4, block_kg=2, split_k=3),
+  ])
+  @pytest.mark.parametrize("m,a_bits", [(1, 6), (3, 8), (16, 6)])
+  def test_gemv_tilings(self, config, m, a_bits):
+    # N = 112: not a multiple of 32 or 64; K = 600 -> 5 groups: ragged against block_kg and split_k.
+    rng = _rng()
+    _, s, packed = _weights(rng, 112, 600)
+    x = jnp.asarray(rng.standard_normal((m, 600)), jnp.bfloat16)
+    self._check(x, packed, s, a_bits, config)
+
   def test_exact_integer_group_sums(self):
     # Power-of-two scales on both sides: every product and sum is exact in fp32, so the output
     # must equal the integer sum_g 2^(ex + ew) sum_k q_x q_w exactly.
