@@ -413,15 +413,19 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
   return rows
 
 
-GEMV_TILES = ((16, 1, 4), (16, 1, 8), (32, 2, 4), (32, 2, 8), (32, 1, 4), (64, 4, 4), (64, 4, 8), (64, 2, 4))
+GEMV_TILES = (  # (block_n, num_warps, block_kg, split_k, prefetch)
+    (64, 2, 4, 4, False), (64, 2, 4, 8, False), (64, 2, 4, 16, False), (64, 2, 4, 4, True), (64, 2, 4, 8, True),
+    (64, 2, 2, 8, True), (64, 2, 2, 16, True), (64, 4, 8, 4, False), (64, 4, 8, 8, False), (64, 4, 4, 8, True),
+    (32, 2, 4, 4, False), (32, 2, 8, 8, False), (32, 2, 4, 8, True), (32, 1, 4, 8, True), (128, 4, 4, 4, True),
+    (128, 4, 4, 2, False))
 
 
 def gemv_candidates(m: int, n: int, k: int, full: bool) -> list[wk.TileConfig]:
-  """Decode (gemv) tilings to time: (block_n, warps, block_kg) x split_k in {1, 4}; fewer when not full."""
+  """Decode (gemv) tilings to time (GEMV_TILES, fewer when not full), split_k capped by K's groups."""
   groups = formats.padded_k(k) // 128
-  tiles = GEMV_TILES if full else GEMV_TILES[:1] + GEMV_TILES[2:3] + GEMV_TILES[5:6]
-  return [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=sk, num_stages=1)
-          for bn, nw, kg in tiles for sk in (1, 4) if groups // sk >= kg]
+  tiles = GEMV_TILES if full else [t for i, t in enumerate(GEMV_TILES) if i in (0, 1, 3, 4, 5, 9)]
+  return [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=sk, num_stages=1, prefetch=pf)
+          for bn, nw, kg, sk, pf in tiles if groups // sk >= kg]
 
 
 def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:

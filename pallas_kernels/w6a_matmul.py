@@ -83,6 +83,15 @@ _UNPACK_DP4A_PTX = (
     " dp4a.u32.s32 $0, u, $10, t;"
     " mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;}")
 
+# Software pipelining in the gemv kernel carries the next step's weights through the loop. Carried
+# as int8 tensors, LLVM splits them into bytes and repacks them for the asm (~9 PRMT a dp4a), so
+# they are carried as 32-bit words instead: _WORD_PTX puts the four bytes of a register into the
+# first of four int32 elements (the other three are 0 and fold away), and _WORDS_DP4A_PTX is
+# _UNPACK_DP4A_PTX reading those words ($4, $8, $12) and q_x in $16..$19.
+_WORD_PTX = "mov.b32 $0, $4; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
+_WORDS_DP4A_PTX = (_UNPACK_DP4A_PTX.replace("$4", "$L01").replace("$5", "$L23").replace("$6", "$HI")
+                   .replace("$7", "$16").replace("$8", "$17").replace("$9", "$18").replace("$10", "$19")
+                   .replace("$L01", "$4").replace("$L23", "$8").replace("$HI", "$12"))
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
@@ -99,6 +108,7 @@ class TileConfig:
   quant_block_m: int = 16  # rows per program of the activation-quantization kernel
   gemv: bool = False  # decode kernel: CUDA-core dp4a dots, activation quantization fused (M <= 16)
   block_kg: int = 4  # gemv: K-groups per loop step (the step's loads are issued together)
+  prefetch: bool = False  # gemv: issue the next step's loads before this step's dots (words carried)
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "quant_block_m"):
@@ -262,13 +272,21 @@ def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
     plgpu.store(o_ref.at[pid_k, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
 
 
+def _as_words(plane: jax.Array) -> jax.Array:
+  """uint8 [..., 32] -> int32 [..., 32]: each 4-byte register's word in its first element, 0 after."""
+  [w] = plgpu.elementwise_inline_asm(_WORD_PTX, args=[plane], constraints="=r,=r,=r,=r,r", pack=4,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(plane.shape, jnp.int32)])
+  return w
+
+
 def _group_dots(lo01: jax.Array, lo23: jax.Array, hi: jax.Array, xq: list, use_asm: bool) -> jax.Array:
   """Row sums over a group of u * q_x: planes uint8 [..., 32], xq: 4 phases of int8 [..., 32] (broadcast)."""
   if use_asm:
     shape = lo01.shape
+    words = lo01.dtype == jnp.int32  # planes from _as_words
     [d] = plgpu.elementwise_inline_asm(
-        _UNPACK_DP4A_PTX, args=[lo01, lo23, hi, *(jnp.broadcast_to(x, shape) for x in xq)],
-        constraints="=r,=r,=r,=r," + ",".join("r" * 7), pack=4,
+        _WORDS_DP4A_PTX if words else _UNPACK_DP4A_PTX, args=[lo01, lo23, hi, *(jnp.broadcast_to(x, shape) for x in xq)],
+        constraints="=r,=r,=r,=r," + ",".join("r" * (16 if words else 7)), pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
   else:
     u = [_unpack_phase(lo01 if p < 2 else lo23, hi, p, use_asm=False) for p in range(4)]
@@ -311,7 +329,8 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
     for j in range(kg):
       for plane in range(PLANES):
         ref = w_ref.at[pl.ds(t0, tiles), group(step, j), jnp.int32(plane), :, :]
-        out.append(ref[...] if tile_ok is None else plgpu.load(ref, mask=tile_ok, other=0))
+        w = ref[...] if tile_ok is None else plgpu.load(ref, mask=tile_ok, other=0)
+        out.append(_as_words(w) if cfg.prefetch and use_asm else w)
     return tuple(out)
 
   def compute(step, w, accs):
@@ -337,7 +356,14 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
   # Triton pipelines only loads that feed a dot, and carrying prefetched int8 tiles through the loop
   # makes LLVM split them into bytes and repack them, ~9 PRMT a dp4a).
   zeros = tuple(jnp.zeros((tiles, TILE_ROWS), jnp.float32) for _ in range(m))
-  accs = jax.lax.fori_loop(0, steps, lambda step, a: compute(step, load_w(step), a), zeros)
+  if cfg.prefetch:
+    def body(step, carry):
+      w, accs = carry
+      w_next = load_w(jnp.minimum(step + 1, steps - 1))
+      return w_next, compute(step, w, accs)
+    _, accs = jax.lax.fori_loop(0, steps, body, (load_w(0), zeros))
+  else:
+    accs = jax.lax.fori_loop(0, steps, lambda step, a: compute(step, load_w(step), a), zeros)
 
   cols = pl.ds(n0, cfg.block_n)
   for row in range(m):

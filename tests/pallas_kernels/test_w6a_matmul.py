@@ -160,6 +160,7 @@ class _W6AMatmulCases:
       wk.TileConfig(gemv=True, block_n=32, num_warps=2, block_kg=4, num_stages=1),
       wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=3, split_k=2, num_stages=1),
       wk.TileConfig(gemv=True, block_n=64, num_warps=4, block_kg=2, split_k=3),
+      wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=2, split_k=2, prefetch=True),
   ])
   @pytest.mark.parametrize("m,a_bits", [(1, 6), (3, 8), (16, 6)])
   def test_gemv_tilings(self, config, m, a_bits):
