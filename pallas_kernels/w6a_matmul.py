@@ -21,9 +21,14 @@ Two kernels, both timed as the op:
              phase-major within each group (no shuffles: what decode needs).
      Partial sums over K splits (split_k > 1: decode, where N alone does not fill the SMs) are
      added by XLA after the kernel.
+  2'. _gemv_kernel (TileConfig.gemv; the default at M <= 2) replaces the tensor-core GEMM in
+     decode: each thread unpacks its weight words and multiplies them with dp4a (four int8
+     products a CUDA-core instruction, exact int32), no shared memory and no barrier in the loop;
+     at M = 1 the tensor-core kernel wastes 15/16 of every dot and stalls on its cp.async ring.
 
-Regimes (default_config, chosen from H200 sweeps; results/kernels/NOTES.md): decode M <= 16
-(memory-bound: 64-wide N tiles and split-K give ~4 programs per SM, mma.sync on split phases),
+Regimes (default_config, chosen from H200 sweeps; results/kernels/NOTES.md): decode M <= 2 (the
+gemv kernel: dp4a on CUDA cores, no shared memory, ~8 programs per SM by split-K), decode M <= 16
+(64-wide N tiles and split-K give ~4 programs per SM, mma.sync on split phases),
 middle M <= 256, prefill (128 x 128 tiles, 8 warps, joined phases for one wgmma chain per group,
 grouped program order so weight tiles are reused from L2).
 
@@ -31,7 +36,7 @@ Unpacking: with unpack_asm (GPU only), one PTX sequence turns four packed bytes 
 32-bit register into four int8 weights (shift, mask, or on the whole word); otherwise, and always
 in interpret mode, the same arithmetic is written as jnp byte operations.
 
-This module imports only jax and flexq_jax.formats (the kernel rule of DESIGN.md section 4);
+This module imports only jax, numpy and flexq_jax.formats (the kernel rule of DESIGN.md section 4);
 the reference imports flexq_jax.numerics, the definition, inside its body.
 """
 
@@ -42,6 +47,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -124,6 +130,11 @@ class TileConfig:
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> TileConfig:
   """The tiling the wrapper picks for an [M, K] x [K, N] product (K may be unpadded)."""
   groups = formats.padded_k(k) // GROUP
+  if m <= 2:  # decode GEMV: ~1024 programs (8 an SM) of 64 rows x a K range, 4 groups a step
+    tiles = pl.cdiv(n, 64)
+    split_k = 1 << max(0, (pl.cdiv(1024, tiles) - 1).bit_length())  # next power of two
+    return TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=4, num_stages=1,
+                      split_k=max(1, min(split_k, groups // 4)))
   if m <= 16:  # decode: stream the weights with every SM; split K until ~4 programs per SM
     block_n = 64
     tiles = pl.cdiv(n, block_n)
@@ -166,7 +177,7 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
   x = x.astype(jnp.float32)  # [block_m, 128]
-  s = jnp.max(jnp.abs(x), axis=1) / qmax  # [block_m]
+  s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]: the contract's rounded reciprocal
   # |x| <= max|x| keeps x / s within [-qmax, qmax]: the contract's clip never acts here.
   q = _round_half_even(x / jnp.where(s > 0, s, 1.0)[:, None])
   s_ref[pl.ds(m0, block_m), g] = s

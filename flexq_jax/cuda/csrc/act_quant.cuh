@@ -38,11 +38,11 @@ __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
 
-  // The contract in fp32: s = max|x| / qmax, q = round_half_even(x / s) (rintf is half to
-  // even like jnp.round). The jnp reference's "/ qmax" is compiled by XLA into a multiply by
-  // the fp32-rounded reciprocal (seen on CPU with jax 0.11.2: 1 ulp off true division for
-  // about a third of inputs), so the kernel does the same to give bit-equal scales; x / s is
-  // a true IEEE division in both (nvcc's default -prec-div=true: never --use_fast_math).
+  // The contract in fp32 (flexq_jax/numerics.py): s = max|x| * fl32(1 / qmax), the rounded
+  // reciprocal written as a multiply in the reference too (XLA on CPU turns a division by a
+  // constant into it, XLA on GPU does not), and q = round_half_even(x / s) (rintf is half to
+  // even like jnp.round) with x / s a true IEEE division in both (nvcc's default
+  // -prec-div=true: never --use_fast_math).
   // A zero group gets s = 0 and q = 0.
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
   const float s = amax * (1.0f / static_cast<float>(kQMax));
