@@ -530,7 +530,7 @@ def main(argv=None) -> None:
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   subset = args.quick or ms != M_ALL or len(shapes) != len(SHAPES) or a_bits != (6, 8) or a8_ms is not None
-  tag = "" if args.shapes == "all" else "-" + args.shapes.replace(",", "+")
+  tag = "" if args.shapes == "all" else "-" + args.shapes.replace(",", "_")  # names the device tool returns
   stem = out / f"{card}-{date}{tag}{'-subset' if subset else ''}"
   bws = copy_bandwidth(use_torch)
   log("copy bandwidth (read + write): " + ", ".join(f"{k} {v / 1e12:.3f} TB/s" for k, v in bws.items()))
