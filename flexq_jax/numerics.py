@@ -3,13 +3,15 @@
 Weights W [N, K]: symmetric, one fp16 scale per (output channel, group of g along K),
     s_w = max|W_group| / qmax_w,  q_w = clip(round_half_even(W / s_w), qmin, qmax).
 Activations X [M, K]: dynamic, symmetric, per token and group, fp32 scales,
-    s_x = max|X_group| * fl32(1 / qmax_a),  q_x = round_half_even(X / s_x)  (a true division).
+    s_x = max|X_group| * fl32(1 / qmax_a),  q_x = round_half_even(X * fl32(1 / s_x)).
 Output: Y[m, n] = sum_j s_x[m, j] * s_w[n, j] * (sum_{k in group j} q_x[m, k] q_w[n, k]).
 
-The activation scale multiplies by the fp32-rounded reciprocal of qmax (within 1 ulp of a
-division by qmax): compilers turn a division by a constant into that multiply on some platforms
-(XLA on CPU) but not on others (XLA on GPU), so writing the multiply makes the reference the same
-number everywhere, and every kernel (Pallas, CUDA) computes it bit for bit.
+Both activation steps multiply by an fp32-rounded (IEEE) reciprocal instead of dividing: XLA
+rewrites a division by a broadcast value (X / s_x) into exactly that multiply, and a division by a
+constant (/ qmax) into it on some platforms, so the contract is written the way the reference
+computes it everywhere, and every kernel (Pallas, CUDA) reproduces it bit for bit. It differs
+from true division only where X / s_x is within an ulp of a rounding tie; with bf16 inputs such
+near-ties are not rare (~1e-4 of elements), which is why the form is pinned down here.
 
 K is zero-padded to a multiple of 128 (formats.GROUP_ALIGN) for both operands. group_size is
 128 (FlexQ) or any multiple of 128, or None for one group over the whole row (per-channel
@@ -119,7 +121,8 @@ def quantize_activation(x: jax.Array, bits: int, group_size: int | None = 128) -
   qmin, qmax = formats.qrange(bits)
   xg = pad_k(x.astype(jnp.float32), kp).reshape(m, kp // g, g)
   s = jnp.max(jnp.abs(xg), axis=-1) * np.float32(1.0 / qmax)  # see the module docstring
-  q = jnp.where(s[..., None] > 0, jnp.round(xg / jnp.where(s > 0, s, 1.0)[..., None]), 0.0)
+  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)  # fl32(1 / s_x): IEEE division
+  q = jnp.round(xg * inv[..., None])  # jnp.round: half to even
   q = jnp.clip(q, qmin, qmax).astype(jnp.int8).reshape(m, kp)
   return q, s
 

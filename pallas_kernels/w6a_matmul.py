@@ -167,19 +167,29 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return jnp.where(((r - v) == 0.5) & odd, r - 1.0, r)
 
 
+def _reciprocal(v: jax.Array, use_asm: bool) -> jax.Array:
+  """Correctly rounded fp32 1 / v (Triton's own fp32 division is the approximate div.full)."""
+  if not use_asm:
+    return 1.0 / v
+  [r] = plgpu.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+  return r
+
+
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                      q_ref,  # [Mp, Kp] int8
                      s_ref,  # [Mp, G] f32
                      sum_ref,  # [Mp, G] int32
-                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool):
+                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, use_asm: bool):
   pid_m, g = pl.program_id(0), pl.program_id(1)
   m0 = pid_m * block_m
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
   x = x.astype(jnp.float32)  # [block_m, 128]
   s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]: the contract's rounded reciprocal
-  # |x| <= max|x| keeps x / s within [-qmax, qmax]: the contract's clip never acts here.
-  q = _round_half_even(x / jnp.where(s > 0, s, 1.0)[:, None])
+  inv = jnp.where(s > 0, _reciprocal(jnp.where(s > 0, s, 1.0), use_asm), 0.0)  # fl32(1 / s), IEEE
+  # |x| <= max|x| keeps x * inv within [-qmax - 1/2, qmax + 1/2]: the contract's clip never acts here.
+  q = _round_half_even(x * inv[:, None])
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
@@ -434,7 +444,8 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   bq = min(config.quant_block_m, config.block_m)
   qmax = formats.qrange(a_bits)[1]
   return pl.pallas_call(
-      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases),
+      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases,
+                        use_asm=not interpret),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
                  jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
       grid=(mp // bq, groups),

@@ -3,7 +3,7 @@
 CPU: nvcc compiles csrc/ for sm_90a; the build cache is keyed as documented; a NumPy model of
 exactly what the kernels compute (ballot-built activation planes, Horner-ordered MMA chains,
 scales fused per group in fp32) equals the numerics contract; wrappers fail with clear errors.
-GPU (marker `gpu`, skipped without one; NOT YET RUN): the kernels against the contract.
+GPU (marker `gpu`, skipped without one): the kernels against the contract.
 """
 
 import ctypes
@@ -86,9 +86,9 @@ def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray
   v[:, :k] = x
   v = v.reshape(m, groups, _WORDS_PER_GROUP, formats.WORD_BITS)  # [M, G, e, lane]
   qmax = np.float32((1 << (a_bits - 1)) - 1)
-  s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)  # the rounded reciprocal, as XLA does
-  safe = np.where(s > 0, s, np.float32(1))[..., None, None]
-  q = np.where(s[..., None, None] > 0, np.rint(v / safe), 0)  # rint: half to even, like rintf
+  s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)  # the contract's rounded reciprocal
+  inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, np.float32(1)), np.float32(0))[..., None, None]
+  q = np.rint(v * inv)  # rint: half to even, like rintf
   u = np.clip(q, -qmax - 1, qmax).astype(np.int64) & ((1 << a_bits) - 1)
   lane_bit = np.uint64(1) << np.arange(formats.WORD_BITS, dtype=np.uint64)
   # __ballot_sync: bit t of word e of plane i = bit i of lane t's element e.
@@ -183,7 +183,7 @@ def test_dispatch_routes_bmma_and_checks_the_layer():
   assert matmul.to_backend({"l": w4}, "bmma")["l"].backend == "reference"
 
 
-# ---- the kernels (GPU; not yet run) ------------------------------------------------------------
+# ---- the kernels (GPU) ------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 
@@ -222,7 +222,7 @@ def test_gpu_activation_planes_are_the_contract(a_bits):
   planes, scales = bmma.quantize_activation_planes(x, a_bits=a_bits)
   q_x, s_x = numerics.quantize_activation(x, a_bits)
   np.testing.assert_array_equal(np.asarray(scales), np.asarray(s_x))
-  # The contract allows rare +-1 ties between x/s on two backends; both divide in IEEE fp32 here.
+  # Bit-equal: both compute round_half_even(x * fl32(1 / s)) with IEEE reciprocals.
   np.testing.assert_array_equal(np.asarray(planes), np.asarray(formats.pack_bitplanes(q_x, a_bits)))
 
 

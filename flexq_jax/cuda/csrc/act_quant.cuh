@@ -38,20 +38,19 @@ __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
 
-  // The contract in fp32 (flexq_jax/numerics.py): s = max|x| * fl32(1 / qmax), the rounded
-  // reciprocal written as a multiply in the reference too (XLA on CPU turns a division by a
-  // constant into it, XLA on GPU does not), and q = round_half_even(x / s) (rintf is half to
-  // even like jnp.round) with x / s a true IEEE division in both (nvcc's default
-  // -prec-div=true: never --use_fast_math).
-  // A zero group gets s = 0 and q = 0.
+  // The contract in fp32 (flexq_jax/numerics.py): s = max|x| * fl32(1 / qmax) and
+  // q = round_half_even(x * fl32(1 / s)): both reciprocals correctly rounded (nvcc's default
+  // -prec-div=true: never --use_fast_math), both applied as multiplies, as XLA computes the
+  // jnp reference; rintf is half to even like jnp.round. A zero group gets s = 0 and q = 0.
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
   const float s = amax * (1.0f / static_cast<float>(kQMax));
+  const float inv = s > 0.f ? 1.0f / s : 0.f;
   if (lane == 0) scales[static_cast<long>(row) * groups + g] = s;
 
   uint32_t my_word = 0;  // lane e * kABits + i keeps word e of plane i
 #pragma unroll
   for (int e = 0; e < kWordsPerGroup; ++e) {
-    float q = s > 0.f ? rintf(v[e] / s) : 0.f;
+    float q = rintf(v[e] * inv);
     q = fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax));
     const uint32_t u = static_cast<uint32_t>(static_cast<int>(q)) & ((1u << kABits) - 1u);
 #pragma unroll
