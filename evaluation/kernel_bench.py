@@ -196,6 +196,8 @@ class Case:
   cublaslt_i8_us: float = float("nan")
   rel_err: float = float("nan")
   config: str = ""
+  bmma_us: float = float("nan")  # the CUDA BMMA kernel (flexq_jax.cuda), where it builds and runs
+  bmma_rel_err: float = float("nan")
 
   @property
   def floor_frac(self) -> float:
@@ -237,6 +239,39 @@ def bench_ours(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, fl
   t = time_jax(op, x, [(p, s) for p, s, _ in bufs], est)
   return t, rel
 
+
+
+def bmma_available(log=print) -> bool:
+  """Whether the BMMA library builds and loads here (reports why not)."""
+  try:
+    from flexq_jax.cuda import bmma
+    bmma._register()
+    return True
+  except Exception as e:  # no nvcc, no GPU, a build error: the column stays empty, the run goes on
+    log(f"BMMA kernel unavailable ({type(e).__name__}: {str(e)[:300]}); its column stays empty")
+    return False
+
+
+def bench_bmma(x, n, k, a_bits, key, check=True) -> tuple[float, float]:
+  """(seconds per call, relative error against the contract) of flexq_jax.cuda.bmma_matmul."""
+  from flexq_jax.cuda import bmma
+  m = x.shape[0]
+  bufs = []
+  for i in range(_n_bufs(int(n * k * 0.75))):
+    kq, ks = jax.random.split(jax.random.fold_in(key, 1000 + i))
+    q = jax.random.randint(kq, (n, formats.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
+    s = (jax.random.uniform(ks, (n, formats.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
+    bufs.append((formats.pack(q, 6, "bitplanes", k), s, q))
+  op = lambda x, p, s: bmma.bmma_matmul(x, p, s, a_bits=a_bits, k=k)
+  rel = float("nan")
+  if check:
+    p, s, q = bufs[0]
+    y = op(x, p, s).astype(jnp.float32)
+    ref = numerics.dequant_matmul(x, q, s, a_bits=a_bits).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+    rel = rel if np.isfinite(rel) else float("inf")
+  est = max(floor_bytes(m, n, k) / 3e12, 2 * m * n * k / 5e14)
+  return time_jax(op, x, [(p, s) for p, s, _ in bufs], est), rel
 
 def bench_xla(x, n, k, key) -> tuple[float, float]:
   """(bf16 dot, int8 W8A8 dot) seconds per call through XLA."""
@@ -294,7 +329,7 @@ def profile_ours(name: str, m: int, log=print) -> list[dict]:
 
 
 def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ...], use_torch: bool,
-              bws: dict, a8_ms: tuple[int, ...] | None = None, log=print):
+              bws: dict, a8_ms: tuple[int, ...] | None = None, log=print, use_bmma: bool = False):
   """Yields the Case of every (shape, M, a_bits), baselines included, as it is measured."""
   bw = max(bws.values())  # the floor uses the best copy rate seen
   key = jax.random.key(0)
@@ -312,10 +347,17 @@ def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ..
                  config=repr(wk.default_config(m, n, k)).replace("TileConfig", ""))
         t, c.rel_err = bench_ours(x, n, k, a_bits, key)
         c.ours_us = t * 1e6
+        if use_bmma and x.dtype == jnp.bfloat16:
+          try:
+            t, c.bmma_rel_err = bench_bmma(x, n, k, a_bits, key)
+            c.bmma_us = t * 1e6
+          except Exception as e:  # report, keep the run
+            log(f"  bmma failed: {type(e).__name__}: {str(e)[:300]}")
         yield c
         log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
             f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
-            f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}")
+            f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}  "
+            f"bmma {c.bmma_us:.1f} us (err {c.bmma_rel_err:.1e})")
 
 
 def with_stream_ceiling(cases: list[Case], bws: dict) -> dict:
@@ -349,14 +391,17 @@ def markdown(cases: list[Case], bws: dict, card: str, date: str, device: str | N
            "bits/weight + bf16 activations and outputs over the HBM ceiling. cuBLASLt int8 is "
            "torch._int_mm alone (no activation quantization, M padded to >= 32).", "",
            "| layer | N x K | M | W6A | ours us | % floor | xla bf16 | xla w8a8 | cuBLAS bf16 | cuBLASLt i8 | "
-           "x xla bf16 | x xla w8a8 | x cuBLAS bf16 | x cuBLASLt i8 | TOPS | rel err |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "x xla bf16 | x xla w8a8 | x cuBLAS bf16 | x cuBLASLt i8 | TOPS | rel err | BMMA us | BMMA % floor | "
+           "BMMA rel err |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+           "| ---: | ---: | ---: |"]
   for c in cases:
     lines.append(
         f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {c.ours_us:.1f} | {100 * c.floor_frac:.0f} | "
         f"{c.xla_bf16_us:.1f} | {c.xla_w8a8_us:.1f} | {c.cublas_bf16_us:.1f} | {c.cublaslt_i8_us:.1f} | "
         f"{c.speedup('xla_bf16'):.2f} | {c.speedup('xla_w8a8'):.2f} | {c.speedup('cublas_bf16'):.2f} | "
-        f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} |")
+        f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} | {c.bmma_us:.1f} | "
+        f"{100 * c.floor_us / c.bmma_us:.0f} | {c.bmma_rel_err:.1e} |")
   return "\n".join(lines) + "\n"
 
 
@@ -421,11 +466,13 @@ GEMV_TILES = (  # (block_n, num_warps, block_kg, split_k, prefetch)
 
 
 def gemv_candidates(m: int, n: int, k: int, full: bool) -> list[wk.TileConfig]:
-  """Decode (gemv) tilings to time (GEMV_TILES, fewer when not full), split_k capped by K's groups."""
+  """Decode (gemv) tilings to time (GEMV_TILES, fewer when not full), split_k capped so that every
+  split keeps at least one step of block_kg groups."""
   groups = formats.padded_k(k) // 128
   tiles = GEMV_TILES if full else [t for i, t in enumerate(GEMV_TILES) if i in (0, 1, 3, 4, 5, 9)]
-  return [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=sk, num_stages=1, prefetch=pf)
-          for bn, nw, kg, sk, pf in tiles if groups // sk >= kg]
+  cands = [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=max(1, min(sk, groups // kg)),
+                         num_stages=1, prefetch=pf) for bn, nw, kg, sk, pf in tiles]
+  return list(dict.fromkeys(c for c in cands if groups // c.split_k >= c.block_kg or c.split_k == 1))
 
 
 def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
@@ -487,6 +534,7 @@ def main(argv=None) -> None:
   ap.add_argument("--a-bits", default=None, help="comma list of 6, 8")
   ap.add_argument("--a8-m", default=None, help="comma list of M at which W6A8 is timed too (default: all)")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--no-bmma", action="store_true", help="leave out the CUDA BMMA kernel's column")
   ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
   ap.add_argument("--sweep-gemv", action="store_true", help="time the decode (gemv) tilings against the mma default")
   ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
@@ -547,7 +595,8 @@ def main(argv=None) -> None:
         profile=profile), indent=1))
     plot(cases, stem.with_suffix(".png"), f"W6A6/W6A8 Pallas kernels, {card}, {date}")
 
-  for c in run_cases(shapes, ms, a_bits, use_torch, bws, a8_ms, log):
+  use_bmma = not args.no_bmma and bmma_available(log)
+  for c in run_cases(shapes, ms, a_bits, use_torch, bws, a8_ms, log, use_bmma=use_bmma):
     cases.append(c)
     write()
   print(stem.with_suffix(".md").read_text())

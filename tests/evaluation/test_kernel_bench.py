@@ -36,3 +36,29 @@ def test_floor_uses_the_fastest_rate_and_rerender(tmp_path):
   md = path.with_suffix(".md").read_text()
   assert "| 7b.o | 4096x4096 | 1 | 6 | 20.0 |" in md and "bf16_gemv_stream" in md
   assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_bmma_column_and_old_files_without_it(tmp_path):
+  c = kb.Case("7b.o", 4096, 4096, 1, 6, ours_us=20.0, floor_us=10.0, xla_bf16_us=12.0, xla_w8a8_us=15.0,
+              rel_err=1e-3, bmma_us=25.0, bmma_rel_err=2e-3)
+  md = kb.markdown([c], {"jax": 1e12}, "h200", "2026-01-01", "NVIDIA H200")
+  header = next(line for line in md.splitlines() if line.startswith("| layer"))
+  row = next(line for line in md.splitlines() if line.startswith("| 7b.o"))
+  cells = dict(zip([h.strip() for h in header.strip("|").split("|")], [v.strip() for v in row.strip("|").split("|")]))
+  assert cells["BMMA us"] == "25.0" and cells["BMMA rel err"] == "2.0e-03"
+  assert cells["BMMA % floor"] == f"{100 * c.floor_us / 25.0:.0f}"
+  # A run saved before the column existed still renders (the BMMA cells read nan).
+  old = {k: v for k, v in kb.dataclasses.asdict(c).items() if not k.startswith("bmma")}
+  path = tmp_path / "h200-2026-01-01.json"
+  path.write_text(json.dumps(dict(card="h200", device="NVIDIA H200", date="2026-01-01", jax=jax.__version__,
+                                  copy_bandwidth={"jax": 1e12}, cases=[old], profile=[])))
+  kb.rerender(str(path))
+  assert "| nan | nan | nan |" in path.with_suffix(".md").read_text()
+
+
+def test_gemv_candidates_respect_the_k_groups():
+  for m, n, k in [(1, 4096, 4096), (1, 8192, 28672), (4, 4096, 512)]:
+    groups = -(-k // 128)
+    cands = kb.gemv_candidates(m, n, k, full=m == 1)
+    assert cands and all(c.gemv and (groups // c.split_k >= c.block_kg or c.split_k == 1) for c in cands)
+    assert len(set(cands)) == len(cands)
