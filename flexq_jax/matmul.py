@@ -9,7 +9,7 @@ Paths side by side:
   pallas     the Pallas (Triton) GPU kernels of pallas_kernels.w6a_matmul: int8 tensor-core dots
              on weights unpacked from the "pallas6" layout (repack once with to_backend).
   bmma       the CUDA binary-tensor-core kernel of flexq_jax.cuda (jax.ffi; W6, A6/A8, group 128,
-             bf16): reads the "bitplanes" layout directly. NOT YET RUN ON A GPU.
+             bf16): reads the "bitplanes" layout directly. Not yet correct on a GPU (README).
 GPU kernel paths plug in here, chosen per layer by `backend`.
 """
 

@@ -1,4 +1,4 @@
-"""CUDA kernels bound through jax.ffi (the BMMA backend). NOT YET RUN ON A GPU.
+"""CUDA kernels bound through jax.ffi (the BMMA backend). First GPU run 2026-11-27 (H200): see README.
 
 Importing this package compiles nothing and needs neither nvcc nor a GPU: bmma.bmma_matmul
 builds and registers the library on first call.

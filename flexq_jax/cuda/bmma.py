@@ -1,4 +1,4 @@
-"""The BMMA W6A6 / W6A8 kernel (csrc/) as XLA FFI custom calls. NOT YET RUN ON A GPU.
+"""The BMMA W6A6 / W6A8 kernel (csrc/) as XLA FFI custom calls. First GPU run 2026-11-27 (H200): see README.
 
 `bmma_matmul(x, w_planes, w_scales, a_bits=..., k=...)` runs two custom calls under jit:
   flexq_bmma_act_quant  x bf16 [M, K] -> activation bit planes u32 [a_bits, M, Kp/32] and

@@ -117,26 +117,46 @@ def _model_group_dot(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
   return out.astype(np.int32)
 
 
-def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int):
-  """bmma_gemm.cuh: per group, exact D_g, then acc += (s_x * s_w) * D_g in fp32; bf16 out."""
+def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int, decode_split: tuple[int, int] | None = None):
+  """bmma_gemm.cuh: per group, exact D_g, then acc += (s_x * s_w) * D_g in fp32; bf16 out.
+
+  decode_split = (kDecodeSplit, kDecodeUnroll): bmma_decode_kernel's order instead (M <= 8): warp
+  w sums the chunks of kUnroll groups w, w + kSplit, ..., then the warps' sums are added in order.
+  """
   groups = formats.padded_k(k) // formats.GROUP_ALIGN
   w_words = w_planes.shape[2]
   # Weight words past K32 are not stored; the kernel reads them as zero.
   w_full = np.zeros(w_planes.shape[:2] + (groups * _WORDS_PER_GROUP,), np.uint32)
   w_full[..., :w_words] = w_planes
   sw = np.asarray(w_scales).astype(np.float32)
-  acc = np.zeros((x_planes.shape[1], w_planes.shape[1]), np.float32)
-  sums = []
+  sums, terms = [], []
   for g in range(groups):
     words = slice(_WORDS_PER_GROUP * g, _WORDS_PER_GROUP * (g + 1))
     d = _model_group_dot(x_planes[..., words], w_full[..., words])
     sums.append(d)
-    acc += (x_scales[:, g, None] * sw[None, :, g]) * d.astype(np.float32)
-  return acc.astype(ml_dtypes.bfloat16), np.stack(sums)
+    terms.append((x_scales[:, g, None] * sw[None, :, g]) * d.astype(np.float32))
+  shape = (x_planes.shape[1], w_planes.shape[1])
+  if decode_split is None:
+    order = [list(range(groups))]
+  else:
+    split, unroll = decode_split
+    order = [[g0 + u for g0 in range(w * unroll, groups, split * unroll) for u in range(unroll) if g0 + u < groups]
+             for w in range(split)]
+    assert sorted(g for warp in order for g in warp) == list(range(groups))
+  partials = []
+  for groups_of_warp in order:
+    acc = np.zeros(shape, np.float32)
+    for g in groups_of_warp:
+      acc += terms[g]
+    partials.append(acc)
+  y = partials[0]
+  for p in partials[1:]:
+    y = y + p
+  return y.astype(ml_dtypes.bfloat16), np.stack(sums)
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(5, 20, 200), (3, 13, 576), (2, 9, 256)])
+@pytest.mark.parametrize("m,n,k", [(5, 20, 200), (3, 13, 576), (2, 9, 256), (8, 24, 2200)])
 def test_kernel_plan_equals_contract(a_bits, m, n, k):
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
   x_planes, x_scales = _model_act_quant(np.asarray(x, np.float32), a_bits)
@@ -144,11 +164,12 @@ def test_kernel_plan_equals_contract(a_bits, m, n, k):
   # The activation planes are formats' "bitplanes" layout of the contract's q_x, bit for bit.
   np.testing.assert_array_equal(x_planes, np.asarray(formats.pack_bitplanes(q_x, a_bits)))
   np.testing.assert_array_equal(x_scales, np.asarray(s_x))
-  y, sums = _model_gemm(x_planes, x_scales, np.asarray(w_planes), s_w, k)
-  np.testing.assert_array_equal(sums, np.asarray(numerics.group_dots(q_x, q_w, 128)))  # exact
   ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
-  # Only the fp32 summation order differs: at most one bf16 rounding step apart.
-  np.testing.assert_allclose(y.astype(np.float32), ref, rtol=2**-7, atol=1e-6)
+  for order in (None, (4, 4), (4, 1), (2, 3)):  # the M > 8 kernels, bmma_decode_kernel's (configs.h) and others
+    y, sums = _model_gemm(x_planes, x_scales, np.asarray(w_planes), s_w, k, decode_split=order)
+    np.testing.assert_array_equal(sums, np.asarray(numerics.group_dots(q_x, q_w, 128)))  # exact
+    # Only the fp32 summation order differs: at most one bf16 rounding step apart.
+    np.testing.assert_allclose(y.astype(np.float32), ref, rtol=2**-7, atol=1e-6)
 
 
 # ---- wrappers (CPU) ----------------------------------------------------------------------------

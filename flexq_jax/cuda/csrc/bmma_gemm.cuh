@@ -1,4 +1,4 @@
-// W6A6 / W6A8 GEMM on binary tensor cores. NOT YET RUN ON A GPU.
+// W6A6 / W6A8 GEMM on binary tensor cores.
 //
 //   y[m, n] = sum_g s_x[m, g] * s_w[n, g] * D_g[m, n],
 //   D_g = sum_k q_x q_w over group g = sum_ij c_i c_j popc(X_i[m, g] AND W_j[n, g]),
@@ -120,6 +120,75 @@ bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
         const int c = col0 + ni * 8 + 2 * lane_quad + e;
         if (c < n) y[static_cast<long>(r) * n + c] = __float2bfloat16_rn(acc[mi][ni][e]);
       }
+  }
+}
+
+// Decode, M <= 8: one m8 tile of tokens, a block of kSplit warps on 8 output channels. Warp w
+// takes the chunks of kUnroll groups w, w + kSplit, ...; a step loads all kUnroll groups' planes
+// (6 weight + kABits activation words a lane each) before its MMAs, so kUnroll x (6 + kABits)
+// loads a lane are in flight, and the kUnroll group dots are independent MMA chains. The warps'
+// fp32 partial sums meet in shared memory, added in warp order.
+template <int kABits, int kSplit, int kUnroll>
+__global__ void __launch_bounds__(32 * kSplit, kDecodeBlocksPerSM)
+bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
+                   const float* __restrict__ x_scales,     // [M, groups]
+                   const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, w_words]
+                   const __half* __restrict__ w_scales,    // [N, groups]
+                   __nv_bfloat16* __restrict__ y,          // [M, N], M <= 8
+                   int m, int n, int w_words, int groups) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int lane_row = lane >> 2;  // A: token row; B: output channel col0 + lane_row
+  const int lane_quad = lane & 3;
+  const int col0 = blockIdx.x * 8;
+  const int c = col0 + lane_row;
+  const bool row_live = lane_row < m, col_live = c < n;
+  const int x_words = kWordsPerGroup * groups;
+
+  float acc[2] = {0.f, 0.f};
+  for (int g0 = warp * kUnroll; g0 < groups; g0 += kSplit * kUnroll) {
+    uint32_t xf[kUnroll][kABits], wf[kUnroll][kWeightBits];
+    float sx[kUnroll], sw[kUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int g = g0 + u;
+      const bool live = g < groups;
+      const int word = kWordsPerGroup * g + lane_quad;
+#pragma unroll
+      for (int i = 0; i < kABits; ++i)
+        xf[u][i] = live && row_live ? __ldg(x_planes + (static_cast<long>(i) * m + lane_row) * x_words + word) : 0u;
+#pragma unroll
+      for (int j = 0; j < kWeightBits; ++j)
+        wf[u][j] = live && col_live && word < w_words
+                       ? __ldg(w_planes + (static_cast<long>(j) * n + c) * w_words + word) : 0u;
+      sx[u] = live && row_live ? __ldg(x_scales + static_cast<long>(lane_row) * groups + g) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ce = col0 + 2 * lane_quad + e;
+        sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      int32_t d[2];
+      group_dot<kABits, kWeightBits>(xf[u], wf[u], d);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) acc[e] += (sx[u] * sw[u][e]) * static_cast<float>(d[e]);
+    }
+  }
+
+  __shared__ float partial[kSplit][32][2];
+  partial[warp][lane][0] = acc[0];
+  partial[warp][lane][1] = acc[1];
+  __syncthreads();
+  if (warp != 0 || !row_live) return;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float sum = partial[0][lane][e];
+#pragma unroll
+    for (int w = 1; w < kSplit; ++w) sum += partial[w][lane][e];
+    const int ce = col0 + 2 * lane_quad + e;
+    if (ce < n) y[static_cast<long>(lane_row) * n + ce] = __float2bfloat16_rn(sum);
   }
 }
 

@@ -1,4 +1,4 @@
-// Compile-time tiling of the BMMA GEMM. NOT YET TUNED OR RUN ON A GPU.
+// Compile-time tiling of the BMMA GEMM. Not yet tuned on a GPU.
 #pragma once
 
 namespace flexq {
@@ -25,13 +25,20 @@ struct TileConfig {
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 };
 
-// Decode: M is a handful of tokens, the weights are the traffic. Warps split N so that every
-// weight word is loaded once per block and many blocks stream HBM (N = 8192 -> 256 blocks).
-using DecodeM8Tile = TileConfig<1, 4, 1, 1>;   // M <= 8:  block 8 x 32
+// M 9..16: warps split N so that every weight word is loaded once per block.
 using DecodeM16Tile = TileConfig<1, 4, 2, 1>;  // M <= 16: block 16 x 32
 // Larger M: each warp reuses its activation fragments over two N tiles and its weight
 // fragments over two M tiles. A first guess (4 x 2 MMA tiles a warp took 255 registers under
 // ptxas); prefill likely belongs to an int8 path anyway (DESIGN.md section 9).
 using LargeTile = TileConfig<2, 2, 2, 2>;  // block 32 x 32
+
+// Decode (M <= 8), bmma_decode_kernel: a block owns 8 output channels and kDecodeSplit warps
+// share its K range (group chunks interleaved, partial sums added in shared memory at the end),
+// each warp kDecodeUnroll groups a step with all their loads issued first. 70B 8192 x 8192:
+// 1024 blocks x 4 warps, ~31 warps an SM streaming weights (the kernel above has 8 a block-N
+// tile and one warp walking all of K).
+constexpr int kDecodeSplit = 4;
+constexpr int kDecodeUnroll = 4;
+constexpr int kDecodeBlocksPerSM = 4;  // caps registers at 128 (150+ uncapped: 3 blocks an SM)
 
 }  // namespace flexq

@@ -1,4 +1,4 @@
-// XLA FFI handlers: shape checks, tile choice, kernel launch. NOT YET RUN ON A GPU.
+// XLA FFI handlers: shape checks, tile choice, kernel launch.
 //
 // Two custom calls, so XLA owns the intermediate activation planes:
 //   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, Kp/32], scales f32 [M, Kp/128]
@@ -76,8 +76,9 @@ void launch_gemm(cudaStream_t stream, const uint32_t* xp, const float* xs, const
 template <int kABits>
 void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp,
                        const __half* ws, __nv_bfloat16* y, int m, int n, int w_words, int groups) {
-  if (m <= DecodeM8Tile::kBlockM) {
-    launch_gemm<kABits, DecodeM8Tile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+  if (m <= 8) {
+    bmma_decode_kernel<kABits, kDecodeSplit, kDecodeUnroll><<<ceil_div(n, 8), 32 * kDecodeSplit, 0, stream>>>(
+        xp, xs, wp, ws, y, m, n, w_words, groups);
   } else if (m <= DecodeM16Tile::kBlockM) {
     launch_gemm<kABits, DecodeM16Tile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
   } else {

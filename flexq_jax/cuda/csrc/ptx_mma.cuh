@@ -1,4 +1,4 @@
-// Raw PTX for the binary tensor cores. NOT YET RUN ON A GPU: compiled for sm_90a only.
+// Raw PTX for the binary tensor cores. Runs on sm_90a (H200, 2026-11-27).
 #pragma once
 
 #include <cstdint>
@@ -14,7 +14,7 @@ namespace flexq {
 // lane can hand over a raw bitplanes word as is: no bit reversal, no shuffle.
 __device__ __forceinline__ void mma_b1_and_popc_m8n8k128(int32_t (&d)[2], uint32_t a, uint32_t b,
                                                          const int32_t (&c)[2]) {
-  asm volatile(
+  asm(  // pure: no volatile, so the compiler may interleave independent MMA chains
       "mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.and.popc "
       "{%0, %1}, {%2}, {%3}, {%4, %5};\n"
       : "=r"(d[0]), "=r"(d[1])
