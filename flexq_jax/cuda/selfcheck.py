@@ -36,6 +36,16 @@ def check(m: int, n: int, k: int, a_bits: int, seed: int = 0) -> float:
   return float(np.max(np.abs(np.asarray(y, np.float32) - ref) / (2 ** -7 * np.abs(ref) + 1e-6)))
 
 
+def planes_mismatch(m: int, k: int, a_bits: int, seed: int = 1) -> int:
+  """Activation plane words that differ from formats' bitplanes of the contract's q_x (0 passes)."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.bfloat16)
+  planes, scales = bmma.quantize_activation_planes(x, a_bits=a_bits)
+  q_x, s_x = numerics.quantize_activation(x, a_bits)
+  bad = int(np.sum(np.asarray(planes) != np.asarray(formats.pack_bitplanes(q_x, a_bits))))
+  return bad + int(np.sum(np.asarray(scales) != np.asarray(s_x)))
+
+
 def sass_bmma_count() -> int | None:
   """BMMA instructions in the built library, or None without cuobjdump."""
   tool = shutil.which("cuobjdump")
@@ -56,6 +66,10 @@ def main(argv=None) -> int:
   if args.sass:
     print(f"BMMA instructions in {bmma.build_library().name}: {sass_bmma_count()}")
   worst = 0.0
+  for a_bits in bmma.A_BITS:
+    bad = planes_mismatch(64, 1000, a_bits)
+    worst = max(worst, 0.0 if bad == 0 else float("inf"))
+    print(f"activation planes A{a_bits} [64 x 1000]: {bad} words or scales differ from the contract's")
   for m, n, k in SMALL if args.small else CASES:
     for a_bits in bmma.A_BITS:
       e = check(m, n, k, a_bits)
