@@ -3,15 +3,17 @@
 Weights W [N, K]: symmetric, one fp16 scale per (output channel, group of g along K),
     s_w = max|W_group| / qmax_w,  q_w = clip(round_half_even(W / s_w), qmin, qmax).
 Activations X [M, K]: dynamic, symmetric, per token and group, fp32 scales,
-    s_x = max|X_group| * fl32(1 / qmax_a),  q_x = round_half_even(X * fl32(1 / s_x)).
+    s_x = fl32(max|X_group| * fl32(1 / qmax_a)) with the low 9 mantissa bits cleared (15
+    significant bits),  q_x = the integer nearest to the exact quotient X / s_x, ties to even.
 Output: Y[m, n] = sum_j s_x[m, j] * s_w[n, j] * (sum_{k in group j} q_x[m, k] q_w[n, k]).
 
-Both activation steps multiply by an fp32-rounded (IEEE) reciprocal instead of dividing: XLA
-rewrites a division by a broadcast value (X / s_x) into exactly that multiply, and a division by a
-constant (/ qmax) into it on some platforms, so the contract is written the way the reference
-computes it everywhere, and every kernel (Pallas, CUDA) reproduces it bit for bit. It differs
-from true division only where X / s_x is within an ulp of a rounding tie; with bf16 inputs such
-near-ties are not rare (~1e-4 of elements), which is why the form is pinned down here.
+Why the activation rule reads that way: it must give the same integers on every platform and in
+every kernel. A plain fp32 x / s is not one number across compilers (XLA rewrites x / s into
+x * (1 / s), its GPU reciprocal differs from the CPU's, Triton divides approximately), and with
+bf16 inputs the ways disagree on ~1e-4 of the elements, the near-ties. With 15 significant bits in
+s_x, every half-integer boundary (c +- 1/2) s_x is exact in fp32, so any guess within one of the
+answer (here floor(x * (1 / s) + 1/2)) is corrected by two exact comparisons, and exact ties are
+seen as ties (round_to_nearest_quotient). Clearing 9 bits lowers s_x by less than 2^-14 relative.
 
 K is zero-padded to a multiple of 128 (formats.GROUP_ALIGN) for both operands. group_size is
 128 (FlexQ) or any multiple of 128, or None for one group over the whole row (per-channel
@@ -104,6 +106,30 @@ def dequantize_weight(q: jax.Array, scales: jax.Array, k: int | None = None) -> 
   return w.reshape(n, kp)[:, : (k or kp)]
 
 
+SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (module docstring)
+
+
+def activation_scale(amax: jax.Array, qmax: int) -> jax.Array:
+  """The contract's s_x from max|x| (fp32): amax * fl32(1 / qmax), low 9 mantissa bits cleared."""
+  s = amax.astype(jnp.float32) * np.float32(1.0 / qmax)
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
+
+
+def round_to_nearest_quotient(x: jax.Array, s: jax.Array) -> jax.Array:
+  """The integer nearest to the exact x / s, ties to even, as fp32 (0 where s == 0).
+
+  s must have at most 15 significant bits (activation_scale) and |x / s| <= 2^8: then (c +- 1/2) s
+  is exact in fp32 and the result does not depend on how 1 / s is rounded. Kernels repeat these
+  steps (pallas_kernels/w6a_matmul.py, flexq_jax/cuda/csrc/act_quant.cuh).
+  """
+  live = s > 0
+  s = jnp.where(live, s, 1.0)
+  c = jnp.floor(x * (1.0 / s) + 0.5)  # within one of the answer, however 1 / s was rounded
+  c = jnp.where(x > (c + 0.5) * s, c + 1.0, jnp.where(x < (c - 0.5) * s, c - 1.0, c))
+  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
+  c = jnp.where(odd & (x == (c + 0.5) * s), c + 1.0, jnp.where(odd & (x == (c - 0.5) * s), c - 1.0, c))
+  return jnp.where(live, c, 0.0)
+
 def quantize_activation(x: jax.Array, bits: int, group_size: int | None = 128) -> tuple[jax.Array, jax.Array]:
   """Dynamic symmetric per-token-group activation quantization.
 
@@ -120,9 +146,8 @@ def quantize_activation(x: jax.Array, bits: int, group_size: int | None = 128) -
   g = _group(group_size, kp)
   qmin, qmax = formats.qrange(bits)
   xg = pad_k(x.astype(jnp.float32), kp).reshape(m, kp // g, g)
-  s = jnp.max(jnp.abs(xg), axis=-1) * np.float32(1.0 / qmax)  # see the module docstring
-  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)  # fl32(1 / s_x): IEEE division
-  q = jnp.round(xg * inv[..., None])  # jnp.round: half to even
+  s = activation_scale(jnp.max(jnp.abs(xg), axis=-1), qmax)
+  q = round_to_nearest_quotient(xg, s[..., None])
   q = jnp.clip(q, qmin, qmax).astype(jnp.int8).reshape(m, kp)
   return q, s
 

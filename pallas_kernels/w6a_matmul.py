@@ -58,6 +58,7 @@ PLANE = 32  # bytes of one "pallas6" plane per row and group (one byte per 4 wei
 PLANES = 3
 TILE_ROWS = formats.PALLAS6_ROWS  # 16 rows: the "pallas6" tile
 OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
+SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (flexq_jax/numerics.py)
 A_BITS = (6, 8)
 
 # PTX for one phase of a group, four weights per 32-bit register: $1 = four lo bytes
@@ -156,40 +157,27 @@ def can_use_pallas(*, a_bits: int, w_bits: int = 6, group_size: int | None = 128
           and layout == "pallas6")
 
 
-def _round_half_even(v: jax.Array) -> jax.Array:
-  """jnp.round for fp32 |v| < 2^22 from floor (Triton has no lowering for lax.round).
-
-  v + 0.5 is exact in that range; a tie (v = i + 0.5) lands on the odd neighbour half the time
-  and steps back to the even one.
-  """
-  r = jnp.floor(v + 0.5)
-  odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0
-  return jnp.where(((r - v) == 0.5) & odd, r - 1.0, r)
-
-
-def _reciprocal(v: jax.Array, use_asm: bool) -> jax.Array:
-  """Correctly rounded fp32 1 / v (Triton's own fp32 division is the approximate div.full)."""
-  if not use_asm:
-    return 1.0 / v
-  [r] = plgpu.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
-                                     result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
-  return r
-
-
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                      q_ref,  # [Mp, Kp] int8
                      s_ref,  # [Mp, G] f32
                      sum_ref,  # [Mp, G] int32
-                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, use_asm: bool):
+                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool):
   pid_m, g = pl.program_id(0), pl.program_id(1)
   m0 = pid_m * block_m
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
   x = x.astype(jnp.float32)  # [block_m, 128]
-  s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]: the contract's rounded reciprocal
-  inv = jnp.where(s > 0, _reciprocal(jnp.where(s > 0, s, 1.0), use_asm), 0.0)  # fl32(1 / s), IEEE
-  # |x| <= max|x| keeps x * inv within [-qmax - 1/2, qmax + 1/2]: the contract's clip never acts here.
-  q = _round_half_even(x * inv[:, None])
+  # The contract's s_x and q_x (flexq_jax/numerics.py: activation_scale, round_to_nearest_quotient),
+  # step for step: 15-bit scale, a guess from any reciprocal, two exact corrections, exact ties.
+  s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]
+  s = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
+  sb = jnp.where(s > 0, s, 1.0)[:, None]
+  c = jnp.floor(x * (1.0 / sb) + 0.5)
+  c = jnp.where(x > (c + 0.5) * sb, c + 1.0, jnp.where(x < (c - 0.5) * sb, c - 1.0, c))
+  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
+  c = jnp.where(odd & (x == (c + 0.5) * sb), c + 1.0, jnp.where(odd & (x == (c - 0.5) * sb), c - 1.0, c))
+  # |x| <= max|x| <= (qmax + 2^-14) s keeps c within [-qmax, qmax]: the contract's clip never acts here.
+  q = jnp.where(s[:, None] > 0, c, 0.0)
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
@@ -444,8 +432,7 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   bq = min(config.quant_block_m, config.block_m)
   qmax = formats.qrange(a_bits)[1]
   return pl.pallas_call(
-      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases,
-                        use_asm=not interpret),
+      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
                  jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
       grid=(mp // bq, groups),

@@ -86,9 +86,15 @@ def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray
   v[:, :k] = x
   v = v.reshape(m, groups, _WORDS_PER_GROUP, formats.WORD_BITS)  # [M, G, e, lane]
   qmax = np.float32((1 << (a_bits - 1)) - 1)
-  s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)  # the contract's rounded reciprocal
-  inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, np.float32(1)), np.float32(0))[..., None, None]
-  q = np.rint(v * inv)  # rint: half to even, like rintf
+  s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)
+  s = (s.view(np.uint32) & np.uint32(0xFFFFFE00)).view(np.float32)  # 15 significant bits
+  sb = np.where(s > 0, s, np.float32(1))[..., None, None]
+  half = np.float32(0.5)
+  q = np.floor(v * (np.float32(1) / sb) + half)  # act_quant.cuh's steps, in fp32
+  q = np.where(v > (q + half) * sb, q + 1, np.where(v < (q - half) * sb, q - 1, q))
+  odd = (q.astype(np.int64) & 1) != 0
+  q = np.where(odd & (v == (q + half) * sb), q + 1, np.where(odd & (v == (q - half) * sb), q - 1, q))
+  q = np.where(s[..., None, None] > 0, q, 0)
   u = np.clip(q, -qmax - 1, qmax).astype(np.int64) & ((1 << a_bits) - 1)
   lane_bit = np.uint64(1) << np.arange(formats.WORD_BITS, dtype=np.uint64)
   # __ballot_sync: bit t of word e of plane i = bit i of lane t's element e.
@@ -243,7 +249,7 @@ def test_gpu_activation_planes_are_the_contract(a_bits):
   planes, scales = bmma.quantize_activation_planes(x, a_bits=a_bits)
   q_x, s_x = numerics.quantize_activation(x, a_bits)
   np.testing.assert_array_equal(np.asarray(scales), np.asarray(s_x))
-  # Bit-equal: both compute round_half_even(x * fl32(1 / s)) with IEEE reciprocals.
+  # Bit-equal: the nearest integer to the exact x / s (ties even) is one number everywhere.
   np.testing.assert_array_equal(np.asarray(planes), np.asarray(formats.pack_bitplanes(q_x, a_bits)))
 
 

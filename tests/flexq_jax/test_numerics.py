@@ -14,7 +14,9 @@ def numpy_reference(x, q_w, s_w, a_bits, group):
   g = kp if group is None else group
   qmax = 2 ** (a_bits - 1) - 1
   xg = xp.reshape(m, kp // g, g)
-  s_x = (np.abs(xg).max(-1) / qmax).astype(np.float32).astype(np.float64)
+  s_x = np.abs(xg).max(-1).astype(np.float32) * (np.float32(1) / np.float32(qmax))  # fp32 product
+  s_x = (s_x.view(np.uint32) & np.uint32(0xFFFFFE00)).view(np.float32).astype(np.float64)  # 15 bits
+  # float64 x / s_x rounds like the exact quotient: an exact tie is exact in float64 as well.
   with np.errstate(invalid="ignore", divide="ignore"):
     q_x = np.where(s_x[..., None] > 0, np.round(xg / np.where(s_x > 0, s_x, 1)[..., None]), 0).astype(np.int64)
   q_w64 = np.asarray(q_w, np.int64).reshape(q_w.shape[0], kp // g, g)
@@ -51,20 +53,23 @@ def test_activation_quantizer_bounds():
 
 
 @pytest.mark.parametrize("bits", [6, 8])
-def test_activation_rounding_is_the_reciprocal_multiply(bits):
-  # The contract: q_x = round_half_even(x * fl32(1 / s_x)) with s_x = max|x| * fl32(1 / qmax).
-  # On bf16 inputs this differs from x / s_x in ~1e-4 of the elements (near-ties); the reference
-  # must give the multiply on every input, whatever a compiler does with divisions.
+def test_activation_quantization_is_exact_rational_rounding(bits):
+  # The contract: s_x = max|x| * fl32(1 / qmax) with 15 significant bits, q_x = the integer nearest
+  # to the exact quotient x / s_x, ties to even. Checked against Python fractions on bf16 inputs,
+  # where fp32 x / s and x * (1 / s) disagree on near-ties, and on exact ties made on purpose.
+  from fractions import Fraction
   rng = np.random.default_rng(0)
-  x = np.asarray(jnp.asarray(rng.standard_normal((1024, 128)) * 3, jnp.bfloat16), np.float32)
-  qmax = np.float32(2 ** (bits - 1) - 1)
-  s = np.abs(x).max(axis=1) * (np.float32(1) / qmax)
-  inv = (np.float32(1) / s)[:, None]
-  by_mul, by_div = np.rint(x * inv), np.rint(x / s[:, None])
-  assert (by_mul != by_div).sum() > 0  # the case this test is about occurs in the sample
-  q, s_ref = numerics.quantize_activation(jnp.asarray(x, jnp.bfloat16), bits)
+  x = np.asarray(jnp.asarray(rng.standard_normal((512, 128)) * 3, jnp.bfloat16), np.float32)
+  qmax = 2 ** (bits - 1) - 1
+  s = (np.abs(x).max(axis=1) * (np.float32(1) / np.float32(qmax))).view(np.uint32) & np.uint32(0xFFFFFE00)
+  s = s.view(np.float32)
+  x[:8, 1] = (np.arange(8) - 3.5).astype(np.float32) * s[:8]  # exact ties: (c + 1/2) s, c = -4 .. 3
+  assert np.count_nonzero(np.rint(x / s[:, None]) != np.rint(x * (np.float32(1) / s)[:, None])) > 0
+  q, s_ref = numerics.quantize_activation(jnp.asarray(x), bits)
   np.testing.assert_array_equal(np.asarray(s_ref)[:, 0], s)
-  np.testing.assert_array_equal(np.asarray(q, np.float32), by_mul)
+  want = np.array([[round(Fraction(float(v)) / Fraction(float(sc))) for v in row] for row, sc in zip(x, s)])
+  np.testing.assert_array_equal(np.asarray(q, np.int64), np.clip(want, -qmax - 1, qmax))  # round(): ties even
+  assert list(np.asarray(q)[:8, 1]) == [-4, -2, -2, 0, 0, 2, 2, 4]  # -3.5 -> -4, -2.5 -> -2, ...
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])

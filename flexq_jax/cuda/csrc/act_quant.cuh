@@ -38,20 +38,25 @@ __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
 
-  // The contract in fp32 (flexq_jax/numerics.py): s = max|x| * fl32(1 / qmax) and
-  // q = round_half_even(x * fl32(1 / s)): both reciprocals correctly rounded (nvcc's default
-  // -prec-div=true: never --use_fast_math), both applied as multiplies, as XLA computes the
-  // jnp reference; rintf is half to even like jnp.round. A zero group gets s = 0 and q = 0.
+  // The contract (flexq_jax/numerics.py: activation_scale, round_to_nearest_quotient): s keeps
+  // 15 significant bits, so (c +- 1/2) s is exact in fp32; a guess from the reciprocal is
+  // corrected by exact comparisons and exact ties go to the even neighbour, which makes q the
+  // same integer as the jnp reference's on any platform. A zero group gets s = 0 and q = 0.
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
-  const float s = amax * (1.0f / static_cast<float>(kQMax));
-  const float inv = s > 0.f ? 1.0f / s : 0.f;
+  const float s = __uint_as_float(__float_as_uint(amax * (1.0f / static_cast<float>(kQMax))) & 0xFFFFFE00u);
+  const float sb = s > 0.f ? s : 1.f;
+  const float inv = 1.0f / sb;
   if (lane == 0) scales[static_cast<long>(row) * groups + g] = s;
 
   uint32_t my_word = 0;  // lane e * kABits + i keeps word e of plane i
 #pragma unroll
   for (int e = 0; e < kWordsPerGroup; ++e) {
-    float q = rintf(v[e] * inv);
-    q = fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax));
+    const float x = v[e];
+    float q = floorf(x * inv + 0.5f);
+    q = x > (q + 0.5f) * sb ? q + 1.f : (x < (q - 0.5f) * sb ? q - 1.f : q);
+    const bool odd = (static_cast<int>(q) & 1) != 0;
+    q = odd && x == (q + 0.5f) * sb ? q + 1.f : (odd && x == (q - 0.5f) * sb ? q - 1.f : q);
+    q = s > 0.f ? fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax)) : 0.f;
     const uint32_t u = static_cast<uint32_t>(static_cast<int>(q)) & ((1u << kABits) - 1u);
 #pragma unroll
     for (int i = 0; i < kABits; ++i) {
