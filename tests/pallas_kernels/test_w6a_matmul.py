@@ -238,3 +238,8 @@ class TestW6AMatmul(_W6AMatmulCases):
 
 class TestW6AMatmulInterpret(_W6AMatmulCases):
   INTERPRET = True
+
+
+def test_kernel_and_contract_share_the_activation_scale_mask():
+  # The kernel module may not import numerics (DESIGN.md section 4): its copy must stay equal.
+  assert wk.SCALE_MASK == numerics.SCALE_MASK and wk.SCALE_MASK.dtype == np.uint32
