@@ -211,34 +211,36 @@ class Case:
     return 2 * self.m * self.n * self.k / (self.ours_us * 1e-6) / 1e12
 
 
-def _our_weights(key, n: int, k: int, count: int):
+def _our_weights(key, n: int, k: int, count: int, layout: str = "pallas6"):
+  """count random W6 layers [(packed in `layout`, fp16 scales, int8 q)], distinct draws each."""
   bufs = []
   for i in range(count):
     kq, ks = jax.random.split(jax.random.fold_in(key, i))
     q = jax.random.randint(kq, (n, formats.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
     s = (jax.random.uniform(ks, (n, formats.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
-    bufs.append((jax.jit(formats.pack_pallas6)(q), s, q))
+    bufs.append((jax.jit(formats.pack, static_argnums=(1, 2, 3))(q, 6, layout, k), s, q))
   return bufs
 
 
-def bench_ours(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, float]:
-  """(seconds per call, relative error against the contract's numbers) of w6a_matmul."""
+def _bench_w6(op, x, n, k, a_bits, key, layout: str, check: bool) -> tuple[float, float]:
+  """(seconds per call, relative error against the contract's numbers) of op(x, packed, scales)."""
   m = x.shape[0]
-  wbytes = n * k * 0.75
-  bufs = _our_weights(key, n, k, _n_bufs(int(wbytes)))
-  op = lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits, config=config)
+  bufs = _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)), layout)
   rel = float("nan")
   if check:
     p, s, q = bufs[0]
     y = op(x, p, s).astype(jnp.float32)
     ref = numerics.dequant_matmul(x, q, s, a_bits=a_bits).astype(jnp.float32)
     rel = float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
-    if not np.isfinite(rel):
-      rel = float("inf")
+    rel = rel if np.isfinite(rel) else float("inf")
   est = max(floor_bytes(m, n, k) / 3e12, 2 * m * n * k / 5e14)
-  t = time_jax(op, x, [(p, s) for p, s, _ in bufs], est)
-  return t, rel
+  return time_jax(op, x, [(p, s) for p, s, _ in bufs], est), rel
 
+
+def bench_ours(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, float]:
+  """(seconds per call, relative error against the contract's numbers) of w6a_matmul."""
+  op = lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits, config=config)
+  return _bench_w6(op, x, n, k, a_bits, key, "pallas6", check)
 
 
 def bmma_available(log=print) -> bool:
@@ -255,23 +257,9 @@ def bmma_available(log=print) -> bool:
 def bench_bmma(x, n, k, a_bits, key, check=True) -> tuple[float, float]:
   """(seconds per call, relative error against the contract) of flexq_jax.cuda.bmma_matmul."""
   from flexq_jax.cuda import bmma
-  m = x.shape[0]
-  bufs = []
-  for i in range(_n_bufs(int(n * k * 0.75))):
-    kq, ks = jax.random.split(jax.random.fold_in(key, 1000 + i))
-    q = jax.random.randint(kq, (n, formats.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
-    s = (jax.random.uniform(ks, (n, formats.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
-    bufs.append((formats.pack(q, 6, "bitplanes", k), s, q))
   op = lambda x, p, s: bmma.bmma_matmul(x, p, s, a_bits=a_bits, k=k)
-  rel = float("nan")
-  if check:
-    p, s, q = bufs[0]
-    y = op(x, p, s).astype(jnp.float32)
-    ref = numerics.dequant_matmul(x, q, s, a_bits=a_bits).astype(jnp.float32)
-    rel = float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
-    rel = rel if np.isfinite(rel) else float("inf")
-  est = max(floor_bytes(m, n, k) / 3e12, 2 * m * n * k / 5e14)
-  return time_jax(op, x, [(p, s) for p, s, _ in bufs], est), rel
+  return _bench_w6(op, x, n, k, a_bits, key, "bitplanes", check)
+
 
 def bench_xla(x, n, k, key) -> tuple[float, float]:
   """(bf16 dot, int8 W8A8 dot) seconds per call through XLA."""
@@ -429,6 +417,15 @@ def plot(cases: list[Case], path: Path, title: str) -> None:
   plt.close(fig)
 
 
+def _time_tiling(x, n, k, key, cfg, log) -> tuple[float, float]:
+  """(us, relative error) of w6a_matmul W6A6 with tiling cfg; NaNs where the compiler rejects it."""
+  try:
+    t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
+    return t * 1e6, err
+  except Exception as e:  # a tiling the compiler rejects: report, go on
+    log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
+    return float("nan"), float("nan")
+
 def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], log=print) -> list[dict]:
   """Times each tiling on each case (W6A6); for choosing default_config."""
   key = jax.random.key(1)
@@ -445,12 +442,7 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
       log(f"breakdown {name:11s} M={m:5d} default: quantize {t_q * 1e6:.1f} us, gemm (+ split-K sum) {t_g * 1e6:.1f} us")
       rows += profile_ours(name, m, log)
       for cfg in [None, *configs]:
-        try:
-          t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
-          us = t * 1e6
-        except Exception as e:  # a tiling the compiler rejects: report, go on
-          us, err = float("nan"), float("nan")
-          log(f"  failed: {type(e).__name__}: {str(e)[:200]}")
+        us, err = _time_tiling(x, n, k, key, cfg, log)
         label = "default " + repr(wk.default_config(m, n, k)) if cfg is None else repr(cfg)
         label = label.replace("TileConfig", "")
         rows.append(dict(shape=name, m=m, us=us, err=err, config=label))
@@ -488,12 +480,7 @@ def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
       t_q = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg0)[0], x, [()], 2e-6)
       log(f"{name:11s} M={m:3d} quantize kernel alone {t_q * 1e6:.2f} us")
       for cfg in [cfg0, *gemv_candidates(m, n, k, full=m == 1)]:
-        try:
-          t, err = bench_ours(x, n, k, 6, key, config=cfg, check=True)
-          us = t * 1e6
-        except Exception as e:  # a tiling the compiler rejects: report, go on
-          us, err = float("nan"), float("nan")
-          log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
+        us, err = _time_tiling(x, n, k, key, cfg, log)
         label = repr(cfg).replace("TileConfig", "")
         floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
         rows.append(dict(shape=name, m=m, us=us, err=err, config=label, floor_frac=floor / us))
