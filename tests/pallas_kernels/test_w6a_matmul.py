@@ -89,6 +89,19 @@ def test_to_backend_repacks_exactly_and_dispatches():
     x @ matmul.with_backend(params, "pallas")["w"]  # bitplanes on the pallas backend
 
 
+def test_default_config_regimes():
+  # Decode M <= 2: the gemv kernel, split-K giving ~1024 programs, never more splits than steps.
+  for n, k in [(8192, 8192), (28672, 8192), (4096, 4096), (4096, 11008), (112, 600)]:
+    for m in (1, 2):
+      cfg = wk.default_config(m, n, k)
+      groups = -(-k // 128)
+      assert cfg.gemv and cfg.block_n == 64 and 1 <= cfg.split_k <= max(1, groups // cfg.block_kg)
+  assert wk.default_config(1, 8192, 8192).split_k == 8 and wk.default_config(1, 4096, 4096).split_k == 8
+  # M >= 3: the tensor-core kernels (split phases to 16, joined K = 128 dots for prefill).
+  assert not wk.default_config(3, 8192, 8192).gemv and not wk.default_config(16, 8192, 8192).join_phases
+  assert wk.default_config(4096, 8192, 8192).join_phases and wk.default_config(4096, 8192, 8192).block_m == 128
+
+
 def test_can_use_pallas():
   assert wk.can_use_pallas(a_bits=6, platform="gpu")
   assert wk.can_use_pallas(a_bits=8, platform="cuda")
