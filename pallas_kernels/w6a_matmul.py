@@ -312,9 +312,10 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
                  *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool):
   """Decode GEMV: every program takes block_n rows and a K range, block_kg groups a step.
 
-  Per step: the three weight planes of block_kg groups are loaded together; each row's group sum of u * q_x comes from dp4a
-  (four byte products a CUDA-core instruction, exact int32), then sum q_x q_w = that - 32 sum q_x,
-  scaled by s_x s_w in fp32 once per group. No shared memory, no barriers in the loop.
+  Per step: the three weight planes of block_kg groups are loaded together; each row's group sum
+  of u * q_x comes from dp4a (four byte products a CUDA-core instruction, exact int32), then
+  sum q_x q_w = that - 32 sum q_x, scaled by s_x s_w in fp32 once per group. No shared memory, no
+  barriers in the loop.
   """
   tiles, kg = cfg.block_n // TILE_ROWS, cfg.block_kg
   pid_n, pid_k = pl.program_id(0), pl.program_id(1)
@@ -362,8 +363,8 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
 
   # Each step's loads are issued together at its top (block_kg groups x 3 planes: 16-byte loads when
   # block_n = 16 x num_warps); latency is hidden by the many programs an SM holds (no cp.async ring:
-  # Triton pipelines only loads that feed a dot, and carrying prefetched int8 tiles through the loop
-  # makes LLVM split them into bytes and repack them, ~9 PRMT a dp4a).
+  # Triton pipelines only loads that feed a dot). cfg.prefetch pipelines by hand instead: the next
+  # step's planes ride the loop as 32-bit words (_as_words), at the cost of registers.
   zeros = tuple(jnp.zeros((tiles, TILE_ROWS), jnp.float32) for _ in range(m))
   if cfg.prefetch:
     def body(step, carry):
