@@ -417,6 +417,20 @@ def plot(cases: list[Case], path: Path, title: str) -> None:
   plt.close(fig)
 
 
+def _sweep_cases(shapes: list[str], ms: tuple[int, ...]):
+  """Yields (shape name, N, K, M, bf16 x [M, K], default tiling, key) for the sweeps."""
+  key = jax.random.key(1)
+  for name in shapes:
+    n, k = SHAPES[name]
+    for m in ms:
+      yield name, n, k, m, jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16), \
+          wk.default_config(m, n, k), key
+
+
+def _time_quantizer(x, cfg) -> float:
+  """Seconds per call of the activation quantization kernel alone (W6A6 scales)."""
+  return time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg)[0], x, [()], 2e-6)
+
 def _time_tiling(x, n, k, key, cfg, log) -> tuple[float, float]:
   """(us, relative error) of w6a_matmul W6A6 with tiling cfg; NaNs where the compiler rejects it."""
   try:
@@ -428,25 +442,20 @@ def _time_tiling(x, n, k, key, cfg, log) -> tuple[float, float]:
 
 def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], log=print) -> list[dict]:
   """Times each tiling on each case (W6A6); for choosing default_config."""
-  key = jax.random.key(1)
   rows = []
-  for name in shapes:
-    n, k = SHAPES[name]
-    for m in ms:
-      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-      cfg0 = wk.default_config(m, n, k)
-      qx, sx, xs = wk.quantize_activations(x, a_bits=6, config=cfg0)
-      t_q = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg0)[0], x, [()], 2e-6)
-      t_g = time_jax(lambda qx, p, s: wk.gemm(qx, sx, xs, p, s, m=m, out_dtype=jnp.bfloat16, config=cfg0), qx,
-                     [b[:2] for b in _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))], 1e-5)
-      log(f"breakdown {name:11s} M={m:5d} default: quantize {t_q * 1e6:.1f} us, gemm (+ split-K sum) {t_g * 1e6:.1f} us")
-      rows += profile_ours(name, m, log)
-      for cfg in [None, *configs]:
-        us, err = _time_tiling(x, n, k, key, cfg, log)
-        label = "default " + repr(wk.default_config(m, n, k)) if cfg is None else repr(cfg)
-        label = label.replace("TileConfig", "")
-        rows.append(dict(shape=name, m=m, us=us, err=err, config=label))
-        log(f"sweep {name:11s} M={m:5d} {us:9.1f} us err {err:.1e} {label}")
+  for name, n, k, m, x, cfg0, key in _sweep_cases(shapes, ms):
+    qx, sx, xs = wk.quantize_activations(x, a_bits=6, config=cfg0)
+    t_q = _time_quantizer(x, cfg0)
+    t_g = time_jax(lambda qx, p, s: wk.gemm(qx, sx, xs, p, s, m=m, out_dtype=jnp.bfloat16, config=cfg0), qx,
+                   [b[:2] for b in _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))], 1e-5)
+    log(f"breakdown {name:11s} M={m:5d} default: quantize {t_q * 1e6:.1f} us, gemm (+ split-K sum) {t_g * 1e6:.1f} us")
+    rows += profile_ours(name, m, log)
+    for cfg in [None, *configs]:
+      us, err = _time_tiling(x, n, k, key, cfg, log)
+      label = "default " + repr(cfg0) if cfg is None else repr(cfg)
+      label = label.replace("TileConfig", "")
+      rows.append(dict(shape=name, m=m, us=us, err=err, config=label))
+      log(f"sweep {name:11s} M={m:5d} {us:9.1f} us err {err:.1e} {label}")
   return rows
 
 
@@ -470,21 +479,15 @@ def gemv_candidates(m: int, n: int, k: int, full: bool) -> list[wk.TileConfig]:
 def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   """Times the mma default and gemv tilings on every (shape, M) (W6A6), the quantization kernel alone,
   and prints the best of each case last."""
-  key = jax.random.key(1)
   rows = []
-  for name in shapes:
-    n, k = SHAPES[name]
-    for m in ms:
-      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-      cfg0 = wk.default_config(m, n, k)
-      t_q = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=cfg0)[0], x, [()], 2e-6)
-      log(f"{name:11s} M={m:3d} quantize kernel alone {t_q * 1e6:.2f} us")
-      for cfg in [cfg0, *gemv_candidates(m, n, k, full=m == 1)]:
-        us, err = _time_tiling(x, n, k, key, cfg, log)
-        label = repr(cfg).replace("TileConfig", "")
-        floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
-        rows.append(dict(shape=name, m=m, us=us, err=err, config=label, floor_frac=floor / us))
-        log(f"gemv-sweep {name:11s} M={m:3d} {us:8.1f} us {100 * floor / us:5.1f}% of floor@4.3TB/s err {err:.1e} {label}")
+  for name, n, k, m, x, cfg0, key in _sweep_cases(shapes, ms):
+    log(f"{name:11s} M={m:3d} quantize kernel alone {_time_quantizer(x, cfg0) * 1e6:.2f} us")
+    floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+    for cfg in [cfg0, *gemv_candidates(m, n, k, full=m == 1)]:
+      us, err = _time_tiling(x, n, k, key, cfg, log)
+      label = repr(cfg).replace("TileConfig", "")
+      rows.append(dict(shape=name, m=m, us=us, err=err, config=label, floor_frac=floor / us))
+      log(f"gemv-sweep {name:11s} M={m:3d} {us:8.1f} us {100 * floor / us:5.1f}% of floor@4.3TB/s err {err:.1e} {label}")
   log("== best per case (floor at 4.3 TB/s)")
   for name in shapes:
     for m in ms:

@@ -31,7 +31,13 @@ from flexq_jax._tree import copy_containers, set_at
 
 
 def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> jax.Array:
-  """x [M, K] -> the float value of its contract quantization (scale * q), same shape."""
+  """x [M, K] -> scale * q, same shape: the contract's activation quantization up to its rounding rule.
+
+  Kept on the plain fp32 x / s of the first contract on purpose: numerics.quantize_activation's
+  15-bit scales and exact-quotient rounding change ~1e-4 of the q and, through them, which layers
+  rank highest (2 of 30 A8 layers swap on SmolLM2 with RTN weights), and the committed accuracy
+  table was measured with this ranking. It only ranks layers; the kernels never see it.
+  """
   m, k = x.shape
   kp = formats.padded_k(k)
   g = kp if group_size is None else group_size

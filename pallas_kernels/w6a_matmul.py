@@ -61,44 +61,42 @@ OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
 SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (flexq_jax/numerics.py)
 A_BITS = (6, 8)
 
-# PTX for one phase of a group, four weights per 32-bit register: $1 = four lo bytes
-# (phases 0|1 or 2|3 as nibbles), $2 = four hi bytes (four 2-bit fields); $0 = four u bytes.
-# Every step keeps to its byte lane (the masks cut what a shift carries across lanes).
-_UNPACK_PTX = {
-    0: "{.reg .b32 a, b; and.b32 a, $1, 0x0F0F0F0F; shl.b32 b, $2, 4; and.b32 b, b, 0x30303030; or.b32 $0, a, b;}",
-    1: ("{.reg .b32 a, b; shr.b32 a, $1, 4; and.b32 a, a, 0x0F0F0F0F; shl.b32 b, $2, 2; "
-        "and.b32 b, b, 0x30303030; or.b32 $0, a, b;}"),
-    2: "{.reg .b32 a, b; and.b32 a, $1, 0x0F0F0F0F; and.b32 b, $2, 0x30303030; or.b32 $0, a, b;}",
-    3: ("{.reg .b32 a, b; shr.b32 a, $1, 4; and.b32 a, a, 0x0F0F0F0F; shr.b32 b, $2, 2; "
-        "and.b32 b, b, 0x30303030; or.b32 $0, a, b;}"),
-}
+# PTX for one phase of a group, four weights per 32-bit register: {lo} = four lo bytes (phases
+# 0|1 or 2|3 as nibbles), {hi} = four hi bytes (four 2-bit fields); {u} = four u bytes, built in
+# the scratch registers a, b. Every step keeps to its byte lane (the masks cut what a shift
+# carries across lanes).
+_PHASE_OPS = (
+    "and.b32 a, {lo}, 0x0F0F0F0F; shl.b32 b, {hi}, 4; and.b32 b, b, 0x30303030; or.b32 {u}, a, b;",
+    "shr.b32 a, {lo}, 4; and.b32 a, a, 0x0F0F0F0F; shl.b32 b, {hi}, 2; and.b32 b, b, 0x30303030; or.b32 {u}, a, b;",
+    "and.b32 a, {lo}, 0x0F0F0F0F; and.b32 b, {hi}, 0x30303030; or.b32 {u}, a, b;",
+    "shr.b32 a, {lo}, 4; and.b32 a, a, 0x0F0F0F0F; shr.b32 b, {hi}, 2; and.b32 b, b, 0x30303030; or.b32 {u}, a, b;",
+)
+_UNPACK_PTX = {p: "{.reg .b32 a, b; " + ops.format(lo="$1", hi="$2", u="$0") + "}" for p, ops in enumerate(_PHASE_OPS)}
 
-# PTX for the gemv kernel: $4 = four lo01 bytes, $5 = four lo23 bytes, $6 = four hi bytes of one
-# row and group (the "pallas6" planes at t .. t+3), $7..$10 = q_x at the same t for phases 0..3
-# (signed bytes). The four u words are unpacked as in _UNPACK_PTX and multiplied by dp4a (four
-# byte products a CUDA-core instruction, exact): $0 = sum of the 16 products u * q_x, $1..$3 = 0
-# (the asm returns one int32 per input byte; the caller sums them, ptxas drops the zero adds).
-_UNPACK_DP4A_PTX = (
-    "{.reg .b32 a, b, u; .reg .s32 t;"
-    " and.b32 a, $4, 0x0F0F0F0F; shl.b32 b, $6, 4; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
-    " dp4a.u32.s32 t, u, $7, 0;"
-    " shr.b32 a, $4, 4; and.b32 a, a, 0x0F0F0F0F; shl.b32 b, $6, 2; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
-    " dp4a.u32.s32 t, u, $8, t;"
-    " and.b32 a, $5, 0x0F0F0F0F; and.b32 b, $6, 0x30303030; or.b32 u, a, b;"
-    " dp4a.u32.s32 t, u, $9, t;"
-    " shr.b32 a, $5, 4; and.b32 a, a, 0x0F0F0F0F; shr.b32 b, $6, 2; and.b32 b, b, 0x30303030; or.b32 u, a, b;"
-    " dp4a.u32.s32 $0, u, $10, t;"
-    " mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;}")
+
+def _unpack_dp4a_ptx(lo01: str, lo23: str, hi: str, xs: list[str]) -> str:
+  """PTX of the gemv kernel's dot: the four u words of one row and group (t .. t+3) unpacked as in
+  _UNPACK_PTX and multiplied by dp4a with q_x of the same t for phases 0..3 (signed bytes `xs`).
+  $0 = the exact sum of the 16 products; $1..$3 = 0 (the asm returns one int32 per input byte; the
+  caller sums them, ptxas drops the zero adds)."""
+  body = []
+  for p, ops in enumerate(_PHASE_OPS):
+    body.append(ops.format(lo=lo01 if p < 2 else lo23, hi=hi, u="u"))
+    body.append(f"dp4a.u32.s32 {'$0' if p == 3 else 't'}, u, {xs[p]}, {'0' if p == 0 else 't'};")
+  return "{.reg .b32 a, b, u; .reg .s32 t; " + " ".join(body) + " mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;}"
+
+
+# Planes as uint8 [..., 32] (pack=4: one register each): $4, $5, $6 = lo01, lo23, hi; $7..$10 = q_x.
+_UNPACK_DP4A_PTX = _unpack_dp4a_ptx("$4", "$5", "$6", ["$7", "$8", "$9", "$10"])
 
 # Software pipelining in the gemv kernel carries the next step's weights through the loop. Carried
 # as int8 tensors, LLVM splits them into bytes and repacks them for the asm (~9 PRMT a dp4a), so
 # they are carried as 32-bit words instead: _WORD_PTX puts the four bytes of a register into the
-# first of four int32 elements (the other three are 0 and fold away), and _WORDS_DP4A_PTX is
-# _UNPACK_DP4A_PTX reading those words ($4, $8, $12) and q_x in $16..$19.
+# first of four int32 elements (the other three are 0 and fold away), and _WORDS_DP4A_PTX reads
+# those words (four registers an operand: $4, $8, $12) and q_x in $16..$19.
 _WORD_PTX = "mov.b32 $0, $4; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
-_WORDS_DP4A_PTX = (_UNPACK_DP4A_PTX.replace("$4", "$L01").replace("$5", "$L23").replace("$6", "$HI")
-                   .replace("$7", "$16").replace("$8", "$17").replace("$9", "$18").replace("$10", "$19")
-                   .replace("$L01", "$4").replace("$L23", "$8").replace("$HI", "$12"))
+_WORDS_DP4A_PTX = _unpack_dp4a_ptx("$4", "$8", "$12", ["$16", "$17", "$18", "$19"])
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
@@ -465,55 +463,34 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   cfg = config or default_config(m, n, k)
   if cfg.split_k > groups:
     raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
-  if cfg.gemv:
-    return gemv(x, w_packed, w_scales, a_bits=a_bits, config=cfg, interpret=interpret)
-  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=cfg, interpret=interpret)
+  qcfg = dataclasses.replace(cfg, join_phases=False) if cfg.gemv else cfg  # the gemv reads phase-major q_x
+  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=qcfg, interpret=interpret)
   return gemm(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "out_dtype", "config", "interpret"))
 def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, m: int,
          out_dtype, config: TileConfig, interpret: bool = False) -> jax.Array:
-  """The GEMM half of w6a_matmul, on quantize_activations' outputs (exposed for benchmarks)."""
+  """The GEMM half of w6a_matmul, on quantize_activations' outputs (exposed for benchmarks): the
+  tensor-core kernel, or the gemv kernel when config.gemv (M rows of x per program, not block_m)."""
   cfg = config
   n, groups = w_packed.shape[0] * TILE_ROWS, w_packed.shape[1]
-  num_programs = pl.cdiv(m, cfg.block_m) * pl.cdiv(n, cfg.block_n)
+  if cfg.gemv:
+    kernel, grid, name = _gemv_kernel, (pl.cdiv(n, cfg.block_n), cfg.split_k), "w6a_gemv"
+  else:
+    kernel, grid, name = _gemm_kernel, (pl.cdiv(m, cfg.block_m) * pl.cdiv(n, cfg.block_n), cfg.split_k), "w6a_gemm"
   out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if cfg.split_k == 1
                else jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32))
   y = pl.pallas_call(
-      functools.partial(_gemm_kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
+      functools.partial(kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
       out_shape=out_shape,
-      grid=(num_programs, cfg.split_k),
+      grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
-      name="w6a_gemm",
+      name=name,
   )(qx, sx, xsum, w_packed, w_scales)
   if cfg.split_k > 1:
     y = jnp.sum(y, axis=0).astype(out_dtype)
-  return y
-
-
-@functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
-def gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, config: TileConfig,
-         interpret: bool = False) -> jax.Array:
-  """The decode path of w6a_matmul (config.gemv): quantization kernel + dp4a GEMV (M <= 16)."""
-  cfg = config
-  m, k, n = _check_operands(x, w_packed, w_scales, a_bits)
-  groups = w_packed.shape[1]
-  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=dataclasses.replace(cfg, join_phases=False),
-                                      interpret=interpret)
-  out_shape = (jax.ShapeDtypeStruct((m, n), x.dtype) if cfg.split_k == 1
-               else jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32))
-  y = pl.pallas_call(
-      functools.partial(_gemv_kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
-      out_shape=out_shape,
-      grid=(pl.cdiv(n, cfg.block_n), cfg.split_k),
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=interpret,
-      name="w6a_gemv",
-  )(qx, sx, xsum, w_packed, w_scales)
-  if cfg.split_k > 1:
-    y = jnp.sum(y, axis=0).astype(x.dtype)
   return y
 
 def w6a_matmul_reference(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
