@@ -1,7 +1,7 @@
 """A short run of the BMMA kernels against the contract, for sanitizers and first checks on a GPU.
 
     python -m flexq_jax.cuda.selfcheck            # a few shapes, W6A6 and W6A8; exit 1 on mismatch
-    compute-sanitizer --tool memcheck --kernel-name regex:flexq python -m flexq_jax.cuda.selfcheck --small
+    compute-sanitizer --tool memcheck --kernel-name kns=flexq python -m flexq_jax.cuda.selfcheck --small
 
 Prints one line per case (max error against flexq_jax.numerics.reference_matmul, in units of
 the tolerance the GPU tests use: bf16 rounding of the output, 2^-7 relative) and, with --sass,
