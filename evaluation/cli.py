@@ -42,8 +42,11 @@ def _load(args):
        f"dim {config.hidden_size}) in {time.perf_counter() - t0:.1f}s")
   if getattr(args, "quantized", None):
     from flexq_jax import checkpoint
+    from flexq_jax import dispatch, matmul
     params, config, _ = checkpoint.load(args.quantized)
-    _log(f"quantized weights from {args.quantized}")
+    params = matmul.to_backend(params, getattr(args, "backend", "auto"))
+    kinds = sorted(set(dispatch.backends(params).values()))
+    _log(f"quantized weights from {args.quantized}; backends {', '.join(kinds)}")
   return config, params, tokenizer
 
 
@@ -147,6 +150,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                       "(default 0.5), or 'none' to switch smoothing off")
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--backend", choices=("auto", "reference", "dequant", "pallas", "bmma"), default="auto",
+                 help="the kernel the quantized linears run: auto (default: each layer's fastest on this device "
+                      "by its tuning table; the jnp reference on CPU), reference, dequant, pallas or bmma")
+
+
 def _quant_config(args):
   from flexq_jax.quantize import QuantConfig
   rules = []
@@ -177,7 +186,8 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log,
+                             backend=args.backend)
   print(report.summary())
   file = checkpoint.save(args.out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
@@ -226,7 +236,8 @@ def cmd_run(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log,
+                             backend=args.backend)
   print(report.summary())
   file = checkpoint.save(out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
@@ -269,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("generate", help="generate text from prompts (jit-compiled prefill + decode loop)",
                      description="Generate text from one or more prompts, batched with left padding.")
   _add_model_args(p)
+  _add_backend_arg(p)
   p.add_argument("prompt", nargs="*", default=["What is the capital of France?", "Write a haiku about the sea."],
                  help="prompts (several are generated as one batch)")
   p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most per prompt (default 64)")
@@ -285,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Perplexity over non-overlapping windows of the evaluation part of a corpus: "
                                  "the text is tokenized once, cut into windows of --seq-len tokens, PPL = exp(mean NLL).")
   _add_model_args(p)
+  _add_backend_arg(p)
   _add_corpus_args(p)
   _add_window_args(p, 8, "; 0 = all")
   p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
@@ -295,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Calibrate, run the sensitivity analysis, quantize every linear layer to 6-bit "
                                  "weights (W6A6, sensitive layers W6A8) and save a quantized checkpoint.")
   _add_model_args(p)
+  _add_backend_arg(p)
   _add_corpus_args(p)
   _add_quant_args(p)
   p.add_argument("--out", default="runs/quantized", help="output directory (default runs/quantized)")
@@ -323,16 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  "W6A6/W6A8, perplexity FP32 vs FlexQ on a short evaluation, generation samples from "
                                  "both, and the quantized checkpoint, report and heatmap written to --out.")
   _add_model_args(p)
+  _add_backend_arg(p)
   _add_corpus_args(p)
   _add_quant_args(p)
   _add_window_args(p, 2, ": a short evaluation")
   p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation sample (default 40)")
   p.add_argument("--out", default="runs/flexq-smollm2", help="output directory (default runs/flexq-smollm2)")
   p.set_defaults(func=cmd_run)
+
+  p = sub.add_parser("bench", help="end-to-end GPU benchmark: bf16 vs W8A8 vs FlexQ prefill and decode "
+                                   "(`flexq bench --help` for its options)", add_help=False)
+  p.set_defaults(func=None)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["bench"]:  # its own parser (evaluation/e2e_bench.py)
+    from evaluation import e2e_bench
+    return e2e_bench.main(argv[1:])
   parser = build_parser()
   args = parser.parse_args(argv)
   if getattr(args, "windows", None) == 0:

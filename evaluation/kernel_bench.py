@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evaluation import baselines
 from flexq_jax import formats, numerics
 from pallas_kernels import w6a_matmul as wk
 
@@ -258,7 +259,7 @@ def bench_bmma(x, n, k, a_bits, key, check=True) -> tuple[float, float]:
   """(seconds per call, relative error against the contract) of flexq_jax.cuda.bmma_matmul."""
   from flexq_jax.cuda import bmma
   op = lambda x, p, s: bmma.bmma_matmul(x, p, s, a_bits=a_bits, k=k)
-  return _bench_w6(op, x, n, k, a_bits, key, "bitplanes", check)
+  return _bench_w6(op, x, n, k, a_bits, key, "bitplanes_g4", check)
 
 
 def bench_xla(x, n, k, key) -> tuple[float, float]:
@@ -273,13 +274,7 @@ def bench_xla(x, n, k, key) -> tuple[float, float]:
          jax.random.uniform(jax.random.fold_in(key, 200 + i), (n,), jnp.float32, 1e-3, 2e-3))
         for i in range(_n_bufs(n * k))]
 
-  def w8a8(x, w, sw):
-    s = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 127
-    q = jnp.round(x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0)).astype(jnp.int8)
-    acc = jax.lax.dot(q, w, preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * s * sw[None, :]).astype(x.dtype)
-
-  t_i8 = time_jax(w8a8, x, i8, est_bf16 / 2)
+  t_i8 = time_jax(baselines.int8_matmul, x, i8, est_bf16 / 2)
   return t_bf16, t_i8
 
 

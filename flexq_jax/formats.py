@@ -8,7 +8,8 @@ Kp is K rounded up to a multiple of GROUP_ALIGN; the padding holds zeros.
 The int8 array above is a transient of packing and of the reference path; a quantized
 checkpoint and a quantized model in device memory hold only packed layouts (b bits a weight).
 "bitplanes" stores K only up to the next multiple of 32 (K32); the zero padding up to Kp is
-restored on unpacking, so a K of 576 costs 576, not 640, weights a row. "pallas6" stores Kp.
+restored on unpacking, so a K of 576 costs 576, not 640, weights a row. "pallas6" and "pallas8"
+store Kp.
 
 Layout "bitplanes" (b bits/weight; the binary-tensor-core layout, any b from 2 to 8):
     Two's complement bit i of every weight, packed along K into uint32 words:
@@ -20,6 +21,18 @@ Layout "bitplanes" (b bits/weight; the binary-tensor-core layout, any b from 2 t
 
     shape [b, N, K32 / 32] uint32. Value: q = -2^(b-1) * plane_(b-1) + sum_(i<b-1) 2^i * plane_i.
     Shards along N split rows; shards along K split words on group boundaries (4 words).
+
+Layout "bitplanes_g4" (b bits/weight; what the BMMA CUDA kernel reads, weights and activations):
+    "bitplanes" with the words of every 4 consecutive groups interleaved, rows padded with zero
+    words to whole blocks of 4 groups (16 words, 512 weights):
+
+        g4[i, n, 16 b + 4 q + u]  =  planes[i, n, 4 (4 b + u) + q]      word q of group 4b + u
+
+        plane i   row n:  | block 0: g0.w0 g1.w0 g2.w0 g3.w0 | g0.w1 g1.w1 ... | g0.w3 .. g3.w3 | block 1 ...
+
+    shape [b, N, g4_words(K)] uint32, g4_words(K) = 16 * ceil(Kp / 512). A warp lane's MMA
+    fragment is word q of a group, so its words of 4 consecutive groups are one 16-byte load.
+    Costs up to 3 groups of zero words a row where Kp / 128 is not a multiple of 4.
 
 Layout "pallas6" (6 bits/weight only; the Pallas/Triton GPU kernels' layout):
     Weights are stored offset, u = q + 32 in [0, 63] (no sign extension; a kernel subtracts
@@ -45,6 +58,22 @@ Layout "pallas6" (6 bits/weight only; the Pallas/Triton GPU kernels' layout):
     interleave(u_1, u_3)) (interleave(a, b) = stack([a, b], -1) flattened), or each meets the
     matching phase of the activations. Unlike "bitplanes", this layout stores the whole padded
     K (Kp). Shards along N split axis 0 (16-row blocks); shards along K split axis 1 (groups).
+
+Layout "pallas8" (8 bits/weight only; the Pallas kernels' W8A8 path, a benchmark baseline: it is
+an int8 container, which a deployed 6-bit checkpoint does not use):
+    The signed q itself, one int8 a weight (no offset), in the tiles of "pallas6" (16 rows x 1
+    group), each group's 128 weights in PHASE-MAJOR order, the order in which the Pallas
+    activation quantizer writes phase-major q_x: column 32p + t holds k = 128j + 4t + p.
+
+        packed[b, j, i, 32p + t]  =  q[16b + i, 128j + 4t + p]       p = 0..3, t = 0..31
+
+        row n, group j:  | p=0: k=0,4,..,124 | p=1: k=1,5,..,125 | p=2: k=2,..,126 | p=3: k=3,..,127 |
+        shape [N / 16, Kp / 128, 16, 128] int8     (N a multiple of 16)
+        memory: | b=0: j=0 [16x128] | j=1 [16x128] | ... | b=1 ...      (2048-byte tiles)
+
+    So one K = 128 dot of a phase-major q_x group [M, 128] against the [16, 128] tile, or dp4a on
+    matching 4-byte words (bytes 4w..4w+3 of both), gives the exact group sum. Stores the padded
+    K (Kp); shards along N split axis 0, along K axis 1, as "pallas6".
 """
 
 from __future__ import annotations
@@ -55,9 +84,12 @@ import numpy as np
 
 GROUP_ALIGN = 128  # K is padded to a multiple of this (the group size; BMMA's K per MMA)
 WORD_BITS = 32
-LAYOUTS = ("bitplanes", "pallas6")
+LAYOUTS = ("bitplanes", "bitplanes_g4", "pallas6", "pallas8")
+G4 = 4  # "bitplanes_g4": groups whose words interleave
 PALLAS6_ROWS = 16  # rows of one contiguous "pallas6" tile (N must be a multiple)
 PALLAS6_OFFSET = 32  # "pallas6" stores u = q + 32
+PALLAS8_ROWS = PALLAS6_ROWS  # "pallas8" tiles have the same 16 rows
+PHASES = 4  # "pallas6" / "pallas8": k = 4t + p within a group, p = phase
 
 
 def padded_k(k: int) -> int:
@@ -113,6 +145,30 @@ def unpack_bitplanes(planes: jax.Array) -> jax.Array:
   return q.reshape(n, words * WORD_BITS).astype(jnp.int8)
 
 
+def g4_words(k: int) -> int:
+  """uint32 words a "bitplanes_g4" row of a layer with real K = k holds (whole blocks of 4 groups)."""
+  groups = padded_k(k) // GROUP_ALIGN
+  return -(-groups // G4) * G4 * (GROUP_ALIGN // WORD_BITS)
+
+
+def interleave_groups(planes: jax.Array) -> jax.Array:
+  """"bitplanes" words [..., W] (W <= 4 x groups) -> "bitplanes_g4" [..., g4_words]: zero-padded to
+  whole blocks of 4 groups, word q of group 4b + u moved to 16b + 4q + u."""
+  wpg = GROUP_ALIGN // WORD_BITS
+  block = G4 * wpg
+  words = -(-planes.shape[-1] // block) * block
+  p = jnp.pad(planes, [(0, 0)] * (planes.ndim - 1) + [(0, words - planes.shape[-1])])
+  p = p.reshape(*planes.shape[:-1], words // block, G4, wpg)  # [..., block, u (group), q (word)]
+  return jnp.swapaxes(p, -1, -2).reshape(*planes.shape[:-1], words)
+
+
+def deinterleave_groups(g4: jax.Array, words: int) -> jax.Array:
+  """The inverse of interleave_groups, keeping the first `words` words of each row."""
+  wpg = GROUP_ALIGN // WORD_BITS
+  p = g4.reshape(*g4.shape[:-1], g4.shape[-1] // (G4 * wpg), wpg, G4)  # [..., block, q, u]
+  return jnp.swapaxes(p, -1, -2).reshape(g4.shape)[..., :words]
+
+
 def pack_pallas6(q: jax.Array) -> jax.Array:
   """int [N, Kp] in [-32, 31] (N % 16 == 0, Kp % 128 == 0) -> uint8 [N/16, Kp/128, 3, 16, 32]."""
   if q.ndim != 2 or q.shape[1] % GROUP_ALIGN or q.shape[0] % PALLAS6_ROWS:
@@ -140,6 +196,39 @@ def unpack_pallas6(packed: jax.Array) -> jax.Array:
   return u.astype(jnp.int8).reshape(blocks * PALLAS6_ROWS, g * GROUP_ALIGN)
 
 
+def pack_pallas8(q: jax.Array) -> jax.Array:
+  """int [N, Kp] in [-128, 127] (N % 16 == 0, Kp % 128 == 0) -> int8 [N/16, Kp/128, 16, 128], phase-major."""
+  if q.ndim != 2 or q.shape[1] % GROUP_ALIGN or q.shape[0] % PALLAS8_ROWS:
+    raise ValueError(f"pallas8 packs [N, Kp] with N a multiple of {PALLAS8_ROWS} and Kp a multiple of "
+                     f"{GROUP_ALIGN}, got shape {q.shape}")
+  n, kp = q.shape
+  g = kp // GROUP_ALIGN
+  q = jnp.asarray(q)
+  if q.dtype != jnp.int8:
+    lo, hi = qrange(8)
+    if not isinstance(q, jax.core.Tracer) and q.size and (int(jnp.min(q)) < lo or int(jnp.max(q)) > hi):
+      raise ValueError(f"pallas8 holds 8-bit weights in [{lo}, {hi}], got values in "
+                       f"[{int(jnp.min(q))}, {int(jnp.max(q))}]")
+    q = q.astype(jnp.int8)
+  t = q.reshape(n // PALLAS8_ROWS, PALLAS8_ROWS, g, GROUP_ALIGN // PHASES, PHASES)  # [b, i, j, t, p]
+  return t.transpose(0, 2, 1, 4, 3).reshape(n // PALLAS8_ROWS, g, PALLAS8_ROWS, GROUP_ALIGN)
+
+
+def unpack_pallas8(packed: jax.Array) -> jax.Array:
+  """int8 [N/16, Kp/128, 16, 128] -> int8 [N, Kp], the exact inverse of pack_pallas8."""
+  if packed.ndim != 4 or packed.dtype != jnp.int8 or packed.shape[2:] != (PALLAS8_ROWS, GROUP_ALIGN):
+    raise ValueError(f"pallas8 arrays are int8 [N/16, groups, 16, 128], got {packed.dtype} {packed.shape}")
+  blocks, g = packed.shape[:2]
+  t = packed.reshape(blocks, g, PALLAS8_ROWS, PHASES, GROUP_ALIGN // PHASES)  # [b, j, i, p, t]
+  return t.transpose(0, 2, 1, 4, 3).reshape(blocks * PALLAS8_ROWS, g * GROUP_ALIGN)
+
+
+def _check_layout_bits(layout: str, bits: int):
+  want = {"pallas6": 6, "pallas8": 8}.get(layout)
+  if want is not None and bits != want:
+    raise ValueError(f"layout {layout!r} holds {want}-bit weights only, got {bits=}")
+
+
 def pack(q: jax.Array, bits: int, layout: str, k: int) -> jax.Array:
   """Logical int [N, Kp] of a layer with real K = k -> the layout's packed array.
 
@@ -147,10 +236,16 @@ def pack(q: jax.Array, bits: int, layout: str, k: int) -> jax.Array:
   """
   if layout == "bitplanes":
     return pack_bitplanes(q[:, : stored_k(k)], bits)
+  if layout == "bitplanes_g4":
+    planes = interleave_groups(pack_bitplanes(q[:, : stored_k(k)], bits))
+    if planes.shape[-1] != g4_words(k):
+      raise ValueError(f"q has {q.shape[1]} columns, too few for K={k}")
+    return planes
+  _check_layout_bits(layout, bits)
   if layout == "pallas6":
-    if bits != 6:
-      raise ValueError(f"layout 'pallas6' holds 6-bit weights only, got {bits=}")
     return pack_pallas6(q[:, : padded_k(k)])
+  if layout == "pallas8":
+    return pack_pallas8(q[:, : padded_k(k)])
   raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
 
 
@@ -160,16 +255,21 @@ def unpack(packed: jax.Array, bits: int, layout: str, k: int) -> jax.Array:
     if packed.shape[0] != bits:
       raise ValueError(f"bitplanes array has {packed.shape[0]} planes, expected {bits}")
     q = unpack_bitplanes(packed)
-  elif layout == "pallas6":
-    if bits != 6:
-      raise ValueError(f"layout 'pallas6' holds 6-bit weights only, got {bits=}")
-    q = unpack_pallas6(packed)
+  elif layout == "bitplanes_g4":
+    if packed.shape[0] != bits or packed.shape[-1] != g4_words(k):
+      raise ValueError(f"bitplanes_g4 array {packed.shape} does not hold {bits} planes of K={k} "
+                       f"({g4_words(k)} words a row)")
+    q = unpack_bitplanes(deinterleave_groups(packed, stored_k(k) // WORD_BITS))
+  elif layout in ("pallas6", "pallas8"):
+    _check_layout_bits(layout, bits)
+    q = unpack_pallas6(packed) if layout == "pallas6" else unpack_pallas8(packed)
   else:
     raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
   return jnp.pad(q, [(0, 0), (0, padded_k(k) - q.shape[1])])
 
 
 def packed_bytes_per_weight(bits: int, layout: str) -> float:
-  if layout in ("bitplanes", "pallas6"):
-    return bits / 8  # pallas6: for K a multiple of 128 (it stores the padded Kp)
+  _check_layout_bits(layout, bits)
+  if layout in LAYOUTS:
+    return bits / 8  # pallas6 / pallas8: for K a multiple of 128 (they store the padded Kp)
   raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")

@@ -73,6 +73,8 @@ class LayerReport:
   sensitivity: float | None  # Fisher estimate of the A8 -> A6 loss increase (nats over the batch)
   float_bytes: int  # bf16 bytes of the float kernel
   packed_bytes: int  # packed weights + scales
+  backend: str = "reference"  # the kernel that runs it (flexq_jax.matmul.BACKENDS)
+  backend_why: str = ""  # why that one (dispatch.choose's reason for backend="auto")
 
 
 @dataclasses.dataclass
@@ -123,6 +125,10 @@ class QuantReport:
     sens = [l for l in self.layers if l.a_bits != self.config["a_bits"]]
     if sens:
       lines.append("high-precision-activation layers: " + ", ".join(l.path for l in sens))
+    kernels: dict[str, int] = {}
+    for l in self.layers:
+      kernels[l.backend] = kernels.get(l.backend, 0) + 1
+    lines.append("backends: " + ", ".join(f"{c} x {b}" for b, c in sorted(kernels.items())))
     if self.unmatched_rules:
       lines.append("rules that matched no layer: " + ", ".join(self.unmatched_rules))
     return "\n".join(lines)
@@ -227,6 +233,8 @@ def quantize(
     *,
     model_config: LlamaConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    backend: str = "reference",
+    decode_m: int = 1,
 ) -> tuple[dict, QuantReport]:
   """FlexQ: quantizes every linear layer of a models/ LLaMA pytree.
 
@@ -237,6 +245,10 @@ def quantize(
       A6 with 1/7 of the layers at A8 chosen by the sensitivity analysis).
     model_config: the architecture; inferred from the shapes for the known presets.
     progress: optional callback taking a status line.
+    backend: the kernel every layer runs (flexq_jax.matmul.BACKENDS), or "auto": each layer's
+      fastest on this device (flexq_jax.dispatch; the reference on CPU). Weights are packed for
+      it here, once. The report lists each layer's choice and why.
+    decode_m: the activation rows "auto" chooses for (1 = batch-1 decode).
 
   Returns:
     (quantized params: same tree, each projection kernel a QuantizedLinear; QuantReport).
@@ -298,13 +310,24 @@ def quantize(
     layer = QuantizedLinear(packed=formats.pack(q, config.w_bits, config.layout, k), scales=s, in_features=k,
                             out_features=n, w_bits=config.w_bits, a_bits=a_bits[path], group_size=config.group_size,
                             layout=config.layout)
+    layer, how = _place(layer, backend, decode_m)
     set_at(qparams, idx, layer)
     layers.append(LayerReport(path, k, n, config.w_bits, a_bits[path], why[path], scores.get(path), 2 * k * n,
-                              layer.nbytes))
+                              layer.nbytes, layer.backend, how))
   unmatched = [p for p, _ in config.rules if not any(re.search(p, path) for path in paths)]
   cfg = dataclasses.asdict(config)
   cfg["rules"] = [list(r) for r in config.rules]
   return qparams, QuantReport(cfg, layers, unmatched, seconds)
+
+
+def _place(layer: QuantizedLinear, backend: str, m: int) -> tuple[QuantizedLinear, str]:
+  """The layer repacked for `backend` ("auto": dispatch's choice), and why it runs there."""
+  from flexq_jax import dispatch, matmul
+  how = dispatch.choose(layer, m)[1] if backend == "auto" else "asked for"
+  placed = matmul.to_backend(layer, backend, m=m)
+  if backend not in ("auto", placed.backend):
+    how = f"{backend} cannot run it (w{layer.w_bits}a{layer.a_bits}, group {layer.group_size}, N {layer.out_features})"
+  return placed, how
 
 
 def _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say, seconds):

@@ -93,7 +93,8 @@ def generate(
   """Generates up to `max_new_tokens` per row; a row stops at any of config.eos_token_ids.
 
   Args:
-    params: model parameters (arrays or quantized leaves).
+    params: model parameters (arrays or quantized leaves), list or stacked layers (llama.stack_layers:
+      one lax.scan over the layers, a stacked [L, ...] KV cache).
     config: the architecture (static).
     prompt_tokens: [B, P] int32, padded on either side (see pad_prompts).
     prompt_mask: [B, P] bool, True for real prompt tokens; every row needs at least one.
@@ -111,7 +112,7 @@ def generate(
   pad_id = config.pad_token_id if config.pad_token_id is not None else 0
   eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
 
-  cache = llama.init_cache(config, b, p + max_new_tokens, cache_dtype)
+  cache = llama.init_cache(config, b, p + max_new_tokens, cache_dtype, stacked=llama.is_stacked(params))
   logits, cache = llama.forward(params, config, prompt_tokens, prompt_mask, cache)
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)  # each row's last real prompt token
   next_logits = logits[jnp.arange(b), last]  # [B, V]

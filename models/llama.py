@@ -18,6 +18,11 @@ The seven projections of every block go through `linear`, and nothing else in th
 what a weight is: a quantized weight leaf that defines `__rmatmul__` replaces an array without
 any change here. RoPE follows the Hugging Face convention (rotate the two halves of each head).
 
+Stacked layers: `stack_layers` turns the list of blocks into one dict whose leaves carry a leading
+[L] axis (quantized leaves stacked child by child). `forward` then runs the blocks with one
+jax.lax.scan, so XLA compiles one block instead of L, and the KV cache is two [L, B, S, Hkv, hd]
+arrays (init_cache(..., stacked=True)). Both forms compute the same ops (`_decoder_block`).
+
 Padding and the KV cache: every call takes a boolean `mask` [B, T] (True = real token). The
 cache keeps, per row, which slots hold real tokens (`valid`), and positions are counted over
 real tokens only, so left padding, right padding and prompts of mixed length all give each
@@ -26,6 +31,7 @@ row exactly the positions and context it would have alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -53,12 +59,13 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
 class KVCache:
   """Per-layer key/value cache with a shared write index.
 
-  k, v: one [B, S, Hkv, hd] array per layer. valid: [B, S] True where a slot holds a real
-  token. length: [] int32, slots written so far (the same for every row).
+  k, v: one [B, S, Hkv, hd] array per layer (list form, for list params), or one
+  [L, B, S, Hkv, hd] array each (stacked form, for stacked params). valid: [B, S] True where a
+  slot holds a real token. length: [] int32, slots written so far (the same for every row).
   """
 
-  k: list[jax.Array]
-  v: list[jax.Array]
+  k: list[jax.Array] | jax.Array
+  v: list[jax.Array] | jax.Array
   valid: jax.Array
   length: jax.Array
 
@@ -66,16 +73,109 @@ class KVCache:
   def max_length(self) -> int:
     return self.valid.shape[1]
 
+  @property
+  def stacked(self) -> bool:
+    """True for the stacked form (k, v are [L, B, S, Hkv, hd] arrays)."""
+    return not isinstance(self.k, (list, tuple))
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.bfloat16) -> KVCache:
-  """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated)."""
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.bfloat16, *,
+               stacked: bool = False) -> KVCache:
+  """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated).
+
+  stacked=False gives the list form (for list params), True the [L, B, S, Hkv, hd] form that
+  stacked params need (see stack_layers); `init_cache(..., stacked=is_stacked(params))` fits both.
+  """
   shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
+  if stacked:
+    k = jnp.zeros((config.num_layers, *shape), dtype)
+    v = jnp.zeros((config.num_layers, *shape), dtype)
+  else:
+    k = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
+    v = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
   return KVCache(
-      k=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-      v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+      k=k,
+      v=v,
       valid=jnp.zeros((batch_size, max_length), bool),
       length=jnp.zeros((), jnp.int32),
   )
+
+
+def is_stacked(params: Params) -> bool:
+  """True when params["layers"] is one dict of [L, ...] leaves (see stack_layers)."""
+  return isinstance(params["layers"], dict)
+
+
+def _static_fields(leaf) -> dict[str, Any]:
+  """A dataclass pytree node's static (non-pytree) fields, e.g. a QuantizedLinear's a_bits."""
+  if not dataclasses.is_dataclass(leaf):
+    return {}
+  return {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf) if not f.metadata.get("pytree_node", True)}
+
+
+def _difference(a, b) -> str | None:
+  """Why subtree `b` cannot be stacked with subtree `a` (None when it can)."""
+  arrays = (np.ndarray, jax.Array, np.generic)
+  if type(a) is not type(b) and not (isinstance(a, arrays) and isinstance(b, arrays)):
+    return f"type {type(a).__name__} vs {type(b).__name__}"
+  fa, fb = _static_fields(a), _static_fields(b)
+  diffs = [f"{name} {fa[name]!r} vs {fb[name]!r}" for name in fa if fa[name] != fb.get(name)]
+  if diffs:
+    return ", ".join(diffs)
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    return f"tree structure {jax.tree.structure(a)} vs {jax.tree.structure(b)}"
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    where = jax.tree_util.keystr(path)
+    sx, sy = (np.shape(x), jnp.result_type(x)), (np.shape(y), jnp.result_type(y))
+    if sx != sy:
+      return f"{where or 'array'} {sx[1]}{list(sx[0])} vs {sy[1]}{list(sy[0])}"
+  return None
+
+
+def stack_layers(params: Params) -> Params:
+  """params with params["layers"] (a list of block dicts) turned into one dict of [L, ...] leaves.
+
+  Quantized leaves (QuantizedLinear) are stacked child by child, so every layer must have the
+  same tree: the same keys, the same leaf types and static fields (w_bits, a_bits, group_size,
+  layout, backend, ...), shapes and dtypes. Raises ValueError naming the first layer and
+  projection that differ from layer 0 otherwise (keep the list form for mixed-precision models).
+  Already stacked params come back unchanged. Returns a new top-level dict (leaves are new arrays).
+  """
+  if is_stacked(params):
+    return dict(params)
+  layers = list(params["layers"])
+  if not layers:
+    raise ValueError("stack_layers: params['layers'] is empty")
+  first = layers[0]
+  for i, layer in enumerate(layers[1:], start=1):
+    if set(layer) != set(first):
+      extra, missing = sorted(set(layer) - set(first)), sorted(set(first) - set(layer))
+      raise ValueError(f"stack_layers: layer {i} has different entries than layer 0 (extra {extra}, missing "
+                       f"{missing}); stacking needs identical layers")
+    for name in first:
+      why = _difference(first[name], layer[name])
+      if why is not None:
+        raise ValueError(f"stack_layers: layer {i} {name} differs from layer 0 {name}: {why}. Scanned layers must "
+                         f"share structure, static fields (bits, group size, layout, backend), shapes and dtypes; "
+                         f"keep the list form (unstacked params) for such models")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, "layers": stacked}
+
+
+def unstack_layers(params: Params) -> Params:
+  """The inverse of stack_layers: params["layers"] back to a list of per-layer dicts.
+
+  Params already in list form come back unchanged (as a new top-level dict).
+  """
+  if not is_stacked(params):
+    return dict(params)
+  stacked = params["layers"]
+  leaves = jax.tree.leaves(stacked)
+  if not leaves:
+    raise ValueError("unstack_layers: params['layers'] has no arrays")
+  n = leaves[0].shape[0]
+  layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+  return {**params, "layers": layers}
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
@@ -167,6 +267,81 @@ def _check_inputs(config: LlamaConfig, tokens: jax.Array, mask: jax.Array | None
     raise ValueError(f"mask shape {mask.shape} must equal tokens shape {tokens.shape}")
 
 
+def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv):
+  """One decoder block (attention + MLP, pre-norm residuals): the math both layer forms share.
+
+  Args:
+    layer: one block's weights (arrays or quantized leaves, no leading layer axis).
+    h: [B, T, D] hidden states.
+    config, positions [B, T], inv_freq, visible [B, T, S]: as computed by forward.
+    write_kv: None (no cache: attend over this chunk's keys), or a function taking the chunk's
+      (k, v) [B, T, Hkv, hd] (after RoPE) that stores them in the cache and returns
+      (k, v) [B, S, Hkv, hd] to attend over plus anything the caller wants back.
+
+  Returns:
+    (h [B, T, D], what write_kv returned third, or None).
+  """
+  b, t, _ = h.shape
+  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+  x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
+  q = linear(x, layer["q_proj"]).reshape(b, t, hq, hd)  # [B, T, Hq, hd]
+  k = linear(x, layer["k_proj"]).reshape(b, t, hkv, hd)  # [B, T, Hkv, hd]
+  v = linear(x, layer["v_proj"]).reshape(b, t, hkv, hd)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  extra = None
+  if write_kv is not None:
+    k, v, extra = write_kv(k, v)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+  a = attention(q, k, v, visible).reshape(b, t, hq * hd)
+  h = h + linear(a, layer["o_proj"])
+  x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
+  h = h + linear(jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"]), layer["down_proj"])
+  return h, extra
+
+
+def _scan_layers(layers, h, block, cache: KVCache | None):
+  """Stacked layers: one lax.scan over (layer params, layer index).
+
+  With a cache, the whole [L, B, S, Hkv, hd] k/v arrays ride in the scan carry and each step
+  writes its new keys/values at [i, :, length] with dynamic_update_slice, so XLA updates the
+  buffers in place (also inside generate's while_loop); nothing per layer is emitted as a scan
+  output, which would hold a second copy of the cache.
+  """
+  n = jax.tree.leaves(layers)[0].shape[0]
+  index = jnp.arange(n, dtype=jnp.int32)
+  if cache is None:
+
+    def step(h, xs):
+      layer, _ = xs
+      h, _ = block(layer, h, None)
+      return h, None
+
+    h, _ = jax.lax.scan(step, h, (layers, index))
+    return h, None, None
+
+  if cache.k.shape[0] != n:
+    raise ValueError(f"stacked cache has {cache.k.shape[0]} layers, params have {n}")
+
+  def step(carry, xs):
+    h, k_all, v_all = carry
+    layer, i = xs
+
+    def write(k, v):
+      start = (i, 0, cache.length, 0, 0)
+      k_new = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+      v_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+      k_i = jax.lax.dynamic_index_in_dim(k_new, i, 0, keepdims=False)
+      v_i = jax.lax.dynamic_index_in_dim(v_new, i, 0, keepdims=False)
+      return k_i, v_i, (k_new, v_new)
+
+    h, (k_all, v_all) = block(layer, h, write)
+    return (h, k_all, v_all), None
+
+  (h, k_all, v_all), _ = jax.lax.scan(step, (h, cache.k, cache.v), (layers, index))
+  return h, k_all, v_all
+
+
 def forward(
     params: Params,
     config: LlamaConfig,
@@ -177,11 +352,12 @@ def forward(
   """Runs the decoder over a chunk of tokens.
 
   Args:
-    params: the parameter pytree (see module docstring); float32 or bfloat16.
+    params: the parameter pytree (see module docstring), list or stacked layers; float32 or bfloat16.
     config: the architecture.
     tokens: [B, T] int token ids.
     mask: [B, T] bool, True for real tokens (default: all real).
-    cache: a KVCache to extend, or None for a standalone causal forward.
+    cache: a KVCache to extend (stacked form for stacked params), or None for a standalone
+      causal forward.
 
   Returns:
     (logits [B, T, V] float32, the updated cache or None).
@@ -191,7 +367,6 @@ def forward(
   if mask is None:
     mask = jnp.ones((b, t), bool)
   mask = mask.astype(bool)
-  hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
   inv_freq = rope_inv_freq(config)
 
   if cache is None:
@@ -209,24 +384,28 @@ def forward(
   visible = causal[None] & key_valid[:, None, :]  # [B, T, S]
 
   h = params["embed_tokens"][tokens]  # [B, T, D]
-  new_k, new_v = [], []
-  for i, layer in enumerate(params["layers"]):
-    x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
-    q = linear(x, layer["q_proj"]).reshape(b, t, hq, hd)  # [B, T, Hq, hd]
-    k = linear(x, layer["k_proj"]).reshape(b, t, hkv, hd)  # [B, T, Hkv, hd]
-    v = linear(x, layer["v_proj"]).reshape(b, t, hkv, hd)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, cache.length, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, cache.length, 0, 0))
+  block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv)
+  if is_stacked(params):
+    if cache is not None and not cache.stacked:
+      raise ValueError("stacked params need a stacked cache: init_cache(..., stacked=True)")
+    h, new_k, new_v = _scan_layers(params["layers"], h, block, cache)
+  else:
+    if cache is not None and cache.stacked:
+      raise ValueError("list (unstacked) params need a list cache: init_cache(..., stacked=False)")
+    new_k, new_v = [], []
+    for i, layer in enumerate(params["layers"]):
+      if cache is None:
+        h, _ = block(layer, h, None)
+        continue
+
+      def write(k, v, i=i):
+        k = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, cache.length, 0, 0))
+        v = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, cache.length, 0, 0))
+        return k, v, (k, v)
+
+      h, (k, v) = block(layer, h, write)
       new_k.append(k)
       new_v.append(v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    a = attention(q, k, v, visible).reshape(b, t, hq * hd)
-    h = h + linear(a, layer["o_proj"])
-    x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
-    h = h + linear(jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"]), layer["down_proj"])
 
   h = rms_norm(h, params["norm"], config.rms_norm_eps)
   if config.tie_word_embeddings:

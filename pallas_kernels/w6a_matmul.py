@@ -36,6 +36,15 @@ Unpacking: with unpack_asm (GPU only), one PTX sequence turns four packed bytes 
 32-bit register into four int8 weights (shift, mask, or on the whole word); otherwise, and always
 in interpret mode, the same arithmetic is written as jnp byte operations.
 
+8-bit weights (W8A8 / W8A6, a baseline that differs from W6 only in the weight width): w_packed may
+instead be the "pallas8" layout (int8 [N/16, Kp/128, 16, 128], signed q_w, no offset, each group in
+the phase-major order of q_x); the weight bits follow from the array (weight_bits). The same two
+kernels run with no unpacking and no sum(q_x) correction: the tensor-core kernel makes one K = 128
+dot per group of phase-major q_x (always phase-major for w8; join_phases does not apply) against the
+[block_n, 128] int8 tile, and the gemv kernel feeds matching 4-byte words of weights and q_x to
+dp4a.s32.s32 (jnp int32 products in interpret mode). default_config(..., w_bits=8) halves the gemv's
+groups per step to keep its registers at most those of w6.
+
 This module imports only jax, numpy and flexq_jax.formats (the kernel rule of DESIGN.md section 4);
 the reference imports flexq_jax.numerics, the definition, inside its body.
 """
@@ -58,6 +67,8 @@ PLANE = 32  # bytes of one "pallas6" plane per row and group (one byte per 4 wei
 PLANES = 3
 TILE_ROWS = formats.PALLAS6_ROWS  # 16 rows: the "pallas6" tile
 OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
+W_BITS = (6, 8)  # "pallas6" (uint8 [N/16, G, 3, 16, 32]) or "pallas8" (int8 [N/16, G, 16, 128])
+W_LAYOUT = {6: "pallas6", 8: "pallas8"}
 SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (flexq_jax/numerics.py)
 A_BITS = (6, 8)
 
@@ -97,6 +108,14 @@ _UNPACK_DP4A_PTX = _unpack_dp4a_ptx("$4", "$5", "$6", ["$7", "$8", "$9", "$10"])
 _WORD_PTX = "mov.b32 $0, $4; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
 _WORDS_DP4A_PTX = _unpack_dp4a_ptx("$4", "$8", "$12", ["$16", "$17", "$18", "$19"])
 
+# The 8-bit ("pallas8") gemv dot: four signed weight bytes and the four q_x bytes of the same
+# positions (both phase-major) in one dp4a each, pack=4: $4 = weights (int8, one register), or in
+# the words variant $4..$7 (the word from _as_words in $4); q_x in the next register. $0 = the exact
+# sum of the four products, $1..$3 = 0 (summed by the caller; the zero adds fold away).
+_DP4A_TAIL = " mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
+_DP4A_S8_PTX = "dp4a.s32.s32 $0, $4, $5, 0;" + _DP4A_TAIL
+_WORDS_DP4A_S8_PTX = "dp4a.s32.s32 $0, $4, $8, 0;" + _DP4A_TAIL
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
@@ -126,14 +145,24 @@ class TileConfig:
       raise ValueError(f"split_k={self.split_k} and group_m={self.group_m} must be >= 1")
 
 
-def default_config(m: int, n: int, k: int, num_sms: int = 132) -> TileConfig:
-  """The tiling the wrapper picks for an [M, K] x [K, N] product (K may be unpadded)."""
+def default_config(m: int, n: int, k: int, num_sms: int = 132, *, w_bits: int = 6) -> TileConfig:
+  """The tiling the wrapper picks for an [M, K] x [K, N] product (K may be unpadded).
+
+  w_bits = 8 ("pallas8") changes the decode gemv only: a group is 128 bytes a row instead of 96,
+  so a step takes 2 groups instead of 4 (256 loaded bytes a thread against w6's 384, kept at or
+  below w6 because those bytes are live registers until their dp4a; 3 groups would match exactly
+  but leave a masked, yet loaded, slot in every 8-group K split). The tensor-core tilings are
+  shared (a w8 group tile is the [bn, 128] int8 that w6 unpacks to); join_phases is off for w8.
+  """
+  if w_bits not in W_BITS:
+    raise ValueError(f"{w_bits=} must be one of {W_BITS}")
   groups = formats.padded_k(k) // GROUP
-  if m <= 2:  # decode GEMV: ~1024 programs (8 an SM) of 64 rows x a K range, 4 groups a step
+  if m <= 2:  # decode GEMV: ~1024 programs (8 an SM) of 64 rows x a K range, 4 (w8: 2) groups a step
+    kg = 4 if w_bits == 6 else 2
     tiles = pl.cdiv(n, 64)
     split_k = 1 << max(0, (pl.cdiv(1024, tiles) - 1).bit_length())  # next power of two
-    return TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=4, num_stages=1,
-                      split_k=max(1, min(split_k, groups // 4)))
+    return TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=kg, num_stages=1,
+                      split_k=max(1, min(split_k, groups // kg)))
   if m <= 16:  # decode: stream the weights with every SM; split K until ~4 programs per SM
     block_n = 64
     tiles = pl.cdiv(n, block_n)
@@ -144,15 +173,15 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> TileConfig:
     tiles = pl.cdiv(n, 128) * pl.cdiv(m, block_m)
     split_k = max(1, min(groups // 4, pl.cdiv(2 * num_sms, tiles)))
     return TileConfig(block_m=block_m, block_n=128, split_k=split_k, num_warps=4, num_stages=3)
-  return TileConfig(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, join_phases=True)
+  return TileConfig(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, join_phases=w_bits == 6)
 
 
 def can_use_pallas(*, a_bits: int, w_bits: int = 6, group_size: int | None = 128, layout: str = "pallas6",
                    platform: str | None = None) -> bool:
   """Whether w6a_matmul runs this layer compiled on this platform (else use a jnp path)."""
   platform = platform or jax.default_backend()
-  return (platform in ("gpu", "cuda") and a_bits in A_BITS and w_bits == 6 and group_size == GROUP
-          and layout == "pallas6")
+  return (platform in ("gpu", "cuda") and a_bits in A_BITS and W_LAYOUT.get(w_bits) == layout
+          and group_size == GROUP)
 
 
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
@@ -209,11 +238,12 @@ def _unpack_group(lo01: jax.Array, lo23: jax.Array, hi: jax.Array, use_asm: bool
 def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
                  sx_ref,  # [Mp, G] f32
                  xsum_ref,  # [Mp, G] int32
-                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6")
+                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6") or [N/16, G, 16, 128] int8 ("pallas8")
                  sw_ref,  # [N, G] f16
                  o_ref,  # [M, N] out dtype, or [split_k, M, N] f32 partial sums
-                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool):
+                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool, w_bits: int = 6):
   bm, bn = cfg.block_m, cfg.block_n
+  w8 = w_bits == 8
   num_m, num_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
   # Grouped order: cfg.group_m consecutive programs walk down M over the same weight columns.
   pid, pid_k = pl.program_id(0), pl.program_id(1)
@@ -236,7 +266,12 @@ def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
     w = plgpu.load(ref, mask=tile_ok, other=0) if n % bn else ref[...]
     return w.reshape(bn, PLANE)
 
-  def group_dot(g):  # -> [bm, bn] int32: sum over group g of q_x * u, exact
+  def group_dot(g):  # -> [bm, bn] int32: sum over group g of q_x * u (w8: q_x * q_w), exact
+    if w8:  # one K = 128 dot of phase-major q_x against the phase-major int8 tile
+      ref = w_ref.at[pl.ds(pid_n * tiles, tiles), g, :, :]  # [bn/16, 16, 128]: 2048-byte runs
+      w = (plgpu.load(ref, mask=tile_ok, other=0) if n % bn else ref[...]).reshape(bn, GROUP)
+      xq = qx_ref[pl.ds(m0, bm), pl.ds(g * GROUP, GROUP)]  # [bm, 128] int8, phase-major
+      return jax.lax.dot_general(xq, w, _NT, preferred_element_type=jnp.int32)
     lo01, lo23, hi = (load_w(g, plane) for plane in range(PLANES))  # [bn, 32] uint8 each
     if cfg.join_phases:
       u = _unpack_group(lo01, lo23, hi, use_asm)  # [bn, 128] int8 in K order
@@ -249,14 +284,15 @@ def _gemm_kernel(qx_ref,  # [Mp, Kp] int8
       dot += jax.lax.dot_general(xq, u, _NT, preferred_element_type=jnp.int32)
     return dot
 
-  def group_scales(g):  # -> ([bm] int32 sum(q_x), [bm] f32 s_x, [bn] f32 s_w)
+  def group_scales(g):  # -> ([bm] int32 sum(q_x) (w8: None, no offset), [bm] f32 s_x, [bn] f32 s_w)
     sw_tile = sw_ref.at[pl.ds(n0, bn), g]
     sw = plgpu.load(sw_tile, mask=col_ok, other=0) if n % bn else sw_tile[...]
-    return xsum_ref[pl.ds(m0, bm), g], sx_ref[pl.ds(m0, bm), g], sw.astype(jnp.float32)
+    xsum = None if w8 else xsum_ref[pl.ds(m0, bm), g]
+    return xsum, sx_ref[pl.ds(m0, bm), g], sw.astype(jnp.float32)
 
   def apply(acc, dot, scales):
     xsum, sx, sw = scales
-    exact = dot - OFFSET * xsum[:, None]  # sum_k q_x q_w, exact int32
+    exact = dot if w8 else dot - OFFSET * xsum[:, None]  # sum_k q_x q_w, exact int32
     return acc + exact.astype(jnp.float32) * (sx[:, None] * sw[None, :])
 
   # Each step loads the next group's scales ahead of use: their latency hides behind this
@@ -301,20 +337,38 @@ def _group_dots(lo01: jax.Array, lo23: jax.Array, hi: jax.Array, xq: list, use_a
   return jnp.sum(d, axis=-1)
 
 
+def _group_dots8(w: jax.Array, xq: jax.Array, use_asm: bool) -> jax.Array:
+  """Row sums over a group of q_w * q_x, "pallas8": w int8 [..., 128] (or its _as_words words),
+  xq int8 [..., 128] (broadcast), both phase-major; dp4a on matching 4-byte words, exact int32."""
+  if use_asm:
+    shape = w.shape
+    words = w.dtype == jnp.int32
+    [d] = plgpu.elementwise_inline_asm(
+        _WORDS_DP4A_S8_PTX if words else _DP4A_S8_PTX, args=[w, jnp.broadcast_to(xq, shape)],
+        constraints="=r,=r,=r,=r," + ",".join("r" * (5 if words else 2)), pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
+  else:
+    d = w.astype(jnp.int32) * xq.astype(jnp.int32)
+  return jnp.sum(d, axis=-1)
+
+
 def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
                  sx_ref,  # [Mp, G] f32
                  xsum_ref,  # [Mp, G] int32
-                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6")
+                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6") or [N/16, G, 16, 128] int8 ("pallas8")
                  sw_ref,  # [N, G] f16
                  o_ref,  # [M, N] out dtype, or [split_k, M, N] f32 partial sums
-                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool):
+                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool, w_bits: int = 6):
   """Decode GEMV: every program takes block_n rows and a K range, block_kg groups a step.
 
   Per step: the three weight planes of block_kg groups are loaded together; each row's group sum
   of u * q_x comes from dp4a (four byte products a CUDA-core instruction, exact int32), then
   sum q_x q_w = that - 32 sum q_x, scaled by s_x s_w in fp32 once per group. No shared memory, no
-  barriers in the loop.
+  barriers in the loop. With "pallas8" weights a group is one int8 [tiles, 16, 128] load, whose
+  signed bytes meet the phase-major q_x in dp4a.s32.s32 directly (no unpacking, no offset).
   """
+  w8 = w_bits == 8
+  nplanes = 1 if w8 else PLANES
   tiles, kg = cfg.block_n // TILE_ROWS, cfg.block_kg
   pid_n, pid_k = pl.program_id(0), pl.program_id(1)
   t0 = pid_n * tiles
@@ -332,11 +386,14 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
     g = g_begin + step * kg + j
     return jnp.minimum(g, groups - 1) if ragged_k else g
 
-  def load_w(step):  # -> kg x 3 planes, uint8 [tiles, 16, 32]
+  def load_w(step):  # -> kg x 3 planes, uint8 [tiles, 16, 32] (w8: kg x 1 tile, int8 [tiles, 16, 128])
     out = []
     for j in range(kg):
-      for plane in range(PLANES):
-        ref = w_ref.at[pl.ds(t0, tiles), group(step, j), jnp.int32(plane), :, :]
+      for plane in range(nplanes):
+        if w8:
+          ref = w_ref.at[pl.ds(t0, tiles), group(step, j), :, :]
+        else:
+          ref = w_ref.at[pl.ds(t0, tiles), group(step, j), jnp.int32(plane), :, :]
         w = ref[...] if tile_ok is None else plgpu.load(ref, mask=tile_ok, other=0)
         out.append(_as_words(w) if cfg.prefetch and use_asm else w)
     return tuple(out)
@@ -345,7 +402,7 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
     accs = list(accs)
     for j in range(kg):
       g = group(step, j)
-      lo01, lo23, hi = w[PLANES * j: PLANES * (j + 1)]
+      planes = w[nplanes * j: nplanes * (j + 1)]
       sw_ref_g = sw_ref.at[pl.ds(n0, cfg.block_n), g]
       sw = (sw_ref_g[...] if col_ok is None else plgpu.load(sw_ref_g, mask=col_ok, other=0)).astype(jnp.float32)
       sw = sw.reshape(tiles, TILE_ROWS)
@@ -353,9 +410,13 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
         sw = jnp.where(g_begin + step * kg + j < g_end, sw, 0.0)
       for row in range(m):
         r = jnp.int32(row)
-        xq = [qx_ref[r, pl.ds(g * GROUP + p * PLANE, PLANE)][None, None, :] for p in range(4)]  # int8 [1, 1, 32]
-        dots = _group_dots(lo01, lo23, hi, xq, use_asm)  # [tiles, 16] int32
-        exact = dots - OFFSET * xsum_ref[r, g]
+        if w8:
+          xq = qx_ref[r, pl.ds(g * GROUP, GROUP)][None, None, :]  # int8 [1, 1, 128], phase-major
+          exact = _group_dots8(planes[0], xq, use_asm)  # [tiles, 16] int32: sum q_x q_w
+        else:
+          xq = [qx_ref[r, pl.ds(g * GROUP + p * PLANE, PLANE)][None, None, :] for p in range(4)]  # int8 [1, 1, 32]
+          dots = _group_dots(*planes, xq, use_asm)  # [tiles, 16] int32
+          exact = dots - OFFSET * xsum_ref[r, g]
         accs[row] = accs[row] + exact.astype(jnp.float32) * (sx_ref[r, g] * sw)
     return tuple(accs)
 
@@ -389,12 +450,20 @@ def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
 _NT = (((1,), (1,)), ((), ()))  # dot_general: contract the last axes of [bm, K] and [bn, K]
 
 
+def weight_bits(w_packed: jax.Array) -> int:
+  """6 for a "pallas6" array (uint8 [N/16, G, 3, 16, 32]), 8 for "pallas8" (int8 [N/16, G, 16, 128])."""
+  if w_packed.ndim == 5 and w_packed.dtype == jnp.uint8 and w_packed.shape[2:] == (PLANES, TILE_ROWS, PLANE):
+    return 6
+  if w_packed.ndim == 4 and w_packed.dtype == jnp.int8 and w_packed.shape[2:] == (TILE_ROWS, GROUP):
+    return 8
+  raise ValueError(f"w_packed must be 'pallas6' uint8 [N/16, groups, 3, 16, 32] or 'pallas8' int8 "
+                   f"[N/16, groups, 16, 128], got {w_packed.dtype} {w_packed.shape}")
+
+
 def _check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bits: int) -> tuple[int, int, int]:
   if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be a float [M, K] array, got {x.dtype} {x.shape}")
-  if w_packed.ndim != 5 or w_packed.dtype != jnp.uint8 or w_packed.shape[2:] != (PLANES, TILE_ROWS, PLANE):
-    raise ValueError(f"w_packed must be 'pallas6' uint8 [N/16, groups, 3, 16, 32], got {w_packed.dtype} "
-                     f"{w_packed.shape}")
+  weight_bits(w_packed)
   if a_bits not in A_BITS:
     raise ValueError(f"{a_bits=} must be one of {A_BITS}")
   m, k = x.shape
@@ -444,15 +513,17 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
 @functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
 def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
-  """Quantized linear y = x W^T by the numerics contract, with 6-bit "pallas6" weights.
+  """Quantized linear y = x W^T by the numerics contract, with "pallas6" (or 8-bit "pallas8") weights.
 
   Args:
     x: [M, K] float activations (bf16, fp16 or fp32); any M, any K (K is zero-padded to a
       multiple of 128 as the contract says).
-    w_packed: uint8 [N/16, Kp/128, 3, 16, 32], formats.pack_pallas6 of the int weights [N, Kp].
+    w_packed: uint8 [N/16, Kp/128, 3, 16, 32], formats.pack_pallas6 of the int weights [N, Kp], or
+      int8 [N/16, Kp/128, 16, 128], formats.pack_pallas8 of 8-bit ones (W8A8 / W8A6; the weight bits
+      follow from the layout).
     w_scales: fp16 [N, Kp / 128] weight group scales.
     a_bits: activation bits, 6 or 8.
-    config: tiling; default_config(M, N, K) when None.
+    config: tiling; default_config(M, N, K, w_bits=...) when None.
     interpret: run the kernels in Pallas interpret mode (CPU; for tests).
 
   Returns:
@@ -460,10 +531,12 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   """
   m, k, n = _check_operands(x, w_packed, w_scales, a_bits)
   groups = w_packed.shape[1]
-  cfg = config or default_config(m, n, k)
+  w_bits = weight_bits(w_packed)
+  cfg = config or default_config(m, n, k, w_bits=w_bits)
   if cfg.split_k > groups:
     raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
-  qcfg = dataclasses.replace(cfg, join_phases=False) if cfg.gemv else cfg  # the gemv reads phase-major q_x
+  # The gemv and every w8 kernel read phase-major q_x (join_phases only concerns unpacking w6).
+  qcfg = dataclasses.replace(cfg, join_phases=False) if cfg.gemv or w_bits == 8 else cfg
   qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=qcfg, interpret=interpret)
   return gemm(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg, interpret=interpret)
 
@@ -472,8 +545,10 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
 def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, m: int,
          out_dtype, config: TileConfig, interpret: bool = False) -> jax.Array:
   """The GEMM half of w6a_matmul, on quantize_activations' outputs (exposed for benchmarks): the
-  tensor-core kernel, or the gemv kernel when config.gemv (M rows of x per program, not block_m)."""
+  tensor-core kernel, or the gemv kernel when config.gemv (M rows of x per program, not block_m).
+  With "pallas8" weights qx must be phase-major (quantize_activations with join_phases=False)."""
   cfg = config
+  w_bits = weight_bits(w_packed)
   n, groups = w_packed.shape[0] * TILE_ROWS, w_packed.shape[1]
   if cfg.gemv:
     kernel, grid, name = _gemv_kernel, (pl.cdiv(n, cfg.block_n), cfg.split_k), "w6a_gemv"
@@ -482,7 +557,8 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
   out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if cfg.split_k == 1
                else jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32))
   y = pl.pallas_call(
-      functools.partial(kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret),
+      functools.partial(kernel, m=m, n=n, groups=groups, cfg=cfg, use_asm=cfg.unpack_asm and not interpret,
+                        w_bits=w_bits),
       out_shape=out_shape,
       grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -495,9 +571,9 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
 
 def w6a_matmul_reference(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                          config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
-  """w6a_matmul by the definition: unpack "pallas6", then numerics.reference_matmul (pure jnp)."""
+  """w6a_matmul by the definition: unpack "pallas6" / "pallas8", then numerics.reference_matmul (pure jnp)."""
   del config, interpret  # same signature as w6a_matmul
   from flexq_jax import numerics  # the one definition of the contract; not a kernel dependency
   _check_operands(x, w_packed, w_scales, a_bits)
-  q_w = formats.unpack_pallas6(w_packed)
+  q_w = formats.unpack_pallas6(w_packed) if weight_bits(w_packed) == 6 else formats.unpack_pallas8(w_packed)
   return numerics.reference_matmul(x, q_w, w_scales, a_bits=a_bits, group_size=GROUP, out_dtype=x.dtype)

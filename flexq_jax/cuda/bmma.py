@@ -1,21 +1,26 @@
 """The BMMA W6A6 / W6A8 kernel (csrc/) as XLA FFI custom calls. First GPU run 2026-11-27 (H200): see README.
 
 `bmma_matmul(x, w_planes, w_scales, a_bits=..., k=...)` runs two custom calls under jit:
-  flexq_bmma_act_quant  x bf16 [M, K] -> activation bit planes u32 [a_bits, M, Kp/32] and
+  flexq_bmma_act_quant  x bf16 [M, K] -> activation bit planes u32 [a_bits, M, W] and
                         fp32 scales [M, Kp/128] (the numerics contract, on the GPU)
-  flexq_bmma_gemm       planes x weight planes ("bitplanes" layout of flexq_jax.formats,
-                        u32 [6, N, K32/32]) on binary tensor cores, group scales fused -> bf16 [M, N]
+  flexq_bmma_gemm       planes x weight planes u32 [6, N, W] on binary tensor cores, group
+                        scales fused -> bf16 [M, N]
+Both operands are in the "bitplanes_g4" layout of flexq_jax.formats: bit planes whose words come
+in blocks of 4 groups, interleaved (word 4q + u of a block = word q of its group u), rows padded
+to whole blocks (W = formats.g4_words(K)), so a lane's fragment words of 4 groups are one
+16-byte load.
 
 Design (csrc/; tiles in configs.h):
   - act_quant.cuh: one warp per (token, 128-group); lane t holds elements 32e + t, so
-    __ballot_sync of bit i gives word e of plane i in the "bitplanes" layout directly.
+    __ballot_sync of bit i gives word e of the group's plane i directly.
   - bmma_gemm.cuh: one m8n8k128 AND+POPC MMA covers exactly one K-group of one plane pair, so
-    a lane's fragment is one raw bitplanes word (row lane/4, word 4g + lane%4), loaded straight
-    from global memory (no shared memory, no re-layout). Per 8x8 tile and group, a_bits x 6
-    MMAs chained in Horner order (accumulator input = +-2 x running sum) give the exact int32
-    group sum; then acc += (s_x * s_w) * sum in fp32 (scales fused per group); bf16 stored once.
-  - Tiles: M <= 8 -> block 8 x 32, M <= 16 -> 16 x 32 (4 warps split N), else 32 x 32
-    (2 x 2 warps, 2 x 2 MMA tiles each). Rows past M / N and words past K32 read as zero.
+    a lane's fragment is one raw plane word (row lane/4, word lane%4 of the group), loaded
+    straight from global memory (no shared memory, no re-layout). Per 8x8 tile and group,
+    a_bits x 6 MMAs chained in Horner order (accumulator input = +-2 x running sum) give the
+    exact int32 group sum; then acc += (s_x * s_w) * sum in fp32 (scales fused per group).
+  - Tiles: M <= 8 -> bmma_decode_kernel (8 channels a block, 4 warps splitting K, one 16-byte
+    load a plane, lane and 4 groups), M <= 16 -> 16 x 32 (4 warps split N), else 32 x 32
+    (2 x 2 warps, 2 x 2 MMA tiles each). Rows past M / N and padding words read as zero.
 
 The shared library is built on first use, not at import (a CPU machine imports this module
 freely): nvcc compiles csrc/ for the local GPU into a cache directory keyed by the sources'
@@ -151,9 +156,10 @@ def _check_a_bits(a_bits: int) -> None:
 
 
 def quantize_activation_planes(x: jax.Array, *, a_bits: int) -> tuple[jax.Array, jax.Array]:
-  """bf16 [M, K] -> (uint32 [a_bits, M, Kp/32] bitplanes, fp32 [M, Kp/128] scales), on the GPU.
+  """bf16 [M, K] -> (uint32 [a_bits, M, W] "bitplanes_g4" planes, fp32 [M, Kp/128] scales), on the GPU.
 
-  Equals (formats.pack_bitplanes(q_x, a_bits), s_x) of numerics.quantize_activation(x, a_bits).
+  Equals (formats.interleave_groups(formats.pack_bitplanes(q_x, a_bits)), s_x) of
+  numerics.quantize_activation(x, a_bits); W = formats.g4_words(K).
   """
   _check_a_bits(a_bits)
   if x.ndim != 2 or x.dtype != jnp.bfloat16:
@@ -161,7 +167,7 @@ def quantize_activation_planes(x: jax.Array, *, a_bits: int) -> tuple[jax.Array,
   _register()
   m, k = x.shape
   kp = formats.padded_k(k)
-  out = (jax.ShapeDtypeStruct((a_bits, m, kp // formats.WORD_BITS), jnp.uint32),
+  out = (jax.ShapeDtypeStruct((a_bits, m, formats.g4_words(k)), jnp.uint32),
          jax.ShapeDtypeStruct((m, kp // formats.GROUP_ALIGN), jnp.float32))
   return jax.ffi.ffi_call(ACT_QUANT_TARGET, out)(x, a_bits=np.int32(a_bits))
 
@@ -171,7 +177,8 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
 
   Args:
     x: bf16 [M, K] activations (quantized on the GPU to a_bits per token and group of 128).
-    w_planes: uint32 [6, N, K32/32], the "bitplanes" layout (formats.pack(q, 6, "bitplanes", k)).
+    w_planes: uint32 [6, N, W], the "bitplanes_g4" layout (formats.pack(q, 6, "bitplanes_g4", k):
+      bit planes with 4 groups' words interleaved, so a lane loads its words of 4 groups at once).
     w_scales: fp16 [N, Kp/128] weight scales.
     a_bits: 6 or 8.
     k: the layer's real K (unpadded).
@@ -180,13 +187,13 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
     bf16 [M, N].
   """
   _check_a_bits(a_bits)
-  kp, k32 = formats.padded_k(k), formats.stored_k(k)
+  kp, words = formats.padded_k(k), formats.g4_words(k)
   if x.ndim != 2 or x.dtype != jnp.bfloat16 or x.shape[1] != k:
     raise ValueError(f"activations must be bf16 [M, {k=}], got {x.dtype} {x.shape}")
-  if w_planes.ndim != 3 or w_planes.dtype != jnp.uint32 or w_planes.shape[0] != W_BITS \
-      or w_planes.shape[2] != k32 // formats.WORD_BITS:
-    raise ValueError(f"weight planes must be uint32 [{W_BITS}, N, {k32 // formats.WORD_BITS}] (the 'bitplanes' "
-                     f"layout of a {W_BITS}-bit layer with {k=}), got {w_planes.dtype} {w_planes.shape}")
+  if w_planes.ndim != 3 or w_planes.dtype != jnp.uint32 or w_planes.shape[0] != W_BITS or w_planes.shape[2] != words:
+    raise ValueError(f"weight planes must be uint32 [{W_BITS}, N, {words}] (the 'bitplanes_g4' layout of a "
+                     f"{W_BITS}-bit layer with {k=}; repack with flexq_jax.matmul.to_backend(params, 'bmma')), "
+                     f"got {w_planes.dtype} {w_planes.shape}")
   n = w_planes.shape[1]
   if w_scales.dtype != jnp.float16 or w_scales.shape != (n, kp // formats.GROUP_ALIGN):
     raise ValueError(f"weight scales must be float16 [{n}, {kp // formats.GROUP_ALIGN}] (group 128), got "

@@ -31,7 +31,7 @@ def check(m: int, n: int, k: int, a_bits: int, seed: int = 0) -> float:
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.bfloat16)
   q_w, s_w = numerics.quantize_weight(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), 6, 128)
-  y = bmma.bmma_matmul(x, formats.pack(q_w, 6, "bitplanes", k), s_w, a_bits=a_bits, k=k)
+  y = bmma.bmma_matmul(x, formats.pack(q_w, 6, "bitplanes_g4", k), s_w, a_bits=a_bits, k=k)
   ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
   return float(np.max(np.abs(np.asarray(y, np.float32) - ref) / (2 ** -7 * np.abs(ref) + 1e-6)))
 
@@ -42,7 +42,7 @@ def planes_mismatch(m: int, k: int, a_bits: int, seed: int = 1) -> int:
   x = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.bfloat16)
   planes, scales = bmma.quantize_activation_planes(x, a_bits=a_bits)
   q_x, s_x = numerics.quantize_activation(x, a_bits)
-  bad = int(np.sum(np.asarray(planes) != np.asarray(formats.pack_bitplanes(q_x, a_bits))))
+  bad = int(np.sum(np.asarray(planes) != np.asarray(formats.interleave_groups(formats.pack_bitplanes(q_x, a_bits)))))
   return bad + int(np.sum(np.asarray(scales) != np.asarray(s_x)))
 
 

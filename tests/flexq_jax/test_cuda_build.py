@@ -31,7 +31,7 @@ def _nvcc_or_skip() -> str:
 
 
 def _layer_inputs(rng, m: int, n: int, k: int, *, extremes: bool = False):
-  """bf16 x [M, K]; q_w int8 [N, Kp], s_w fp16, and the "bitplanes" weights of a W6 layer."""
+  """bf16 x [M, K]; q_w int8 [N, Kp], s_w fp16, and the "bitplanes_g4" weights of a W6 layer."""
   x = rng.standard_normal((m, k)).astype(np.float32) * 3
   if m > 1:
     x[1] = 0  # an all-zero token: scale 0, q 0
@@ -39,7 +39,7 @@ def _layer_inputs(rng, m: int, n: int, k: int, *, extremes: bool = False):
   if extremes:  # weights at both signed bounds -32 and 31 in one group
     w[0, :64], w[0, 64:128] = -1.0, 31 / 32
   q_w, s_w = numerics.quantize_weight(jnp.asarray(w), 6, 128)
-  return jnp.asarray(x, jnp.bfloat16), q_w, s_w, formats.pack(q_w, 6, "bitplanes", k)
+  return jnp.asarray(x, jnp.bfloat16), q_w, s_w, formats.pack(q_w, 6, "bitplanes_g4", k)
 
 
 # ---- the build (CPU) ---------------------------------------------------------------------------
@@ -78,8 +78,14 @@ def test_arch_for_compute_capability():
 _WORDS_PER_GROUP = formats.GROUP_ALIGN // formats.WORD_BITS
 
 
+def _word_index(g: int, quad: int) -> int:
+  """configs.h word_index: where word `quad` of group g sits in a "bitplanes_g4" row."""
+  return 16 * (g // 4) + 4 * quad + g % 4
+
+
 def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray]:
-  """act_quant.cuh: one warp per (token, group); lane t holds elements 128g + 32e + t."""
+  """act_quant.cuh: one warp per (token, group); lane t holds elements 128g + 32e + t; word e of
+  group g is stored at word_index(g, e) of a row padded to whole blocks of 4 groups."""
   m, k = x.shape
   groups = formats.padded_k(k) // formats.GROUP_ALIGN
   v = np.zeros((m, groups * formats.GROUP_ALIGN), np.float32)
@@ -99,8 +105,12 @@ def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray
   lane_bit = np.uint64(1) << np.arange(formats.WORD_BITS, dtype=np.uint64)
   # __ballot_sync: bit t of word e of plane i = bit i of lane t's element e.
   planes = [(((u >> i) & 1).astype(np.uint64) * lane_bit).sum(-1) for i in range(a_bits)]  # [M, G, e]
-  planes = np.stack(planes).astype(np.uint32).reshape(a_bits, m, groups * _WORDS_PER_GROUP)
-  return planes, s.astype(np.float32)
+  planes = np.stack(planes).astype(np.uint32)  # [a_bits, M, G, e]
+  out = np.zeros((a_bits, m, formats.g4_words(k)), np.uint32)
+  for g in range(groups):
+    for e in range(_WORDS_PER_GROUP):
+      out[:, :, _word_index(g, e)] = planes[:, :, g, e]
+  return out, s.astype(np.float32)
 
 
 def _model_group_dot(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
@@ -124,21 +134,19 @@ def _model_group_dot(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
 
 
 def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int, decode_split: tuple[int, int] | None = None):
-  """bmma_gemm.cuh: per group, exact D_g, then acc += (s_x * s_w) * D_g in fp32; bf16 out.
+  """bmma_gemm.cuh: per group, exact D_g from the words at word_index(g, 0..3), then
+  acc += (s_x * s_w) * D_g in fp32; bf16 out.
 
-  decode_split = (kDecodeSplit, kDecodeUnroll): bmma_decode_kernel's order instead (M <= 8): warp
-  w sums the chunks of kUnroll groups w, w + kSplit, ..., then the warps' sums are added in order.
+  decode_split = (kDecodeSplit, 4): bmma_decode_kernel's order instead (M <= 8): warp w sums the
+  blocks of 4 groups w, w + kSplit, ..., then the warps' sums are added in order.
   """
   groups = formats.padded_k(k) // formats.GROUP_ALIGN
-  w_words = w_planes.shape[2]
-  # Weight words past K32 are not stored; the kernel reads them as zero.
-  w_full = np.zeros(w_planes.shape[:2] + (groups * _WORDS_PER_GROUP,), np.uint32)
-  w_full[..., :w_words] = w_planes
+  assert x_planes.shape[2] == w_planes.shape[2] == formats.g4_words(k)
   sw = np.asarray(w_scales).astype(np.float32)
   sums, terms = [], []
   for g in range(groups):
-    words = slice(_WORDS_PER_GROUP * g, _WORDS_PER_GROUP * (g + 1))
-    d = _model_group_dot(x_planes[..., words], w_full[..., words])
+    words = [_word_index(g, q) for q in range(_WORDS_PER_GROUP)]
+    d = _model_group_dot(x_planes[..., words], w_planes[..., words])
     sums.append(d)
     terms.append((x_scales[:, g, None] * sw[None, :, g]) * d.astype(np.float32))
   shape = (x_planes.shape[1], w_planes.shape[1])
@@ -167,11 +175,11 @@ def test_kernel_plan_equals_contract(a_bits, m, n, k):
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
   x_planes, x_scales = _model_act_quant(np.asarray(x, np.float32), a_bits)
   q_x, s_x = numerics.quantize_activation(x, a_bits)
-  # The activation planes are formats' "bitplanes" layout of the contract's q_x, bit for bit.
-  np.testing.assert_array_equal(x_planes, np.asarray(formats.pack_bitplanes(q_x, a_bits)))
+  # The activation planes are formats' "bitplanes_g4" layout of the contract's q_x, bit for bit.
+  np.testing.assert_array_equal(x_planes, np.asarray(formats.interleave_groups(formats.pack_bitplanes(q_x, a_bits))))
   np.testing.assert_array_equal(x_scales, np.asarray(s_x))
   ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
-  for order in (None, (4, 4), (4, 1), (2, 3)):  # the M > 8 kernels, bmma_decode_kernel's (configs.h) and others
+  for order in (None, (4, 4), (2, 4)):  # the M > 8 kernels, bmma_decode_kernel's (kDecodeSplit 4) and another split
     y, sums = _model_gemm(x_planes, x_scales, np.asarray(w_planes), s_w, k, decode_split=order)
     np.testing.assert_array_equal(sums, np.asarray(numerics.group_dots(q_x, q_w, 128)))  # exact
     # Only the fp32 summation order differs: at most one bf16 rounding step apart.
@@ -202,7 +210,7 @@ def test_clear_error_without_gpu():
 def test_dispatch_routes_bmma_and_checks_the_layer():
   _, q_w, s_w, w_planes = _layer_inputs(_rng(), 2, 16, 200)
   layer = QuantizedLinear(packed=w_planes, scales=s_w, in_features=200, out_features=16, w_bits=6, a_bits=6,
-                          group_size=128, layout="bitplanes", backend="bmma")
+                          group_size=128, layout="bitplanes_g4", backend="bmma")
   with pytest.raises(ValueError, match="bf16"):
     jnp.ones((2, 200), jnp.float32) @ layer
   assert matmul.to_backend({"l": layer.replace(backend="reference")}, "bmma")["l"].backend == "bmma"
@@ -225,7 +233,7 @@ def _assert_matches_contract(y, x, q_w, s_w, a_bits):
 @pytest.mark.parametrize("a_bits", [6, 8])
 @pytest.mark.parametrize("m", list(range(1, 18)) + [64, 256])
 def test_gpu_bmma_matmul_equals_contract(a_bits, m):
-  n, k = 200, 840  # N not a multiple of any tile; K32 = 864 (27 words stored), Kp = 896 (28 words)
+  n, k = 200, 840  # N not a multiple of any tile; 7 groups (the last ragged) padded to a block of 8
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
   y = jax.jit(bmma.bmma_matmul, static_argnames=("a_bits", "k"))(x, w_planes, s_w, a_bits=a_bits, k=k)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
@@ -250,7 +258,7 @@ def test_gpu_activation_planes_are_the_contract(a_bits):
   q_x, s_x = numerics.quantize_activation(x, a_bits)
   np.testing.assert_array_equal(np.asarray(scales), np.asarray(s_x))
   # Bit-equal: the nearest integer to the exact x / s (ties even) is one number everywhere.
-  np.testing.assert_array_equal(np.asarray(planes), np.asarray(formats.pack_bitplanes(q_x, a_bits)))
+  np.testing.assert_array_equal(np.asarray(planes), np.asarray(formats.interleave_groups(formats.pack_bitplanes(q_x, a_bits))))
 
 
 @pytest.mark.gpu
@@ -258,6 +266,6 @@ def test_gpu_activation_planes_are_the_contract(a_bits):
 def test_gpu_dispatch_through_quantized_linear():
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), 4, 48, 576)
   layer = QuantizedLinear(packed=w_planes, scales=s_w, in_features=576, out_features=48, w_bits=6, a_bits=8,
-                          group_size=128, layout="bitplanes", backend="bmma")
+                          group_size=128, layout="bitplanes_g4", backend="bmma")
   y = jax.jit(lambda x, l: x @ l)(x.reshape(2, 2, 576), layer)
   _assert_matches_contract(y.reshape(4, 48), x, q_w, s_w, 8)

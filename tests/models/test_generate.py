@@ -87,3 +87,27 @@ def test_bad_arguments():
     gen.pad_prompts([[1, 2], []], 0)
   with pytest.raises(ValueError, match="side"):
     gen.pad_prompts([[1]], 0, "middle")
+
+
+STACKED = llama.stack_layers(PARAMS)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("sampling", [gen.GREEDY, gen.SamplingConfig(temperature=1.0, top_k=20)],
+                         ids=["greedy", "sampled"])
+def test_stacked_params_generate_the_same_tokens(side, sampling):
+  tokens, mask = gen.pad_prompts(PROMPTS, 0, side)
+  outs = [gen.generate(p, CONFIG, tokens, mask, jax.random.key(3), max_new_tokens=7, sampling=sampling,
+                       cache_dtype=jnp.float32) for p in (PARAMS, STACKED)]
+  np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
+  np.testing.assert_array_equal(outs[1].num_generated, outs[0].num_generated)
+  np.testing.assert_allclose(outs[1].prompt_logits, outs[0].prompt_logits, rtol=0, atol=1e-5)
+
+
+def test_stacked_params_generate_with_bfloat16_cache_and_eos():
+  free = np.asarray(run(PROMPTS[:1], n=6).tokens[0])
+  config = dataclasses.replace(CONFIG, eos_token_id=int(free[2]))
+  tokens, mask = gen.pad_prompts(PROMPTS, 0)
+  outs = [gen.generate(p, config, tokens, mask, jax.random.key(0), max_new_tokens=6) for p in (PARAMS, STACKED)]
+  np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
+  np.testing.assert_array_equal(outs[1].num_generated, outs[0].num_generated)

@@ -1,4 +1,4 @@
-"""The Pallas W6A6 / W6A8 kernels against the numerics contract.
+"""The Pallas W6A6 / W6A8 kernels (and their 8-bit-weight "pallas8" path) against the numerics contract.
 
 TestW6AMatmul compiles for a GPU (marker `gpu`; skipped without one); TestW6AMatmulInterpret runs
 the same cases in Pallas interpret mode on the CPU. Every check draws fresh random inputs, so an
@@ -24,6 +24,12 @@ def _weights(rng, n: int, k: int, scale: float = 1.0):
   w = rng.standard_normal((n, k)).astype(np.float32) * scale
   q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
   return q, s, formats.pack(q, 6, "pallas6", k)
+
+
+def _weights8(rng, n: int, k: int, scale: float = 1.0):
+  w = rng.standard_normal((n, k)).astype(np.float32) * scale
+  q, s = numerics.quantize_weight(jnp.asarray(w), 8, 128)
+  return q, s, formats.pack(q, 8, "pallas8", k)
 
 
 # ---- the layout (CPU) -------------------------------------------------------------------------
@@ -102,8 +108,30 @@ def test_default_config_regimes():
   assert wk.default_config(4096, 8192, 8192).join_phases and wk.default_config(4096, 8192, 8192).block_m == 128
 
 
+def test_default_config_w8():
+  # The w8 gemv loads 128 bytes a row and group (w6: 96): 2 groups a step keep a step's loaded
+  # bytes a thread (256) at most w6's (4 x 96 = 384); the tensor-core tilings are w6's.
+  def step_bytes_per_thread(cfg, bytes_per_row_group):
+    return cfg.block_kg * cfg.block_n * bytes_per_row_group / (32 * cfg.num_warps)
+  for n, k in [(8192, 8192), (28672, 8192), (4096, 11008), (112, 600)]:
+    w6, w8 = wk.default_config(1, n, k), wk.default_config(1, n, k, w_bits=8)
+    assert w8.gemv and 1 <= w8.split_k <= max(1, -(-k // 128) // w8.block_kg)
+    assert step_bytes_per_thread(w8, 128) <= step_bytes_per_thread(w6, 96)
+    assert step_bytes_per_thread(w8, 128) >= step_bytes_per_thread(w6, 96) / 2
+  assert wk.default_config(1, 8192, 8192, w_bits=8).split_k == 8
+  assert wk.default_config(16, 8192, 8192, w_bits=8) == wk.default_config(16, 8192, 8192)
+  assert not wk.default_config(4096, 8192, 8192, w_bits=8).join_phases
+  with pytest.raises(ValueError, match="w_bits=4"):
+    wk.default_config(1, 64, 128, w_bits=4)
+
+
 def test_can_use_pallas():
   assert wk.can_use_pallas(a_bits=6, platform="gpu")
+  assert wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas8", platform="gpu")
+  assert wk.can_use_pallas(a_bits=6, w_bits=8, layout="pallas8", platform="cuda")
+  assert not wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas6", platform="gpu")
+  assert not wk.can_use_pallas(a_bits=8, w_bits=6, layout="pallas8", platform="gpu")
+  assert not wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas8", platform="cpu")
   assert wk.can_use_pallas(a_bits=8, platform="cuda")
   assert not wk.can_use_pallas(a_bits=6, platform="cpu")
   assert not wk.can_use_pallas(a_bits=16, platform="gpu")
@@ -125,6 +153,17 @@ def test_wrapper_errors():
     wk.w6a_matmul(x, packed, scales, a_bits=6, config=wk.TileConfig(split_k=3))
   with pytest.raises(ValueError, match="power of two"):
     wk.TileConfig(block_n=48)
+  # Neither layout: the message names both expected shapes.
+  for bad in (jnp.zeros((4, 2, 16, 128), jnp.uint8), jnp.zeros((4, 2, 3, 16, 32), jnp.int8),
+              jnp.zeros((4, 2, 16, 96), jnp.int8)):
+    with pytest.raises(ValueError, match=r"'pallas6' uint8 \[N/16, groups, 3, 16, 32\] or 'pallas8' int8 "
+                                         r"\[N/16, groups, 16, 128\]"):
+      wk.w6a_matmul(x, bad, scales, a_bits=6)
+  packed8 = jnp.zeros((4, 2, 16, 128), jnp.int8)
+  with pytest.raises(ValueError, match="k=384"):
+    wk.w6a_matmul(jnp.zeros((2, 384), jnp.bfloat16), packed8, scales, a_bits=8)
+  with pytest.raises(ValueError, match="w_scales"):
+    wk.w6a_matmul(x, packed8, scales[:32], a_bits=8)
 
 
 # ---- the kernels (GPU compiled, or CPU interpret) --------------------------------------------
@@ -139,8 +178,8 @@ class _W6AMatmulCases:
   def _check(self, x, packed, scales, a_bits, config=None):
     ref = np.asarray(wk.w6a_matmul_reference(x, packed, scales, a_bits=a_bits), np.float32)
     for use_asm in self.USE_ASM:
-      cfg = dataclasses.replace(config or wk.default_config(x.shape[0], packed.shape[1], x.shape[1]),
-                                unpack_asm=use_asm)
+      default = wk.default_config(x.shape[0], packed.shape[1], x.shape[1], w_bits=wk.weight_bits(packed))
+      cfg = dataclasses.replace(config or default, unpack_asm=use_asm)
       out = self._run(x, packed, scales, a_bits, cfg)
       assert out.shape == ref.shape and out.dtype == x.dtype
       out = np.asarray(out, np.float32)
@@ -231,6 +270,65 @@ class _W6AMatmulCases:
     np.testing.assert_array_equal(sums[:19], np.asarray(q_x[:19], np.int32).reshape(19, 3, 128).sum(-1))
 
 
+  # ---- 8-bit weights ("pallas8"): the same contract, no offset, phase-major int8 tiles ----
+
+  @pytest.mark.parametrize("m", [1, 3, 16, 17])
+  @pytest.mark.parametrize("k,a_bits", [(256, 6), (200, 8)])
+  def test_w8_against_reference(self, m, k, a_bits):
+    rng = _rng()
+    _, s, packed = _weights8(rng, 112, k)  # N = 112: not a multiple of any block_n > 16
+    assert packed.dtype == jnp.int8 and wk.weight_bits(packed) == 8
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    self._check(x, packed, s, a_bits)
+
+  @pytest.mark.parametrize("config", [
+      wk.TileConfig(block_m=16, block_n=32, split_k=3),
+      wk.TileConfig(block_m=32, block_n=64, split_k=2, group_m=2, join_phases=True),  # join: no meaning for w8
+      wk.TileConfig(gemv=True, block_n=32, num_warps=2, block_kg=2, split_k=2, num_stages=1),
+      wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=3, split_k=2, prefetch=True),
+  ], ids=["mma-split3", "mma-join", "gemv-kg2-split2", "gemv-kg3-split2-prefetch"])
+  @pytest.mark.parametrize("m,a_bits", [(1, 8), (3, 6)])
+  def test_w8_tilings(self, config, m, a_bits):
+    # N = 112: not a multiple of 32 or 64; K = 600 -> 5 groups: ragged against block_kg and split_k.
+    rng = _rng()
+    _, s, packed = _weights8(rng, 112, 600)
+    x = jnp.asarray(rng.standard_normal((m, 600)), jnp.bfloat16)
+    self._check(x, packed, s, a_bits, config)
+
+  @pytest.mark.parametrize("config", [
+      None,
+      wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=2, split_k=2, num_stages=1),
+      wk.TileConfig(block_m=16, block_n=16, split_k=2),
+  ], ids=["default", "gemv", "mma"])
+  def test_w8_exact_integer_group_sums(self, config):
+    # Power-of-two scales on both sides: the output must equal the integer sum exactly, for the
+    # whole int8 range of q_w (-128 included: the layout and dp4a.s32 hold it).
+    rng = _rng()
+    m, n, k = 3, 48, 384
+    q_w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    q_w[:, [0, 128, 256]] = [127, -128, -127]
+    s_w = jnp.full((n, 3), 2.0 ** -7, jnp.float16)
+    packed = formats.pack_pallas8(jnp.asarray(q_w))
+    for a_bits, qmax in A_BITS_AND_QMAX.items():
+      q_x = rng.integers(-qmax, qmax + 1, (m, k)).astype(np.float32)
+      q_x[:, [0, 128, 256]] = qmax  # s_x = 2^2 exactly
+      x = jnp.asarray(q_x * 4.0)
+      want = (q_x.astype(np.int64) @ q_w.T.astype(np.int64)) * 4.0 * 2.0 ** -7
+      out = wk.w6a_matmul(x, packed, s_w, a_bits=a_bits, config=config, interpret=self.INTERPRET)
+      np.testing.assert_array_equal(np.asarray(out, np.float64), want)
+
+  def test_w8_zeros(self):
+    rng = _rng()
+    n, k = 64, 256
+    _, s, packed = _weights8(rng, n, k)
+    for m in (1, 5):  # the gemv and the tensor-core kernel
+      zeros = jnp.zeros((m, k), jnp.bfloat16)
+      np.testing.assert_array_equal(np.asarray(self._run(zeros, packed, s, 8), np.float32), 0.0)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.bfloat16)
+    q0 = formats.pack_pallas8(jnp.zeros((n, k), jnp.int8))  # all-zero weights: scale 0
+    np.testing.assert_array_equal(np.asarray(self._run(x, q0, jnp.zeros((n, 2), jnp.float16), 6)), 0.0)
+
+
 A_BITS_AND_QMAX = {6: 31, 8: 127}
 
 
@@ -242,9 +340,10 @@ class TestW6AMatmul(_W6AMatmulCases):
 
   @pytest.mark.parametrize("m", [1, 8, 64, 256, 1024])
   @pytest.mark.parametrize("a_bits", [6, 8])
-  def test_llama_shapes(self, m, a_bits):
+  @pytest.mark.parametrize("w_bits", [6, 8])
+  def test_llama_shapes(self, m, a_bits, w_bits):
     rng = _rng()
-    _, s, packed = _weights(rng, 4096, 4096, scale=0.02)
+    _, s, packed = (_weights if w_bits == 6 else _weights8)(rng, 4096, 4096, scale=0.02)
     x = jnp.asarray(rng.standard_normal((m, 4096)), jnp.bfloat16)
     self._check(x, packed, s, a_bits)
 

@@ -1,10 +1,11 @@
 // Dynamic activation quantization to bit planes. Ran on an H200 (2026-11-27).
 //
 // One warp per (token m, K-group g). Lane t holds the 4 elements k = 128g + 32e + t
-// (e = 0..3), so __ballot_sync over the lanes yields word 4g+e of a plane with bit t =
-// element 32(4g+e)+t: exactly the "bitplanes" layout of flexq_jax/formats.py:
-//   planes[i, m, w] bit t = bit i of (q[m, 32w + t] mod 2^b),  shape [b, M, Kp/32]
-// Elements past K read as zero, which changes neither the group max nor any sum.
+// (e = 0..3), so __ballot_sync over the lanes yields word e of group g of a plane with bit t =
+// element 128g + 32e + t, stored at word_index(g, e): the "bitplanes_g4" layout of
+// flexq_jax/formats.py (bitplanes with 4 groups' words interleaved, configs.h), shape
+// [b, M, 4 * padded_groups]. Elements past K read as zero, which changes neither the group max
+// nor any sum; the groups that pad the last block get zero words (scales only for real groups).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,16 +17,17 @@ namespace flexq {
 
 template <int kABits>
 __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
-                                 uint32_t* __restrict__ planes,        // [kABits, M, 4 * groups]
+                                 uint32_t* __restrict__ planes,        // [kABits, M, 4 * padded_groups]
                                  float* __restrict__ scales,           // [M, groups]
                                  int m, int k, int groups) {
   static_assert(kWordsPerGroup * kABits <= 32, "one lane stores each plane word");
   const int lane = threadIdx.x & 31;
   const long task = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   // A whole warp shares `task`, so it leaves together and the ballots below stay full-mask.
-  if (task >= static_cast<long>(m) * groups) return;
-  const int row = static_cast<int>(task / groups);
-  const int g = static_cast<int>(task % groups);
+  const int groups_p = padded_groups(groups);
+  if (task >= static_cast<long>(m) * groups_p) return;
+  const int row = static_cast<int>(task / groups_p);
+  const int g = static_cast<int>(task % groups_p);
 
   float v[kWordsPerGroup];
   float amax = 0.f;
@@ -46,7 +48,7 @@ __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
   const float s = __uint_as_float(__float_as_uint(amax * (1.0f / static_cast<float>(kQMax))) & 0xFFFFFE00u);
   const float sb = s > 0.f ? s : 1.f;
   const float inv = 1.0f / sb;
-  if (lane == 0) scales[static_cast<long>(row) * groups + g] = s;
+  if (lane == 0 && g < groups) scales[static_cast<long>(row) * groups + g] = s;
 
   uint32_t my_word = 0;  // lane e * kABits + i keeps word e of plane i
 #pragma unroll
@@ -66,7 +68,7 @@ __global__ void act_quant_kernel(const __nv_bfloat16* __restrict__ x,  // [M, K]
   }
   if (lane < kWordsPerGroup * kABits) {
     const int e = lane / kABits, i = lane % kABits;
-    planes[(static_cast<long>(i) * m + row) * (kWordsPerGroup * groups) + kWordsPerGroup * g + e] = my_word;
+    planes[(static_cast<long>(i) * m + row) * (kWordsPerGroup * groups_p) + word_index(g, e)] = my_word;
   }
 }
 

@@ -4,11 +4,11 @@
 //   D_g = sum_k q_x q_w over group g = sum_ij c_i c_j popc(X_i[m, g] AND W_j[n, g]),
 //   c_i = 2^i, c_(b-1) = -2^(b-1) (two's complement planes).
 //
-// Planes come straight from global memory in the "bitplanes" layout (uint32 [b, rows,
-// words], word w = k 32w..32w+31): for group g, lane (group r, quad q) of a warp loads word
-// 4g+q of row r, which is its m8n8k128 fragment as is (ptx_mma.cuh). Weight rows store K
-// only up to a multiple of 32, so words past w_words read as zero (K padding); rows past M
-// or N read as zero and are never stored.
+// Planes come straight from global memory in the "bitplanes_g4" layout (uint32 [b, rows,
+// words]; configs.h: word q of group g, bits k = 128g + 32q .. +31, sits at word_index(g, q),
+// rows padded with zero words to whole blocks of 4 groups): for group g, lane (group r, quad q)
+// of a warp reads word q of group g of row r, which is its m8n8k128 fragment as is
+// (ptx_mma.cuh). Rows past M or N read as zero and are never stored.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -46,25 +46,30 @@ __device__ __forceinline__ void group_dot(const uint32_t (&xf)[kABits], const ui
   }
 }
 
+// Word u of a 16-byte load (u a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t component(const uint4& v, int u) {
+  return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w;
+}
+
 template <int kABits, class Tile>
 __global__ void __launch_bounds__(Tile::kThreads)
 bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]  x_words = 4 * groups
                  const float* __restrict__ x_scales,     // [M, groups]
-                 const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, w_words]  w_words <= x_words
+                 const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, x_words]
                  const __half* __restrict__ w_scales,    // [N, groups]
                  __nv_bfloat16* __restrict__ y,          // [M, N]
-                 int m, int n, int w_words, int groups) {
+                 int m, int n, int groups) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int lane_row = lane >> 2;  // fragment row (A) / column (B) of this lane
   const int lane_quad = lane & 3;  // which 32-bit word of the group
   const int row0 = blockIdx.y * Tile::kBlockM + (warp / Tile::kWarpsN) * Tile::kWarpM;
   const int col0 = blockIdx.x * Tile::kBlockN + (warp % Tile::kWarpsN) * Tile::kWarpN;
-  const int x_words = kWordsPerGroup * groups;
+  const int x_words = kWordsPerGroup * padded_groups(groups);
 
   float acc[Tile::kMmaM][Tile::kMmaN][2] = {};
   for (int g = 0; g < groups; ++g) {
-    const int word = kWordsPerGroup * g + lane_quad;
+    const int word = word_index(g, lane_quad);
     uint32_t xf[Tile::kMmaM][kABits];
 #pragma unroll
     for (int mi = 0; mi < Tile::kMmaM; ++mi) {
@@ -77,10 +82,9 @@ bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
 #pragma unroll
     for (int ni = 0; ni < Tile::kMmaN; ++ni) {
       const int c = col0 + ni * 8 + lane_row;
-      const bool live = c < n && word < w_words;
 #pragma unroll
       for (int j = 0; j < kWeightBits; ++j)
-        wf[ni][j] = live ? __ldg(w_planes + (static_cast<long>(j) * n + c) * w_words + word) : 0u;
+        wf[ni][j] = c < n ? __ldg(w_planes + (static_cast<long>(j) * n + c) * x_words + word) : 0u;
     }
     // Output element e of a tile sits at (row lane_row, column 2 * lane_quad + e).
     float sx[Tile::kMmaM];
@@ -124,18 +128,20 @@ bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
 }
 
 // Decode, M <= 8: one m8 tile of tokens, a block of kSplit warps on 8 output channels. Warp w
-// takes the chunks of kUnroll groups w, w + kSplit, ...; a step loads all kUnroll groups' planes
-// (6 weight + kABits activation words a lane each) before its MMAs, so kUnroll x (6 + kABits)
-// loads a lane are in flight, and the kUnroll group dots are independent MMA chains. The warps'
-// fp32 partial sums meet in shared memory, added in warp order.
-template <int kABits, int kSplit, int kUnroll>
+// takes the blocks of kInterleave groups w, w + kSplit, ...; a step loads its block's planes
+// with one 16-byte load a plane and lane (the lane's fragment word for all 4 groups: the
+// "bitplanes_g4" interleave), 6 + kABits loads a lane in flight, before the 4 groups' MMA
+// chains, which are independent. The warps' fp32 partial sums meet in shared memory, added in
+// warp order.
+template <int kABits, int kSplit>
 __global__ void __launch_bounds__(32 * kSplit, kDecodeBlocksPerSM)
 bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
                    const float* __restrict__ x_scales,     // [M, groups]
-                   const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, w_words]
+                   const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, x_words]
                    const __half* __restrict__ w_scales,    // [N, groups]
                    __nv_bfloat16* __restrict__ y,          // [M, N], M <= 8
-                   int m, int n, int w_words, int groups) {
+                   int m, int n, int groups) {
+  constexpr int kUnroll = kInterleave;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int lane_row = lane >> 2;  // A: token row; B: output channel col0 + lane_row
@@ -143,24 +149,26 @@ bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_word
   const int col0 = blockIdx.x * 8;
   const int c = col0 + lane_row;
   const bool row_live = lane_row < m, col_live = c < n;
-  const int x_words = kWordsPerGroup * groups;
+  const int x_words = kWordsPerGroup * padded_groups(groups);
 
   float acc[2] = {0.f, 0.f};
   for (int g0 = warp * kUnroll; g0 < groups; g0 += kSplit * kUnroll) {
-    uint32_t xf[kUnroll][kABits], wf[kUnroll][kWeightBits];
+    // Padded rows hold whole blocks, so a block's 16 bytes are in bounds even past `groups`.
+    const int word = kWordsPerBlock * (g0 / kInterleave) + kInterleave * lane_quad;
+    uint4 xv[kABits], wv[kWeightBits];
+#pragma unroll
+    for (int i = 0; i < kABits; ++i)
+      xv[i] = row_live ? __ldg(reinterpret_cast<const uint4*>(x_planes + (static_cast<long>(i) * m + lane_row) * x_words + word))
+                       : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int j = 0; j < kWeightBits; ++j)
+      wv[j] = col_live ? __ldg(reinterpret_cast<const uint4*>(w_planes + (static_cast<long>(j) * n + c) * x_words + word))
+                       : make_uint4(0u, 0u, 0u, 0u);
     float sx[kUnroll], sw[kUnroll][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int g = g0 + u;
       const bool live = g < groups;
-      const int word = kWordsPerGroup * g + lane_quad;
-#pragma unroll
-      for (int i = 0; i < kABits; ++i)
-        xf[u][i] = live && row_live ? __ldg(x_planes + (static_cast<long>(i) * m + lane_row) * x_words + word) : 0u;
-#pragma unroll
-      for (int j = 0; j < kWeightBits; ++j)
-        wf[u][j] = live && col_live && word < w_words
-                       ? __ldg(w_planes + (static_cast<long>(j) * n + c) * w_words + word) : 0u;
       sx[u] = live && row_live ? __ldg(x_scales + static_cast<long>(lane_row) * groups + g) : 0.f;
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
@@ -170,8 +178,13 @@ bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_word
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      uint32_t xf[kABits], wf[kWeightBits];
+#pragma unroll
+      for (int i = 0; i < kABits; ++i) xf[i] = component(xv[i], u);
+#pragma unroll
+      for (int j = 0; j < kWeightBits; ++j) wf[j] = component(wv[j], u);
       int32_t d[2];
-      group_dot<kABits, kWeightBits>(xf[u], wf[u], d);
+      group_dot<kABits, kWeightBits>(xf, wf, d);
 #pragma unroll
       for (int e = 0; e < 2; ++e) acc[e] += (sx[u] * sw[u][e]) * static_cast<float>(d[e]);
     }

@@ -10,6 +10,17 @@ constexpr int kWordBits = 32;
 constexpr int kWordsPerGroup = kGroupSize / kWordBits;
 constexpr int kWeightBits = 6;  // the kernel is W6 only; activations are 6 or 8 bits
 
+// The "bitplanes_g4" layout (flexq_jax/formats.py) both operands use: a plane row's words in
+// blocks of 4 groups with the 4 groups' words interleaved, word 4q + u of block b = word q of
+// group 4b + u; rows are padded to whole blocks with zeros. A lane's fragment word q of 4
+// consecutive groups is one 16-byte load.
+constexpr int kInterleave = 4;
+constexpr int kWordsPerBlock = kInterleave * kWordsPerGroup;
+__host__ __device__ constexpr int padded_groups(int groups) { return (groups + kInterleave - 1) / kInterleave * kInterleave; }
+__device__ __forceinline__ int word_index(int g, int quad) {
+  return kWordsPerBlock * (g / kInterleave) + kInterleave * quad + g % kInterleave;
+}
+
 // A block is a kWarpsM x kWarpsN grid of warps; each warp owns kMmaM x kMmaN tiles of 8x8
 // outputs (rows = tokens M, columns = output channels N).
 template <int kWarpsM_, int kWarpsN_, int kMmaM_, int kMmaN_>
@@ -34,11 +45,9 @@ using LargeTile = TileConfig<2, 2, 2, 2>;  // block 32 x 32
 
 // Decode (M <= 8), bmma_decode_kernel: a block owns 8 output channels and kDecodeSplit warps
 // share its K range (group chunks interleaved, partial sums added in shared memory at the end),
-// each warp kDecodeUnroll groups a step with all their loads issued first. 70B 8192 x 8192:
-// 1024 blocks x 4 warps, ~31 warps an SM streaming weights (the kernel above has 8 a block-N
-// tile and one warp walking all of K).
+// each warp one block of kInterleave groups a step: one 16-byte load a plane and lane. 70B
+// 8192 x 8192: 1024 blocks x 4 warps, ~31 warps an SM streaming weights.
 constexpr int kDecodeSplit = 4;
-constexpr int kDecodeUnroll = 4;
 constexpr int kDecodeBlocksPerSM = 4;  // caps registers at 128 (150+ uncapped: 3 blocks an SM)
 
 }  // namespace flexq

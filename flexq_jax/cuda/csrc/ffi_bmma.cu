@@ -1,10 +1,11 @@
 // XLA FFI handlers: shape checks, tile choice, kernel launch.
 //
 // Two custom calls, so XLA owns the intermediate activation planes:
-//   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, Kp/32], scales f32 [M, Kp/128]
-//   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, K32/32], w_scales f16 [N, Kp/128]
+//   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, W], scales f32 [M, G]
+//   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, W], w_scales f16 [N, G]
 //                         -> y bf16 [M, N]
-// Kp = K rounded up to 128, K32 = K rounded up to 32 (formats.padded_k / formats.stored_k).
+// G = K / 128 rounded up (formats.padded_k), W = 4 x G rounded up to a multiple of 4: the
+// "bitplanes_g4" layout of both operands (configs.h, flexq_jax/formats.py).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -49,12 +50,13 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Resu
   if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + dims_str(x.dimensions()));
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
   const int64_t groups = ceil_div(k, kGroupSize);
-  if (auto e = expect_dims("activation planes", planes->dimensions(), {a_bits, m, groups * kWordsPerGroup}); e.failure()) return e;
+  const int64_t words = kWordsPerGroup * padded_groups(static_cast<int>(groups));
+  if (auto e = expect_dims("activation planes", planes->dimensions(), {a_bits, m, words}); e.failure()) return e;
   if (auto e = expect_dims("activation scales", scales->dimensions(), {m, groups}); e.failure()) return e;
   if (m == 0 || groups == 0) return ffi::Error::Success();
 
   constexpr int kThreads = 256;  // 8 (token, group) tasks a block
-  const int64_t blocks = ceil_div(m * groups * 32, kThreads);
+  const int64_t blocks = ceil_div(m * padded_groups(static_cast<int>(groups)) * 32, kThreads);
   const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.typed_data());
   if (a_bits == 6) {
     act_quant_kernel<6><<<blocks, kThreads, 0, stream>>>(xp, planes->typed_data(), scales->typed_data(), m, k, groups);
@@ -68,21 +70,21 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Resu
 
 template <int kABits, class Tile>
 void launch_gemm(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp, const __half* ws,
-                 __nv_bfloat16* y, int m, int n, int w_words, int groups) {
+                 __nv_bfloat16* y, int m, int n, int groups) {
   const dim3 grid(ceil_div(n, Tile::kBlockN), ceil_div(m, Tile::kBlockM));
-  bmma_gemm_kernel<kABits, Tile><<<grid, Tile::kThreads, 0, stream>>>(xp, xs, wp, ws, y, m, n, w_words, groups);
+  bmma_gemm_kernel<kABits, Tile><<<grid, Tile::kThreads, 0, stream>>>(xp, xs, wp, ws, y, m, n, groups);
 }
 
 template <int kABits>
 void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp,
-                       const __half* ws, __nv_bfloat16* y, int m, int n, int w_words, int groups) {
+                       const __half* ws, __nv_bfloat16* y, int m, int n, int groups) {
   if (m <= 8) {
-    bmma_decode_kernel<kABits, kDecodeSplit, kDecodeUnroll><<<ceil_div(n, 8), 32 * kDecodeSplit, 0, stream>>>(
-        xp, xs, wp, ws, y, m, n, w_words, groups);
+    bmma_decode_kernel<kABits, kDecodeSplit><<<ceil_div(n, 8), 32 * kDecodeSplit, 0, stream>>>(
+        xp, xs, wp, ws, y, m, n, groups);
   } else if (m <= DecodeM16Tile::kBlockM) {
-    launch_gemm<kABits, DecodeM16Tile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+    launch_gemm<kABits, DecodeM16Tile>(stream, xp, xs, wp, ws, y, m, n, groups);
   } else {
-    launch_gemm<kABits, LargeTile>(stream, xp, xs, wp, ws, y, m, n, w_words, groups);
+    launch_gemm<kABits, LargeTile>(stream, xp, xs, wp, ws, y, m, n, groups);
   }
 }
 
@@ -95,10 +97,10 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Bu
     return ffi::Error::InvalidArgument("plane arrays must be 3-D [bits, rows, words]");
   const int64_t m = x_planes.dimensions()[1], n = w_planes.dimensions()[1];
   const int64_t groups = ceil_div(k, kGroupSize);
-  const int64_t w_words = ceil_div(k, kWordBits);
-  if (auto e = expect_dims("activation planes", x_planes.dimensions(), {a_bits, m, groups * kWordsPerGroup}); e.failure()) return e;
+  const int64_t words = kWordsPerGroup * padded_groups(static_cast<int>(groups));  // "bitplanes_g4" rows
+  if (auto e = expect_dims("activation planes", x_planes.dimensions(), {a_bits, m, words}); e.failure()) return e;
   if (auto e = expect_dims("activation scales", x_scales.dimensions(), {m, groups}); e.failure()) return e;
-  if (auto e = expect_dims("weight planes", w_planes.dimensions(), {kWeightBits, n, w_words}); e.failure()) return e;
+  if (auto e = expect_dims("weight planes", w_planes.dimensions(), {kWeightBits, n, words}); e.failure()) return e;
   if (auto e = expect_dims("weight scales", w_scales.dimensions(), {n, groups}); e.failure()) return e;
   if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
   if (m == 0 || n == 0) return ffi::Error::Success();
@@ -107,10 +109,10 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Bu
   auto* yp = reinterpret_cast<__nv_bfloat16*>(y->typed_data());
   if (a_bits == 6) {
     launch_gemm_for_m<6>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
-                         w_words, groups);
+                         groups);
   } else {
     launch_gemm_for_m<8>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
-                         w_words, groups);
+                         groups);
   }
   return last_cuda_error("flexq_bmma_gemm launch");
 }
@@ -122,16 +124,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaActQuant, flexq::ActQuantImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
-                                  .Ret<ffi::Buffer<ffi::U32>>()   // planes [a_bits, M, Kp/32]
+                                  .Ret<ffi::Buffer<ffi::U32>>()   // planes [a_bits, M, 4 * padded groups] ("bitplanes_g4")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // scales [M, Kp/128]
                                   .Attr<int32_t>("a_bits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaGemm, flexq::GemmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // activation planes [a_bits, M, Kp/32]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // activation planes [a_bits, M, 4 * padded groups]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // activation scales [M, Kp/128]
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // weight planes [6, N, K32/32]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // weight planes [6, N, 4 * padded groups]
                                   .Arg<ffi::Buffer<ffi::F16>>()  // weight scales [N, Kp/128]
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")

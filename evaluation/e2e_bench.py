@@ -1,0 +1,348 @@
+"""End-to-end benchmark: prefill latency, decode tokens/s, weight bytes and peak memory of a LLaMA
+on one GPU with bf16, W8A8 and FlexQ linear layers (random weights at the real shapes).
+
+    python -m evaluation.e2e_bench                       # LLaMA-2-7B, batch 1/8/32, prompt 128/1024
+    python -m evaluation.e2e_bench --models llama2-7b,llama2-13b --batches 1 --prompts 128
+    flexq bench ...                                      # the same
+
+Methods (every linear layer of every block; embeddings, norms, attention and the KV cache stay bf16):
+  bf16         XLA bf16 dots (cuBLAS).
+  w8a8-xla     int8 weights per channel, per-token int8 activations, XLA's int8 dot
+               (evaluation.baselines.Int8Linear): what a JAX user has today.
+  w8a8-pallas  8-bit weights through our Pallas kernel (flexq_jax QuantizedLinear, layout
+               "pallas8", group-128 scales, A8): the same kernel as FlexQ, only the weight width
+               differs.
+  flexq        W6A6 with A8 on every down_proj (FlexQ's released rule; the sensitivity analysis
+               needs real weights), 6-bit weights on the backend flexq_jax.dispatch picks per layer.
+  flexq-bmma   the same on the CUDA BMMA kernel (optional: --methods).
+
+Layers: unrolled (a list of per-layer weights, what generate() runs) by default. `--layers
+stacked` scans one stacked copy instead: it compiles faster, but XLA slices each layer's weights
+out of the stack into a fresh buffer every decode step (a dynamic slice feeding a GEMM custom
+call), which doubles the weight traffic (measured on an H200: results/e2e/NOTES.md).
+
+Timing: the prefill (KV cache made inside, prompt [B, P]) and a jit-compiled greedy decode loop of
+`new_tokens` steps (lax.fori_loop, no early stop; cache donated) are compiled ahead of time, run
+once to warm up, then timed on the host around block_until_ready (the loop's one dispatch is
+negligible against hundreds of steps). Peak memory is XLA's plan for the larger of the two
+programs (arguments + outputs + temporaries - aliased). Every finished configuration is written at once (markdown, JSON, plot), so a
+run cut short keeps what it measured; --budget-s stops starting new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evaluation import baselines
+from flexq_jax import dispatch, formats
+from flexq_jax.qlinear import QuantizedLinear
+from models import config as model_configs
+from models import llama
+
+METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma")
+DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
+MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
+          "llama2-70b": model_configs.llama2_70b, "tiny": None}
+A8_PROJECTIONS = ("down_proj",)  # FlexQ's released rule
+
+
+def tiny_config() -> model_configs.LlamaConfig:
+  """A small LLaMA for tests and CPU smoke runs (every dimension a multiple of 16)."""
+  return model_configs.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
+
+
+def model_config(name: str) -> model_configs.LlamaConfig:
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+  return tiny_config() if name == "tiny" else MODELS[name]()
+
+
+def _shapes(cfg) -> dict[str, tuple[int, int]]:
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  return {"q_proj": (d, cfg.q_size), "k_proj": (d, cfg.kv_size), "v_proj": (d, cfg.kv_size),
+          "o_proj": (cfg.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
+  """A stacked [layers, ...] weight leaf of `method` with random values of a realistic scale."""
+  kw, ks = jax.random.split(key)
+  groups = formats.padded_k(k) // 128
+  if method == "bf16":
+    return (0.02 * jax.random.normal(kw, (layers, k, n), jnp.float32)).astype(jnp.bfloat16)
+  if method == "w8a8-xla":
+    w = jax.random.randint(kw, (layers, k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    return baselines.Int8Linear(w=w, scale=jax.random.uniform(ks, (layers, n), jnp.float32, 2e-4, 4e-4))
+  if method == "w8a8-pallas":
+    packed = jax.random.randint(kw, (layers, n // 16, groups, 16, 128), -127, 128, jnp.int32).astype(jnp.int8)
+    w_bits, layout, backend, scale = 8, "pallas8", "pallas", 3e-4
+  elif method in ("flexq", "flexq-bmma"):
+    w_bits, scale = 6, 1e-3
+    if method == "flexq-bmma":  # any words are valid bit planes (the padding words should be 0: timing only)
+      layout, backend = "bitplanes_g4", "bmma"
+      packed = jax.random.bits(kw, (layers, 6, n, formats.g4_words(k)), jnp.uint32)
+    else:
+      layout = "pallas6"
+      packed = jax.random.bits(kw, (layers, n // 16, groups, 3, 16, 32), jnp.uint8)  # any bytes are valid
+      template = QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=6, a_bits=a_bits,
+                                 group_size=128, layout=layout)
+      backend = dispatch.choose(template, 1)[0]
+      if backend == "bmma":  # the table prefers BMMA here: store its layout instead
+        layout = "bitplanes_g4"
+        packed = jax.random.bits(kw, (layers, 6, n, formats.g4_words(k)), jnp.uint32)
+  else:
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+  scales = jax.random.uniform(ks, (layers, n, groups), jnp.float32, 0.5 * scale, 1.5 * scale).astype(jnp.float16)
+  return QuantizedLinear(packed=packed, scales=scales, in_features=k, out_features=n, w_bits=w_bits,
+                         a_bits=a_bits if method != "w8a8-pallas" else 8, group_size=128, layout=layout,
+                         backend=backend)
+
+
+def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict:
+  """Parameters with `method`'s linear layers: a list of per-layer dicts (layers="list", the form
+  generate() runs unrolled) or the stacked form models.llama.stack_layers makes ("stacked": one
+  lax.scan over the layers)."""
+  key = jax.random.key(seed)
+  keys = iter(jax.random.split(key, 16))
+  if layers not in ("list", "stacked"):
+    raise ValueError(f"layers must be 'list' or 'stacked', got {layers!r}")
+  d, L = cfg.hidden_size, cfg.num_layers
+  blocks = {name: random_linear(method, next(keys), L, k, n, 8 if name in A8_PROJECTIONS else 6)
+            for name, (k, n) in _shapes(cfg).items()}
+  blocks["input_layernorm"] = jnp.ones((L, d), jnp.bfloat16)
+  blocks["post_attention_layernorm"] = jnp.ones((L, d), jnp.bfloat16)
+  params = {"embed_tokens": (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16),
+            "layers": blocks, "norm": jnp.ones((d,), jnp.bfloat16)}
+  if not cfg.tie_word_embeddings:
+    params["lm_head"] = (0.02 * jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32)).astype(jnp.bfloat16)
+  return llama.unstack_layers(params) if layers == "list" else params
+
+
+def linear_bytes(params: dict) -> int:
+  """Bytes of the linear layers' weights (packed weights + scales), all blocks."""
+  layers = [params["layers"]] if llama.is_stacked(params) else params["layers"]
+  return sum(int(x.size) * x.dtype.itemsize for layer in layers for name in llama.PROJECTIONS
+             for x in jax.tree.leaves(layer[name]))
+
+
+def _prefill(params, tokens, *, cfg, max_len):
+  cache = llama.init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16, stacked=llama.is_stacked(params))
+  logits, cache = llama.forward(params, cfg, tokens, None, cache)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def _decode(params, cache, token, *, cfg, steps):
+  def body(_, carry):
+    token, cache = carry
+    logits, cache = llama.forward(params, cfg, token[:, None], None, cache)
+    return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+  return jax.lax.fori_loop(0, steps, body, (token, cache))
+
+
+def _peak(compiled) -> int:
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+@dataclasses.dataclass
+class Row:
+  model: str
+  method: str
+  batch: int
+  prompt: int
+  new_tokens: int
+  layers: str = "list"
+  prefill_ms: float = float("nan")
+  decode_ms_per_step: float = float("nan")
+  decode_tok_s: float = float("nan")
+  linear_weight_bytes: int = 0
+  peak_plan_bytes: int = 0
+  backends: str = ""
+  compile_s: float = float("nan")
+  error: str = ""
+
+
+def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print) -> Row:
+  row = Row(model, method, batch, prompt, new_tokens, "stacked" if llama.is_stacked(params) else "list",
+            linear_weight_bytes=linear_bytes(params))
+  kinds = sorted({l.backend for l in jax.tree.leaves(params["layers"], is_leaf=lambda l: isinstance(l, QuantizedLinear))
+                  if isinstance(l, QuantizedLinear)})
+  row.backends = ",".join(kinds) or "xla"
+  tokens = jax.random.randint(jax.random.key(batch * 7919 + prompt), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
+  t0 = time.perf_counter()
+  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + new_tokens)).lower(params, tokens).compile()
+  tok, cache = prefill(params, tokens)
+  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=new_tokens), donate_argnums=(1,)).lower(
+      params, cache, tok).compile()
+  row.compile_s = time.perf_counter() - t0
+  row.peak_plan_bytes = max(_peak(prefill), _peak(decode))
+
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    tok, cache = jax.block_until_ready(prefill(params, tokens))
+    times.append(time.perf_counter() - t0)
+  row.prefill_ms = 1e3 * float(np.median(times))
+  dec = []
+  for _ in range(2):  # warm-up, then timed
+    tok, cache = jax.block_until_ready(prefill(params, tokens))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(decode(params, cache, tok))
+    dec.append(time.perf_counter() - t0)
+    del out
+  step = dec[-1] / new_tokens
+  row.decode_ms_per_step = 1e3 * step
+  row.decode_tok_s = batch / step
+  log(f"{model} {method:12s} B={batch:3d} P={prompt:5d}: prefill {row.prefill_ms:8.1f} ms  decode "
+      f"{row.decode_ms_per_step:7.2f} ms/step {row.decode_tok_s:9.1f} tok/s  linear weights "
+      f"{row.linear_weight_bytes / 2**30:6.2f} GiB  peak plan {row.peak_plan_bytes / 2**30:6.2f} GiB  "
+      f"[{row.backends}] compile {row.compile_s:.0f}s")
+  return row
+
+
+def markdown(rows: list[Row], card: str, device: str, date: str) -> str:
+  lines = [f"# End-to-end LLaMA on {device} ({card}), {date}", "",
+           "Random weights at the real shapes; greedy decode of `new` tokens after a prompt of P tokens, batch B. "
+           "Speedups are over bf16 and the two W8A8 runs of the same model, batch and prompt. Weight bytes: the linear "
+           "layers only (packed weights + scales). Peak: XLA's memory plan of the larger program (prefill or decode "
+           "loop: parameters, KV cache, temporaries).", "",
+           "| model | method | B | P | new | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | x W8A8 pallas | "
+           "linear GiB | of bf16 | peak GiB | backends |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+  base = {(r.model, r.method, r.batch, r.prompt): r for r in rows}
+  for r in rows:
+    def ratio(other, field="decode_tok_s"):
+      o = base.get((r.model, other, r.batch, r.prompt))
+      return getattr(r, field) / getattr(o, field) if o and getattr(o, field) > 0 else float("nan")
+    bf = base.get((r.model, "bf16", r.batch, r.prompt))
+    of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf else float("nan")
+    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.prefill_ms:.1f} | "
+                 f"{r.decode_ms_per_step:.2f} | {r.decode_tok_s:.1f} | {ratio('bf16'):.2f} | {ratio('w8a8-xla'):.2f} | "
+                 f"{ratio('w8a8-pallas'):.2f} | {r.linear_weight_bytes / 2**30:.2f} | {of_bf16:.3f} | "
+                 f"{r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
+  failed = [r for r in rows if r.error]
+  if failed:
+    lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method} B={r.batch} P={r.prompt}: {r.error}"
+                                                   for r in failed]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  configs = sorted({(r.model, r.batch, r.prompt) for r in rows})
+  methods = [m for m in METHODS if any(r.method == m for r in rows)]
+  if not configs:
+    return
+  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 4))
+  width = 0.8 / max(1, len(methods))
+  for i, m in enumerate(methods):
+    vals = []
+    for c in configs:
+      r = next((r for r in rows if (r.model, r.batch, r.prompt) == c and r.method == m), None)
+      bf = next((r for r in rows if (r.model, r.batch, r.prompt) == c and r.method == "bf16"), None)
+      vals.append(r.decode_tok_s / bf.decode_tok_s if r and bf else 0.0)
+    ax.bar(np.arange(len(configs)) + i * width, vals, width, label=m)
+  ax.set_xticks(np.arange(len(configs)) + width * (len(methods) - 1) / 2)
+  ax.set_xticklabels([f"{m}\nB={b} P={p}" for m, b, p in configs], fontsize=7)
+  ax.set_ylabel("decode tokens/s, x bf16")
+  ax.axhline(1.0, color="gray", lw=0.5)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(",") if v)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="flexq bench", description=__doc__.split("\n\n")[0])
+  ap.add_argument("--models", default="llama2-7b", help=f"comma list of {', '.join(MODELS)} (default llama2-7b)")
+  ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+  ap.add_argument("--batches", default="1,8,32")
+  ap.add_argument("--prompts", default="128,1024")
+  ap.add_argument("--new-tokens", type=int, default=256)
+  ap.add_argument("--layers", choices=("list", "stacked"), default="list",
+                  help="list: the decoder blocks unrolled (default; generate()'s form); stacked: one lax.scan over "
+                       "stacked weights (fast to compile, but XLA copies each layer's weight slice out of the stack "
+                       "every step: measured ~2x slower decode on an H200)")
+  ap.add_argument("--budget-s", type=float, default=float("inf"),
+                  help="start no new configuration after this many seconds (what finished is written)")
+  ap.add_argument("--out-dir", default="results/e2e")
+  ap.add_argument("--tag", default="", help="appended to the output file names")
+  args = ap.parse_args(argv)
+  models = [m for m in args.models.split(",") if m]
+  methods = [m for m in args.methods.split(",") if m]
+  for m in methods:
+    if m not in METHODS:
+      raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+  for m in models:
+    model_config(m)
+  batches, prompts = _ints(args.batches), _ints(args.prompts)
+  if jax.default_backend() != "gpu" and models != ["tiny"]:
+    raise SystemExit("the end-to-end benchmark times GPU kernels: run it on a GPU machine (or --models tiny to try it)")
+
+  card = dispatch.card_name()
+  device = jax.devices()[0].device_kind
+  date = datetime.date.today().isoformat()
+  out = Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"{card}-{date}-e2e{('-' + args.tag) if args.tag else ''}"
+  rows: list[Row] = []
+  start = time.perf_counter()
+
+  def write():
+    stem.with_suffix(".md").write_text(markdown(rows, card, device, date))
+    stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=device, date=date, jax=jax.__version__,
+                                                         rows=[dataclasses.asdict(r) for r in rows]), indent=1))
+    plot(rows, stem.with_suffix(".png"), f"decode tokens/s over bf16, {device}, {date}")
+
+  # Every method's weights stay resident (7B: ~32 GB for the four), so the loop can go
+  # configuration by configuration: batch 1 first, every method, so the headline rows survive a
+  # short --budget-s.
+  order = sorted(((b, p) for b in batches for p in prompts), key=lambda bp: (bp[0] != 1, bp[0], bp[1]))
+  stopped = False
+  for model in models:
+    cfg = model_config(model)
+    params = {}
+    for method in methods:
+      params[method] = random_params(cfg, method, layers=args.layers)
+      jax.block_until_ready(params[method])
+    for b, p in order:
+      for method in methods:
+        if time.perf_counter() - start > args.budget_s:
+          stopped = True
+          break
+        try:
+          rows.append(measure(model, method, cfg, params[method], b, p, args.new_tokens))
+        except Exception as e:  # e.g. out of memory at a large batch: recorded, the run goes on
+          msg = f"{type(e).__name__}: {str(e)[:300]}"
+          print(f"{model} {method} B={b} P={p}: FAILED {msg}")
+          rows.append(Row(model, method, b, p, args.new_tokens, args.layers, error=msg))
+        write()
+    del params
+  if stopped:
+    print(f"budget of {args.budget_s:.0f}s reached: later configurations not run")
+  print(stem.with_suffix(".md").read_text())
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Per-layer backend dispatch (flexq_jax.dispatch, to_backend "auto") and generation through every backend.
+
+CPU: the choice logic against synthetic and committed tuning tables, the report's record of it,
+and greedy generation through the jnp paths and the Pallas kernels in interpret mode.
+GPU (marker `gpu`): the same generation through the compiled Pallas kernels, BMMA and "auto".
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evaluation import e2e_bench
+from flexq_jax import dispatch, matmul
+from flexq_jax.qlinear import QuantizedLinear
+from flexq_jax.quantize import QuantConfig, quantize
+from models import generate as gen
+from models import llama
+from tests.helpers import has_gpu
+
+
+def _layer(n=4096, k=4096, a_bits=6, w_bits=6, group=128):
+  return QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=w_bits, a_bits=a_bits,
+                         group_size=group)
+
+
+TABLE = {"card": "x", "entries": [
+    {"n": 4096, "k": 4096, "m": 1, "a_bits": 6, "us": {"pallas": 10.0, "bmma": 8.0}},
+    {"n": 4096, "k": 4096, "m": 64, "a_bits": 6, "us": {"pallas": 20.0, "bmma": 30.0}},
+    {"n": 28672, "k": 8192, "m": 1, "a_bits": 6, "us": {"pallas": 50.0, "bmma": 60.0}},
+]}
+
+
+def test_choose_reads_the_nearest_table_entry():
+  assert dispatch.choose(_layer(), 1, card="x", table=TABLE)[0] == "bmma"
+  assert dispatch.choose(_layer(), 32, card="x", table=TABLE)[0] == "pallas"  # nearest M is 64 (log scale)
+  backend, why = dispatch.choose(_layer(n=11008, k=4096), 1, card="x", table=TABLE)
+  assert backend == "bmma" and "4096x4096" in why  # 11008x4096 is nearer 4096x4096 than 28672x8192
+  assert dispatch.choose(_layer(n=28672, k=8192), 1, card="x", table=TABLE)[0] == "pallas"
+
+
+def test_choose_falls_back_and_respects_what_can_run():
+  assert dispatch.choose(_layer(), 1, card="cpu")[0] == "reference"
+  assert dispatch.choose(_layer(), 1, card="unknown-gpu", table=None)[0] == "pallas"
+  # N not a multiple of 16: Pallas cannot run it, BMMA can
+  assert dispatch.choose(_layer(n=200), 1, card="x", table=TABLE)[0] == "bmma"
+  # 8-bit weights: only the Pallas kernel; per-channel groups: no GPU kernel
+  assert dispatch.choose(_layer(w_bits=8), 1, card="x", table=TABLE)[0] == "pallas"
+  backend, why = dispatch.choose(_layer(group=None), 1, card="x", table=TABLE)
+  assert backend == "reference" and "group 128" in why
+
+
+def test_committed_h200_table_is_well_formed():
+  table = dispatch.load_table("h200")
+  assert table is not None and table["card"] == "h200"
+  for e in table["entries"]:
+    assert {"n", "k", "m", "a_bits", "us"} <= set(e) and e["us"]
+    assert all(v > 0 for v in e["us"].values())
+  assert dispatch.load_table("no-such-card") is None
+
+
+def test_table_from_bench(tmp_path):
+  run = {"card": "h200", "device": "NVIDIA H200", "date": "2026-11-27", "cases": [
+      {"n": 64, "k": 128, "m": 1, "a_bits": 6, "ours_us": 3.0, "bmma_us": float("nan")},
+      {"n": 64, "k": 128, "m": 1, "a_bits": 8, "ours_us": 4.0, "bmma_us": 2.5}]}
+  later = dict(run, cases=[{"n": 64, "k": 128, "m": 1, "a_bits": 6, "ours_us": 2.0, "bmma_us": 5.0}])
+  paths = [tmp_path / "a.json", tmp_path / "b.json"]
+  for p, r in zip(paths, (run, later)):
+    p.write_text(json.dumps(r))
+  table = dispatch.table_from_bench(paths)
+  by_bits = {e["a_bits"]: e["us"] for e in table["entries"]}
+  assert by_bits == {6: {"pallas": 2.0, "bmma": 5.0}, 8: {"pallas": 4.0, "bmma": 2.5}}
+  dispatch.main(["--from", *map(str, paths), "--out", str(tmp_path / "t.json")])
+  assert json.loads((tmp_path / "t.json").read_text())["entries"] == table["entries"]
+  other = tmp_path / "c.json"
+  other.write_text(json.dumps(dict(run, card="h100")))
+  with pytest.raises(ValueError, match="different cards"):
+    dispatch.table_from_bench([paths[0], other])
+
+
+# ---- a tiny quantized model, generated through every backend ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = e2e_bench.tiny_config()
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.05)
+  calib = np.asarray(jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size))
+  qparams, report = quantize(params, calib, QuantConfig(weight_method="rtn", a8_selection="down_proj",
+                                                        smooth_alpha=None), model_config=cfg, backend="auto")
+  return cfg, qparams, report
+
+
+def test_quantize_auto_records_each_layers_backend(tiny):
+  _, qparams, report = tiny
+  on_gpu = jax.default_backend() == "gpu"
+  assert all(l.backend == ("pallas" if on_gpu else "reference") and l.backend_why for l in report.layers)
+  assert set(dispatch.backends(qparams).values()) == {report.layers[0].backend}
+  assert "backends: 14 x" in report.summary()
+  assert json.loads(report.to_json())["layers"][0]["backend"] == report.layers[0].backend
+
+
+def test_to_backend_auto_on_cpu_is_the_reference(tiny):
+  if jax.default_backend() == "gpu":
+    pytest.skip("the CPU choice")
+  _, qparams, _ = tiny
+  placed = matmul.to_backend(matmul.to_backend(qparams, "pallas"), "auto")
+  assert set(dispatch.backends(placed).values()) == {"reference"}
+
+
+def _generate(cfg, params, new_tokens=6):
+  prompts = [[5, 17, 99, 3, 250], [7, 8]]
+  tokens, mask = gen.pad_prompts(prompts, 0, "left")
+  out = gen.generate(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
+                     max_new_tokens=new_tokens)
+  return np.asarray(out.tokens), np.asarray(out.prompt_logits)
+
+
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("backend", [
+    "dequant",
+    pytest.param("pallas", marks=[pytest.mark.slow] if not has_gpu() else [pytest.mark.gpu]),  # CPU: interpret mode
+    pytest.param("bmma", marks=_GPU),
+    pytest.param("auto", marks=_GPU),
+])
+def test_greedy_generation_matches_the_reference(tiny, backend):
+  """Same greedy tokens through `backend` as through the jnp reference; prompt logits within
+  1e-2 of their scale (the contract leaves fp32 summation order free, and an activation whose
+  quotient sits within that rounding of a half step may land one step apart downstream)."""
+  cfg, qparams, _ = tiny
+  # bf16 activations (what the BMMA kernel takes): the norms and embeddings in bf16
+  qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,
+                         is_leaf=lambda a: isinstance(a, QuantizedLinear))
+  ref_tokens, ref_logits = _generate(cfg, matmul.to_backend(qparams, "reference"))
+  placed = matmul.to_backend(qparams, backend)
+  if backend != "auto":
+    assert set(dispatch.backends(placed).values()) == {backend}
+  tokens, logits = _generate(cfg, placed)
+  np.testing.assert_array_equal(tokens, ref_tokens)
+  scale = float(np.max(np.abs(ref_logits)))
+  assert float(np.max(np.abs(logits - ref_logits))) <= 1e-2 * scale
+
+
+def test_e2e_bench_runs_tiny_on_cpu(tmp_path):
+  """The benchmark's whole path (random stacked weights of every method, prefill, decode loop,
+  files) on the tiny model; on CPU the quantized methods run the reference."""
+  cfg = e2e_bench.tiny_config()
+  for method in ("bf16", "w8a8-xla"):
+    params = e2e_bench.random_params(cfg, method)
+    row = e2e_bench.measure("tiny", method, cfg, params, 2, 8, 4, log=lambda s: None)
+    assert row.decode_tok_s > 0 and row.prefill_ms > 0 and row.linear_weight_bytes > 0
+  bf = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "bf16"))
+  w6 = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "flexq"))
+  assert w6 / bf == pytest.approx(6.125 / 16, rel=1e-6)  # 6 bits + one fp16 scale per 128 weights
+  e2e_bench.main(["--models", "tiny", "--methods", "bf16,w8a8-xla", "--batches", "1", "--prompts", "8",
+                  "--new-tokens", "2", "--out-dir", str(tmp_path)])
+  md = next(tmp_path.glob("*.md")).read_text()
+  assert "| tiny | w8a8-xla | 1 | 8 | 2 |" in md
