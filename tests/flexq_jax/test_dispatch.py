@@ -155,7 +155,25 @@ def test_e2e_bench_runs_tiny_on_cpu(tmp_path):
   bf = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "bf16"))
   w6 = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "flexq"))
   assert w6 / bf == pytest.approx(6.125 / 16, rel=1e-6)  # 6 bits + one fp16 scale per 128 weights
-  e2e_bench.main(["--models", "tiny", "--methods", "bf16,w8a8-xla", "--batches", "1", "--prompts", "8",
-                  "--new-tokens", "2", "--out-dir", str(tmp_path)])
+  from evaluation import cli
+  assert cli.main(["bench", "--models", "tiny", "--methods", "bf16,w8a8-xla", "--batches", "1", "--prompts", "8",
+                   "--new-tokens", "2", "--out-dir", str(tmp_path)]) == 0
   md = next(tmp_path.glob("*.md")).read_text()
   assert "| tiny | w8a8-xla | 1 | 8 | 2 |" in md
+
+
+def test_e2e_markdown_ratios_failures_and_profile():
+  rows = [e2e_bench.Row("m", "bf16", 1, 8, 4, decode_tok_s=100.0, linear_weight_bytes=1600),
+          e2e_bench.Row("m", "flexq", 1, 8, 4, decode_tok_s=150.0, linear_weight_bytes=613),
+          e2e_bench.Row("m", "w8a8-xla", 1, 8, 4, error="RESOURCE_EXHAUSTED: out of memory")]
+  prof = dict(model="m", method="flexq", batch=1, prompt=8, steps=4, wall_us_per_step=100.0,
+              device_busy_us_per_step=80.0,
+              kernels={e2e_bench._category("w6a_gemv"): dict(us=60.0, launches=7),
+                       e2e_bench._category("loop_add_fusion"): dict(us=20.0, launches=9)})
+  md = e2e_bench.markdown(rows, "x", "X", "2026-11-27", [prof])
+  flexq_row = next(line for line in md.splitlines() if line.startswith("| m | flexq |"))
+  assert "| 1.50 |" in flexq_row and "| 0.383 |" in flexq_row
+  assert "m w8a8-xla B=1 P=8: RESOURCE_EXHAUSTED" in md
+  assert "pallas GEMM/GEMV 60 / 7; other XLA kernels 20 / 9" in md
+  assert e2e_bench._category("sm90_xmma_gemm_bf16") == "cuBLAS GEMM"
+  assert e2e_bench._category("flexq::bmma_decode_kernel") == "BMMA (CUDA)"
