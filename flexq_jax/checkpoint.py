@@ -6,6 +6,9 @@ File `<dir>/model.safetensors`:
   metadata  {"flexq": JSON} with format name and version, the model config, and for every
             quantized linear its static fields (shape, bits, group size, layout); the report
             (sensitivity map included) is stored as well.
+Weights are stored in the "bitplanes" layout (b bits a weight, flexq_jax/formats.py) whatever
+backend the model ran on: save() repacks a model placed with to_backend (exact), and a loaded
+model runs the reference until to_backend places it again (the CLI does, --backend).
 Beside it, `<dir>/report.json` repeats the quantization report for people to read.
 Everything read back is validated (format version, names, shapes, dtypes, bit widths) before
 an array is used.
@@ -33,6 +36,9 @@ VERSION = 1
 FILENAME = "model.safetensors"
 
 
+STORED_LAYOUT = "bitplanes"
+
+
 def _flatten(params: dict) -> tuple[dict[str, Any], dict[str, dict]]:
   arrays, linears = {}, {}
 
@@ -44,6 +50,9 @@ def _flatten(params: dict) -> tuple[dict[str, Any], dict[str, dict]]:
       for i, v in enumerate(node):
         walk(v, f"{prefix}.{i}")
     elif isinstance(node, QuantizedLinear):
+      if node.layout != STORED_LAYOUT:  # a model placed on a GPU backend: back to the storage layout, exactly
+        q = formats.unpack(node.packed, node.w_bits, node.layout, node.in_features)
+        node = node.replace(packed=formats.pack(q, node.w_bits, STORED_LAYOUT, node.in_features), layout=STORED_LAYOUT)
       arrays[f"{prefix}.packed"] = np.asarray(node.packed)
       arrays[f"{prefix}.scales"] = np.asarray(node.scales)
       linears[prefix] = {f: getattr(node, f) for f in

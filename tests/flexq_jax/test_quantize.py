@@ -184,3 +184,17 @@ def test_smoothing_keeps_the_float_model_and_shrinks_activation_outliers():
   after = calibration.collect_input_stats(smoothed, paths, fwd, CALIB)
   ratio = lambda st: float(jnp.max(st.absmax) / jnp.mean(st.absmax))  # peak-to-mean over channels
   assert ratio(after["layers/1/down_proj"]) < ratio(stats["layers/1/down_proj"])
+
+
+@pytest.mark.parametrize("backend", ["pallas", "bmma"])
+def test_a_model_placed_on_a_gpu_backend_saves_the_storage_layout(quantized, tmp_path, backend):
+  from flexq_jax import matmul
+  qparams, report = quantized
+  placed = matmul.to_backend(qparams, backend)
+  assert placed["layers"][0]["q_proj"].layout != "bitplanes"
+  checkpoint.save(tmp_path, placed, CONFIG, report)
+  loaded, _, _ = checkpoint.load(tmp_path)
+  for before, after in zip(qparams["layers"], loaded["layers"]):
+    for proj in llama.PROJECTIONS:
+      assert after[proj].layout == "bitplanes" and after[proj].backend == "reference"
+      np.testing.assert_array_equal(np.asarray(after[proj].packed), np.asarray(before[proj].packed))
