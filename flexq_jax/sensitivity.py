@@ -26,27 +26,18 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from flexq_jax import formats
+from flexq_jax import numerics
 from flexq_jax._tree import copy_containers, set_at
 
 
 def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> jax.Array:
-  """x [M, K] -> scale * q, same shape: the contract's activation quantization up to its rounding rule.
-
-  Kept on the plain fp32 x / s of the first contract on purpose: numerics.quantize_activation's
-  15-bit scales and exact-quotient rounding change ~1e-4 of the q and, through them, which layers
-  rank highest (2 of 30 A8 layers swap on SmolLM2 with RTN weights), and the committed accuracy
-  table was measured with this ranking. It only ranks layers; the kernels never see it.
-  """
+  """x [M, K] -> s_x * q_x, same shape: exactly the contract's activation quantization
+  (numerics.quantize_activation: the integers every kernel computes), dequantized."""
   m, k = x.shape
-  kp = formats.padded_k(k)
-  g = kp if group_size is None else group_size
-  qmin, qmax = formats.qrange(bits)
-  xg = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, kp - k)]).reshape(m, kp // g, g)
-  s = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax
-  safe = jnp.where(s > 0, s, 1.0)
-  q = jnp.clip(jnp.round(xg / safe), qmin, qmax) * s
-  return q.reshape(m, kp)[:, :k]
+  q, s = numerics.quantize_activation(x, bits, group_size)
+  kp = q.shape[1]
+  g = kp // s.shape[1]
+  return (q.astype(jnp.float32).reshape(m, kp // g, g) * s[..., None]).reshape(m, kp)[:, :k]
 
 
 @flax.struct.dataclass

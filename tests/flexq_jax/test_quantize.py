@@ -198,3 +198,16 @@ def test_a_model_placed_on_a_gpu_backend_saves_the_storage_layout(quantized, tmp
     for proj in llama.PROJECTIONS:
       assert after[proj].layout == "bitplanes" and after[proj].backend == "reference"
       np.testing.assert_array_equal(np.asarray(after[proj].packed), np.asarray(before[proj].packed))
+
+
+@pytest.mark.parametrize("bits,group", [(6, 128), (8, 128), (6, None)])
+def test_sensitivity_probe_quantizes_activations_as_the_kernels_do(bits, group):
+  from flexq_jax import sensitivity
+  x = jnp.asarray(np.random.default_rng(bits).standard_normal((7, 200)) * 4, jnp.bfloat16).astype(jnp.float32)
+  y = np.asarray(sensitivity.fake_quant_activation(x, bits, group))
+  q, s = numerics.quantize_activation(x, bits, group)
+  g = q.shape[1] // s.shape[1]
+  want = (np.asarray(q, np.float32).reshape(7, -1, g) * np.asarray(s)[..., None]).reshape(7, -1)[:, :200]
+  np.testing.assert_array_equal(y, want)
+  step = np.repeat(np.asarray(s), g, axis=1)[:, :200]
+  assert np.all(np.abs(y - np.asarray(x)) <= step / 2 * (1 + 1e-6))
