@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines
-from flexq_jax import dispatch, formats
+from flexq_jax import dispatch, formats, matmul
 from flexq_jax.qlinear import QuantizedLinear
 from models import config as model_configs
 from models import llama
@@ -84,29 +84,22 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   if method == "w8a8-xla":
     w = jax.random.randint(kw, (layers, k, n), -127, 128, jnp.int32).astype(jnp.int8)
     return baselines.Int8Linear(w=w, scale=jax.random.uniform(ks, (layers, n), jnp.float32, 2e-4, 4e-4))
-  if method == "w8a8-pallas":
-    packed = jax.random.randint(kw, (layers, n // 16, groups, 16, 128), -127, 128, jnp.int32).astype(jnp.int8)
-    w_bits, layout, backend, scale = 8, "pallas8", "pallas", 3e-4
-  elif method in ("flexq", "flexq-bmma"):
-    w_bits, scale = 6, 1e-3
-    if method == "flexq-bmma":  # any words are valid bit planes (the padding words should be 0: timing only)
-      layout, backend = "bitplanes_g4", "bmma"
-      packed = jax.random.bits(kw, (layers, 6, n, formats.g4_words(k)), jnp.uint32)
-    else:
-      layout = "pallas6"
-      packed = jax.random.bits(kw, (layers, n // 16, groups, 3, 16, 32), jnp.uint8)  # any bytes are valid
-      template = QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=6, a_bits=a_bits,
-                                 group_size=128, layout=layout)
-      backend = dispatch.choose(template, 1)[0]
-      if backend == "bmma":  # the table prefers BMMA here: store its layout instead
-        layout = "bitplanes_g4"
-        packed = jax.random.bits(kw, (layers, 6, n, formats.g4_words(k)), jnp.uint32)
-  else:
+  if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+  w8 = method == "w8a8-pallas"
+  w_bits, a_bits, scale = (8, 8, 3e-4) if w8 else (6, a_bits, 1e-3)
+  template = QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=w_bits, a_bits=a_bits,
+                             group_size=128)
+  backend = {"w8a8-pallas": "pallas", "flexq-bmma": "bmma"}.get(method) or dispatch.choose(template, 1)[0]
+  layout = matmul.BACKEND_LAYOUTS.get(backend, {}).get(w_bits, "pallas6")
+  # Random bytes are valid weights in every layout (bitplanes_g4's padding words would be 0: timing only).
+  shape = {"pallas6": (layers, n // 16, groups, 3, 16, 32), "pallas8": (layers, n // 16, groups, 16, 128),
+           "bitplanes_g4": (layers, 6, n, formats.g4_words(k))}[layout]
+  packed = jax.random.bits(kw, shape, jnp.uint32 if layout == "bitplanes_g4" else jnp.uint8)
+  if layout == "pallas8":
+    packed = jax.lax.bitcast_convert_type(packed, jnp.int8)
   scales = jax.random.uniform(ks, (layers, n, groups), jnp.float32, 0.5 * scale, 1.5 * scale).astype(jnp.float16)
-  return QuantizedLinear(packed=packed, scales=scales, in_features=k, out_features=n, w_bits=w_bits,
-                         a_bits=a_bits if method != "w8a8-pallas" else 8, group_size=128, layout=layout,
-                         backend=backend)
+  return template.replace(packed=packed, scales=scales, layout=layout, backend=backend)
 
 
 def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict:
@@ -188,9 +181,7 @@ class Row:
 def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print) -> Row:
   row = Row(model, method, batch, prompt, new_tokens, "stacked" if llama.is_stacked(params) else "list",
             linear_weight_bytes=linear_bytes(params))
-  kinds = sorted({l.backend for l in jax.tree.leaves(params["layers"], is_leaf=lambda l: isinstance(l, QuantizedLinear))
-                  if isinstance(l, QuantizedLinear)})
-  row.backends = ",".join(kinds) or "xla"
+  row.backends = ",".join(sorted(set(dispatch.backends(params["layers"]).values()))) or "xla"
   tokens = jax.random.randint(jax.random.key(batch * 7919 + prompt), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   t0 = time.perf_counter()
   prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + new_tokens)).lower(params, tokens).compile()
@@ -241,26 +232,26 @@ def _category(name: str) -> str:
 def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int, steps: int = 16,
                    log=print) -> dict:
   """Device time of one decode step by kernel category (jax.profiler), against its wall time."""
-  import glob
-  import tempfile
+  from evaluation import kernel_bench
   tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps))
   decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps), donate_argnums=(1,))
   tok, cache = prefill(params, tokens)
   jax.block_until_ready(decode(params, cache, tok))
   tok, cache = jax.block_until_ready(prefill(params, tokens))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      t0 = time.perf_counter()
-      jax.block_until_ready(decode(params, cache, tok))
-      wall = time.perf_counter() - t0
-    data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-  lines = [line for plane in data.planes if plane.name.startswith("/device:GPU") for line in plane.lines]
-  streams = [line for line in lines if "stream" in line.name.lower()] or lines
+  timing = {}
+
+  def run():  # timed inside the trace, as the kernels are
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(decode(params, cache, tok))
+    timing["wall"] = time.perf_counter() - t0
+    return out
+
+  events = kernel_bench.traced_kernels(run)
+  wall = timing["wall"]
   cats: dict[str, list[float]] = {}
-  for line in streams:
-    for ev in line.events:
-      cats.setdefault(_category(ev.name), []).append(ev.duration_ns / 1e3)
+  for name, durations in events.items():
+    cats.setdefault(_category(name), []).extend(durations)
   per_step = {c: dict(us=sum(v) / steps, launches=len(v) / steps) for c, v in cats.items()}
   busy = sum(v["us"] for v in per_step.values())
   out = dict(model=model, method=method, batch=batch, prompt=prompt, steps=steps, wall_us_per_step=1e6 * wall / steps,

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines
-from flexq_jax import formats, numerics
+from flexq_jax import dispatch, formats, numerics
 from pallas_kernels import w6a_matmul as wk
 
 SHAPES = {  # name -> (N, K) of the LLaMA-2 linear layers (70B first: the targets are set there)
@@ -92,15 +92,13 @@ def time_jax(op: Callable, x: jax.Array, bufs: list, est_s: float, reps: int = 5
   return max(total - empty, 1e-9) / (iters * len(bufs))
 
 
-def kernel_times(op: Callable, x: jax.Array, bufs: list, iters: int = 10) -> list[tuple[str, int, float]]:
-  """(kernel name, launches, mean device us) of every GPU kernel of the timed loop, by the profiler."""
+def traced_kernels(run: Callable[[], object]) -> dict[str, list[float]]:
+  """{kernel name: [device us of each launch]} of the GPU kernels `run()` launches (jax.profiler)."""
   import glob
   import tempfile
-  fn = _loop(op, iters)
-  _sync(fn(x, bufs))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
-      _sync(fn(x, bufs))
+      _sync(run())
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
   totals: dict[str, list[float]] = {}
   lines = [line for plane in data.planes if plane.name.startswith("/device:GPU") for line in plane.lines]
@@ -108,6 +106,14 @@ def kernel_times(op: Callable, x: jax.Array, bufs: list, iters: int = 10) -> lis
   for line in streams:
     for ev in line.events:
       totals.setdefault(ev.name, []).append(ev.duration_ns / 1e3)
+  return totals
+
+
+def kernel_times(op: Callable, x: jax.Array, bufs: list, iters: int = 10) -> list[tuple[str, int, float]]:
+  """(kernel name, launches, mean device us) of every GPU kernel of the timed loop, by the profiler."""
+  fn = _loop(op, iters)
+  _sync(fn(x, bufs))
+  totals = traced_kernels(lambda: fn(x, bufs))
   rows = [(name, len(d), sum(d) / len(d)) for name, d in totals.items()]
   return sorted(rows, key=lambda r: -r[1] * r[2])
 
@@ -163,14 +169,6 @@ def torch_available() -> bool:
     return torch.cuda.is_available()
   except ImportError:
     return False
-
-
-def card_name() -> str:
-  kind = jax.devices()[0].device_kind
-  for tag in ("H200", "H100", "A100", "B200"):
-    if tag in kind:
-      return tag.lower()
-  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
 
 
 def _n_bufs(bytes_per_buf: int) -> int:
@@ -542,7 +540,7 @@ def main(argv=None) -> None:
     rows = sweep_gemv(shapes, ms, log)
     if args.out_dir:
       Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-      (Path(args.out_dir) / f"gemv-sweep-{card_name()}.json").write_text(json.dumps(rows, indent=1))
+      (Path(args.out_dir) / f"gemv-sweep-{dispatch.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
@@ -559,7 +557,7 @@ def main(argv=None) -> None:
     return
   use_torch = not args.no_torch and torch_available()
   a8_ms = tuple(int(v) for v in args.a8_m.split(",")) if args.a8_m else None
-  card, date = card_name(), datetime.date.today().isoformat()
+  card, date = dispatch.card_name(), datetime.date.today().isoformat()
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   subset = args.quick or ms != M_ALL or len(shapes) != len(SHAPES) or a_bits != (6, 8) or a8_ms is not None

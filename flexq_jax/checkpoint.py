@@ -50,9 +50,7 @@ def _flatten(params: dict) -> tuple[dict[str, Any], dict[str, dict]]:
       for i, v in enumerate(node):
         walk(v, f"{prefix}.{i}")
     elif isinstance(node, QuantizedLinear):
-      if node.layout != STORED_LAYOUT:  # a model placed on a GPU backend: back to the storage layout, exactly
-        q = formats.unpack(node.packed, node.w_bits, node.layout, node.in_features)
-        node = node.replace(packed=formats.pack(q, node.w_bits, STORED_LAYOUT, node.in_features), layout=STORED_LAYOUT)
+      node = node.with_layout(STORED_LAYOUT)  # a model placed on a GPU backend: back to the storage layout
       arrays[f"{prefix}.packed"] = np.asarray(node.packed)
       arrays[f"{prefix}.scales"] = np.asarray(node.scales)
       linears[prefix] = {f: getattr(node, f) for f in

@@ -33,12 +33,11 @@ from flexq_jax.qlinear import QuantizedLinear
 
 TUNING_DIR = Path(__file__).parent / "tuning"
 GPU_BACKENDS = ("pallas", "bmma")  # the order of preference where no table decides
-CHUNK = 128
 
 
 def runnable(layer: QuantizedLinear, backend: str) -> bool:
   """Whether `backend` can run this layer (after repacking to its layout)."""
-  group_ok = layer.group_size == CHUNK and layer.a_bits in (6, 8)
+  group_ok = layer.group_size == formats.GROUP_ALIGN and layer.a_bits in (6, 8)
   if backend == "pallas":
     return group_ok and layer.w_bits in (6, 8) and layer.out_features % formats.PALLAS6_ROWS == 0
   if backend == "bmma":

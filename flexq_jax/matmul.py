@@ -81,7 +81,7 @@ def to_backend(params, backend: str, *, m: int = 1, device=None):
   Layers a backend cannot run (e.g. `pallas` needs w6/w8, a6/a8, group 128, N a multiple of 16)
   keep their layout and backend. Repacking goes through the canonical int form, so it is exact.
   """
-  from flexq_jax import dispatch, formats
+  from flexq_jax import dispatch
   if backend != "auto" and backend not in BACKENDS:
     raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS + ('auto',)}")
   card = dispatch.card_name(device) if backend == "auto" else None
@@ -93,9 +93,6 @@ def to_backend(params, backend: str, *, m: int = 1, device=None):
     if not dispatch.runnable(l, b):
       return l
     want = BACKEND_LAYOUTS.get(b, {}).get(l.w_bits)
-    if want is not None and l.layout != want:
-      q = formats.unpack(l.packed, l.w_bits, l.layout, l.in_features)
-      l = l.replace(packed=formats.pack(q, l.w_bits, want, l.in_features), layout=want)
-    return l.replace(backend=b)
+    return (l if want is None else l.with_layout(want)).replace(backend=b)
 
   return jax.tree.map(convert, params, is_leaf=lambda l: isinstance(l, QuantizedLinear))

@@ -44,6 +44,12 @@ class QuantizedLinear:
     """Bytes of packed weights plus scales."""
     return int(self.packed.size * self.packed.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
 
+  def with_layout(self, layout: str) -> "QuantizedLinear":
+    """The same layer packed in `layout` (exact: through the canonical int form)."""
+    if layout == self.layout:
+      return self
+    return self.replace(packed=formats.pack(self.logical_weight(), self.w_bits, layout, self.in_features), layout=layout)
+
   def logical_weight(self) -> jax.Array:
     """int8 [N, Kp]: the canonical logical form (a transient; never stored)."""
     return formats.unpack(self.packed, self.w_bits, self.layout, self.in_features)

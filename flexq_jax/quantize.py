@@ -323,9 +323,12 @@ def quantize(
 def _place(layer: QuantizedLinear, backend: str, m: int) -> tuple[QuantizedLinear, str]:
   """The layer repacked for `backend` ("auto": dispatch's choice), and why it runs there."""
   from flexq_jax import dispatch, matmul
-  how = dispatch.choose(layer, m)[1] if backend == "auto" else "asked for"
-  placed = matmul.to_backend(layer, backend, m=m)
-  if backend not in ("auto", placed.backend):
+  if backend == "auto":
+    backend, how = dispatch.choose(layer, m)
+  else:
+    how = "asked for"
+  placed = matmul.to_backend(layer, backend)
+  if placed.backend != backend:
     how = f"{backend} cannot run it (w{layer.w_bits}a{layer.a_bits}, group {layer.group_size}, N {layer.out_features})"
   return placed, how
 
