@@ -36,6 +36,15 @@ class Int8Linear:
     s = jnp.where(s > 0, s, 1.0)
     return cls(w=jnp.clip(jnp.round(k / s), -127, 127).astype(jnp.int8), scale=s)
 
+  @staticmethod
+  def concatenate(layers: "list[Int8Linear]") -> "Int8Linear":
+    """One layer with the given layers' output channels side by side (models.llama.fuse_projections)."""
+    ks = {l.w.shape[0] for l in layers}
+    if len(ks) != 1:
+      raise ValueError(f"Int8Linear.concatenate: layers have different K {sorted(ks)}")
+    return Int8Linear(w=jnp.concatenate([l.w for l in layers], axis=1),
+                      scale=jnp.concatenate([l.scale for l in layers], axis=0))
+
   @property
   def nbytes(self) -> int:
     return int(self.w.size + 4 * self.scale.size)

@@ -44,10 +44,18 @@ def _load(args):
     from flexq_jax import checkpoint
     from flexq_jax import dispatch, matmul
     params, config, _ = checkpoint.load(args.quantized)
-    params = matmul.to_backend(params, getattr(args, "backend", "auto"))
+    params = _fused(matmul.to_backend(params, getattr(args, "backend", "auto")))
     kinds = sorted(set(dispatch.backends(params).values()))
     _log(f"quantized weights from {args.quantized}; backends {', '.join(kinds)}")
   return config, params, tokenizer
+
+
+def _fused(qparams):
+  """A quantized model's q/k/v and gate/up joined for inference (models.llama.fuse_projections)."""
+  from models import llama
+  qparams = llama.fuse_projections(qparams)
+  _log("fused projections: " + ", ".join(f"{f} in {n} blocks" for f, n in llama.fused_count(qparams).items()))
+  return qparams
 
 
 def _eval_tokens(args, tokenizer, seq_len: int, windows: int):
@@ -246,14 +254,16 @@ def cmd_run(args) -> int:
   windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
                                     args.windows)
   _log(f"perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}")
+  qparams = _fused(qparams)  # after saving: checkpoints keep the per-projection form
   logits = model_logits_fn(config)
   ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
   ppl_q = perplexity.perplexity(functools.partial(logits, qparams), windows)
 
   prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
-  _log("generating samples (greedy)")
-  fp_text = generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=True)
-  q_text = generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=True)
+  chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
+  _log("generating samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
+  fp_text = generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  q_text = generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
              "eval_windows": list(windows.shape), "ppl_fp32": ppl_fp.ppl, "ppl_flexq": ppl_q.ppl,

@@ -16,6 +16,9 @@ Methods (every linear layer of every block; embeddings, norms, attention and the
                needs real weights), 6-bit weights on the backend flexq_jax.dispatch picks per layer.
   flexq-bmma   the same on the CUDA BMMA kernel (optional: --methods).
 
+Projections: q/k/v and gate/up fused into one GEMM each, for every method (`--unfused` keeps
+them separate), as models.llama.fuse_projections serves a real model.
+
 Layers: unrolled (a list of per-layer weights, what generate() runs) by default. `--layers
 stacked` scans one stacked copy instead: it compiles faster, but XLA slices each layer's weights
 out of the stack into a fresh buffer every decode step (a dynamic slice feeding a GEMM custom
@@ -69,8 +72,13 @@ def model_config(name: str) -> model_configs.LlamaConfig:
   return tiny_config() if name == "tiny" else MODELS[name]()
 
 
-def _shapes(cfg) -> dict[str, tuple[int, int]]:
+def _shapes(cfg, fused: bool = True) -> dict[str, tuple[int, int]]:
+  """{projection: (K, N)} of one block; fused: q/k/v and gate/up as one kernel each (what
+  models.llama.fuse_projections makes of a real model)."""
   d, f = cfg.hidden_size, cfg.intermediate_size
+  if fused:
+    return {"qkv_proj": (d, cfg.q_size + 2 * cfg.kv_size), "o_proj": (cfg.q_size, d), "gate_up_proj": (d, 2 * f),
+            "down_proj": (f, d)}
   return {"q_proj": (d, cfg.q_size), "k_proj": (d, cfg.kv_size), "v_proj": (d, cfg.kv_size),
           "o_proj": (cfg.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
@@ -102,10 +110,10 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   return template.replace(packed=packed, scales=scales, layout=layout, backend=backend)
 
 
-def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict:
+def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: bool = True) -> dict:
   """Parameters with `method`'s linear layers: a list of per-layer dicts (layers="list", the form
   generate() runs unrolled) or the stacked form models.llama.stack_layers makes ("stacked": one
-  lax.scan over the layers)."""
+  lax.scan over the layers); fused: q/k/v and gate/up as one kernel each (see _shapes)."""
   key = jax.random.key(seed)
   keys = iter(jax.random.split(key, 16))
   if layers not in ("list", "stacked"):
@@ -115,7 +123,7 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict
   def block(key, count):  # `count` layers stacked on a leading axis
     ks = iter(jax.random.split(key, 8))
     out = {name: random_linear(method, next(ks), count, k, n, 8 if name in A8_PROJECTIONS else 6)
-           for name, (k, n) in _shapes(cfg).items()}
+           for name, (k, n) in _shapes(cfg, fused).items()}
     out["input_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     out["post_attention_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     return out
@@ -135,7 +143,7 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list") -> dict
 def linear_bytes(params: dict) -> int:
   """Bytes of the linear layers' weights (packed weights + scales), all blocks."""
   layers = [params["layers"]] if llama.is_stacked(params) else params["layers"]
-  return sum(int(x.size) * x.dtype.itemsize for layer in layers for name in llama.PROJECTIONS
+  return sum(int(x.size) * x.dtype.itemsize for layer in layers for name in layer if name.endswith("_proj")
              for x in jax.tree.leaves(layer[name]))
 
 
@@ -168,6 +176,7 @@ class Row:
   prompt: int
   new_tokens: int
   layers: str = "list"
+  fused: bool = True  # q/k/v and gate/up one kernel each
   prefill_ms: float = float("nan")
   decode_ms_per_step: float = float("nan")
   decode_tok_s: float = float("nan")
@@ -180,7 +189,7 @@ class Row:
 
 def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print) -> Row:
   row = Row(model, method, batch, prompt, new_tokens, "stacked" if llama.is_stacked(params) else "list",
-            linear_weight_bytes=linear_bytes(params))
+            fused=any(llama.fused_count(params).values()), linear_weight_bytes=linear_bytes(params))
   row.backends = ",".join(sorted(set(dispatch.backends(params["layers"]).values()))) or "xla"
   tokens = jax.random.randint(jax.random.key(batch * 7919 + prompt), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   t0 = time.perf_counter()
@@ -267,7 +276,10 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
            "Random weights at the real shapes; greedy decode of `new` tokens after a prompt of P tokens, batch B. "
            "Speedups are over bf16 and the two W8A8 runs of the same model, batch and prompt. Weight bytes: the linear "
            "layers only (packed weights + scales). Peak: XLA's memory plan of the larger program (prefill or decode "
-           "loop: parameters, KV cache, temporaries).", "",
+           "loop: parameters, KV cache, temporaries). Projections: "
+           + {(True,): "q/k/v and gate/up fused, one GEMM each (models.llama.fuse_projections), in every method.",
+              (False,): "q/k/v and gate/up as separate GEMMs (--unfused), in every method."}.get(
+               tuple(sorted({r.fused for r in rows})), "fused in some rows and not in others (see the JSON)."), "",
            "| model | method | B | P | new | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | x W8A8 pallas | "
            "linear GiB | of bf16 | peak GiB | backends |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -343,6 +355,9 @@ def main(argv=None) -> int:
                   help="list: the decoder blocks unrolled (default; generate()'s form); stacked: one lax.scan over "
                        "stacked weights (fast to compile, but XLA copies each layer's weight slice out of the stack "
                        "every step: measured ~2x slower decode on an H200)")
+  ap.add_argument("--unfused", action="store_true",
+                  help="keep q/k/v and gate/up as separate kernels (default: one fused kernel each, as "
+                       "models.llama.fuse_projections serves a real model)")
   ap.add_argument("--budget-s", type=float, default=float("inf"),
                   help="start no new configuration after this many seconds (what finished is written)")
   ap.add_argument("--profile", action="store_true",
@@ -387,7 +402,7 @@ def main(argv=None) -> int:
     cfg = model_config(model)
     params = {}
     for method in methods:
-      params[method] = random_params(cfg, method, layers=args.layers)
+      params[method] = random_params(cfg, method, layers=args.layers, fused=not args.unfused)
       jax.block_until_ready(params[method])
     if args.profile:
       for method in methods:
@@ -406,7 +421,7 @@ def main(argv=None) -> int:
         except Exception as e:  # e.g. out of memory at a large batch: recorded, the run goes on
           msg = f"{type(e).__name__}: {str(e)[:300]}"
           print(f"{model} {method} B={b} P={p}: FAILED {msg}")
-          rows.append(Row(model, method, b, p, args.new_tokens, args.layers, error=msg))
+          rows.append(Row(model, method, b, p, args.new_tokens, args.layers, not args.unfused, error=msg))
         write()
     del params
   if stopped:

@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from flexq_jax import formats
 from flexq_jax.qlinear import QuantizedLinear
+from models import llama
 from models.config import LlamaConfig, RopeScaling
 
 FORMAT = "flexq-jax"
@@ -64,6 +65,11 @@ def _flatten(params: dict) -> tuple[dict[str, Any], dict[str, dict]]:
 
 def save(path: str | os.PathLike, qparams: dict, model_config: LlamaConfig, report=None) -> Path:
   """Writes a quantized parameter pytree (and its report) to directory `path`; returns the file."""
+  fused = {f: n for f, n in llama.fused_count(qparams).items() if n} if qparams.get("layers") else {}
+  if fused:
+    raise ValueError(f"save: params hold fused projections ({', '.join(f'{n} x {f}' for f, n in fused.items())}); "
+                     f"checkpoints store the per-projection form: save the params from before "
+                     f"models.llama.fuse_projections (fuse again after loading)")
   out = Path(path)
   out.mkdir(parents=True, exist_ok=True)
   arrays, linears = _flatten(qparams)

@@ -50,6 +50,29 @@ class QuantizedLinear:
       return self
     return self.replace(packed=formats.pack(self.logical_weight(), self.w_bits, layout, self.in_features), layout=layout)
 
+  @staticmethod
+  def concatenate(layers: "list[QuantizedLinear]") -> "QuantizedLinear":
+    """One layer whose outputs are the given layers' side by side (their weight rows stacked).
+
+    Exact: x @ fused == concatenate([x @ l for l in layers], -1), since activations are quantized
+    per token and K-group whatever N is. The layers must agree on K, bits, group size, layout and
+    backend (ValueError naming the first difference otherwise). Used to fuse q/k/v and gate/up
+    (models.llama.fuse_projections).
+    """
+    if not layers:
+      raise ValueError("concatenate: no layers")
+    first = layers[0]
+    for i, l in enumerate(layers[1:], start=1):
+      if not isinstance(l, QuantizedLinear):
+        raise ValueError(f"concatenate: layer {i} is a {type(l).__name__}, not a QuantizedLinear")
+      for f in ("in_features", "w_bits", "a_bits", "group_size", "layout", "backend"):
+        if getattr(l, f) != getattr(first, f):
+          raise ValueError(f"concatenate: layer {i} has {f}={getattr(l, f)!r}, layer 0 {getattr(first, f)!r}")
+    q = jnp.concatenate([l.logical_weight() for l in layers], axis=0)
+    out = sum(l.out_features for l in layers)
+    return first.replace(packed=formats.pack(q, first.w_bits, first.layout, first.in_features),
+                         scales=jnp.concatenate([l.scales for l in layers], axis=0), out_features=out)
+
   def logical_weight(self) -> jax.Array:
     """int8 [N, Kp]: the canonical logical form (a transient; never stored)."""
     return formats.unpack(self.packed, self.w_bits, self.layout, self.in_features)

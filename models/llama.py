@@ -17,6 +17,8 @@ Parameter pytree (kernels are [in, out]: the model computes `x @ w`):
 The seven projections of every block go through `linear`, and nothing else in this file knows
 what a weight is: a quantized weight leaf that defines `__rmatmul__` replaces an array without
 any change here. RoPE follows the Hugging Face convention (rotate the two halves of each head).
+For inference, `fuse_projections` joins q/k/v into one "qkv_proj" [D, (Hq+2Hkv)*hd] and gate/up
+into one "gate_up_proj" [D, 2F] (fewer, larger GEMMs); a block may hold either form.
 
 Stacked layers: `stack_layers` turns the list of blocks into one dict whose leaves carry a leading
 [L] axis (quantized leaves stacked child by child). `forward` then runs the blocks with one
@@ -45,6 +47,8 @@ from models.config import LlamaConfig
 Params = dict[str, Any]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that read the same input, and the one kernel each group becomes (fuse_projections).
+FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Finite, so a query row with no visible key (a pad before any real token) softmaxes to a uniform
 # distribution instead of NaN; such rows are padding and their outputs are never used.
 _MASK_VALUE = -1e30
@@ -182,6 +186,69 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": layers}
 
 
+def concatenate_outputs(kernels: list) -> Any:
+  """One kernel computing the given kernels' outputs side by side: x @ fused == concat(x @ each).
+
+  Float [K, N_i] arrays are concatenated along N; a weight leaf type (QuantizedLinear, a baseline's
+  int8 leaf) concatenates itself through its `concatenate` static method. Raises ValueError saying
+  why when the kernels cannot be one (different types, K, dtypes, or quantization settings).
+  """
+  first = kernels[0]
+  if all(isinstance(k, (jax.Array, np.ndarray)) for k in kernels):
+    shapes = [tuple(k.shape) for k in kernels]
+    if any(len(s) != 2 or s[0] != shapes[0][0] for s in shapes):
+      raise ValueError(f"kernels must be [K, N] with one K, got shapes {shapes}")
+    dtypes = {jnp.result_type(k) for k in kernels}
+    if len(dtypes) != 1:
+      raise ValueError(f"kernels have different dtypes {sorted(map(str, dtypes))}")
+    return jnp.concatenate(kernels, axis=1)
+  types = {type(k).__name__ for k in kernels}
+  if len(types) != 1:
+    raise ValueError(f"kernels of different types {sorted(types)}")
+  concatenate = getattr(type(first), "concatenate", None)
+  if concatenate is None:
+    raise ValueError(f"{type(first).__name__} has no `concatenate`: it cannot be fused")
+  return concatenate(list(kernels))
+
+
+def fuse_projections(params: Params) -> Params:
+  """params with each block's q/k/v kernels made one `qkv_proj` and gate/up one `gate_up_proj`.
+
+  An inference transform (exact: a fused quantized kernel quantizes the shared input once, with
+  the same per-token group scales, and every output channel keeps its own weights and scales):
+  one GEMM instead of three (two) per block, so fewer, larger kernels, which is faster at decode
+  where each small GEMV launch pays its own ramp-up and tail. A group whose kernels cannot be one
+  (say k_proj kept at 8-bit activations by the sensitivity analysis and q_proj at 6) stays
+  separate in that block; the forward takes either form. Blocks already fused are left as they
+  are. Stacked params are unstacked, fused and stacked again. Checkpoints store the unfused form
+  (fuse after loading). Returns a new top-level dict.
+  """
+  if is_stacked(params):
+    return stack_layers(fuse_projections(unstack_layers(params)))
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for fused, parts in FUSIONS.items():
+      if fused in layer or not all(p in layer for p in parts):
+        continue
+      try:
+        kernel = concatenate_outputs([layer[p] for p in parts])
+      except ValueError:
+        continue  # kept separate (see docstring)
+      for p in parts:
+        del layer[p]
+      layer[fused] = kernel
+    layers.append(layer)
+  return {**params, "layers": layers}
+
+
+def fused_count(params: Params) -> dict[str, int]:
+  """How many blocks hold each fused kernel, e.g. {"qkv_proj": 30, "gate_up_proj": 30}."""
+  layers = [params["layers"]] if is_stacked(params) else params["layers"]
+  n = jax.tree.leaves(params["layers"])[0].shape[0] if is_stacked(params) else 1
+  return {f: n * sum(f in layer for layer in layers) for f in FUSIONS}
+
+
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
   """Random parameters (normal(0, scale) kernels, unit norms) at the config's real shapes."""
   d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
@@ -288,9 +355,13 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   b, t, _ = h.shape
   hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
   x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
-  q = linear(x, layer["q_proj"]).reshape(b, t, hq, hd)  # [B, T, Hq, hd]
-  k = linear(x, layer["k_proj"]).reshape(b, t, hkv, hd)  # [B, T, Hkv, hd]
-  v = linear(x, layer["v_proj"]).reshape(b, t, hkv, hd)
+  if "qkv_proj" in layer:  # fused (fuse_projections): one GEMM, its output split
+    q, k, v = jnp.split(linear(x, layer["qkv_proj"]), [hq * hd, (hq + hkv) * hd], axis=-1)
+  else:
+    q, k, v = linear(x, layer["q_proj"]), linear(x, layer["k_proj"]), linear(x, layer["v_proj"])
+  q = q.reshape(b, t, hq, hd)  # [B, T, Hq, hd]
+  k = k.reshape(b, t, hkv, hd)  # [B, T, Hkv, hd]
+  v = v.reshape(b, t, hkv, hd)
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
   extra = None
@@ -300,7 +371,11 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   a = attention(q, k, v, visible).reshape(b, t, hq * hd)
   h = h + linear(a, layer["o_proj"])
   x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
-  h = h + linear(jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"]), layer["down_proj"])
+  if "gate_up_proj" in layer:
+    gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
+  else:
+    gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
+  h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"])
   return h, extra
 
 

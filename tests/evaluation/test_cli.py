@@ -1,6 +1,7 @@
 import pytest
 
 from evaluation import cli
+from tests.helpers import tiny_hf_checkpoint
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "quantize", "accuracy", "run"])
@@ -23,38 +24,6 @@ def test_bad_rule_and_missing_model_are_clear_errors(capsys, tmp_path):
   args = cli.build_parser().parse_args(["quantize", "--rule", "no-equals-sign"])
   with pytest.raises(ValueError, match="REGEX=BITS"):
     cli._quant_config(args)
-
-
-def tiny_hf_checkpoint(directory):
-  """A random 2-layer LLaMA with SmolLM2's real tokenizer, written as a Hugging Face directory."""
-  import json
-
-  import jax
-  import numpy as np
-  from safetensors.numpy import save_file
-
-  from models import llama, loaders
-  from models.config import LlamaConfig
-
-  config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                       num_kv_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-  params = llama.init_params(config, jax.random.key(0), scale=0.05)
-  tensors = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]), "model.norm.weight": np.asarray(params["norm"])}
-  for i, layer in enumerate(params["layers"]):
-    for name, value in layer.items():
-      prefix = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-      key = (f"model.layers.{i}.{name}.weight" if "layernorm" in name
-             else f"model.layers.{i}.{prefix}.{name}.weight")
-      tensors[key] = np.ascontiguousarray(np.asarray(value).T if value.ndim == 2 else np.asarray(value))
-  directory.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(directory / "model.safetensors"))
-  (directory / "config.json").write_text(json.dumps({
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 128,
-      "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-      "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
-  _, _, tokenizer = loaders.load_model(None)
-  (directory / "tokenizer.json").write_text(tokenizer.backend.to_str())
-  return config
 
 
 def test_quantize_then_eval_and_generate_from_the_checkpoint(tmp_path, capsys):

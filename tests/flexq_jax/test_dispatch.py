@@ -122,20 +122,28 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="needs a CUDA 
 
 @pytest.mark.parametrize("backend", [
     "dequant",
+    "dequant+fused",
     pytest.param("pallas", marks=[pytest.mark.slow] if not has_gpu() else [pytest.mark.gpu]),  # CPU: interpret mode
     pytest.param("bmma", marks=_GPU),
     pytest.param("auto", marks=_GPU),
+    pytest.param("pallas+fused", marks=_GPU),
+    pytest.param("bmma+fused", marks=_GPU),
 ])
 def test_greedy_generation_matches_the_reference(tiny, backend):
-  """Same greedy tokens through `backend` as through the jnp reference; prompt logits within
-  1e-2 of their scale (the contract leaves fp32 summation order free, and an activation whose
-  quotient sits within that rounding of a half step may land one step apart downstream)."""
+  """Same greedy tokens through `backend` (+fused: q/k/v and gate/up fused after placement) as
+  through the jnp reference, unfused; prompt logits within 1e-2 of their scale (the contract
+  leaves fp32 summation order free, and an activation whose quotient sits within that rounding of
+  a half step may land one step apart downstream)."""
   cfg, qparams, _ = tiny
   # bf16 activations (what the BMMA kernel takes): the norms and embeddings in bf16
   qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,
                          is_leaf=lambda a: isinstance(a, QuantizedLinear))
   ref_tokens, ref_logits = _generate(cfg, matmul.to_backend(qparams, "reference"))
+  backend, _, fused = backend.partition("+")
   placed = matmul.to_backend(qparams, backend)
+  if fused:
+    placed = llama.fuse_projections(placed)
+    assert llama.fused_count(placed) == {"qkv_proj": cfg.num_layers, "gate_up_proj": cfg.num_layers}
   if backend != "auto":
     assert set(dispatch.backends(placed).values()) == {backend}
   tokens, logits = _generate(cfg, placed)

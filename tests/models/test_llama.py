@@ -287,3 +287,73 @@ def test_stacked_real_architecture_shapes():
   logits, new_cache = jax.eval_shape(lambda p, t, c: llama.forward(p, config, t, None, c), params, tokens, cache)
   assert logits.shape == (2, 8, config.vocab_size)
   assert new_cache.k.shape == (config.num_layers, 2, 16, config.num_kv_heads, config.resolved_head_dim)
+
+
+# ---- fused projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj) ----------------------------------
+
+@pytest.mark.parametrize("kind", ["float", "reference", "dequant"])
+def test_fused_projections_compute_the_same_model(kind):
+  params = small_params()
+  p = params if kind == "float" else quantized_params(params, a_bits=6, backend=kind)
+  fused = llama.fuse_projections(p)
+  assert llama.fused_count(fused) == {"qkv_proj": SMALL.num_layers, "gate_up_proj": SMALL.num_layers}
+  layer = fused["layers"][0]
+  assert set(layer) == {"input_layernorm", "post_attention_layernorm", "qkv_proj", "o_proj", "gate_up_proj",
+                        "down_proj"}
+  assert layer["qkv_proj"].shape == (SMALL.hidden_size, SMALL.q_size + 2 * SMALL.kv_size)
+  assert layer["gate_up_proj"].shape == (SMALL.hidden_size, 2 * SMALL.intermediate_size)
+  assert llama.fuse_projections(fused)["layers"][0].keys() == layer.keys()  # idempotent
+  # The reference's group sums are exact integers, so fusing changes nothing; the float and
+  # dequant paths sum in fp32 in whatever order XLA's dot picks for the wider N (the contract
+  # leaves it free), and in dequant an activation that rounding moves across a half step lands one
+  # quantization step apart downstream: a looser bound there.
+  def close(a, b):
+    rel = 1e-3 if kind == "dequant" else 1e-5
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rel * float(np.abs(np.asarray(b)).max()))
+
+  tokens, mask = padded_batch(8)
+  want, _ = forward(p, SMALL, tokens, mask)
+  got, _ = forward(fused, SMALL, tokens, mask)
+  close(got, want)
+  want, _ = decode(p, tokens, mask, stacked=False)  # with the KV cache too
+  got, _ = decode(fused, tokens, mask, stacked=False)
+  close(got, want)
+  stacked = llama.fuse_projections(llama.stack_layers(p))  # the stacked form fuses as well
+  assert llama.fused_count(stacked)["qkv_proj"] == SMALL.num_layers
+  got, _ = forward(stacked, SMALL, tokens, mask)
+  close(got, forward(p, SMALL, tokens, mask)[0])
+
+
+def test_fused_quantized_kernel_is_its_parts_side_by_side():
+  qparams = quantized_params(small_params(), a_bits=8, backend="reference")
+  parts = [qparams["layers"][1][n] for n in ("q_proj", "k_proj", "v_proj")]
+  fused = llama.concatenate_outputs(parts)
+  assert fused.out_features == sum(q.out_features for q in parts) and fused.a_bits == 8
+  np.testing.assert_array_equal(fused.logical_weight(), jnp.concatenate([q.logical_weight() for q in parts]))
+  x = jax.random.normal(jax.random.key(3), (5, SMALL.hidden_size), jnp.float32)
+  np.testing.assert_allclose(x @ fused, jnp.concatenate([x @ q for q in parts], axis=-1), rtol=1e-6, atol=1e-6)
+
+
+def test_fusion_keeps_unlike_projections_apart():
+  qparams = quantized_params(small_params(), a_bits=6)
+  mixed = {**qparams, "layers": [dict(layer) for layer in qparams["layers"]]}
+  mixed["layers"][1]["k_proj"] = mixed["layers"][1]["k_proj"].replace(a_bits=8)  # a fragile k_proj kept at A8
+  fused = llama.fuse_projections(mixed)
+  assert llama.fused_count(fused) == {"qkv_proj": 1, "gate_up_proj": SMALL.num_layers}
+  assert {"q_proj", "k_proj", "v_proj"} <= set(fused["layers"][1]) and "qkv_proj" in fused["layers"][0]
+  with pytest.raises(ValueError, match="layer 1 has a_bits=8, layer 0 6"):
+    llama.concatenate_outputs([mixed["layers"][1][n] for n in ("q_proj", "k_proj")])
+  with pytest.raises(ValueError, match="different types"):
+    llama.concatenate_outputs([mixed["layers"][1]["q_proj"], small_params()["layers"][1]["k_proj"]])
+  with pytest.raises(ValueError, match="different dtypes"):
+    p = small_params()["layers"][0]
+    llama.concatenate_outputs([p["q_proj"], p["k_proj"].astype(jnp.bfloat16)])
+  tokens, mask = padded_batch(9)
+  assert_logits_close(forward(fused, SMALL, tokens, mask)[0], forward(mixed, SMALL, tokens, mask)[0])
+
+
+def test_checkpoint_refuses_fused_projections(tmp_path):
+  from flexq_jax import checkpoint
+  fused = llama.fuse_projections(quantized_params(small_params(), a_bits=6))
+  with pytest.raises(ValueError, match="fused projections .*per-projection form"):
+    checkpoint.save(tmp_path / "q", fused, SMALL)
