@@ -38,8 +38,10 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -289,7 +291,7 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
       o = base.get((r.model, other, r.batch, r.prompt))
       return getattr(r, field) / getattr(o, field) if o and getattr(o, field) > 0 else float("nan")
     bf = base.get((r.model, "bf16", r.batch, r.prompt))
-    of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf else float("nan")
+    of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf and bf.linear_weight_bytes else float("nan")
     lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.prefill_ms:.1f} | "
                  f"{r.decode_ms_per_step:.2f} | {r.decode_tok_s:.1f} | {ratio('bf16'):.2f} | {ratio('w8a8-xla'):.2f} | "
                  f"{ratio('w8a8-pallas'):.2f} | {r.linear_weight_bytes / 2**30:.2f} | {of_bf16:.3f} | "
@@ -340,6 +342,47 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   plt.close(fig)
 
 
+def _out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+class Resident:
+  """The methods' random weights on the device, made on first use and kept while they fit.
+
+  run(method, fn) calls fn(weights of method). Before making a method's weights, the others are
+  dropped when the device's free memory (memory_stats) is below what they take; when fn (or the
+  making) still runs out of device memory, every other method's weights are dropped and it is
+  tried once more. Dropped weights are made again, identically (fixed seeds), when next needed.
+  """
+
+  def __init__(self, make):
+    self._make, self._held = make, {}
+
+  def _drop_others(self, keep: str) -> None:
+    for m in [m for m in self._held if m != keep]:
+      del self._held[m]
+    gc.collect()
+
+  def _get(self, method: str):
+    if method not in self._held:
+      need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: self._make(method))))
+      stats = jax.devices()[0].memory_stats() or {}
+      if stats.get("bytes_limit") and stats["bytes_limit"] - stats.get("bytes_in_use", 0) < 1.1 * need:
+        self._drop_others(method)
+      self._held[method] = jax.block_until_ready(self._make(method))
+    return self._held[method]
+
+  def run(self, method: str, fn):
+    try:
+      return fn(self._get(method))
+    except Exception as e:
+      if not _out_of_memory(e) or not [m for m in self._held if m != method]:
+        raise
+      print(f"{method}: out of device memory with {sorted(self._held)} resident; dropping the others and retrying")
+      self._drop_others(method)
+      return fn(self._get(method))
+
+
 def _ints(text: str) -> tuple[int, ...]:
   return tuple(int(v) for v in text.split(",") if v)
 
@@ -365,6 +408,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out-dir", default="results/e2e")
   ap.add_argument("--tag", default="", help="appended to the output file names")
   args = ap.parse_args(argv)
+  # JAX takes 75% of a GPU's memory by default: 70B's weights need more of the card.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   models = [m for m in args.models.split(",") if m]
   methods = [m for m in args.methods.split(",") if m]
   for m in methods:
@@ -393,21 +438,19 @@ def main(argv=None) -> int:
                                                          profiles=profiles), indent=1))
     plot(rows, stem.with_suffix(".png"), f"decode tokens/s over bf16, {device}, {date}")
 
-  # Every method's weights stay resident (7B: ~32 GB for the four), so the loop can go
+  # The methods' weights stay resident while they fit (7B: ~32 GB for the four), so the loop can go
   # configuration by configuration: batch 1 first, every method, so the headline rows survive a
-  # short --budget-s.
+  # short --budget-s. When they do not (13B at batch 32 with prompt 1024, 70B), the resident set
+  # (Resident) drops the other methods' weights and remakes them when next needed.
   order = sorted(((b, p) for b in batches for p in prompts), key=lambda bp: (bp[0] != 1, bp[0], bp[1]))
   stopped = False
   for model in models:
     cfg = model_config(model)
-    params = {}
-    for method in methods:
-      params[method] = random_params(cfg, method, layers=args.layers, fused=not args.unfused)
-      jax.block_until_ready(params[method])
+    params = Resident(lambda method: random_params(cfg, method, layers=args.layers, fused=not args.unfused))
     if args.profile:
       for method in methods:
         try:
-          profiles.append(profile_decode(model, method, cfg, params[method], order[0][0], order[0][1]))
+          profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0], order[0][1])))
         except Exception as e:  # a diagnostic: report and go on
           print(f"profile {model} {method}: FAILED {type(e).__name__}: {str(e)[:300]}")
         write()
@@ -417,7 +460,7 @@ def main(argv=None) -> int:
           stopped = True
           break
         try:
-          rows.append(measure(model, method, cfg, params[method], b, p, args.new_tokens))
+          rows.append(params.run(method, lambda w: measure(model, method, cfg, w, b, p, args.new_tokens)))
         except Exception as e:  # e.g. out of memory at a large batch: recorded, the run goes on
           msg = f"{type(e).__name__}: {str(e)[:300]}"
           print(f"{model} {method} B={b} P={p}: FAILED {msg}")

@@ -186,3 +186,28 @@ def test_e2e_markdown_ratios_failures_and_profile():
   assert "pallas GEMM/GEMV 60 / 7; other XLA kernels 20 / 9" in md
   assert e2e_bench._category("sm90_xmma_gemm_bf16") == "cuBLAS GEMM"
   assert e2e_bench._category("flexq::bmma_decode_kernel") == "BMMA (CUDA)"
+
+
+def test_e2e_resident_weights_drop_the_others_on_out_of_memory():
+  made = []
+
+  def make(method):  # Resident sizes the weights with jax.eval_shape first: count real makes only
+    if not isinstance(jnp.zeros(()), jax.core.Tracer):
+      made.append(method)
+    return {"w": jnp.full((4,), len(made), jnp.float32)}
+
+  res = e2e_bench.Resident(make)
+  assert float(res.run("a", lambda w: w["w"][0])) == 1
+  assert float(res.run("b", lambda w: w["w"][0])) == 2 and made == ["a", "b"]  # kept while they fit
+  calls = []
+
+  def oom_once(w):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 400.00MiB")
+    return float(w["w"][0])
+
+  assert res.run("b", oom_once) == 2 and len(calls) == 2
+  assert res.run("a", lambda w: float(w["w"][0])) == 3 and made == ["a", "b", "a"]  # "a" was dropped, remade
+  with pytest.raises(ValueError, match="not memory"):  # other errors are not retried
+    res.run("a", lambda w: (_ for _ in ()).throw(ValueError("not memory")))
