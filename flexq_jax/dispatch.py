@@ -12,7 +12,9 @@ benchmark measured on that GPU model (`flexq_jax/tuning/<card>.json`, made by
 A layer is packed for one backend, once (the two GPU layouts differ), so the choice is made for
 one activation count M per layer: the decode M (default 1) where generation spends its time; at
 other M the layer runs the same backend. The table lookup takes the measured shape nearest to the
-layer's [N, K] (log scale) and the measured M nearest to the asked one. On a GPU model without a
+layer's [N, K] (log scale) and the measured M nearest to the asked one; a backend other than the
+first of GPU_BACKENDS that can run the layer must be faster there by more than MARGIN (5%: less
+is run-to-run noise). On a GPU model without a
 table the choice falls back to `pallas` (Triton, portable across NVIDIA generations), then
 `bmma`, then `reference`.
 """
@@ -32,7 +34,10 @@ from flexq_jax import formats
 from flexq_jax.qlinear import QuantizedLinear
 
 TUNING_DIR = Path(__file__).parent / "tuning"
-GPU_BACKENDS = ("pallas", "bmma")  # the order of preference where no table decides
+GPU_BACKENDS = ("pallas", "bmma")  # the order of preference where no table decides (or it is a near tie)
+# Another backend replaces the preferred one only when the table has it faster by more than this
+# (repeated kernel-benchmark runs on one card differ by a few percent).
+MARGIN = 0.05
 
 
 def runnable(layer: QuantizedLinear, backend: str) -> bool:
@@ -94,6 +99,9 @@ def choose(layer: QuantizedLinear, m: int = 1, *, card: str | None = None, table
              if entry is not None and np.isfinite(entry["us"].get(b, float("nan")))}
     if timed:
       best = min(timed, key=timed.get)
+      preferred = next(b for b in candidates if b in timed)
+      if timed[best] * (1 + MARGIN) > timed[preferred]:
+        best = preferred  # a near tie: keep the preferred backend
       others = ", ".join(f"{b} {t:.1f} us" for b, t in sorted(timed.items()))
       return best, f"{card} table at {entry['n']}x{entry['k']} M={entry['m']} A{entry['a_bits']}: {others}"
   return candidates[0], f"no {card} table entry: {candidates[0]} by default"

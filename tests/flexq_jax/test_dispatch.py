@@ -41,6 +41,14 @@ def test_choose_reads_the_nearest_table_entry():
   assert dispatch.choose(_layer(n=28672, k=8192), 1, card="x", table=TABLE)[0] == "pallas"
 
 
+def test_choose_keeps_the_preferred_backend_on_a_near_tie():
+  near = {"card": "x", "entries": [{"n": 4096, "k": 4096, "m": 8, "a_bits": 6, "us": {"pallas": 10.3, "bmma": 10.0}}]}
+  backend, why = dispatch.choose(_layer(), 8, card="x", table=near)
+  assert backend == "pallas" and "bmma 10.0 us" in why  # 3% is within the margin
+  near["entries"][0]["us"]["pallas"] = 10.6  # 6% slower: BMMA's
+  assert dispatch.choose(_layer(), 8, card="x", table=near)[0] == "bmma"
+
+
 def test_choose_falls_back_and_respects_what_can_run():
   assert dispatch.choose(_layer(), 1, card="cpu")[0] == "reference"
   assert dispatch.choose(_layer(), 1, card="unknown-gpu", table=None)[0] == "pallas"
@@ -52,9 +60,10 @@ def test_choose_falls_back_and_respects_what_can_run():
   assert backend == "reference" and "group 128" in why
 
 
-def test_committed_h200_table_is_well_formed():
-  table = dispatch.load_table("h200")
-  assert table is not None and table["card"] == "h200"
+@pytest.mark.parametrize("card", ["h200", "h100"])
+def test_committed_tables_are_well_formed(card):
+  table = dispatch.load_table(card)
+  assert table is not None and table["card"] == card
   for e in table["entries"]:
     assert {"n", "k", "m", "a_bits", "us"} <= set(e) and e["us"]
     assert all(v > 0 for v in e["us"].values())
