@@ -318,7 +318,8 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  configs = sorted({(r.model, r.batch, r.prompt) for r in rows})
+  model_order = {m: i for i, m in enumerate(MODELS)}
+  configs = sorted({(r.model, r.batch, r.prompt) for r in rows}, key=lambda c: (model_order.get(c[0], 99), c))
   methods = [m for m in METHODS if any(r.method == m for r in rows)]
   if not configs:
     return
@@ -340,6 +341,42 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def merge_runs(paths: list[str], out_dir: Path, tag: str) -> int:
+  """Several saved runs of one card as one table (e.g. a model and batch matrix spread over device
+  calls): a (model, method, B, P) row of a later file replaces an earlier one; failed rows do not
+  replace measured ones."""
+  if not tag:
+    raise SystemExit("--merge needs --tag (the merged files' name)")
+  runs = [json.loads(Path(p).read_text()) for p in paths]
+  cards = {r["card"] for r in runs}
+  if len(cards) != 1:
+    raise SystemExit(f"--merge: runs of different cards {sorted(cards)}")
+  rows: dict[tuple, Row] = {}
+  profiles: dict[tuple, dict] = {}
+  for run in runs:
+    for d in run["rows"]:
+      r = Row(**d)
+      key = (r.model, r.method, r.batch, r.prompt)
+      if not r.error or key not in rows or rows[key].error:
+        rows[key] = r
+    for prof in run.get("profiles", []):
+      profiles[(prof["model"], prof["method"], prof["batch"], prof["prompt"])] = prof
+  order = {m: i for i, m in enumerate(METHODS)}
+  model_order = {m: i for i, m in enumerate(MODELS)}
+  merged = sorted(rows.values(), key=lambda r: (model_order.get(r.model, 99), r.model, r.batch, r.prompt,
+                                                order.get(r.method, 99)))
+  card, device, date = runs[-1]["card"], runs[-1]["device"], max(r["date"] for r in runs)
+  stem = out_dir / f"{card}-{date}-e2e-{tag}"
+  stem.with_suffix(".md").write_text(markdown(merged, card, device, date, list(profiles.values())) +
+                                     "\nMerged from: " + ", ".join(Path(p).name for p in paths) + "\n")
+  stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=device, date=date, merged_from=[
+      Path(p).name for p in paths], rows=[dataclasses.asdict(r) for r in merged], profiles=list(profiles.values())),
+                                                  indent=1))
+  plot(merged, stem.with_suffix(".png"), f"decode tokens/s over bf16, {device}, {date}")
+  print(stem.with_suffix(".md").read_text())
+  return 0
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -407,7 +444,12 @@ def main(argv=None) -> int:
                   help="also profile one decode step of every method at the first batch and prompt (jax.profiler)")
   ap.add_argument("--out-dir", default="results/e2e")
   ap.add_argument("--tag", default="", help="appended to the output file names")
+  ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                  help="no GPU needed: merge saved runs of one card (rows and profiles, later files win) into "
+                       "<out-dir>/<card>-<date>-e2e-<tag>.{md,json,png}; --tag is required")
   args = ap.parse_args(argv)
+  if args.merge:
+    return merge_runs(args.merge, Path(args.out_dir), args.tag)
   # JAX takes 75% of a GPU's memory by default: 70B's weights need more of the card.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   models = [m for m in args.models.split(",") if m]

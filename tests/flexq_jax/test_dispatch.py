@@ -5,6 +5,7 @@ and greedy generation through the jnp paths and the Pallas kernels in interpret 
 GPU (marker `gpu`): the same generation through the compiled Pallas kernels, BMMA and "auto".
 """
 
+import dataclasses
 import json
 
 import jax
@@ -220,3 +221,28 @@ def test_e2e_resident_weights_drop_the_others_on_out_of_memory():
   assert res.run("a", lambda w: float(w["w"][0])) == 3 and made == ["a", "b", "a"]  # "a" was dropped, remade
   with pytest.raises(ValueError, match="not memory"):  # other errors are not retried
     res.run("a", lambda w: (_ for _ in ()).throw(ValueError("not memory")))
+
+
+def test_e2e_merge_of_saved_runs(tmp_path):
+  def run(name, rows):
+    path = tmp_path / name
+    path.write_text(json.dumps(dict(card="h200", device="NVIDIA H200", date="2026-11-27", rows=rows)))
+    return str(path)
+
+  row = lambda model, method, tok, error="": dataclasses.asdict(
+      e2e_bench.Row(model, method, 1, 128, 256, decode_tok_s=tok, linear_weight_bytes=100, error=error))
+  a = run("a.json", [row("llama2-13b", "bf16", 10.0), row("llama2-13b", "flexq", 15.0)])
+  b = run("b.json", [row("llama2-7b", "flexq", 30.0), row("llama2-7b", "bf16", 20.0),
+                     row("llama2-13b", "flexq", float("nan"), error="RESOURCE_EXHAUSTED")])
+  assert e2e_bench.main(["--merge", a, b, "--tag", "all", "--out-dir", str(tmp_path)]) == 0
+  merged = json.loads((tmp_path / "h200-2026-11-27-e2e-all.json").read_text())
+  got = [(r["model"], r["method"], r["decode_tok_s"]) for r in merged["rows"]]
+  # 7B before 13B, bf16 first; the later failed 13B flexq row does not replace the measured one
+  assert got == [("llama2-7b", "bf16", 20.0), ("llama2-7b", "flexq", 30.0), ("llama2-13b", "bf16", 10.0),
+                 ("llama2-13b", "flexq", 15.0)]
+  md = (tmp_path / "h200-2026-11-27-e2e-all.md").read_text()
+  assert "| llama2-7b | flexq | 1 | 128 | 256 |" in md and "1.50 |" in md and "Merged from: a.json, b.json" in md
+  other = tmp_path / "d.json"
+  other.write_text(json.dumps(dict(card="h100", device="H100", date="2026-11-27", rows=[])))
+  with pytest.raises(SystemExit, match="different cards"):
+    e2e_bench.main(["--merge", a, str(other), "--tag", "x", "--out-dir", str(tmp_path)])
