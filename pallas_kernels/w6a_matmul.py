@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +69,6 @@ TILE_ROWS = formats.PALLAS6_ROWS  # 16 rows: the "pallas6" tile
 OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
 W_BITS = (6, 8)  # "pallas6" (uint8 [N/16, G, 3, 16, 32]) or "pallas8" (int8 [N/16, G, 16, 128])
 W_LAYOUT = {6: "pallas6", 8: "pallas8"}
-# The gemv's in-kernel activation quantization (TileConfig.fuse_quant) as default_config's choice:
-# FLEXQ_GEMV_FUSE_QUANT=1 turns it on (an experiment until measured on a GPU; results/e2e/NOTES.md).
-GEMV_FUSE_QUANT = os.environ.get("FLEXQ_GEMV_FUSE_QUANT", "0") == "1"
 SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (flexq_jax/numerics.py)
 A_BITS = (6, 8)
 
@@ -134,10 +130,9 @@ class TileConfig:
   unpack_asm: bool = True  # PTX word unpacking on GPU (interpret mode always uses jnp ops)
   join_phases: bool = False  # one K=128 dot on re-interleaved weights, else four K=32 dots
   quant_block_m: int = 16  # rows per program of the activation-quantization kernel
-  gemv: bool = False  # decode kernel: CUDA-core dp4a dots (M <= 2 by default)
+  gemv: bool = False  # decode kernel: CUDA-core dp4a dots, activation quantization fused (M <= 16)
   block_kg: int = 4  # gemv: K-groups per loop step (the step's loads are issued together)
   prefetch: bool = False  # gemv: issue the next step's loads before this step's dots (words carried)
-  fuse_quant: bool = False  # gemv: quantize x inside the kernel (no quantization kernel, no q_x in memory)
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "quant_block_m"):
@@ -167,7 +162,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132, *, w_bits: int = 
     tiles = pl.cdiv(n, 64)
     split_k = 1 << max(0, (pl.cdiv(1024, tiles) - 1).bit_length())  # next power of two
     return TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=kg, num_stages=1,
-                      split_k=max(1, min(split_k, groups // kg)), fuse_quant=GEMV_FUSE_QUANT)
+                      split_k=max(1, min(split_k, groups // kg)))
   if m <= 16:  # decode: stream the weights with every SM; split K until ~4 programs per SM
     block_n = 64
     tiles = pl.cdiv(n, block_n)
@@ -189,24 +184,6 @@ def can_use_pallas(*, a_bits: int, w_bits: int = 6, group_size: int | None = 128
           and group_size == GROUP)
 
 
-def _act_scale(amax: jax.Array, qmax: int) -> jax.Array:
-  """The contract's s_x from max |x| of a group (flexq_jax/numerics.py: activation_scale): 15 bits."""
-  s = amax * np.float32(1.0 / qmax)
-  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
-
-
-def _act_round(x: jax.Array, s: jax.Array) -> jax.Array:
-  """The contract's q_x (as float) of fp32 x at scale s (broadcast; 0 where s == 0), step for step
-  as numerics.round_to_nearest_quotient: a guess from the reciprocal, two exact corrections, exact
-  ties to even. |x| <= max|x| <= (qmax + 2^-14) s keeps q within [-qmax, qmax]: no clip needed."""
-  sb = jnp.where(s > 0, s, 1.0)
-  c = jnp.floor(x * (1.0 / sb) + 0.5)
-  c = jnp.where(x > (c + 0.5) * sb, c + 1.0, jnp.where(x < (c - 0.5) * sb, c - 1.0, c))
-  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
-  c = jnp.where(odd & (x == (c + 0.5) * sb), c + 1.0, jnp.where(odd & (x == (c - 0.5) * sb), c - 1.0, c))
-  return jnp.where(s > 0, c, 0.0)
-
-
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                      q_ref,  # [Mp, Kp] int8
                      s_ref,  # [Mp, G] f32
@@ -217,8 +194,17 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
   x = x.astype(jnp.float32)  # [block_m, 128]
-  s = _act_scale(jnp.max(jnp.abs(x), axis=1), qmax)  # [block_m]
-  q = _act_round(x, s[:, None])
+  # The contract's s_x and q_x (flexq_jax/numerics.py: activation_scale, round_to_nearest_quotient),
+  # step for step: 15-bit scale, a guess from any reciprocal, two exact corrections, exact ties.
+  s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]
+  s = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
+  sb = jnp.where(s > 0, s, 1.0)[:, None]
+  c = jnp.floor(x * (1.0 / sb) + 0.5)
+  c = jnp.where(x > (c + 0.5) * sb, c + 1.0, jnp.where(x < (c - 0.5) * sb, c - 1.0, c))
+  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
+  c = jnp.where(odd & (x == (c + 0.5) * sb), c + 1.0, jnp.where(odd & (x == (c - 0.5) * sb), c - 1.0, c))
+  # |x| <= max|x| <= (qmax + 2^-14) s keeps c within [-qmax, qmax]: the contract's clip never acts here.
+  q = jnp.where(s[:, None] > 0, c, 0.0)
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
@@ -366,12 +352,13 @@ def _group_dots8(w: jax.Array, xq: jax.Array, use_asm: bool) -> jax.Array:
   return jnp.sum(d, axis=-1)
 
 
-def _gemv_kernel(*refs, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool, w_bits: int = 6,
-                 qmax: int = 0):
-  # refs: qx_ref [Mp, Kp] int8 (phase-major within each group), sx_ref [Mp, G] f32, xsum_ref [Mp, G]
-  #   int32 -- or, with cfg.fuse_quant, x_ref [M, G, 32, 4] float alone (x[m, g, t, p] = k 128g + 4t + p);
-  # then w_ref [N/16, G, 3, 16, 32] uint8 ("pallas6") or [N/16, G, 16, 128] int8 ("pallas8"),
-  # sw_ref [N, G] f16, o_ref [M, N] out dtype or [split_k, M, N] f32 partial sums.
+def _gemv_kernel(qx_ref,  # [Mp, Kp] int8, phase-major within each group
+                 sx_ref,  # [Mp, G] f32
+                 xsum_ref,  # [Mp, G] int32
+                 w_ref,  # [N/16, G, 3, 16, 32] uint8 ("pallas6") or [N/16, G, 16, 128] int8 ("pallas8")
+                 sw_ref,  # [N, G] f16
+                 o_ref,  # [M, N] out dtype, or [split_k, M, N] f32 partial sums
+                 *, m: int, n: int, groups: int, cfg: TileConfig, use_asm: bool, w_bits: int = 6):
   """Decode GEMV: every program takes block_n rows and a K range, block_kg groups a step.
 
   Per step: the three weight planes of block_kg groups are loaded together; each row's group sum
@@ -379,17 +366,7 @@ def _gemv_kernel(*refs, m: int, n: int, groups: int, cfg: TileConfig, use_asm: b
   sum q_x q_w = that - 32 sum q_x, scaled by s_x s_w in fp32 once per group. No shared memory, no
   barriers in the loop. With "pallas8" weights a group is one int8 [tiles, 16, 128] load, whose
   signed bytes meet the phase-major q_x in dp4a.s32.s32 directly (no unpacking, no offset).
-
-  cfg.fuse_quant: every program quantizes the activation groups it meets itself (the contract's
-  s_x and q_x from x's four phases, [32] values each), so no quantization kernel runs and q_x never
-  goes to memory; the work is repeated by the N / block_n programs that share a K range (x is a
-  few KB, read from L2). "pallas8" weights are then loaded as four phase slices of [tiles, 16, 32].
   """
-  fused = cfg.fuse_quant
-  if fused:
-    x_ref, w_ref, sw_ref, o_ref = refs
-  else:
-    qx_ref, sx_ref, xsum_ref, w_ref, sw_ref, o_ref = refs
   w8 = w_bits == 8
   nplanes = 1 if w8 else PLANES
   tiles, kg = cfg.block_n // TILE_ROWS, cfg.block_kg
@@ -409,17 +386,11 @@ def _gemv_kernel(*refs, m: int, n: int, groups: int, cfg: TileConfig, use_asm: b
     g = g_begin + step * kg + j
     return jnp.minimum(g, groups - 1) if ragged_k else g
 
-  w8_phases = w8 and fused  # w8 tiles loaded as four phase slices (fused q_x comes in phases)
-  if w8_phases:
-    nplanes = 4
-
   def load_w(step):  # -> kg x 3 planes, uint8 [tiles, 16, 32] (w8: kg x 1 tile, int8 [tiles, 16, 128])
     out = []
     for j in range(kg):
       for plane in range(nplanes):
-        if w8_phases:
-          ref = w_ref.at[pl.ds(t0, tiles), group(step, j), :, pl.ds(plane * PLANE, PLANE)]
-        elif w8:
+        if w8:
           ref = w_ref.at[pl.ds(t0, tiles), group(step, j), :, :]
         else:
           ref = w_ref.at[pl.ds(t0, tiles), group(step, j), jnp.int32(plane), :, :]
@@ -439,19 +410,6 @@ def _gemv_kernel(*refs, m: int, n: int, groups: int, cfg: TileConfig, use_asm: b
         sw = jnp.where(g_begin + step * kg + j < g_end, sw, 0.0)
       for row in range(m):
         r = jnp.int32(row)
-        if fused:  # the contract's quantization of this row's group, phase by phase
-          xs = [x_ref[r, g, :, p].astype(jnp.float32) for p in range(4)]  # [32]: k = 4t + p
-          amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v)) for v in xs])
-          sx = _act_scale(amax, qmax)
-          qs = [_act_round(v, sx) for v in xs]
-          xq = [q.astype(jnp.int8)[None, None, :] for q in qs]  # int8 [1, 1, 32] each
-          if w8:
-            exact = sum(_group_dots8(planes[p], xq[p], use_asm) for p in range(4))
-          else:
-            xsum = functools.reduce(jnp.add, [jnp.sum(q) for q in qs]).astype(jnp.int32)
-            exact = _group_dots(*planes, xq, use_asm) - OFFSET * xsum
-          accs[row] = accs[row] + exact.astype(jnp.float32) * (sx * sw)
-          continue
         if w8:
           xq = qx_ref[r, pl.ds(g * GROUP, GROUP)][None, None, :]  # int8 [1, 1, 128], phase-major
           exact = _group_dots8(planes[0], xq, use_asm)  # [tiles, 16] int32: sum q_x q_w
@@ -577,11 +535,6 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   cfg = config or default_config(m, n, k, w_bits=w_bits)
   if cfg.split_k > groups:
     raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
-  if cfg.gemv and cfg.fuse_quant:  # one kernel: the gemv quantizes x itself
-    kp = groups * GROUP
-    xp = x if kp == k else jnp.pad(x, ((0, 0), (0, kp - k)))
-    return _gemv_call((xp.reshape(m, groups, PLANE, 4),), w_packed, w_scales, m=m, out_dtype=x.dtype, cfg=cfg,
-                      interpret=interpret, qmax=formats.qrange(a_bits)[1])
   # The gemv and every w8 kernel read phase-major q_x (join_phases only concerns unpacking w6).
   qcfg = dataclasses.replace(cfg, join_phases=False) if cfg.gemv or w_bits == 8 else cfg
   qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=qcfg, interpret=interpret)
@@ -594,18 +547,11 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
   """The GEMM half of w6a_matmul, on quantize_activations' outputs (exposed for benchmarks): the
   tensor-core kernel, or the gemv kernel when config.gemv (M rows of x per program, not block_m).
   With "pallas8" weights qx must be phase-major (quantize_activations with join_phases=False)."""
-  config = dataclasses.replace(config, fuse_quant=False)  # the activations come quantized here
-  return _gemv_call((qx, sx, xsum), w_packed, w_scales, m=m, out_dtype=out_dtype, cfg=config, interpret=interpret)
-
-
-def _gemv_call(acts: tuple, w_packed: jax.Array, w_scales: jax.Array, *, m: int, out_dtype, cfg: TileConfig,
-               interpret: bool, qmax: int = 0) -> jax.Array:
-  """The GEMM or gemv kernel on `acts` (q_x, s_x, sum q_x; or x [M, G, 32, 4] for the fused gemv)."""
+  cfg = config
   w_bits = weight_bits(w_packed)
   n, groups = w_packed.shape[0] * TILE_ROWS, w_packed.shape[1]
   if cfg.gemv:
     kernel, grid, name = _gemv_kernel, (pl.cdiv(n, cfg.block_n), cfg.split_k), "w6a_gemv"
-    kernel = functools.partial(kernel, qmax=qmax)
   else:
     kernel, grid, name = _gemm_kernel, (pl.cdiv(m, cfg.block_m) * pl.cdiv(n, cfg.block_n), cfg.split_k), "w6a_gemm"
   out_shape = (jax.ShapeDtypeStruct((m, n), out_dtype) if cfg.split_k == 1
@@ -618,7 +564,7 @@ def _gemv_call(acts: tuple, w_packed: jax.Array, w_scales: jax.Array, *, m: int,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name=name,
-  )(*acts, w_packed, w_scales)
+  )(qx, sx, xsum, w_packed, w_scales)
   if cfg.split_k > 1:
     y = jnp.sum(y, axis=0).astype(out_dtype)
   return y

@@ -213,9 +213,7 @@ class _W6AMatmulCases:
       wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=3, split_k=2, num_stages=1),
       wk.TileConfig(gemv=True, block_n=64, num_warps=4, block_kg=2, split_k=3),
       wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=2, split_k=2, prefetch=True),
-      wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=4, split_k=2, fuse_quant=True),
-      wk.TileConfig(gemv=True, block_n=32, num_warps=1, block_kg=3, split_k=1, fuse_quant=True, prefetch=True),
-  ], ids=["n32-kg4", "n16-kg3-split2", "n64-kg2-split3", "prefetch", "fused-quant", "fused-quant-prefetch"])
+  ])
   @pytest.mark.parametrize("m,a_bits", [(1, 6), (3, 8), (16, 6)])
   def test_gemv_tilings(self, config, m, a_bits):
     # N = 112: not a multiple of 32 or 64; K = 600 -> 5 groups: ragged against block_kg and split_k.
@@ -224,9 +222,7 @@ class _W6AMatmulCases:
     x = jnp.asarray(rng.standard_normal((m, 600)), jnp.bfloat16)
     self._check(x, packed, s, a_bits, config)
 
-  @pytest.mark.parametrize("config", [None, wk.TileConfig(gemv=True, block_n=16, num_warps=1, split_k=2,
-                                                          fuse_quant=True)], ids=["default", "gemv-fused-quant"])
-  def test_exact_integer_group_sums(self, config):
+  def test_exact_integer_group_sums(self):
     # Power-of-two scales on both sides: every product and sum is exact in fp32, so the output
     # must equal the integer sum_g 2^(ex + ew) sum_k q_x q_w exactly.
     rng = _rng()
@@ -242,7 +238,7 @@ class _W6AMatmulCases:
       q_x[:, [0, 128, 256]] = qmax  # s_x = 2^2 exactly
       x = jnp.asarray(q_x * 4.0)
       want = (q_x.astype(np.int64) @ q_w.T.astype(np.int64)) * 4.0 * 2.0 ** -3
-      out = self._run(x, formats.pack_pallas6(jnp.asarray(q_w)), s_w, a_bits, config)
+      out = self._run(x, formats.pack_pallas6(jnp.asarray(q_w)), s_w, a_bits)
       np.testing.assert_array_equal(np.asarray(out, np.float64), want)
 
   def test_zeros_and_large_magnitudes(self):
@@ -290,8 +286,7 @@ class _W6AMatmulCases:
       wk.TileConfig(block_m=32, block_n=64, split_k=2, group_m=2, join_phases=True),  # join: no meaning for w8
       wk.TileConfig(gemv=True, block_n=32, num_warps=2, block_kg=2, split_k=2, num_stages=1),
       wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=3, split_k=2, prefetch=True),
-      wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=2, split_k=2, fuse_quant=True),
-  ], ids=["mma-split3", "mma-join", "gemv-kg2-split2", "gemv-kg3-split2-prefetch", "gemv-fused-quant"])
+  ], ids=["mma-split3", "mma-join", "gemv-kg2-split2", "gemv-kg3-split2-prefetch"])
   @pytest.mark.parametrize("m,a_bits", [(1, 8), (3, 6)])
   def test_w8_tilings(self, config, m, a_bits):
     # N = 112: not a multiple of 32 or 64; K = 600 -> 5 groups: ragged against block_kg and split_k.
@@ -303,9 +298,8 @@ class _W6AMatmulCases:
   @pytest.mark.parametrize("config", [
       None,
       wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=2, split_k=2, num_stages=1),
-      wk.TileConfig(gemv=True, block_n=16, num_warps=1, block_kg=2, split_k=2, fuse_quant=True),
       wk.TileConfig(block_m=16, block_n=16, split_k=2),
-  ], ids=["default", "gemv", "gemv-fused-quant", "mma"])
+  ], ids=["default", "gemv", "mma"])
   def test_w8_exact_integer_group_sums(self, config):
     # Power-of-two scales on both sides: the output must equal the integer sum exactly, for the
     # whole int8 range of q_w (-128 included: the layout and dp4a.s32 hold it).
