@@ -3,7 +3,9 @@ on one GPU with bf16, W8A8 and FlexQ linear layers (random weights at the real s
 
     python -m evaluation.e2e_bench                       # LLaMA-2-7B and 13B, batch 1/8/32, prompt 128/1024
     python -m evaluation.e2e_bench --models llama2-7b,llama2-13b --batches 1 --prompts 128
+    python -m evaluation.e2e_bench --models llama2-70b --batches 1 --prompts 128   # fits one H200
     flexq bench ...                                      # the same
+    python -m evaluation.e2e_bench --merge a.json b.json --tag all   # runs of several calls, one table
 
 Methods (every linear layer of every block; embeddings, norms, attention and the KV cache stay bf16):
   bf16         XLA bf16 dots (cuBLAS).
