@@ -76,17 +76,6 @@ def model_config(name: str) -> model_configs.LlamaConfig:
   return tiny_config() if name == "tiny" else MODELS[name]()
 
 
-def _shapes(cfg, fused: bool = True) -> dict[str, tuple[int, int]]:
-  """{projection: (K, N)} of one block; fused: q/k/v and gate/up as one kernel each (what
-  models.llama.fuse_projections makes of a real model)."""
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  if fused:
-    return {"qkv_proj": (d, cfg.q_size + 2 * cfg.kv_size), "o_proj": (cfg.q_size, d), "gate_up_proj": (d, 2 * f),
-            "down_proj": (f, d)}
-  return {"q_proj": (d, cfg.q_size), "k_proj": (d, cfg.kv_size), "v_proj": (d, cfg.kv_size),
-          "o_proj": (cfg.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-
-
 def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   """A stacked [layers, ...] weight leaf of `method` with random values of a realistic scale."""
   kw, ks = jax.random.split(key)
@@ -117,7 +106,8 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
 def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: bool = True) -> dict:
   """Parameters with `method`'s linear layers: a list of per-layer dicts (layers="list", the form
   generate() runs unrolled) or the stacked form models.llama.stack_layers makes ("stacked": one
-  lax.scan over the layers); fused: q/k/v and gate/up as one kernel each (see _shapes)."""
+  lax.scan over the layers); fused: q/k/v and gate/up as one kernel each (what models.llama.fuse_projections makes
+  of a real model)."""
   key = jax.random.key(seed)
   keys = iter(jax.random.split(key, 16))
   if layers not in ("list", "stacked"):
@@ -127,7 +117,7 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: 
   def block(key, count):  # `count` layers stacked on a leading axis
     ks = iter(jax.random.split(key, 8))
     out = {name: random_linear(method, next(ks), count, k, n, 8 if name in A8_PROJECTIONS else 6)
-           for name, (k, n) in _shapes(cfg, fused).items()}
+           for name, (k, n) in llama.projection_shapes(cfg, fused).items()}
     out["input_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     out["post_attention_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     return out

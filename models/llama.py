@@ -249,11 +249,21 @@ def fused_count(params: Params) -> dict[str, int]:
   return {f: n * sum(f in layer for layer in layers) for f in FUSIONS}
 
 
-def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
-  """Random parameters (normal(0, scale) kernels, unit norms) at the config's real shapes."""
+def projection_shapes(config: LlamaConfig, fused: bool = False) -> dict[str, tuple[int, int]]:
+  """{projection: (K, N)} of one block's kernels; fused: as fuse_projections makes them."""
   d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
   shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+  if fused:
+    for name, parts in FUSIONS.items():
+      shapes[name] = (d, sum(shapes.pop(p)[1] for p in parts))
+  return shapes
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+  """Random parameters (normal(0, scale) kernels, unit norms) at the config's real shapes."""
+  d = config.hidden_size
+  shapes = projection_shapes(config)
   keys = iter(jax.random.split(key, 2 + config.num_layers * len(shapes)))
 
   def normal(shape):
