@@ -11,8 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from flexq_jax import matmul
-from flexq_jax.quantize import QuantConfig, quantize
+from evaluation import perplexity
+from flexq_jax.placement import place
+from flexq_jax.qconfig import QuantConfig
+from flexq_jax.quantize import quantize
+from models import llama
 
 RTN = dict(weight_method="rtn", smooth_alpha=None)
 GPTQ = dict(weight_method="gptq", smooth_alpha=None)
@@ -59,10 +62,7 @@ def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
   (equal to the exact reference up to fp32 summation order; about 4x faster on CPU);
   "reference" uses the exact int32 group sums.
   """
-  from evaluation import perplexity
-  from evaluation.cli import model_logits_fn
-
-  logits = model_logits_fn(config)
+  logits = llama.logits_fn(config)
   out: list[Row] = []
   base = None
   for label, qcfg in rows:
@@ -80,7 +80,7 @@ def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
       p = params
     else:
       p, report = quantize(params, calib_batch, qcfg, model_config=config, progress=lambda m: log(f"  {m}"))
-      p = matmul.with_backend(p, backend)
+      p = place(p, backend)[0]
       a8 = sum(1 for l in report.layers if l.a_bits == qcfg.sensitive_a_bits and l.a_bits != qcfg.a_bits)
     tq = time.perf_counter() - t0
     res = perplexity.perplexity(functools.partial(logits, p), windows, progress=False)

@@ -9,6 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
+
+import flexq_jax
+from evaluation import accuracy, calibration, corpora, e2e_bench, perplexity, plots
+from flexq_jax import backends, checkpoint, placement
+from flexq_jax.qconfig import QuantConfig
+from models import generate as gen
+from models import llama, loaders
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -34,50 +43,42 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-  import jax.numpy as jnp
-  from models import loaders
   t0 = time.perf_counter()
   config, params, tokenizer = loaders.load_model(args.model, jnp.dtype(args.dtype))
   _log(f"loaded {args.model or loaders.default_model_path().name} ({config.num_layers} layers, "
        f"dim {config.hidden_size}) in {time.perf_counter() - t0:.1f}s")
   if getattr(args, "quantized", None):
-    from flexq_jax import checkpoint
-    from flexq_jax import dispatch, matmul
     params, config, _ = checkpoint.load(args.quantized)
-    params = _fused(matmul.to_backend(params, getattr(args, "backend", "auto")))
-    kinds = sorted(set(dispatch.backends(params).values()))
-    _log(f"quantized weights from {args.quantized}; backends {', '.join(kinds)}")
+    params, placement = _place(params, args, jnp.dtype(args.dtype))
+    _log(f"quantized weights from {args.quantized}; {placement.summary()}")
   return config, params, tokenizer
+
+
+def _place(qparams, args, dtype):
+  """A quantized model placed on --backend (default auto), fused for inference; and its Placement."""
+  qparams, placement = flexq_jax.place(qparams, getattr(args, "backend", "auto"), dtype=dtype)
+  return _fused(qparams), placement
 
 
 def _fused(qparams):
   """A quantized model's q/k/v and gate/up joined for inference (models.llama.fuse_projections)."""
-  from models import llama
   qparams = llama.fuse_projections(qparams)
   _log("fused projections: " + ", ".join(f"{f} in {n} blocks" for f, n in llama.fused_count(qparams).items()))
   return qparams
 
 
 def _eval_tokens(args, tokenizer, seq_len: int, windows: int):
-  from evaluation import calibration, corpora, perplexity
   corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
   ids = calibration.tokenize_corpus(tokenizer, corpus.eval_text)
   return corpus, perplexity.eval_windows(ids, seq_len, windows)
 
 
-def model_logits_fn(config):
-  """(params, tokens) -> logits, the form evaluation.perplexity takes."""
-  from models import llama
-  return lambda params, tokens: llama.forward(params, config, tokens)[0]
-
-
 def cmd_eval(args) -> int:
-  from evaluation import perplexity
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, windows = _eval_tokens(args, tokenizer, args.seq_len, args.windows)
   _log(f"perplexity on {corpus.name}: {windows.shape[0]} windows x {windows.shape[1]} tokens")
-  result = perplexity.perplexity(functools.partial(model_logits_fn(config), params), windows,
+  result = perplexity.perplexity(functools.partial(llama.logits_fn(config), params), windows,
                                  batch_size=args.batch_size)
   print(f"perplexity {result.ppl:.4f}  (nll {result.nll:.5f}, {result.num_tokens} tokens, {result.seconds:.1f}s)")
   if args.json:
@@ -91,25 +92,7 @@ def _require_tokenizer(tokenizer):
     raise SystemExit("error: this checkpoint has no tokenizer (no tokenizer.json / GGUF tokenizer metadata)")
 
 
-def generate_text(config, params, tokenizer, prompts: list[str], *, max_new_tokens: int, chat: bool,
-                  sampling=None, seed: int = 0) -> list[str]:
-  """Generates a completion for each prompt (batched, left-padded) and decodes it."""
-  import jax
-  from models import generate as gen
-  if chat:
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-  ids = [tokenizer.encode(p) for p in prompts]
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  tokens, mask = gen.pad_prompts(ids, pad, "left")
-  out = gen.generate(params, config, tokens, mask, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                     sampling=sampling or gen.GREEDY)
-  n = jax.device_get(out.num_generated)
-  toks = jax.device_get(out.tokens)
-  return [tokenizer.decode(toks[i, :n[i]].tolist()) for i in range(len(prompts))]
-
-
 def cmd_generate(args) -> int:
-  from models import generate as gen
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   sampling = gen.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -117,7 +100,7 @@ def cmd_generate(args) -> int:
   if not args.raw and not chat:
     _log("this tokenizer has no chat template: prompts are fed as plain text")
   t0 = time.perf_counter()
-  texts = generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+  texts = gen.generate_text(config, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         chat=chat, sampling=sampling, seed=args.seed)
   _log(f"generated in {time.perf_counter() - t0:.1f}s (compilation included)")
   for prompt, text in zip(args.prompt, texts):
@@ -159,13 +142,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--backend", choices=("auto", "reference", "dequant", "pallas", "bmma"), default="auto",
+  p.add_argument("--backend", choices=(placement.AUTO,) + backends.names(), default="auto",
                  help="the kernel the quantized linears run: auto (default: each layer's fastest on this device "
-                      "by its tuning table; the jnp reference on CPU), reference, dequant, pallas or bmma")
+                      "by its tuning table; the jnp reference on CPU), or one of: "
+                      + "; ".join(f"{b.name} ({b.doc})" for b in backends.REGISTRY))
 
 
 def _quant_config(args):
-  from flexq_jax.quantize import QuantConfig
   rules = []
   for r in args.rule:
     pattern, sep, bits = r.rpartition("=")
@@ -180,22 +163,17 @@ def _quant_config(args):
 
 
 def _calib(args, tokenizer):
-  from evaluation import calibration, corpora
   corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
   ids = calibration.tokenize_corpus(tokenizer, corpus.calib_text)
   return corpus, calibration.calibration_batch(ids, args.calib_batch, args.calib_len, args.seed)
 
 
 def cmd_quantize(args) -> int:
-  from flexq_jax import checkpoint
-  from flexq_jax.quantize import quantize
-  from evaluation import plots
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log,
-                             backend=args.backend)
+  qparams, report = flexq_jax.quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
   print(report.summary())
   file = checkpoint.save(args.out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
@@ -204,7 +182,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_accuracy(args) -> int:
-  from evaluation import accuracy, calibration, corpora, perplexity
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
@@ -235,17 +212,13 @@ def cmd_accuracy(args) -> int:
 
 def cmd_run(args) -> int:
   """The main job: the FlexQ pipeline on the built-in default model and text."""
-  from flexq_jax import checkpoint
-  from flexq_jax.quantize import quantize
-  from evaluation import calibration, corpora, perplexity, plots
   t_start = time.perf_counter()
   out = Path(args.out)
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = quantize(params, calib, _quant_config(args), model_config=config, progress=_log,
-                             backend=args.backend)
+  qparams, report = flexq_jax.quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
   print(report.summary())
   file = checkpoint.save(out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
@@ -254,20 +227,22 @@ def cmd_run(args) -> int:
   windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
                                     args.windows)
   _log(f"perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}")
-  qparams = _fused(qparams)  # after saving: checkpoints keep the per-projection form
-  logits = model_logits_fn(config)
+  qparams, placement = _place(qparams, args, jnp.dtype(args.dtype))  # after saving: checkpoints keep
+  print(placement.summary())                                        # the stored layout, unfused
+  logits = llama.logits_fn(config)
   ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
   ppl_q = perplexity.perplexity(functools.partial(logits, qparams), windows)
 
   prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
   chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
   _log("generating samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
-  fp_text = generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
-  q_text = generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  q_text = gen.generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
              "eval_windows": list(windows.shape), "ppl_fp32": ppl_fp.ppl, "ppl_flexq": ppl_q.ppl,
              "linear_bf16_bytes": report.linear_bf16_bytes, "linear_packed_bytes": report.linear_packed_bytes,
+             "placement": json.loads(placement.to_json()),
              "samples": [{"prompt": p, "fp32": a, "flexq": b} for p, a, b in zip(prompts, fp_text, q_text)]}
   (out / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -316,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("quantize", help="quantize a model (FlexQ) and save the checkpoint, report and heatmap",
                      description="Calibrate, run the sensitivity analysis, quantize every linear layer to 6-bit "
-                                 "weights (W6A6, sensitive layers W6A8) and save a quantized checkpoint.")
+                                 "weights (W6A6, sensitive layers W6A8) and save a quantized checkpoint "
+                                 "(stored layout; --backend in eval/generate places it).")
   _add_model_args(p)
-  _add_backend_arg(p)
   _add_corpus_args(p)
   _add_quant_args(p)
   p.add_argument("--out", default="runs/quantized", help="output directory (default runs/quantized)")
@@ -333,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_window_args(p, 8, "")
   p.add_argument("--only", action="append", default=[], metavar="TEXT",
                  help="run only rows whose label contains TEXT (repeatable; the FP32 row always runs)")
-  p.add_argument("--backend", choices=("dequant", "reference"), default="dequant",
+  p.add_argument("--backend", choices=[b.name for b in backends.REGISTRY if "cpu" in b.platforms], default="dequant",
                  help="quantized matmul path: 'dequant' (the contract's numbers in one fp32 dot, fast on CPU; "
                       "default) or 'reference' (exact int32 group sums, ~4x slower on CPU)")
   p.add_argument("--resume", action="store_true",
@@ -364,7 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["bench"]:  # its own parser (evaluation/e2e_bench.py)
-    from evaluation import e2e_bench
     return e2e_bench.main(argv[1:])
   parser = build_parser()
   args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ Methods (every linear layer of every block; embeddings, norms, attention and the
                "pallas8", group-128 scales, A8): the same kernel as FlexQ, only the weight width
                differs.
   flexq        W6A6 with A8 on every down_proj (FlexQ's released rule; the sensitivity analysis
-               needs real weights), 6-bit weights on the backend flexq_jax.dispatch picks per layer.
+               needs real weights), 6-bit weights on the backend flexq_jax.placement picks per layer ("auto").
   flexq-bmma   the same on the CUDA BMMA kernel (optional: --methods).
 
 Projections: q/k/v and gate/up fused into one GEMM each, for every method (`--unfused` keeps
@@ -51,17 +51,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evaluation import baselines
-from flexq_jax import dispatch, formats, matmul
+from evaluation import baselines, kernel_bench
+from flexq_jax import backends, placement
 from flexq_jax.qlinear import QuantizedLinear
 from models import config as model_configs
 from models import llama
+from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
 A8_PROJECTIONS = ("down_proj",)  # FlexQ's released rule
+# Methods pinned to one backend (flexq_jax/backends.py); "flexq" takes placement's "auto" choice.
+METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.BMMA.name}
 
 
 def tiny_config() -> model_configs.LlamaConfig:
@@ -79,7 +82,7 @@ def model_config(name: str) -> model_configs.LlamaConfig:
 def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   """A stacked [layers, ...] weight leaf of `method` with random values of a realistic scale."""
   kw, ks = jax.random.split(key)
-  groups = formats.padded_k(k) // 128
+  groups = core.padded_k(k) // 128
   if method == "bf16":
     return 0.02 * jax.random.normal(kw, (layers, k, n), jnp.bfloat16)
   if method == "w8a8-xla":
@@ -91,16 +94,16 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   w_bits, a_bits, scale = (8, 8, 3e-4) if w8 else (6, a_bits, 1e-3)
   template = QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=w_bits, a_bits=a_bits,
                              group_size=128)
-  backend = {"w8a8-pallas": "pallas", "flexq-bmma": "bmma"}.get(method) or dispatch.choose(template, 1)[0]
-  layout = matmul.BACKEND_LAYOUTS.get(backend, {}).get(w_bits, "pallas6")
+  backend = backends.get(METHOD_BACKENDS.get(method) or placement.choose(template, 1, dtype=jnp.bfloat16)[0])
+  layout = backend.layout_for(w_bits) or "pallas6"  # reference (CPU): time the pallas6 bytes
   # Random bytes are valid weights in every layout (bitplanes_g4's padding words would be 0: timing only).
   shape = {"pallas6": (layers, n // 16, groups, 3, 16, 32), "pallas8": (layers, n // 16, groups, 16, 128),
-           "bitplanes_g4": (layers, 6, n, formats.g4_words(k))}[layout]
+           "bitplanes_g4": (layers, 6, n, core.g4_words(k))}[layout]
   packed = jax.random.bits(kw, shape, jnp.uint32 if layout == "bitplanes_g4" else jnp.uint8)
   if layout == "pallas8":
     packed = jax.lax.bitcast_convert_type(packed, jnp.int8)
   scales = jax.random.uniform(ks, (layers, n, groups), jnp.float32, 0.5 * scale, 1.5 * scale).astype(jnp.float16)
-  return template.replace(packed=packed, scales=scales, layout=layout, backend=backend)
+  return template.replace(packed=packed, scales=scales, layout=layout, backend=backend.name)
 
 
 def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: bool = True) -> dict:
@@ -184,7 +187,7 @@ class Row:
 def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print) -> Row:
   row = Row(model, method, batch, prompt, new_tokens, "stacked" if llama.is_stacked(params) else "list",
             fused=any(llama.fused_count(params).values()), linear_weight_bytes=linear_bytes(params))
-  row.backends = ",".join(sorted(set(dispatch.backends(params["layers"]).values()))) or "xla"
+  row.backends = ",".join(sorted(set(placement.backends_of(params["layers"]).values()))) or "xla"
   tokens = jax.random.randint(jax.random.key(batch * 7919 + prompt), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   t0 = time.perf_counter()
   prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + new_tokens)).lower(params, tokens).compile()
@@ -235,7 +238,6 @@ def _category(name: str) -> str:
 def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int, steps: int = 16,
                    log=print) -> dict:
   """Device time of one decode step by kernel category (jax.profiler), against its wall time."""
-  from evaluation import kernel_bench
   tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps))
   decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps), donate_argnums=(1,))
@@ -455,7 +457,7 @@ def main(argv=None) -> int:
   if jax.default_backend() != "gpu" and models != ["tiny"]:
     raise SystemExit("the end-to-end benchmark times GPU kernels: run it on a GPU machine (or --models tiny to try it)")
 
-  card = dispatch.card_name()
+  card = placement.card_name()
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
   out = Path(args.out_dir)

@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines
-from flexq_jax import dispatch, formats, numerics
+from flexq_jax import formats, numerics, placement
+from flexq_jax.cuda import bmma
 from pallas_kernels import w6a_matmul as wk
+from pallas_kernels import core
 
 SHAPES = {  # name -> (N, K) of the LLaMA-2 linear layers (70B first: the targets are set there)
     "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (28672, 8192), "70b.down": (8192, 28672),
@@ -215,8 +217,8 @@ def _our_weights(key, n: int, k: int, count: int, layout: str = "pallas6"):
   bufs = []
   for i in range(count):
     kq, ks = jax.random.split(jax.random.fold_in(key, i))
-    q = jax.random.randint(kq, (n, formats.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
-    s = (jax.random.uniform(ks, (n, formats.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
+    q = jax.random.randint(kq, (n, core.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
+    s = (jax.random.uniform(ks, (n, core.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
     bufs.append((jax.jit(formats.pack, static_argnums=(1, 2, 3))(q, 6, layout, k), s, q))
   return bufs
 
@@ -245,7 +247,6 @@ def bench_ours(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, fl
 def bmma_available(log=print) -> bool:
   """Whether the BMMA library builds and loads here (reports why not)."""
   try:
-    from flexq_jax.cuda import bmma
     bmma._register()
     return True
   except Exception as e:  # no nvcc, no GPU, a build error: the column stays empty, the run goes on
@@ -255,7 +256,6 @@ def bmma_available(log=print) -> bool:
 
 def bench_bmma(x, n, k, a_bits, key, check=True) -> tuple[float, float]:
   """(seconds per call, relative error against the contract) of flexq_jax.cuda.bmma_matmul."""
-  from flexq_jax.cuda import bmma
   op = lambda x, p, s: bmma.bmma_matmul(x, p, s, a_bits=a_bits, k=k)
   return _bench_w6(op, x, n, k, a_bits, key, "bitplanes_g4", check)
 
@@ -462,7 +462,7 @@ GEMV_TILES = (  # (block_n, num_warps, block_kg, split_k, prefetch)
 def gemv_candidates(m: int, n: int, k: int, full: bool) -> list[wk.TileConfig]:
   """Decode (gemv) tilings to time (GEMV_TILES, fewer when not full), split_k capped so that every
   split keeps at least one step of block_kg groups."""
-  groups = formats.padded_k(k) // 128
+  groups = core.padded_k(k) // 128
   tiles = GEMV_TILES if full else [t for i, t in enumerate(GEMV_TILES) if i in (0, 1, 3, 4, 5, 9)]
   cands = [wk.TileConfig(gemv=True, block_n=bn, num_warps=nw, block_kg=kg, split_k=max(1, min(sk, groups // kg)),
                          num_stages=1, prefetch=pf) for bn, nw, kg, sk, pf in tiles]
@@ -540,7 +540,7 @@ def main(argv=None) -> None:
     rows = sweep_gemv(shapes, ms, log)
     if args.out_dir:
       Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-      (Path(args.out_dir) / f"gemv-sweep-{dispatch.card_name()}.json").write_text(json.dumps(rows, indent=1))
+      (Path(args.out_dir) / f"gemv-sweep-{placement.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
@@ -557,7 +557,7 @@ def main(argv=None) -> None:
     return
   use_torch = not args.no_torch and torch_available()
   a8_ms = tuple(int(v) for v in args.a8_m.split(",")) if args.a8_m else None
-  card, date = dispatch.card_name(), datetime.date.today().isoformat()
+  card, date = placement.card_name(), datetime.date.today().isoformat()
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   subset = args.quick or ms != M_ALL or len(shapes) != len(SHAPES) or a_bits != (6, 8) or a8_ms is not None

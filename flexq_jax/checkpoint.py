@@ -7,8 +7,8 @@ File `<dir>/model.safetensors`:
             quantized linear its static fields (shape, bits, group size, layout); the report
             (sensitivity map included) is stored as well.
 Weights are stored in the "bitplanes" layout (b bits a weight, flexq_jax/formats.py) whatever
-backend the model ran on: save() repacks a model placed with to_backend (exact), and a loaded
-model runs the reference until to_backend places it again (the CLI does, --backend).
+backend the model ran on: save() repacks a placed model (exact), and a loaded model runs the
+reference until flexq_jax.place places it again (the CLI does, --backend).
 Beside it, `<dir>/report.json` repeats the quantization report for people to read.
 Everything read back is validated (format version, names, shapes, dtypes, bit widths) before
 an array is used.
@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -31,6 +32,7 @@ from flexq_jax import formats
 from flexq_jax.qlinear import QuantizedLinear
 from models import llama
 from models.config import LlamaConfig, RopeScaling
+from pallas_kernels import core
 
 FORMAT = "flexq-jax"
 VERSION = 1
@@ -165,9 +167,9 @@ def _load_linear(f, names: set, prefix: str, spec: dict, file: Path) -> Quantize
       raise ValueError(f"{file}: tensor {prefix}.{suffix} is missing")
   packed = f.get_tensor(f"{prefix}.packed")
   scales = f.get_tensor(f"{prefix}.scales")
-  kp = formats.padded_k(k)
+  kp = core.padded_k(k)
   groups = 1 if group is None else kp // int(group)
-  want_packed = (w_bits, n, formats.stored_k(k) // formats.WORD_BITS)
+  want_packed = (w_bits, n, core.stored_k(k) // core.WORD_BITS)
   if packed.dtype != np.uint32 or packed.shape != want_packed:
     raise ValueError(f"{file}: {prefix}.packed is {packed.dtype} {packed.shape}, expected uint32 {want_packed}")
   if scales.dtype != np.float16 or scales.shape != (n, groups):
@@ -192,8 +194,6 @@ def _put(params: dict, dotted: str, value, file: Path) -> None:
 
 
 def _check_complete(params: dict, config: LlamaConfig, file: Path) -> None:
-  from models import llama
-  import jax
   want = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
   if len(params["layers"]) != config.num_layers:
     raise ValueError(f"{file}: {len(params['layers'])} layers, the config says {config.num_layers}")

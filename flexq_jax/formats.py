@@ -3,7 +3,7 @@ r"""Weight storage layouts: the one module that owns how quantized weights sit i
 Canonical logical form (every layout round-trips to it exactly):
     q      int8  [N, Kp]      signed values in [-2^(b-1), 2^(b-1) - 1] (b = weight bits)
     scales fp16  [N, Kp / g]  one scale per output channel and K-group
-Kp is K rounded up to a multiple of GROUP_ALIGN; the padding holds zeros.
+Kp is K rounded up to a multiple of GROUP; the padding holds zeros.
 
 The int8 array above is a transient of packing and of the reference path; a quantized
 checkpoint and a quantized model in device memory hold only packed layouts (b bits a weight).
@@ -82,29 +82,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GROUP_ALIGN = 128  # K is padded to a multiple of this (the group size; BMMA's K per MMA)
-WORD_BITS = 32
+from pallas_kernels import core
+from pallas_kernels.core import G4, GROUP, PHASES, TILE_ROWS, WORD_BITS, g4_words, padded_k, qrange, stored_k
+
 LAYOUTS = ("bitplanes", "bitplanes_g4", "pallas6", "pallas8")
-G4 = 4  # "bitplanes_g4": groups whose words interleave
-PALLAS6_ROWS = 16  # rows of one contiguous "pallas6" tile (N must be a multiple)
-PALLAS6_OFFSET = 32  # "pallas6" stores u = q + 32
-PALLAS8_ROWS = PALLAS6_ROWS  # "pallas8" tiles have the same 16 rows
-PHASES = 4  # "pallas6" / "pallas8": k = 4t + p within a group, p = phase
-
-
-def padded_k(k: int) -> int:
-  """K rounded up to a multiple of GROUP_ALIGN."""
-  return -(-k // GROUP_ALIGN) * GROUP_ALIGN
-
-
-def qrange(bits: int) -> tuple[int, int]:
-  """(min, max) of a signed `bits`-bit integer."""
-  return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def stored_k(k: int) -> int:
-  """K rounded up to a multiple of WORD_BITS: how much of each row a packed layout keeps."""
-  return -(-k // WORD_BITS) * WORD_BITS
 
 
 def _check_logical(q: jax.Array, bits: int):
@@ -145,16 +126,10 @@ def unpack_bitplanes(planes: jax.Array) -> jax.Array:
   return q.reshape(n, words * WORD_BITS).astype(jnp.int8)
 
 
-def g4_words(k: int) -> int:
-  """uint32 words a "bitplanes_g4" row of a layer with real K = k holds (whole blocks of 4 groups)."""
-  groups = padded_k(k) // GROUP_ALIGN
-  return -(-groups // G4) * G4 * (GROUP_ALIGN // WORD_BITS)
-
-
 def interleave_groups(planes: jax.Array) -> jax.Array:
   """"bitplanes" words [..., W] (W <= 4 x groups) -> "bitplanes_g4" [..., g4_words]: zero-padded to
   whole blocks of 4 groups, word q of group 4b + u moved to 16b + 4q + u."""
-  wpg = GROUP_ALIGN // WORD_BITS
+  wpg = GROUP // WORD_BITS
   block = G4 * wpg
   words = -(-planes.shape[-1] // block) * block
   p = jnp.pad(planes, [(0, 0)] * (planes.ndim - 1) + [(0, words - planes.shape[-1])])
@@ -164,45 +139,45 @@ def interleave_groups(planes: jax.Array) -> jax.Array:
 
 def deinterleave_groups(g4: jax.Array, words: int) -> jax.Array:
   """The inverse of interleave_groups, keeping the first `words` words of each row."""
-  wpg = GROUP_ALIGN // WORD_BITS
+  wpg = GROUP // WORD_BITS
   p = g4.reshape(*g4.shape[:-1], g4.shape[-1] // (G4 * wpg), wpg, G4)  # [..., block, q, u]
   return jnp.swapaxes(p, -1, -2).reshape(g4.shape)[..., :words]
 
 
 def pack_pallas6(q: jax.Array) -> jax.Array:
   """int [N, Kp] in [-32, 31] (N % 16 == 0, Kp % 128 == 0) -> uint8 [N/16, Kp/128, 3, 16, 32]."""
-  if q.ndim != 2 or q.shape[1] % GROUP_ALIGN or q.shape[0] % PALLAS6_ROWS:
-    raise ValueError(f"pallas6 packs [N, Kp] with N a multiple of {PALLAS6_ROWS} and Kp a multiple of "
-                     f"{GROUP_ALIGN}, got shape {q.shape}")
+  if q.ndim != 2 or q.shape[1] % GROUP or q.shape[0] % TILE_ROWS:
+    raise ValueError(f"pallas6 packs [N, Kp] with N a multiple of {TILE_ROWS} and Kp a multiple of "
+                     f"{GROUP}, got shape {q.shape}")
   n, kp = q.shape
-  u = (jnp.asarray(q).astype(jnp.int32) + PALLAS6_OFFSET).astype(jnp.uint8)
-  u = u.reshape(n, kp // GROUP_ALIGN, 32, 4)  # [N, G, t, phase], values 0..63
+  u = (jnp.asarray(q).astype(jnp.int32) + core.PALLAS6_OFFSET).astype(jnp.uint8)
+  u = u.reshape(n, kp // GROUP, 32, 4)  # [N, G, t, phase], values 0..63
   lo, hi = u & 0xF, u >> 4
   planes = jnp.stack([lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
                       hi[..., 0] | (hi[..., 1] << 2) | (hi[..., 2] << 4) | (hi[..., 3] << 6)], axis=2)  # [N, G, 3, 32]
-  return planes.reshape(n // PALLAS6_ROWS, PALLAS6_ROWS, kp // GROUP_ALIGN, 3, 32).transpose(0, 2, 3, 1, 4)
+  return planes.reshape(n // TILE_ROWS, TILE_ROWS, kp // GROUP, 3, 32).transpose(0, 2, 3, 1, 4)
 
 
 def unpack_pallas6(packed: jax.Array) -> jax.Array:
   """uint8 [N/16, Kp/128, 3, 16, 32] -> int8 [N, Kp], the exact inverse of pack_pallas6."""
-  if packed.ndim != 5 or packed.dtype != jnp.uint8 or packed.shape[2:] != (3, PALLAS6_ROWS, 32):
+  if packed.ndim != 5 or packed.dtype != jnp.uint8 or packed.shape[2:] != (3, TILE_ROWS, 32):
     raise ValueError(f"pallas6 arrays are uint8 [N/16, groups, 3, 16, 32], got {packed.dtype} {packed.shape}")
   blocks, g = packed.shape[:2]
-  p = packed.transpose(0, 3, 1, 2, 4).reshape(blocks * PALLAS6_ROWS, g, 3, 32)  # [N, G, plane, t]
+  p = packed.transpose(0, 3, 1, 2, 4).reshape(blocks * TILE_ROWS, g, 3, 32)  # [N, G, plane, t]
   lo01, lo23, hi = p[:, :, 0], p[:, :, 1], p[:, :, 2]
   lo = jnp.stack([lo01 & 0xF, lo01 >> 4, lo23 & 0xF, lo23 >> 4], axis=-1)  # [N, G, t, phase]
   hi = jnp.stack([(hi >> (2 * ph)) & 3 for ph in range(4)], axis=-1)
-  u = (lo | (hi << 4)).astype(jnp.int32) - PALLAS6_OFFSET
-  return u.astype(jnp.int8).reshape(blocks * PALLAS6_ROWS, g * GROUP_ALIGN)
+  u = (lo | (hi << 4)).astype(jnp.int32) - core.PALLAS6_OFFSET
+  return u.astype(jnp.int8).reshape(blocks * TILE_ROWS, g * GROUP)
 
 
 def pack_pallas8(q: jax.Array) -> jax.Array:
   """int [N, Kp] in [-128, 127] (N % 16 == 0, Kp % 128 == 0) -> int8 [N/16, Kp/128, 16, 128], phase-major."""
-  if q.ndim != 2 or q.shape[1] % GROUP_ALIGN or q.shape[0] % PALLAS8_ROWS:
-    raise ValueError(f"pallas8 packs [N, Kp] with N a multiple of {PALLAS8_ROWS} and Kp a multiple of "
-                     f"{GROUP_ALIGN}, got shape {q.shape}")
+  if q.ndim != 2 or q.shape[1] % GROUP or q.shape[0] % TILE_ROWS:
+    raise ValueError(f"pallas8 packs [N, Kp] with N a multiple of {TILE_ROWS} and Kp a multiple of "
+                     f"{GROUP}, got shape {q.shape}")
   n, kp = q.shape
-  g = kp // GROUP_ALIGN
+  g = kp // GROUP
   q = jnp.asarray(q)
   if q.dtype != jnp.int8:
     lo, hi = qrange(8)
@@ -210,17 +185,17 @@ def pack_pallas8(q: jax.Array) -> jax.Array:
       raise ValueError(f"pallas8 holds 8-bit weights in [{lo}, {hi}], got values in "
                        f"[{int(jnp.min(q))}, {int(jnp.max(q))}]")
     q = q.astype(jnp.int8)
-  t = q.reshape(n // PALLAS8_ROWS, PALLAS8_ROWS, g, GROUP_ALIGN // PHASES, PHASES)  # [b, i, j, t, p]
-  return t.transpose(0, 2, 1, 4, 3).reshape(n // PALLAS8_ROWS, g, PALLAS8_ROWS, GROUP_ALIGN)
+  t = q.reshape(n // TILE_ROWS, TILE_ROWS, g, GROUP // PHASES, PHASES)  # [b, i, j, t, p]
+  return t.transpose(0, 2, 1, 4, 3).reshape(n // TILE_ROWS, g, TILE_ROWS, GROUP)
 
 
 def unpack_pallas8(packed: jax.Array) -> jax.Array:
   """int8 [N/16, Kp/128, 16, 128] -> int8 [N, Kp], the exact inverse of pack_pallas8."""
-  if packed.ndim != 4 or packed.dtype != jnp.int8 or packed.shape[2:] != (PALLAS8_ROWS, GROUP_ALIGN):
+  if packed.ndim != 4 or packed.dtype != jnp.int8 or packed.shape[2:] != (TILE_ROWS, GROUP):
     raise ValueError(f"pallas8 arrays are int8 [N/16, groups, 16, 128], got {packed.dtype} {packed.shape}")
   blocks, g = packed.shape[:2]
-  t = packed.reshape(blocks, g, PALLAS8_ROWS, PHASES, GROUP_ALIGN // PHASES)  # [b, j, i, p, t]
-  return t.transpose(0, 2, 1, 4, 3).reshape(blocks * PALLAS8_ROWS, g * GROUP_ALIGN)
+  t = packed.reshape(blocks, g, TILE_ROWS, PHASES, GROUP // PHASES)  # [b, j, i, p, t]
+  return t.transpose(0, 2, 1, 4, 3).reshape(blocks * TILE_ROWS, g * GROUP)
 
 
 def _check_layout_bits(layout: str, bits: int):

@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flexq_jax import formats
 from flexq_jax.numerics import pad_k
+from pallas_kernels import core
 
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
@@ -44,8 +44,8 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
     (q int8 [N, Kp], scales fp16 [N, Kp / group]): same form as numerics.quantize_weight.
   """
   n, k = w.shape
-  kp = formats.padded_k(k)
-  qmin, qmax = formats.qrange(bits)
+  kp = core.padded_k(k)
+  qmin, qmax = core.qrange(bits)
   w = pad_k(w.astype(jnp.float32), kp)
   h = jnp.zeros((kp, kp), jnp.float32).at[:k, :k].set(hessian.astype(jnp.float32))
   diag = jnp.diag(h)

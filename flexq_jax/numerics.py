@@ -1,4 +1,4 @@
-"""The numerics contract (DESIGN.md section 2) in pure jnp: the definition every backend matches.
+"""The numerics contract (flexq_jax/DESIGN.md) in pure jnp: the definition every backend matches.
 
 Weights W [N, K]: symmetric, one fp16 scale per (output channel, group of g along K),
     s_w = max|W_group| / qmax_w,  q_w = clip(round_half_even(W / s_w), qmin, qmax).
@@ -13,9 +13,10 @@ x * (1 / s), its GPU reciprocal differs from the CPU's, Triton divides approxima
 bf16 inputs the ways disagree on ~1e-4 of the elements, the near-ties. With 15 significant bits in
 s_x, every half-integer boundary (c +- 1/2) s_x is exact in fp32, so any guess within one of the
 answer (here floor(x * (1 / s) + 1/2)) is corrected by two exact comparisons, and exact ties are
-seen as ties (round_to_nearest_quotient). Clearing 9 bits lowers s_x by less than 2^-14 relative.
+seen as ties (pallas_kernels/core.py: round_to_nearest_quotient, the one definition every kernel
+calls). Clearing 9 bits lowers s_x by less than 2^-14 relative.
 
-K is zero-padded to a multiple of 128 (formats.GROUP_ALIGN) for both operands. group_size is
+K is zero-padded to a multiple of 128 (GROUP) for both operands. group_size is
 128 (FlexQ) or any multiple of 128, or None for one group over the whole row (per-channel
 weights / per-token activations, the W8A8 SmoothQuant baseline).
 
@@ -32,15 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexq_jax import formats
-
-CHUNK = formats.GROUP_ALIGN
+from pallas_kernels import core
+from pallas_kernels.core import GROUP
 
 
 def _group(group_size: int | None, kp: int) -> int:
   if group_size is None:
     return kp
-  if group_size <= 0 or group_size % CHUNK:
-    raise ValueError(f"group_size must be a positive multiple of {CHUNK} or None, got {group_size}")
+  if group_size <= 0 or group_size % GROUP:
+    raise ValueError(f"group_size must be a positive multiple of {GROUP} or None, got {group_size}")
   if kp % group_size:
     raise ValueError(f"padded K={kp} is not a multiple of group_size={group_size}")
   return group_size
@@ -83,9 +84,9 @@ def quantize_weight(w: jax.Array, bits: int = 6, group_size: int | None = 128,
     raise ValueError(f"weights must be floating point, got {w.dtype}")
   check_finite("weights", w)
   n, k = w.shape
-  kp = formats.padded_k(k)
+  kp = core.padded_k(k)
   g = _group(group_size, kp)
-  qmin, qmax = formats.qrange(bits)
+  qmin, qmax = core.qrange(bits)
   wg = pad_k(w.astype(jnp.float32), kp).reshape(n, kp // g, g)
   if scales is None:
     scales = jnp.max(jnp.abs(wg), axis=-1) / qmax
@@ -106,30 +107,6 @@ def dequantize_weight(q: jax.Array, scales: jax.Array, k: int | None = None) -> 
   return w.reshape(n, kp)[:, : (k or kp)]
 
 
-SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (module docstring)
-
-
-def activation_scale(amax: jax.Array, qmax: int) -> jax.Array:
-  """The contract's s_x from max|x| (fp32): amax * fl32(1 / qmax), low 9 mantissa bits cleared."""
-  s = amax.astype(jnp.float32) * np.float32(1.0 / qmax)
-  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
-
-
-def round_to_nearest_quotient(x: jax.Array, s: jax.Array) -> jax.Array:
-  """The integer nearest to the exact x / s, ties to even, as fp32 (0 where s == 0).
-
-  s must have at most 15 significant bits (activation_scale) and |x / s| <= 2^8: then (c +- 1/2) s
-  is exact in fp32 and the result does not depend on how 1 / s is rounded. Kernels repeat these
-  steps (pallas_kernels/w6a_matmul.py, flexq_jax/cuda/csrc/act_quant.cuh).
-  """
-  live = s > 0
-  s = jnp.where(live, s, 1.0)
-  c = jnp.floor(x * (1.0 / s) + 0.5)  # within one of the answer, however 1 / s was rounded
-  c = jnp.where(x > (c + 0.5) * s, c + 1.0, jnp.where(x < (c - 0.5) * s, c - 1.0, c))
-  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
-  c = jnp.where(odd & (x == (c + 0.5) * s), c + 1.0, jnp.where(odd & (x == (c - 0.5) * s), c - 1.0, c))
-  return jnp.where(live, c, 0.0)
-
 def quantize_activation(x: jax.Array, bits: int, group_size: int | None = 128) -> tuple[jax.Array, jax.Array]:
   """Dynamic symmetric per-token-group activation quantization.
 
@@ -142,12 +119,11 @@ def quantize_activation(x: jax.Array, bits: int, group_size: int | None = 128) -
     (q int8 [M, Kp], scales fp32 [M, Kp / group]).
   """
   m, k = x.shape
-  kp = formats.padded_k(k)
+  kp = core.padded_k(k)
   g = _group(group_size, kp)
-  qmin, qmax = formats.qrange(bits)
+  qmin, qmax = core.qrange(bits)
   xg = pad_k(x.astype(jnp.float32), kp).reshape(m, kp // g, g)
-  s = activation_scale(jnp.max(jnp.abs(xg), axis=-1), qmax)
-  q = round_to_nearest_quotient(xg, s[..., None])
+  q, s = core.quantize_groups(xg, qmax)
   q = jnp.clip(q, qmin, qmax).astype(jnp.int8).reshape(m, kp)
   return q, s
 
@@ -156,9 +132,9 @@ def chunk_dots(qx: jax.Array, qw: jax.Array) -> jax.Array:
   """Exact 128-chunk integer dot products: int [M, Kp], int [N, Kp] -> int32 [Kp/128, M, N]."""
   m, kp = qx.shape
   n = qw.shape[0]
-  c = kp // CHUNK
-  xs = qx.astype(jnp.float32).reshape(m, c, CHUNK)
-  ws = qw.astype(jnp.float32).reshape(n, c, CHUNK)
+  c = kp // GROUP
+  xs = qx.astype(jnp.float32).reshape(m, c, GROUP)
+  ws = qw.astype(jnp.float32).reshape(n, c, GROUP)
   sums = jnp.einsum("MCK,NCK->CMN", xs, ws, precision=jax.lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)
   return sums.astype(jnp.int32)
@@ -168,7 +144,7 @@ def group_dots(qx: jax.Array, qw: jax.Array, group: int) -> jax.Array:
   """int [M, Kp], int [N, Kp] -> exact int32 sums per K-group [Kp/group, M, N]."""
   chunks = chunk_dots(qx, qw)
   c, m, n = chunks.shape
-  return chunks.reshape(c // (group // CHUNK), group // CHUNK, m, n).sum(axis=1, dtype=jnp.int32)
+  return chunks.reshape(c // (group // GROUP), group // GROUP, m, n).sum(axis=1, dtype=jnp.int32)
 
 
 def reference_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int,
@@ -181,7 +157,7 @@ def reference_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: in
     raise ValueError(f"activations must be [M, K], got shape {x.shape}")
   m, k = x.shape
   n, kp = q_w.shape
-  if formats.padded_k(k) != kp:
+  if core.padded_k(k) != kp:
     raise ValueError(f"activation K={k} does not match the weight's padded K={kp}")
   out_dtype = out_dtype or x.dtype
   g = _group(group_size, kp)
@@ -225,7 +201,7 @@ def bitplane_group_dots(x_planes: jax.Array, w_planes: jax.Array, group: int = 1
   """
   a_bits, m, words = x_planes.shape
   w_bits, n, _ = w_planes.shape
-  wpg = group // formats.WORD_BITS
+  wpg = group // core.WORD_BITS
   anded = x_planes[:, None, :, None, :] & w_planes[None, :, None, :, :]  # [a, w, M, N, W]
   pop = jax.lax.population_count(anded).astype(jnp.int32)
   pop = pop.reshape(a_bits, w_bits, m, n, words // wpg, wpg).sum(-1)  # [a, w, M, N, G]

@@ -6,7 +6,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from flexq_jax import formats
+from flexq_jax import backends, formats, numerics
+from pallas_kernels import core
 
 
 @flax.struct.dataclass
@@ -17,7 +18,8 @@ class QuantizedLinear:
   fp16 scale per (output channel, K-group); what is stored is `packed` in `layout` (see
   flexq_jax.formats), so the storage type differs from the logical one. `x @ layer` runs the
   quantized matmul of the numerics contract with `a_bits`-bit dynamic activations (16 = the
-  activations stay float: weight-only quantization) on `backend`.
+  activations stay float: weight-only quantization) on `backend` (a name in flexq_jax.backends;
+  flexq_jax.place sets it and repacks to the layout that backend reads).
   """
 
   packed: jax.Array  # layout-specific, e.g. uint32 [w_bits, N, K32/32] for "bitplanes"
@@ -28,7 +30,7 @@ class QuantizedLinear:
   a_bits: int = flax.struct.field(pytree_node=False)  # 6, 8, or 16 (no activation quantization)
   group_size: int | None = flax.struct.field(pytree_node=False)  # None = one group per row
   layout: str = flax.struct.field(pytree_node=False, default="bitplanes")
-  backend: str = flax.struct.field(pytree_node=False, default="reference")
+  backend: str = flax.struct.field(pytree_node=False, default="reference")  # flexq_jax.backends.names()
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -37,7 +39,7 @@ class QuantizedLinear:
 
   @property
   def padded_in_features(self) -> int:
-    return formats.padded_k(self.in_features)
+    return core.padded_k(self.in_features)
 
   @property
   def nbytes(self) -> int:
@@ -79,9 +81,7 @@ class QuantizedLinear:
 
   def dequantize(self) -> jax.Array:
     """fp32 [K, N]: the float kernel this layer computes with (for analysis, not inference)."""
-    from flexq_jax import numerics
     return numerics.dequantize_weight(self.logical_weight(), self.scales, self.in_features).T
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
-    from flexq_jax import matmul
-    return matmul.quantized_matmul(x, self)
+    return backends.quantized_matmul(x, self)

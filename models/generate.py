@@ -138,3 +138,22 @@ def generate(
   is_eos = jnp.isin(out, eos)
   first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, step)
   return GenerateOutput(tokens=out, num_generated=first_eos.astype(jnp.int32), prompt_logits=next_logits)
+
+
+def generate_text(config: LlamaConfig, params, tokenizer, prompts: list[str], *, max_new_tokens: int, chat: bool,
+                  sampling: SamplingConfig = GREEDY, seed: int = 0) -> list[str]:
+  """Generates a completion for each prompt (batched, left-padded) and decodes it.
+
+  tokenizer: a models.tokenizer.Tokenizer (encode, decode, pad_id, apply_chat_template).
+  chat: wrap each prompt as a user message in the tokenizer's chat template.
+  """
+  if chat:
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+  ids = [tokenizer.encode(p) for p in prompts]
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  tokens, mask = pad_prompts(ids, pad, "left")
+  out = generate(params, config, tokens, mask, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                 sampling=sampling)
+  n = jax.device_get(out.num_generated)
+  toks = jax.device_get(out.tokens)
+  return [tokenizer.decode(toks[i, :n[i]].tolist()) for i in range(len(prompts))]

@@ -42,13 +42,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import LlamaConfig
+from models.config import PRESETS, LlamaConfig
 
 Params = dict[str, Any]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections that read the same input, and the one kernel each group becomes (fuse_projections).
 FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Where a per-input-channel factor of projections can be folded into the op producing their input,
+# leaving the float model unchanged (SmoothQuant smoothing, flexq_jax/smoothing.py): (op, projections).
+# A norm weight scales channels; up_proj's output columns scale down_proj's input, since that input
+# silu(gate) * up is linear in up. o_proj has none: its input comes through attention, where one
+# factor would have to be shared by every query head of a KV group.
+SMOOTHING_FOLDS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                   ("post_attention_layernorm", ("gate_proj", "up_proj")),
+                   ("up_proj", ("down_proj",)))
 # Finite, so a query row with no visible key (a pad before any real token) softmaxes to a uniform
 # distribution instead of NaN; such rows are padding and their outputs are never used.
 _MASK_VALUE = -1e30
@@ -258,6 +266,28 @@ def projection_shapes(config: LlamaConfig, fused: bool = False) -> dict[str, tup
     for name, parts in FUSIONS.items():
       shapes[name] = (d, sum(shapes.pop(p)[1] for p in parts))
   return shapes
+
+
+def infer_config(params: Params) -> LlamaConfig:
+  """The preset of models.config.PRESETS whose shapes these (unstacked) params have.
+
+  Head counts cannot be read from shapes alone, so only known presets are recognized; a clear
+  error otherwise.
+  """
+  def shapes(layers, embed, block, lm_head):
+    return (layers, tuple(embed), {p: tuple(block[p]) for p in PROJECTIONS}, lm_head)
+
+  first = params["layers"][0]
+  ours = shapes(len(params["layers"]), params["embed_tokens"].shape, {p: first[p].shape for p in PROJECTIONS},
+                "lm_head" in params)
+  for make in PRESETS.values():
+    cfg = make()
+    if shapes(cfg.num_layers, (cfg.vocab_size, cfg.hidden_size), projection_shapes(cfg),
+              not cfg.tie_word_embeddings) == ours:
+      return cfg
+  raise ValueError(
+      "cannot tell the model architecture from the parameter shapes (not a known preset: "
+      f"{', '.join(PRESETS)}); pass model_config=LlamaConfig(...)")
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
@@ -505,3 +535,9 @@ def forward(
   if cache is None:
     return logits, None
   return logits, KVCache(k=new_k, v=new_v, valid=key_valid, length=cache.length + t)
+
+
+def logits_fn(config: LlamaConfig):
+  """(params, tokens [B, T]) -> logits [B, T, V]: the causal forward without a cache (the form
+  perplexity evaluations take)."""
+  return lambda params, tokens: forward(params, config, tokens)[0]

@@ -2,7 +2,7 @@
 
     y = w6a_matmul(x, w_packed, w_scales, a_bits=6)     # x [M, K] float -> y [M, N] in x.dtype
 
-computes the numerics contract (DESIGN.md section 2; flexq_jax.numerics.reference_matmul) with
+computes the numerics contract (flexq_jax/DESIGN.md; flexq_jax.numerics.reference_matmul) with
 6-bit weights stored in the "pallas6" layout (flexq_jax.formats: u = q + 32 split 4 + 2 bits in
 three byte planes, contiguous tiles of 16 rows x 1 group: uint8 [N/16, Kp/128, 3, 16, 32]) and fp16
 group scales [N, Kp / 128]. N must be a multiple of 16 (the layout's tile); any M, any K.
@@ -45,8 +45,8 @@ dot per group of phase-major q_x (always phase-major for w8; join_phases does no
 dp4a.s32.s32 (jnp int32 products in interpret mode). default_config(..., w_bits=8) halves the gemv's
 groups per step to keep its registers at most those of w6.
 
-This module imports only jax, numpy and flexq_jax.formats (the kernel rule of DESIGN.md section 4);
-the reference imports flexq_jax.numerics, the definition, inside its body.
+This module imports only jax, numpy and pallas_kernels.core (the kernel rule of flexq_jax/DESIGN.md,
+"Where code lives"); its reference is flexq_jax.numerics.reference_matmul on the unpacked layout.
 """
 
 from __future__ import annotations
@@ -60,16 +60,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flexq_jax import formats
+from pallas_kernels import core
+from pallas_kernels.core import GROUP, TILE_ROWS
 
-GROUP = formats.GROUP_ALIGN  # 128: the K-group; one loop step of the GEMM
-PLANE = 32  # bytes of one "pallas6" plane per row and group (one byte per 4 weights: the phases)
-PLANES = 3
-TILE_ROWS = formats.PALLAS6_ROWS  # 16 rows: the "pallas6" tile
-OFFSET = formats.PALLAS6_OFFSET  # stored u = q + 32
+PLANE = core.PALLAS6_PLANE_BYTES  # 32 bytes of one "pallas6" plane per row and group
+PLANES = core.PALLAS6_PLANES
+OFFSET = core.PALLAS6_OFFSET  # stored u = q + 32
 W_BITS = (6, 8)  # "pallas6" (uint8 [N/16, G, 3, 16, 32]) or "pallas8" (int8 [N/16, G, 16, 128])
 W_LAYOUT = {6: "pallas6", 8: "pallas8"}
-SCALE_MASK = np.uint32(0xFFFFFE00)  # activation scales keep 15 significant bits (flexq_jax/numerics.py)
 A_BITS = (6, 8)
 
 # PTX for one phase of a group, four weights per 32-bit register: {lo} = four lo bytes (phases
@@ -156,7 +154,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132, *, w_bits: int = 
   """
   if w_bits not in W_BITS:
     raise ValueError(f"{w_bits=} must be one of {W_BITS}")
-  groups = formats.padded_k(k) // GROUP
+  groups = core.padded_k(k) // GROUP
   if m <= 2:  # decode GEMV: ~1024 programs (8 an SM) of 64 rows x a K range, 4 (w8: 2) groups a step
     kg = 4 if w_bits == 6 else 2
     tiles = pl.cdiv(n, 64)
@@ -176,14 +174,6 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132, *, w_bits: int = 
   return TileConfig(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, join_phases=w_bits == 6)
 
 
-def can_use_pallas(*, a_bits: int, w_bits: int = 6, group_size: int | None = 128, layout: str = "pallas6",
-                   platform: str | None = None) -> bool:
-  """Whether w6a_matmul runs this layer compiled on this platform (else use a jnp path)."""
-  platform = platform or jax.default_backend()
-  return (platform in ("gpu", "cuda") and a_bits in A_BITS and W_LAYOUT.get(w_bits) == layout
-          and group_size == GROUP)
-
-
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                      q_ref,  # [Mp, Kp] int8
                      s_ref,  # [Mp, G] f32
@@ -194,17 +184,8 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
   x = x.astype(jnp.float32)  # [block_m, 128]
-  # The contract's s_x and q_x (flexq_jax/numerics.py: activation_scale, round_to_nearest_quotient),
-  # step for step: 15-bit scale, a guess from any reciprocal, two exact corrections, exact ties.
-  s = jnp.max(jnp.abs(x), axis=1) * np.float32(1.0 / qmax)  # [block_m]
-  s = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(s, jnp.uint32) & SCALE_MASK, jnp.float32)
-  sb = jnp.where(s > 0, s, 1.0)[:, None]
-  c = jnp.floor(x * (1.0 / sb) + 0.5)
-  c = jnp.where(x > (c + 0.5) * sb, c + 1.0, jnp.where(x < (c - 0.5) * sb, c - 1.0, c))
-  odd = (c - 2.0 * jnp.floor(c * 0.5)) != 0
-  c = jnp.where(odd & (x == (c + 0.5) * sb), c + 1.0, jnp.where(odd & (x == (c - 0.5) * sb), c - 1.0, c))
-  # |x| <= max|x| <= (qmax + 2^-14) s keeps c within [-qmax, qmax]: the contract's clip never acts here.
-  q = jnp.where(s[:, None] > 0, c, 0.0)
+  # The contract's s_x and q_x, by the one definition (pallas_kernels/core.py) the reference calls too.
+  q, s = core.quantize_groups(x, qmax)  # [block_m, 128], [block_m]
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
@@ -469,8 +450,8 @@ def _check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bi
   m, k = x.shape
   n = w_packed.shape[0] * TILE_ROWS
   groups = w_packed.shape[1]
-  if formats.padded_k(k) != groups * GROUP:
-    raise ValueError(f"x has {k=}, padded to {formats.padded_k(k)}, but the weights hold {groups * GROUP}")
+  if core.padded_k(k) != groups * GROUP:
+    raise ValueError(f"x has {k=}, padded to {core.padded_k(k)}, but the weights hold {groups * GROUP}")
   if w_scales.shape != (n, groups):
     raise ValueError(f"w_scales must be [N, Kp / 128] = {(n, groups)}, got {w_scales.shape}")
   return m, k, n
@@ -494,11 +475,11 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   """
   m, k = x.shape
   config = config or default_config(m, 1, k)
-  kp = formats.padded_k(k)
+  kp = core.padded_k(k)
   groups = kp // GROUP
   mp = pl.cdiv(m, config.block_m) * config.block_m
   bq = min(config.quant_block_m, config.block_m)
-  qmax = formats.qrange(a_bits)[1]
+  qmax = core.qrange(a_bits)[1]
   return pl.pallas_call(
       functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
@@ -568,12 +549,3 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
   if cfg.split_k > 1:
     y = jnp.sum(y, axis=0).astype(out_dtype)
   return y
-
-def w6a_matmul_reference(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
-                         config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
-  """w6a_matmul by the definition: unpack "pallas6" / "pallas8", then numerics.reference_matmul (pure jnp)."""
-  del config, interpret  # same signature as w6a_matmul
-  from flexq_jax import numerics  # the one definition of the contract; not a kernel dependency
-  _check_operands(x, w_packed, w_scales, a_bits)
-  q_w = formats.unpack_pallas6(w_packed) if weight_bits(w_packed) == 6 else formats.unpack_pallas8(w_packed)
-  return numerics.reference_matmul(x, q_w, w_scales, a_bits=a_bits, group_size=GROUP, out_dtype=x.dtype)

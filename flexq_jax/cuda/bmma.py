@@ -7,7 +7,7 @@
                         scales fused -> bf16 [M, N]
 Both operands are in the "bitplanes_g4" layout of flexq_jax.formats: bit planes whose words come
 in blocks of 4 groups, interleaved (word 4q + u of a block = word q of its group u), rows padded
-to whole blocks (W = formats.g4_words(K)), so a lane's fragment words of 4 groups are one
+to whole blocks (W = core.g4_words(K)), so a lane's fragment words of 4 groups are one
 16-byte load.
 
 Design (csrc/; tiles in configs.h):
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexq_jax import formats
+from pallas_kernels import core
 
 CSRC = Path(__file__).parent / "csrc"
 ENTRY = CSRC / "ffi_bmma.cu"
@@ -158,17 +158,17 @@ def _check_a_bits(a_bits: int) -> None:
 def quantize_activation_planes(x: jax.Array, *, a_bits: int) -> tuple[jax.Array, jax.Array]:
   """bf16 [M, K] -> (uint32 [a_bits, M, W] "bitplanes_g4" planes, fp32 [M, Kp/128] scales), on the GPU.
 
-  Equals (formats.interleave_groups(formats.pack_bitplanes(q_x, a_bits)), s_x) of
-  numerics.quantize_activation(x, a_bits); W = formats.g4_words(K).
+  Equals (flexq_jax.formats.interleave_groups(flexq_jax.formats.pack_bitplanes(q_x, a_bits)), s_x) of
+  numerics.quantize_activation(x, a_bits); W = core.g4_words(K).
   """
   _check_a_bits(a_bits)
   if x.ndim != 2 or x.dtype != jnp.bfloat16:
     raise ValueError(f"activations must be bf16 [M, K], got {x.dtype} {x.shape}")
   _register()
   m, k = x.shape
-  kp = formats.padded_k(k)
-  out = (jax.ShapeDtypeStruct((a_bits, m, formats.g4_words(k)), jnp.uint32),
-         jax.ShapeDtypeStruct((m, kp // formats.GROUP_ALIGN), jnp.float32))
+  kp = core.padded_k(k)
+  out = (jax.ShapeDtypeStruct((a_bits, m, core.g4_words(k)), jnp.uint32),
+         jax.ShapeDtypeStruct((m, kp // core.GROUP), jnp.float32))
   return jax.ffi.ffi_call(ACT_QUANT_TARGET, out)(x, a_bits=np.int32(a_bits))
 
 
@@ -177,7 +177,7 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
 
   Args:
     x: bf16 [M, K] activations (quantized on the GPU to a_bits per token and group of 128).
-    w_planes: uint32 [6, N, W], the "bitplanes_g4" layout (formats.pack(q, 6, "bitplanes_g4", k):
+    w_planes: uint32 [6, N, W], the "bitplanes_g4" layout (flexq_jax.formats.pack(q, 6, "bitplanes_g4", k):
       bit planes with 4 groups' words interleaved, so a lane loads its words of 4 groups at once).
     w_scales: fp16 [N, Kp/128] weight scales.
     a_bits: 6 or 8.
@@ -187,16 +187,16 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
     bf16 [M, N].
   """
   _check_a_bits(a_bits)
-  kp, words = formats.padded_k(k), formats.g4_words(k)
+  kp, words = core.padded_k(k), core.g4_words(k)
   if x.ndim != 2 or x.dtype != jnp.bfloat16 or x.shape[1] != k:
     raise ValueError(f"activations must be bf16 [M, {k=}], got {x.dtype} {x.shape}")
   if w_planes.ndim != 3 or w_planes.dtype != jnp.uint32 or w_planes.shape[0] != W_BITS or w_planes.shape[2] != words:
     raise ValueError(f"weight planes must be uint32 [{W_BITS}, N, {words}] (the 'bitplanes_g4' layout of a "
-                     f"{W_BITS}-bit layer with {k=}; repack with flexq_jax.matmul.to_backend(params, 'bmma')), "
+                     f"{W_BITS}-bit layer with {k=}; repack with flexq_jax.matmul.place(params, 'bmma')), "
                      f"got {w_planes.dtype} {w_planes.shape}")
   n = w_planes.shape[1]
-  if w_scales.dtype != jnp.float16 or w_scales.shape != (n, kp // formats.GROUP_ALIGN):
-    raise ValueError(f"weight scales must be float16 [{n}, {kp // formats.GROUP_ALIGN}] (group 128), got "
+  if w_scales.dtype != jnp.float16 or w_scales.shape != (n, kp // core.GROUP):
+    raise ValueError(f"weight scales must be float16 [{n}, {kp // core.GROUP}] (group 128), got "
                      f"{w_scales.dtype} {w_scales.shape}")
   x_planes, x_scales = quantize_activation_planes(x, a_bits=a_bits)
   out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.bfloat16)

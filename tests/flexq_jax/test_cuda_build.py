@@ -15,12 +15,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from flexq_jax import formats, matmul, numerics
+from flexq_jax import formats, numerics
+from flexq_jax.placement import place
 from flexq_jax.cuda import bmma
 from flexq_jax.qlinear import QuantizedLinear
 
 from tests.helpers import fresh_rng as _rng
 from tests.helpers import has_gpu as _has_gpu
+from pallas_kernels import core
 
 
 def _nvcc_or_skip() -> str:
@@ -75,7 +77,7 @@ def test_arch_for_compute_capability():
 
 # ---- the kernels' plan as NumPy (CPU) ----------------------------------------------------------
 
-_WORDS_PER_GROUP = formats.GROUP_ALIGN // formats.WORD_BITS
+_WORDS_PER_GROUP = core.GROUP // core.WORD_BITS
 
 
 def _word_index(g: int, quad: int) -> int:
@@ -87,10 +89,10 @@ def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray
   """act_quant.cuh: one warp per (token, group); lane t holds elements 128g + 32e + t; word e of
   group g is stored at word_index(g, e) of a row padded to whole blocks of 4 groups."""
   m, k = x.shape
-  groups = formats.padded_k(k) // formats.GROUP_ALIGN
-  v = np.zeros((m, groups * formats.GROUP_ALIGN), np.float32)
+  groups = core.padded_k(k) // core.GROUP
+  v = np.zeros((m, groups * core.GROUP), np.float32)
   v[:, :k] = x
-  v = v.reshape(m, groups, _WORDS_PER_GROUP, formats.WORD_BITS)  # [M, G, e, lane]
+  v = v.reshape(m, groups, _WORDS_PER_GROUP, core.WORD_BITS)  # [M, G, e, lane]
   qmax = np.float32((1 << (a_bits - 1)) - 1)
   s = np.abs(v).max(axis=(2, 3)) * (np.float32(1) / qmax)
   s = (s.view(np.uint32) & np.uint32(0xFFFFFE00)).view(np.float32)  # 15 significant bits
@@ -102,11 +104,11 @@ def _model_act_quant(x: np.ndarray, a_bits: int) -> tuple[np.ndarray, np.ndarray
   q = np.where(odd & (v == (q + half) * sb), q + 1, np.where(odd & (v == (q - half) * sb), q - 1, q))
   q = np.where(s[..., None, None] > 0, q, 0)
   u = np.clip(q, -qmax - 1, qmax).astype(np.int64) & ((1 << a_bits) - 1)
-  lane_bit = np.uint64(1) << np.arange(formats.WORD_BITS, dtype=np.uint64)
+  lane_bit = np.uint64(1) << np.arange(core.WORD_BITS, dtype=np.uint64)
   # __ballot_sync: bit t of word e of plane i = bit i of lane t's element e.
   planes = [(((u >> i) & 1).astype(np.uint64) * lane_bit).sum(-1) for i in range(a_bits)]  # [M, G, e]
   planes = np.stack(planes).astype(np.uint32)  # [a_bits, M, G, e]
-  out = np.zeros((a_bits, m, formats.g4_words(k)), np.uint32)
+  out = np.zeros((a_bits, m, core.g4_words(k)), np.uint32)
   for g in range(groups):
     for e in range(_WORDS_PER_GROUP):
       out[:, :, _word_index(g, e)] = planes[:, :, g, e]
@@ -140,8 +142,8 @@ def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int, decode_split: tu
   decode_split = (kDecodeSplit, 4): bmma_decode_kernel's order instead (M <= 8): warp w sums the
   blocks of 4 groups w, w + kSplit, ..., then the warps' sums are added in order.
   """
-  groups = formats.padded_k(k) // formats.GROUP_ALIGN
-  assert x_planes.shape[2] == w_planes.shape[2] == formats.g4_words(k)
+  groups = core.padded_k(k) // core.GROUP
+  assert x_planes.shape[2] == w_planes.shape[2] == core.g4_words(k)
   sw = np.asarray(w_scales).astype(np.float32)
   sums, terms = [], []
   for g in range(groups):
@@ -213,9 +215,9 @@ def test_dispatch_routes_bmma_and_checks_the_layer():
                           group_size=128, layout="bitplanes_g4", backend="bmma")
   with pytest.raises(ValueError, match="bf16"):
     jnp.ones((2, 200), jnp.float32) @ layer
-  assert matmul.to_backend({"l": layer.replace(backend="reference")}, "bmma")["l"].backend == "bmma"
+  assert place({"l": layer.replace(backend="reference")}, "bmma")[0]["l"].backend == "bmma"
   w4 = layer.replace(backend="reference", w_bits=4)  # not W6: keeps its backend
-  assert matmul.to_backend({"l": w4}, "bmma")["l"].backend == "reference"
+  assert place({"l": w4}, "bmma")[0]["l"].backend == "reference"
 
 
 # ---- the kernels (GPU) ------------------------------------------------------------

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from flexq_jax import formats
+from pallas_kernels import core
 
 
 def reference_planes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -22,7 +23,7 @@ def reference_planes(q: np.ndarray, bits: int) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_bitplanes_bit_exact_against_reference_packer(bits):
-  lo, hi = formats.qrange(bits)
+  lo, hi = core.qrange(bits)
   rng = np.random.default_rng(bits)
   q = rng.integers(lo, hi + 1, (3, 128)).astype(np.int8)
   q[0, :4] = [lo, hi, 0, -1]  # the signed bounds and the all-ones pattern
@@ -69,7 +70,7 @@ def reference_pallas8(q: np.ndarray) -> np.ndarray:
 
 
 def test_pallas8_bit_exact_and_phase_major_position():
-  lo, hi = formats.qrange(8)
+  lo, hi = core.qrange(8)
   rng = np.random.default_rng(8)
   q = rng.integers(lo, hi + 1, (32, 256)).astype(np.int8)
   q[0, :4] = [lo, hi, 0, -1]
@@ -122,13 +123,13 @@ def test_pallas8_errors():
 @pytest.mark.parametrize("k", [200, 576, 840, 2200])
 def test_bitplanes_g4_round_trip_and_word_positions(k):
   rng = np.random.default_rng(k)
-  kp = formats.padded_k(k)
+  kp = core.padded_k(k)
   q = np.zeros((24, kp), np.int8)
   q[:, :k] = rng.integers(-32, 32, (24, k))
   g4 = formats.pack(jnp.asarray(q), 6, "bitplanes_g4", k)
   groups = kp // 128
-  assert g4.shape == (6, 24, formats.g4_words(k)) and g4.dtype == jnp.uint32
-  assert formats.g4_words(k) == 16 * -(-groups // 4)
+  assert g4.shape == (6, 24, core.g4_words(k)) and g4.dtype == jnp.uint32
+  assert core.g4_words(k) == 16 * -(-groups // 4)
   np.testing.assert_array_equal(np.asarray(formats.unpack(g4, 6, "bitplanes_g4", k)), q)
   # word q of group g sits at 16 (g // 4) + 4 q + g % 4; the words padding the last block are zero
   plain = np.zeros((6, 24, 4 * groups), np.uint32)

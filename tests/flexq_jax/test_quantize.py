@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexq_jax import checkpoint, gptq, numerics
+from flexq_jax import checkpoint, gptq, input_stats, numerics
+from flexq_jax.placement import place
+from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
-from flexq_jax.quantize import QuantConfig, quantize
+from flexq_jax.quantize import linear_paths, quantize
+from flexq_jax.smoothing import smooth
 from models import llama
 from models.config import LlamaConfig
 
@@ -157,11 +160,10 @@ def test_bad_inputs_give_clear_errors():
 
 @pytest.mark.parametrize("preset", ["smollm2-135m", "llama2-7b", "llama3-8b"])
 def test_two_argument_quantize_recognizes_real_architectures(preset):
-  from flexq_jax.quantize import infer_model_config
   from models.config import PRESETS
   config = PRESETS[preset]()
   shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
-  assert infer_model_config(shapes) == config
+  assert llama.infer_config(shapes) == config
 
 
 def test_public_api_two_arguments():
@@ -171,26 +173,23 @@ def test_public_api_two_arguments():
 
 
 def test_smoothing_keeps_the_float_model_and_shrinks_activation_outliers():
-  from flexq_jax import calibration
-  from flexq_jax.quantize import linear_paths, smooth
   paths = linear_paths(PARAMS)
   fwd = lambda p, t: llama.forward(p, CONFIG, t)[0]
-  stats = calibration.collect_input_stats(PARAMS, paths, fwd, CALIB)
+  stats = input_stats.collect_input_stats(PARAMS, paths, fwd, CALIB)
   smoothed, factors = smooth(PARAMS, stats, 0.5)
   assert set(factors) == set(paths) - {"layers/0/o_proj", "layers/1/o_proj"}
   a, _ = forward(PARAMS, CONFIG, CALIB)
   b, _ = forward(smoothed, CONFIG, CALIB)
   np.testing.assert_allclose(b, a, atol=1e-4 * float(jnp.abs(a).max()))
-  after = calibration.collect_input_stats(smoothed, paths, fwd, CALIB)
+  after = input_stats.collect_input_stats(smoothed, paths, fwd, CALIB)
   ratio = lambda st: float(jnp.max(st.absmax) / jnp.mean(st.absmax))  # peak-to-mean over channels
   assert ratio(after["layers/1/down_proj"]) < ratio(stats["layers/1/down_proj"])
 
 
 @pytest.mark.parametrize("backend", ["pallas", "bmma"])
 def test_a_model_placed_on_a_gpu_backend_saves_the_storage_layout(quantized, tmp_path, backend):
-  from flexq_jax import matmul
   qparams, report = quantized
-  placed = matmul.to_backend(qparams, backend)
+  placed, _ = place(qparams, backend)
   assert placed["layers"][0]["q_proj"].layout != "bitplanes"
   checkpoint.save(tmp_path, placed, CONFIG, report)
   loaded, _, _ = checkpoint.load(tmp_path)

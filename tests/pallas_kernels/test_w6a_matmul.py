@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexq_jax import formats, matmul, numerics
+from flexq_jax import formats, numerics
+from pallas_kernels import core
+from flexq_jax.placement import place
 from flexq_jax.qlinear import QuantizedLinear
 from pallas_kernels import w6a_matmul as wk
 
@@ -30,6 +32,12 @@ def _weights8(rng, n: int, k: int, scale: float = 1.0):
   w = rng.standard_normal((n, k)).astype(np.float32) * scale
   q, s = numerics.quantize_weight(jnp.asarray(w), 8, 128)
   return q, s, formats.pack(q, 8, "pallas8", k)
+
+
+def _reference(x, packed, scales, a_bits):
+  """The definition: the layout unpacked to the canonical int form, then numerics.reference_matmul."""
+  q_w = formats.unpack_pallas6(packed) if wk.weight_bits(packed) == 6 else formats.unpack_pallas8(packed)
+  return numerics.reference_matmul(x, q_w, scales, a_bits=a_bits, out_dtype=x.dtype)
 
 
 # ---- the layout (CPU) -------------------------------------------------------------------------
@@ -79,20 +87,20 @@ def test_pallas6_round_trip_with_k_padding():
     formats.pack_pallas6(jnp.zeros((40, 128), jnp.int8))
 
 
-def test_to_backend_repacks_exactly_and_dispatches():
+def test_place_repacks_exactly_and_dispatches():
   rng = _rng()
   n, k = 80, 200
   q, s, _ = _weights(rng, n, k)
   layer = QuantizedLinear(packed=formats.pack(q, 6, "bitplanes", k), scales=s, in_features=k, out_features=n,
                           w_bits=6, a_bits=8, group_size=128)
   params = {"w": layer, "other": jnp.ones(3)}
-  moved = matmul.to_backend(params, "pallas")
+  moved, _ = place(params, "pallas")
   assert moved["w"].layout == "pallas6" and moved["w"].backend == "pallas"
   np.testing.assert_array_equal(moved["w"].logical_weight(), layer.logical_weight())
   x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
   np.testing.assert_allclose(x @ moved["w"], x @ layer, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(x @ layer))))
   with pytest.raises(ValueError, match="layout 'pallas6'"):
-    x @ matmul.with_backend(params, "pallas")["w"]  # bitplanes on the pallas backend
+    x @ layer.replace(backend="pallas")  # bitplanes on the pallas backend
 
 
 def test_default_config_regimes():
@@ -123,20 +131,6 @@ def test_default_config_w8():
   assert not wk.default_config(4096, 8192, 8192, w_bits=8).join_phases
   with pytest.raises(ValueError, match="w_bits=4"):
     wk.default_config(1, 64, 128, w_bits=4)
-
-
-def test_can_use_pallas():
-  assert wk.can_use_pallas(a_bits=6, platform="gpu")
-  assert wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas8", platform="gpu")
-  assert wk.can_use_pallas(a_bits=6, w_bits=8, layout="pallas8", platform="cuda")
-  assert not wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas6", platform="gpu")
-  assert not wk.can_use_pallas(a_bits=8, w_bits=6, layout="pallas8", platform="gpu")
-  assert not wk.can_use_pallas(a_bits=8, w_bits=8, layout="pallas8", platform="cpu")
-  assert wk.can_use_pallas(a_bits=8, platform="cuda")
-  assert not wk.can_use_pallas(a_bits=6, platform="cpu")
-  assert not wk.can_use_pallas(a_bits=16, platform="gpu")
-  assert not wk.can_use_pallas(a_bits=6, layout="bitplanes", platform="gpu")
-  assert not wk.can_use_pallas(a_bits=6, group_size=None, platform="gpu")
 
 
 def test_wrapper_errors():
@@ -176,7 +170,7 @@ class _W6AMatmulCases:
     return wk.w6a_matmul(x, packed, scales, a_bits=a_bits, config=config, interpret=self.INTERPRET)
 
   def _check(self, x, packed, scales, a_bits, config=None):
-    ref = np.asarray(wk.w6a_matmul_reference(x, packed, scales, a_bits=a_bits), np.float32)
+    ref = np.asarray(_reference(x, packed, scales, a_bits), np.float32)
     for use_asm in self.USE_ASM:
       default = wk.default_config(x.shape[0], packed.shape[1], x.shape[1], w_bits=wk.weight_bits(packed))
       cfg = dataclasses.replace(config or default, unpack_asm=use_asm)
@@ -352,6 +346,23 @@ class TestW6AMatmulInterpret(_W6AMatmulCases):
   INTERPRET = True
 
 
-def test_kernel_and_contract_share_the_activation_scale_mask():
-  # The kernel module may not import numerics (DESIGN.md section 4): its copy must stay equal.
-  assert wk.SCALE_MASK == numerics.SCALE_MASK and wk.SCALE_MASK.dtype == np.uint32
+@pytest.mark.parametrize("a_bits", [6, 8])
+def test_kernel_quantizer_rounds_exact_ties_as_the_contract(a_bits):
+  """Activations exactly halfway between two steps (x = (c + 1/2) s_x, exact in fp32): the Pallas
+  quantization kernel (interpret mode) must round them to even, bit-equal to the reference; both
+  call pallas_kernels.core.quantize_groups, the rule's one definition."""
+  rng = _rng()
+  qmax = core.qrange(a_bits)[1]
+  amax = np.float32(rng.uniform(0.5, 4.0, (16, 1)))
+  s = np.asarray(core.activation_scale(jnp.asarray(amax), qmax))  # [16, 1], 15 significant bits
+  c = rng.integers(-qmax, qmax - 1, (16, 256)).astype(np.float32)
+  x = ((c + 0.5) * s).astype(np.float32)  # exact: c + 1/2 has <= 9 significant bits
+  x[:, 0] = amax[:, 0]
+  x[:, 128] = -amax[:, 0]  # each group's max sets its scale
+  q_x, s_x, _ = wk.quantize_activations(jnp.asarray(x), a_bits=a_bits, config=wk.TileConfig(join_phases=True),
+                                        interpret=True)
+  rq, rs = numerics.quantize_activation(jnp.asarray(x), a_bits)
+  np.testing.assert_array_equal(np.asarray(s_x), np.asarray(rs))
+  np.testing.assert_array_equal(np.asarray(q_x), np.asarray(rq))
+  ties = np.asarray(rq, np.float32)[:, 1:128]
+  assert np.all(ties % 2 == 0)  # every tie went to the even neighbour

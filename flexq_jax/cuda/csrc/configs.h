@@ -40,7 +40,7 @@ struct TileConfig {
 using DecodeM16Tile = TileConfig<1, 4, 2, 1>;  // M <= 16: block 16 x 32
 // Larger M: each warp reuses its activation fragments over two N tiles and its weight
 // fragments over two M tiles. A first guess (4 x 2 MMA tiles a warp took 255 registers under
-// ptxas); prefill likely belongs to an int8 path anyway (DESIGN.md section 9).
+// ptxas); prefill likely belongs to an int8 path anyway (flexq_jax/DESIGN.md; results/kernels/NOTES.md).
 using LargeTile = TileConfig<2, 2, 2, 2>;  // block 32 x 32
 
 // Decode (M <= 8), bmma_decode_kernel: a block owns 8 output channels and kDecodeSplit warps

@@ -1,4 +1,4 @@
-"""Per-layer backend dispatch (flexq_jax.dispatch, to_backend "auto") and generation through every backend.
+"""Per-layer backend placement (flexq_jax.placement, place "auto"; tuning tables) and generation through every backend.
 
 CPU: the choice logic against synthetic and committed tuning tables, the report's record of it,
 and greedy generation through the jnp paths and the Pallas kernels in interpret mode.
@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 from evaluation import e2e_bench
-from flexq_jax import dispatch, matmul
+from evaluation import cli
+from flexq_jax import placement, tuning
+from flexq_jax.placement import place
+from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
-from flexq_jax.quantize import QuantConfig, quantize
+from flexq_jax.quantize import quantize
 from models import generate as gen
 from models import llama
 from tests.helpers import has_gpu
@@ -35,40 +38,40 @@ TABLE = {"card": "x", "entries": [
 
 
 def test_choose_reads_the_nearest_table_entry():
-  assert dispatch.choose(_layer(), 1, card="x", table=TABLE)[0] == "bmma"
-  assert dispatch.choose(_layer(), 32, card="x", table=TABLE)[0] == "pallas"  # nearest M is 64 (log scale)
-  backend, why = dispatch.choose(_layer(n=11008, k=4096), 1, card="x", table=TABLE)
+  assert placement.choose(_layer(), 1, card="x", table=TABLE)[0] == "bmma"
+  assert placement.choose(_layer(), 32, card="x", table=TABLE)[0] == "pallas"  # nearest M is 64 (log scale)
+  backend, why = placement.choose(_layer(n=11008, k=4096), 1, card="x", table=TABLE)
   assert backend == "bmma" and "4096x4096" in why  # 11008x4096 is nearer 4096x4096 than 28672x8192
-  assert dispatch.choose(_layer(n=28672, k=8192), 1, card="x", table=TABLE)[0] == "pallas"
+  assert placement.choose(_layer(n=28672, k=8192), 1, card="x", table=TABLE)[0] == "pallas"
 
 
 def test_choose_keeps_the_preferred_backend_on_a_near_tie():
   near = {"card": "x", "entries": [{"n": 4096, "k": 4096, "m": 8, "a_bits": 6, "us": {"pallas": 10.3, "bmma": 10.0}}]}
-  backend, why = dispatch.choose(_layer(), 8, card="x", table=near)
+  backend, why = placement.choose(_layer(), 8, card="x", table=near)
   assert backend == "pallas" and "bmma 10.0 us" in why  # 3% is within the margin
   near["entries"][0]["us"]["pallas"] = 10.6  # 6% slower: BMMA's
-  assert dispatch.choose(_layer(), 8, card="x", table=near)[0] == "bmma"
+  assert placement.choose(_layer(), 8, card="x", table=near)[0] == "bmma"
 
 
 def test_choose_falls_back_and_respects_what_can_run():
-  assert dispatch.choose(_layer(), 1, card="cpu")[0] == "reference"
-  assert dispatch.choose(_layer(), 1, card="unknown-gpu", table=None)[0] == "pallas"
+  assert placement.choose(_layer(), 1, card="cpu")[0] == "reference"
+  assert placement.choose(_layer(), 1, card="unknown-gpu", table=None)[0] == "pallas"
   # N not a multiple of 16: Pallas cannot run it, BMMA can
-  assert dispatch.choose(_layer(n=200), 1, card="x", table=TABLE)[0] == "bmma"
+  assert placement.choose(_layer(n=200), 1, card="x", table=TABLE)[0] == "bmma"
   # 8-bit weights: only the Pallas kernel; per-channel groups: no GPU kernel
-  assert dispatch.choose(_layer(w_bits=8), 1, card="x", table=TABLE)[0] == "pallas"
-  backend, why = dispatch.choose(_layer(group=None), 1, card="x", table=TABLE)
+  assert placement.choose(_layer(w_bits=8), 1, card="x", table=TABLE)[0] == "pallas"
+  backend, why = placement.choose(_layer(group=None), 1, card="x", table=TABLE)
   assert backend == "reference" and "group 128" in why
 
 
 @pytest.mark.parametrize("card", ["h200", "h100"])
 def test_committed_tables_are_well_formed(card):
-  table = dispatch.load_table(card)
+  table = tuning.load_table(card)
   assert table is not None and table["card"] == card
   for e in table["entries"]:
     assert {"n", "k", "m", "a_bits", "us"} <= set(e) and e["us"]
     assert all(v > 0 for v in e["us"].values())
-  assert dispatch.load_table("no-such-card") is None
+  assert tuning.load_table("no-such-card") is None
 
 
 def test_table_from_bench(tmp_path):
@@ -79,15 +82,15 @@ def test_table_from_bench(tmp_path):
   paths = [tmp_path / "a.json", tmp_path / "b.json"]
   for p, r in zip(paths, (run, later)):
     p.write_text(json.dumps(r))
-  table = dispatch.table_from_bench(paths)
+  table = tuning.table_from_bench(paths)
   by_bits = {e["a_bits"]: e["us"] for e in table["entries"]}
   assert by_bits == {6: {"pallas": 2.0, "bmma": 5.0}, 8: {"pallas": 4.0, "bmma": 2.5}}
-  dispatch.main(["--from", *map(str, paths), "--out", str(tmp_path / "t.json")])
+  tuning.main(["--from", *map(str, paths), "--out", str(tmp_path / "t.json")])
   assert json.loads((tmp_path / "t.json").read_text())["entries"] == table["entries"]
   other = tmp_path / "c.json"
   other.write_text(json.dumps(dict(run, card="h100")))
   with pytest.raises(ValueError, match="different cards"):
-    dispatch.table_from_bench([paths[0], other])
+    tuning.table_from_bench([paths[0], other])
 
 
 # ---- a tiny quantized model, generated through every backend ---------------------------------------
@@ -98,25 +101,34 @@ def tiny():
   params = llama.init_params(cfg, jax.random.key(0), scale=0.05)
   calib = np.asarray(jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size))
   qparams, report = quantize(params, calib, QuantConfig(weight_method="rtn", a8_selection="down_proj",
-                                                        smooth_alpha=None), model_config=cfg, backend="auto")
+                                                        smooth_alpha=None), model_config=cfg)
   return cfg, qparams, report
 
 
-def test_quantize_auto_records_each_layers_backend(tiny):
+def test_quantize_leaves_placement_to_place(tiny):
   _, qparams, report = tiny
+  assert set(placement.backends_of(qparams).values()) == {"reference"}
+  assert {l.layout for l in jax.tree.leaves(qparams, is_leaf=lambda a: isinstance(a, QuantizedLinear))
+          if isinstance(l, QuantizedLinear)} == {"bitplanes"}
+  assert "backends" not in report.summary()
+
+
+def test_place_auto_records_each_layers_backend(tiny):
+  _, qparams, _ = tiny
+  placed, record = place(qparams, "auto", dtype=jnp.bfloat16)
   on_gpu = jax.default_backend() == "gpu"
-  assert all(l.backend == ("pallas" if on_gpu else "reference") and l.backend_why for l in report.layers)
-  assert set(dispatch.backends(qparams).values()) == {report.layers[0].backend}
-  assert "backends: 14 x" in report.summary()
-  assert json.loads(report.to_json())["layers"][0]["backend"] == report.layers[0].backend
+  assert all(l.backend == ("pallas" if on_gpu else "reference") and l.why for l in record.layers)
+  assert placement.backends_of(placed) == {l.path: l.backend for l in record.layers}
+  assert len(record.layers) == 14 and "backends: 14 x" in record.summary()
+  assert json.loads(record.to_json())["layers"][0]["backend"] == record.layers[0].backend
 
 
-def test_to_backend_auto_on_cpu_is_the_reference(tiny):
+def test_place_auto_on_cpu_is_the_reference(tiny):
   if jax.default_backend() == "gpu":
     pytest.skip("the CPU choice")
   _, qparams, _ = tiny
-  placed = matmul.to_backend(matmul.to_backend(qparams, "pallas"), "auto")
-  assert set(dispatch.backends(placed).values()) == {"reference"}
+  placed = place(place(qparams, "pallas")[0], "auto")[0]
+  assert set(placement.backends_of(placed).values()) == {"reference"}
 
 
 def _generate(cfg, params, new_tokens=6):
@@ -148,14 +160,14 @@ def test_greedy_generation_matches_the_reference(tiny, backend):
   # bf16 activations (what the BMMA kernel takes): the norms and embeddings in bf16
   qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,
                          is_leaf=lambda a: isinstance(a, QuantizedLinear))
-  ref_tokens, ref_logits = _generate(cfg, matmul.to_backend(qparams, "reference"))
+  ref_tokens, ref_logits = _generate(cfg, place(qparams, "reference")[0])
   backend, _, fused = backend.partition("+")
-  placed = matmul.to_backend(qparams, backend)
+  placed, _ = place(qparams, backend, dtype=jnp.bfloat16)
   if fused:
     placed = llama.fuse_projections(placed)
     assert llama.fused_count(placed) == {"qkv_proj": cfg.num_layers, "gate_up_proj": cfg.num_layers}
   if backend != "auto":
-    assert set(dispatch.backends(placed).values()) == {backend}
+    assert set(placement.backends_of(placed).values()) == {backend}
   tokens, logits = _generate(cfg, placed)
   np.testing.assert_array_equal(tokens, ref_tokens)
   scale = float(np.max(np.abs(ref_logits)))
@@ -173,7 +185,6 @@ def test_e2e_bench_runs_tiny_on_cpu(tmp_path):
   bf = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "bf16"))
   w6 = e2e_bench.linear_bytes(e2e_bench.random_params(cfg, "flexq"))
   assert w6 / bf == pytest.approx(6.125 / 16, rel=1e-6)  # 6 bits + one fp16 scale per 128 weights
-  from evaluation import cli
   assert cli.main(["bench", "--models", "tiny", "--methods", "bf16,w8a8-xla", "--batches", "1", "--prompts", "8",
                    "--new-tokens", "2", "--profile", "--out-dir", str(tmp_path)]) == 0
   md = next(tmp_path.glob("*.md")).read_text()

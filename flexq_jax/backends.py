@@ -1,0 +1,159 @@
+"""The backends: every way a QuantizedLinear's `x @ layer` can run, one object each, in one registry.
+
+A backend knows the layout it reads for each weight width, says whether it can run a layer (and
+why not), and runs the matmul of the numerics contract (flexq_jax/numerics.py). REGISTRY lists
+them in order of preference; placement (flexq_jax/placement.py) tries them in that order, the
+CLI's choices and the benchmarks' names come from it, and `x @ layer` (QuantizedLinear.__rmatmul__)
+runs the backend named in the layer's `backend` field. See flexq_jax/DESIGN.md, "Backends".
+
+  pallas     Pallas (Triton lowering) GPU kernels, pallas_kernels/w6a_matmul.py: int8 tensor-core
+             dots or dp4a GEMVs on weights unpacked from "pallas6" (or read from "pallas8").
+             Off the GPU the same kernels run in Pallas interpret mode (slow; for tests).
+  bmma       the CUDA kernel on binary tensor cores (flexq_jax/cuda/, jax.ffi): W6, A6/A8, bf16
+             activations, reads "bitplanes_g4".
+  reference  unpack the layout, then numerics.reference_matmul: the definition, exact int32 group
+             sums; any layout, any bits. What "auto" picks where no kernel runs.
+  dequant    the same numbers dequantized and multiplied in one fp32 dot (equal to the reference
+             up to fp32 summation order): fast long evaluations on CPU. Never chosen by "auto".
+
+A new kernel is one more Backend subclass here, placed in REGISTRY by preference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flexq_jax import numerics
+from flexq_jax.cuda import bmma
+from pallas_kernels import w6a_matmul
+from pallas_kernels.core import GROUP, TILE_ROWS
+
+ANY_PLATFORM = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One way to run a quantized linear. Subclasses refuse what they cannot run and run the rest."""
+
+  name: str
+  layouts: Mapping[int, str]  # weight bits -> the layout it reads; empty: any layout (it unpacks)
+  platforms: tuple[str, ...]  # where it runs compiled; "auto" placement considers it only there
+  auto: bool = True  # whether "auto" placement may choose it
+  doc: str = ""
+
+  def layout_for(self, w_bits: int) -> str | None:
+    """The layout a layer of `w_bits` must be in to run here; None: whatever it is in."""
+    return self.layouts.get(w_bits)
+
+  def can_run(self, layer: Any, dtype=None, device: jax.Device | None = None) -> tuple[bool, str]:
+    """(True, "") if this backend runs `layer` (once repacked to layout_for(layer.w_bits)) on
+    activations of `dtype` on `device`, else (False, the reason). dtype / device None: not checked."""
+    if device is not None and device.platform not in self.platforms:
+      return False, f"runs on {'/'.join(self.platforms)}, not {device.platform}"
+    reason = self._refusal(layer, None if dtype is None else jnp.dtype(dtype), device)
+    return (reason is None), (reason or "")
+
+  def _refusal(self, layer: Any, dtype, device) -> str | None:
+    return None
+
+  def matmul(self, x: jax.Array, layer: Any) -> jax.Array:
+    """x [M, K] float -> [M, N] in x's dtype. Called by quantized_matmul after its checks."""
+    raise NotImplementedError
+
+
+def _a6a8_group128(layer) -> str | None:
+  if layer.group_size != GROUP:
+    return f"needs group {GROUP}, the layer has group {layer.group_size}"
+  if layer.a_bits not in (6, 8):
+    return f"needs 6- or 8-bit activations, the layer has a_bits={layer.a_bits}"
+  return None
+
+
+class Reference(Backend):
+
+  def matmul(self, x, layer):
+    return numerics.reference_matmul(x, layer.logical_weight(), layer.scales, a_bits=layer.a_bits,
+                                     group_size=layer.group_size, out_dtype=x.dtype)
+
+
+class Dequant(Backend):
+
+  def matmul(self, x, layer):
+    return numerics.dequant_matmul(x, layer.logical_weight(), layer.scales, a_bits=layer.a_bits,
+                                   group_size=layer.group_size, out_dtype=x.dtype)
+
+
+class PallasTriton(Backend):
+
+  def _refusal(self, layer, dtype, device):
+    if layer.w_bits not in self.layouts:
+      return f"needs {' or '.join(map(str, self.layouts))}-bit weights, the layer has w_bits={layer.w_bits}"
+    if layer.out_features % TILE_ROWS:
+      return f"needs N a multiple of {TILE_ROWS}, the layer has N={layer.out_features}"
+    return _a6a8_group128(layer)
+
+  def matmul(self, x, layer):
+    # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
+    return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
+                                 interpret=jax.default_backend() != "gpu")
+
+
+class Bmma(Backend):
+
+  def _refusal(self, layer, dtype, device):
+    if layer.w_bits != bmma.W_BITS:
+      return f"needs {bmma.W_BITS}-bit weights, the layer has w_bits={layer.w_bits}"
+    if dtype is not None and dtype != jnp.bfloat16:
+      return f"needs bf16 activations, got {dtype}"
+    if device is not None and float(getattr(device, "compute_capability", "0")) < 8.0:
+      return f"needs binary-tensor-core AND+POPC (sm_80 or newer), {device.device_kind} has not"
+    return _a6a8_group128(layer)
+
+  def matmul(self, x, layer):
+    return bmma.bmma_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits, k=layer.in_features)
+
+
+PALLAS = PallasTriton("pallas", {6: "pallas6", 8: "pallas8"}, ("gpu",),
+                      doc="Pallas (Triton) kernels: W6 or W8, A6/A8, group 128, N a multiple of 16")
+BMMA = Bmma("bmma", {6: "bitplanes_g4"}, ("gpu",), doc="CUDA binary-tensor-core kernel: W6, A6/A8, group 128, bf16")
+REFERENCE = Reference("reference", {}, ANY_PLATFORM, doc="the jnp definition, exact int32 group sums")
+DEQUANT = Dequant("dequant", {}, ANY_PLATFORM, auto=False, doc="the contract's numbers in one fp32 dot (CPU evaluations)")
+
+REGISTRY: tuple[Backend, ...] = (PALLAS, BMMA, REFERENCE, DEQUANT)  # in order of preference
+
+
+def names() -> tuple[str, ...]:
+  """Every backend's name, in order of preference."""
+  return tuple(b.name for b in REGISTRY)
+
+
+def get(name: str) -> Backend:
+  for b in REGISTRY:
+    if b.name == name:
+      return b
+  raise ValueError(f"unknown backend {name!r}; known: {', '.join(names())}")
+
+
+def quantized_matmul(x: jax.Array, layer: Any) -> jax.Array:
+  """x [..., K] float -> [..., N] in x's dtype, by the numerics contract, on layer.backend."""
+  if x.shape[-1] != layer.in_features:
+    raise ValueError(f"input has K={x.shape[-1]} but the quantized layer expects K={layer.in_features}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"activations must be floating point, got {x.dtype}")
+  backend = get(layer.backend)
+  ok, why = backend.can_run(layer, x.dtype)
+  want = backend.layout_for(layer.w_bits)
+  if ok and want is not None and layer.layout != want:
+    ok, why = False, f"it reads layout {want!r}, the layer is in {layer.layout!r}"
+  if not ok:
+    raise ValueError(f"backend {backend.name!r} cannot run this layer (w{layer.w_bits}a{layer.a_bits}, "
+                     f"N={layer.out_features}, K={layer.in_features}): {why}; place the model with "
+                     f"flexq_jax.place(params, {backend.name!r}) or another backend ({', '.join(names())})")
+  lead = x.shape[:-1]
+  y = backend.matmul(x.reshape(-1, layer.in_features), layer)
+  return y.reshape(*lead, layer.out_features)

@@ -1,0 +1,76 @@
+"""What quantize() does: QuantConfig, and the per-layer rules and budget it implies."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from flexq_jax import formats
+
+WEIGHT_METHODS = ("rtn", "gptq")
+A8_SELECTIONS = ("sensitivity", "down_proj", "none")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """What quantize() does. Frozen: make variants with dataclasses.replace."""
+
+  w_bits: int = 6  # weight bits (every linear layer)
+  group_size: int | None = 128  # K-group for weights and activations; None = per channel / token
+  a_bits: int = 6  # activation bits of ordinary layers (16 = keep activations float)
+  sensitive_a_bits: int = 8  # activation bits of the layers the selection marks sensitive
+  a8_selection: str = "sensitivity"  # "sensitivity" (our analysis), "down_proj" (paper rule), "none"
+  a8_budget: int | float | None = None  # A8 layers: a count, a fraction, or None = 1 in 7 (FlexQ's)
+  # (regex on the layer path "layers/<i>/<proj>", activation bits); first match wins and
+  # overrides the selection. Rules that match nothing are listed in the report.
+  rules: tuple[tuple[str, int], ...] = ()
+  weight_method: str = "gptq"  # "rtn" (round to nearest) or "gptq" (error compensation)
+  gptq_damp: float = 0.01  # GPTQ diagonal damping (fraction of mean diag(H))
+  gptq_act_order: bool = True  # GPTQ visits the most active input channels first
+  smooth_alpha: float | None = 0.5  # SmoothQuant migration strength; None = no smoothing
+  layout: str = "bitplanes"  # packed weight layout (flexq_jax.formats)
+
+  def __post_init__(self):
+    if not 2 <= self.w_bits <= 8:
+      raise ValueError(f"w_bits must be in [2, 8], got {self.w_bits}")
+    for name in ("a_bits", "sensitive_a_bits"):
+      v = getattr(self, name)
+      if not (2 <= v <= 8 or v == 16):
+        raise ValueError(f"{name} must be in [2, 8] or 16 (float), got {v}")
+    if self.weight_method not in WEIGHT_METHODS:
+      raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
+    if self.a8_selection not in A8_SELECTIONS:
+      raise ValueError(f"a8_selection must be one of {A8_SELECTIONS}, got {self.a8_selection!r}")
+    if self.layout not in formats.LAYOUTS:
+      raise ValueError(f"layout must be one of {formats.LAYOUTS}, got {self.layout!r}")
+    if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+      raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+    for pattern, bits in self.rules:
+      re.compile(pattern)
+      if not (2 <= bits <= 8 or bits == 16):
+        raise ValueError(f"rule {pattern!r}: activation bits must be in [2, 8] or 16, got {bits}")
+
+  def a8_count(self, n_layers: int, per_block: int) -> int:
+    """How many of n_layers keep sensitive_a_bits (a8_budget; default one per block of per_block)."""
+    b = self.a8_budget
+    if b is None:
+      return round(n_layers / per_block)
+    if isinstance(b, float) and b < 1:
+      return round(b * n_layers)
+    return int(b)
+
+  def rule_for(self, path: str) -> tuple[str, int] | None:
+    """The first rule whose regex matches `path`, or None."""
+    for pattern, bits in self.rules:
+      if re.search(pattern, path):
+        return pattern, bits
+    return None
+
+  def unmatched_rules(self, paths) -> list[str]:
+    """The rules' regexes that match none of `paths`."""
+    return [p for p, _ in self.rules if not any(re.search(p, path) for path in paths)]
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["rules"] = [list(r) for r in self.rules]
+    return d

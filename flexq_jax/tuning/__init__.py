@@ -1,0 +1,75 @@
+"""Tuning tables: per GPU model, the measured time of every kernel backend at real layer shapes.
+
+`<card>.json` beside this file (card = placement.card_name(): "h200", "h100", ...) holds entries
+{n, k, m, a_bits, us: {backend: microseconds}} and the runs it came from (made_from, dates). It is
+made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):
+
+    python -m flexq_jax.tuning --from results/kernels/<run>.json ... --out flexq_jax/tuning/<card>.json
+
+flexq_jax.placement reads it to place each layer on its fastest backend ("auto").
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+TUNING_DIR = Path(__file__).parent
+# The kernel benchmark's field of each backend's time (evaluation/kernel_bench.py, Case).
+BENCH_FIELDS = {"pallas": "ours_us", "bmma": "bmma_us"}
+
+
+@functools.cache
+def load_table(card: str) -> dict | None:
+  """The committed tuning table of a GPU model, or None when there is none."""
+  path = TUNING_DIR / f"{card}.json"
+  if not path.exists():
+    return None
+  table = json.loads(path.read_text())
+  if not isinstance(table.get("entries"), list):
+    raise ValueError(f"{path}: a tuning table needs an 'entries' list")
+  return table
+
+
+def table_from_bench(paths: list[str | Path]) -> dict:
+  """A tuning table from kernel_bench JSON files; a later file's figure replaces an earlier one's."""
+  entries: dict[tuple, dict] = {}
+  cards, devices, dates = set(), set(), set()
+  for path in paths:
+    run = json.loads(Path(path).read_text())
+    cards.add(run["card"]), devices.add(run["device"]), dates.add(run["date"])
+    for c in run["cases"]:
+      key = (c["n"], c["k"], c["m"], c["a_bits"])
+      e = entries.setdefault(key, dict(n=c["n"], k=c["k"], m=c["m"], a_bits=c["a_bits"], us={}))
+      for backend, field in BENCH_FIELDS.items():
+        v = c.get(field)
+        if v is not None and np.isfinite(v):
+          e["us"][backend] = round(float(v), 2)
+  if len(cards) != 1:
+    raise ValueError(f"the runs come from different cards {sorted(cards)}: one table per GPU model")
+  return dict(card=cards.pop(), device=sorted(devices), dates=sorted(dates),
+              made_from=[Path(p).name for p in paths], entries=sorted(entries.values(), key=lambda e: (
+                  e["n"], e["k"], e["a_bits"], e["m"])))
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(prog="python -m flexq_jax.tuning",
+                               description="Make a backend tuning table from kernel-benchmark JSON files "
+                               "(python -m evaluation.kernel_bench writes them).")
+  ap.add_argument("--from", dest="sources", nargs="+", required=True, help="kernel_bench .json files, oldest first")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  table = table_from_bench(args.sources)
+  head = json.dumps({k: v for k, v in table.items() if k != "entries"}, indent=1)[:-2]
+  rows = ",\n".join("  " + json.dumps(e) for e in table["entries"])  # one entry a line
+  Path(args.out).write_text(f'{head},\n "entries": [\n{rows}\n ]\n}}\n')
+  wins = {}
+  for e in table["entries"]:
+    if e["us"]:
+      b = min(e["us"], key=e["us"].get)
+      wins[b] = wins.get(b, 0) + 1
+  print(f"{args.out}: {len(table['entries'])} entries for {table['card']}; fastest: {wins}")

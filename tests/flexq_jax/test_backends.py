@@ -1,0 +1,96 @@
+"""The backend registry (flexq_jax.backends): names, layouts, refusals with reasons, and `x @ layer`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexq_jax import backends, formats, numerics
+from flexq_jax.placement import place
+from flexq_jax.qlinear import QuantizedLinear
+
+
+def _layer(n=64, k=256, w_bits=6, a_bits=6, group=128):
+  return QuantizedLinear(packed=None, scales=None, in_features=k, out_features=n, w_bits=w_bits, a_bits=a_bits,
+                         group_size=group)
+
+
+class _Device:  # what can_run reads of a jax.Device
+  def __init__(self, platform, compute_capability="9.0", device_kind="NVIDIA H200"):
+    self.platform, self.compute_capability, self.device_kind = platform, compute_capability, device_kind
+
+
+GPU, CPU = _Device("gpu"), _Device("cpu")
+
+
+def test_registry_names_order_and_layouts():
+  assert backends.names() == ("pallas", "bmma", "reference", "dequant")  # order of preference
+  assert backends.get("pallas").layout_for(6) == "pallas6" and backends.get("pallas").layout_for(8) == "pallas8"
+  assert backends.get("bmma").layout_for(6) == "bitplanes_g4" and backends.get("bmma").layout_for(8) is None
+  assert backends.get("reference").layout_for(6) is None  # reads any layout
+  for b in backends.REGISTRY:
+    assert set(b.layouts.values()) <= set(formats.LAYOUTS) and b.doc
+  assert [b.name for b in backends.REGISTRY if b.auto] == ["pallas", "bmma", "reference"]
+  with pytest.raises(ValueError, match="unknown backend 'tpu-magic'; known: pallas, bmma, reference, dequant"):
+    backends.get("tpu-magic")
+
+
+def test_pallas_can_run():
+  pallas = backends.get("pallas")
+  assert pallas.can_run(_layer(a_bits=6), device=GPU) == (True, "")
+  assert pallas.can_run(_layer(a_bits=8, w_bits=8), device=GPU)[0]
+  assert pallas.can_run(_layer(a_bits=6, w_bits=8), device=GPU)[0]
+  assert pallas.can_run(_layer(a_bits=8), jnp.float32, GPU)[0]  # any float activations
+  ok, why = pallas.can_run(_layer(), device=CPU)
+  assert not ok and "gpu" in why and "cpu" in why  # compiled only for GPUs (interpret mode is for tests)
+  for layer, reason in [(_layer(a_bits=16), "a_bits=16"), (_layer(group=None), "group 128"),
+                        (_layer(w_bits=4), "w_bits=4"), (_layer(n=200), "N a multiple of 16")]:
+    ok, why = pallas.can_run(layer, device=GPU)
+    assert not ok and reason in why
+
+
+def test_bmma_can_run():
+  bmma = backends.get("bmma")
+  assert bmma.can_run(_layer(n=200), jnp.bfloat16, GPU) == (True, "")
+  assert bmma.can_run(_layer(), None, None)[0]  # dtype and device unknown: not checked
+  for args, reason in [((_layer(), jnp.float32, GPU), "bf16"), ((_layer(w_bits=8), None, GPU), "6-bit"),
+                       ((_layer(a_bits=16), None, GPU), "a_bits=16"), ((_layer(), None, CPU), "not cpu"),
+                       ((_layer(), None, _Device("gpu", "7.5", "T4")), "sm_80")]:
+    ok, why = bmma.can_run(*args)
+    assert not ok and reason in why, why
+
+
+def test_reference_and_dequant_run_anything_anywhere():
+  for name in ("reference", "dequant"):
+    b = backends.get(name)
+    for layer in (_layer(a_bits=16), _layer(group=None, w_bits=8, a_bits=8), _layer(n=200, w_bits=4)):
+      assert b.can_run(layer, jnp.float32, CPU) == (True, "")
+
+
+def test_matmul_refuses_what_its_backend_cannot_run():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((48, 200)), jnp.float32)
+  q, s = numerics.quantize_weight(w, 6, 128)
+  layer = QuantizedLinear(packed=formats.pack(q, 6, "bitplanes", 200), scales=s, in_features=200, out_features=48,
+                          w_bits=6, a_bits=6, group_size=128)
+  x = jnp.asarray(rng.standard_normal((3, 200)), jnp.float32)
+  with pytest.raises(ValueError, match="reads layout 'bitplanes_g4', the layer is in 'bitplanes'.*flexq_jax.place"):
+    x.astype(jnp.bfloat16) @ layer.replace(backend="bmma")
+  with pytest.raises(ValueError, match="bf16"):
+    x @ place({"l": layer}, "bmma")[0]["l"]
+  with pytest.raises(ValueError, match="unknown backend 'gone'"):
+    x @ layer.replace(backend="gone")
+  # The same layer on the two CPU backends: the contract's numbers either way.
+  ref = x @ layer
+  np.testing.assert_allclose(x @ place(layer, "dequant")[0], ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+  assert (x[None] @ layer).shape == (1, 3, 48)
+
+
+def test_place_records_why_a_layer_stays():
+  layer = _layer(n=200).replace(packed=jnp.zeros((6, 200, 8), jnp.uint32), scales=jnp.zeros((200, 2), jnp.float16))
+  placed, record = place({"a": layer}, "pallas")
+  assert placed["a"] is layer and record.layers[0].backend == "reference"
+  assert "pallas needs N a multiple of 16" in record.layers[0].why
+  assert "a stays on reference: pallas needs N a multiple of 16" in record.summary()
+  with pytest.raises(ValueError, match="unknown backend"):
+    place({"a": layer}, "fastest")
