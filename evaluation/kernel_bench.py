@@ -42,13 +42,15 @@ import numpy as np
 from evaluation import baselines
 from flexq_jax import formats, numerics, placement
 from flexq_jax.cuda import bmma
-from pallas_kernels import w6a_matmul as wk
 from pallas_kernels import core
+from pallas_kernels import w6a_gemm_mgpu as mg
+from pallas_kernels import w6a_matmul as wk
 
 SHAPES = {  # name -> (N, K) of the LLaMA-2 linear layers (70B first: the targets are set there)
     "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (28672, 8192), "70b.down": (8192, 28672),
     "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (11008, 4096), "7b.down": (4096, 11008),
 }
+FUSED_SHAPES = {"70b.gate_up2": (57344, 8192), "7b.gate_up2": (22016, 4096)}  # gate and up as one GEMM (served)
 M_ALL = (1, 4, 8, 16, 64, 256, 1024, 4096)
 QUICK_M = (1, 16, 256, 4096)
 L2_BYTES = 50 * 2 ** 20  # H100 / H200 L2 (50 / 60 MB): rotate at least 4x this much weight data
@@ -452,6 +454,66 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
   return rows
 
 
+def bench_mgpu(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, float]:
+  """(seconds per call, relative error) of the Mosaic GPU GEMM (quantizer + weight unpack + GEMM)."""
+  op = lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=a_bits, config=config)
+  return _bench_w6(op, x, n, k, a_bits, key, "pallas6", check)
+
+
+MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(convert="cvt"), mg.GemmConfig(max_concurrent_steps=3),
+                mg.GemmConfig(wg_split="m", tile_m=64, tile_n=128), mg.GemmConfig(tile_n=128, max_concurrent_steps=3))
+
+
+def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool, log=print) -> list[dict]:
+  """The Mosaic GPU GEMM's tilings against cuBLAS bf16, XLA's bf16 and int8 dots and the Triton
+  kernel, side by side on each case (W6A6), with the op's parts timed alone for the first tiling."""
+  rows = []
+  key = jax.random.key(3)
+  for name in shapes:
+    n, k = {**SHAPES, **FUSED_SHAPES}[name]
+    for m in ms:
+      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      t_bf16, t_i8 = bench_xla(x, n, k, key)
+      t_cb = bench_torch(m, n, k)[0] if use_torch else float("nan")
+      base = t_cb if np.isfinite(t_cb) else t_bf16
+      row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=t_cb * 1e6, xla_bf16_us=t_bf16 * 1e6,
+                 xla_w8a8_us=t_i8 * 1e6)
+      try:
+        t, err = bench_ours(x, n, k, 6, key)
+        row.update(triton_us=t * 1e6, triton_err=err)
+      except Exception as e:  # report, go on
+        log(f"  triton failed: {type(e).__name__}: {str(e)[:200]}")
+      cfg0 = configs[0]
+      mp, np_ = mg.padded(m, n, cfg0)
+      qcfg = wk.TileConfig(block_m=cfg0.cta_tile[0], join_phases=False)
+      bufs = _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))
+      qx, sx, _ = wk.quantize_activations(x, a_bits=6, config=qcfg)
+      row["quantize_us"] = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=qcfg)[0], x, [()], 1e-5) * 1e6
+      row["unpack_us"] = time_jax(lambda x, p: mg.unpack_phase_major(p, np_), x, [b[:1] for b in bufs], 1e-5) * 1e6
+      w8 = [(mg.unpack_phase_major(p, np_), jnp.pad(s.astype(jnp.float32), ((0, np_ - n), (0, 0))).T)
+            for p, s, _ in bufs[:2]]
+      row["gemm_only_us"] = time_jax(lambda q, w, st: mg.gemm(q, sx.T, w, st, out_dtype=jnp.bfloat16, config=cfg0),
+                                     qx, w8, 2 * m * n * k / 8e14) * 1e6
+      del w8
+      for i, cfg in enumerate(configs):
+        try:
+          t, err = bench_mgpu(x, n, k, 6, key, config=cfg)
+          row[f"mgpu{i}_us"], row[f"mgpu{i}_err"] = t * 1e6, err
+        except Exception as e:  # a tiling the compiler rejects: report, go on
+          log(f"  mgpu{i} failed: {type(e).__name__}: {str(e)[:300]}")
+      rows.append(row)
+      tops = lambda us: 2 * m * n * k / (us * 1e-6) / 1e12
+      best = min((row[f"mgpu{i}_us"], i) for i in range(len(configs)) if f"mgpu{i}_us" in row) if any(
+          f"mgpu{i}_us" in row for i in range(len(configs))) else (float("nan"), -1)
+      log(f"{name:12s} M={m:5d} cuBLAS bf16 {row['cublas_bf16_us']:8.1f}  xla bf16 {row['xla_bf16_us']:8.1f}  "
+          f"xla i8 {row['xla_w8a8_us']:8.1f}  triton {row.get('triton_us', float('nan')):8.1f}  | mgpu "
+          + " ".join(f"{row.get(f'mgpu{i}_us', float('nan')):8.1f}" for i in range(len(configs)))
+          + f" | best {best[1]} x bf16 {base * 1e6 / best[0]:.2f} ({tops(best[0]):.0f} TOPS) | parts: quantize "
+          f"{row['quantize_us']:.1f} unpack {row['unpack_us']:.1f} gemm {row['gemm_only_us']:.1f} "
+          f"({tops(row['gemm_only_us']):.0f} TOPS) | err {row.get('mgpu0_err', float('nan')):.1e}")
+  return rows
+
+
 GEMV_TILES = (  # (block_n, num_warps, block_kg, split_k, prefetch)
     (64, 2, 4, 4, False), (64, 2, 4, 8, False), (64, 2, 4, 16, False), (64, 2, 4, 4, True), (64, 2, 4, 8, True),
     (64, 2, 2, 8, True), (64, 2, 2, 16, True), (64, 4, 8, 4, False), (64, 4, 8, 8, False), (64, 4, 4, 8, True),
@@ -520,6 +582,8 @@ def main(argv=None) -> None:
   ap.add_argument("--no-bmma", action="store_true", help="leave out the CUDA BMMA kernel's column")
   ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
   ap.add_argument("--sweep-gemv", action="store_true", help="time the decode (gemv) tilings against the mma default")
+  ap.add_argument("--sweep-mgpu", action="store_true",
+                  help="time the Mosaic GPU GEMM's tilings (and its parts) against cuBLAS / XLA / Triton")
   ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
   ap.add_argument("--out-dir", default="results/kernels")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
@@ -529,6 +593,13 @@ def main(argv=None) -> None:
     return
   if jax.default_backend() != "gpu":
     sys.exit("kernel_bench needs a GPU (jax.default_backend() is %r)" % jax.default_backend())
+  if args.sweep_mgpu:
+    shapes = args.shapes.split(",") if args.shapes not in ("all", "7b", "70b") else list(SHAPES)
+    rows = sweep_mgpu(shapes, tuple(int(v) for v in (args.m or "128,1024,4096").split(",")), MGPU_CONFIGS,
+                      not args.no_torch and torch_available(), log=lambda s: print(s, flush=True))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"mgpu-sweep-{placement.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    return
   if args.shapes in ("all", "7b", "70b"):
     shapes = [s for s in SHAPES if args.shapes == "all" or s.startswith(args.shapes + ".")]
   else:

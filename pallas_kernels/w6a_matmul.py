@@ -441,7 +441,7 @@ def weight_bits(w_packed: jax.Array) -> int:
                    f"[N/16, groups, 16, 128], got {w_packed.dtype} {w_packed.shape}")
 
 
-def _check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bits: int) -> tuple[int, int, int]:
+def check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bits: int) -> tuple[int, int, int]:
   if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be a float [M, K] array, got {x.dtype} {x.shape}")
   weight_bits(w_packed)
@@ -510,7 +510,7 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   Returns:
     [M, N] in x.dtype.
   """
-  m, k, n = _check_operands(x, w_packed, w_scales, a_bits)
+  m, k, n = check_operands(x, w_packed, w_scales, a_bits)
   groups = w_packed.shape[1]
   w_bits = weight_bits(w_packed)
   cfg = config or default_config(m, n, k, w_bits=w_bits)
