@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines, kernel_bench
-from flexq_jax import backends, placement
+from flexq_jax import backends, placement, tuning
 from flexq_jax.qlinear import QuantizedLinear
 from models import config as model_configs
 from models import llama
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
   if jax.default_backend() != "gpu" and models != ["tiny"]:
     raise SystemExit("the end-to-end benchmark times GPU kernels: run it on a GPU machine (or --models tiny to try it)")
 
-  card = placement.card_name()
+  card = tuning.card_name()
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
   out = Path(args.out_dir)

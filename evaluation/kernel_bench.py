@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines
-from flexq_jax import formats, numerics, placement
+from flexq_jax import formats, numerics, tuning
 from flexq_jax.cuda import bmma
 from pallas_kernels import core
 from pallas_kernels import w6a_gemm_mgpu as mg
@@ -460,8 +460,9 @@ def bench_mgpu(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, fl
   return _bench_w6(op, x, n, k, a_bits, key, "pallas6", check)
 
 
-MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(convert="cvt"), mg.GemmConfig(max_concurrent_steps=3),
-                mg.GemmConfig(wg_split="m", tile_m=64, tile_n=128), mg.GemmConfig(tile_n=128, max_concurrent_steps=3))
+MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(overlap=True), mg.GemmConfig(convert="magic"),
+                mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, overlap=True),
+                mg.GemmConfig(tile_m=128, max_concurrent_steps=3))
 
 
 def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool, log=print) -> list[dict]:
@@ -489,8 +490,8 @@ def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool,
       bufs = _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))
       qx, sx, _ = wk.quantize_activations(x, a_bits=6, config=qcfg)
       row["quantize_us"] = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=qcfg)[0], x, [()], 1e-5) * 1e6
-      row["unpack_us"] = time_jax(lambda x, p: mg.unpack_phase_major(p, np_), x, [b[:1] for b in bufs], 1e-5) * 1e6
-      w8 = [(mg.unpack_phase_major(p, np_), jnp.pad(s.astype(jnp.float32), ((0, np_ - n), (0, 0))).T)
+      row["unpack_us"] = time_jax(lambda x, p: wk.unpack_phase_major(p, np_), x, [b[:1] for b in bufs], 1e-5) * 1e6
+      w8 = [(wk.unpack_phase_major(p, np_), jnp.pad(s.astype(jnp.float32), ((0, np_ - n), (0, 0))).T)
             for p, s, _ in bufs[:2]]
       row["gemm_only_us"] = time_jax(lambda q, w, st: mg.gemm(q, sx.T, w, st, out_dtype=jnp.bfloat16, config=cfg0),
                                      qx, w8, 2 * m * n * k / 8e14) * 1e6
@@ -598,7 +599,7 @@ def main(argv=None) -> None:
     rows = sweep_mgpu(shapes, tuple(int(v) for v in (args.m or "128,1024,4096").split(",")), MGPU_CONFIGS,
                       not args.no_torch and torch_available(), log=lambda s: print(s, flush=True))
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.out_dir) / f"mgpu-sweep-{placement.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.out_dir) / f"mgpu-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.shapes in ("all", "7b", "70b"):
     shapes = [s for s in SHAPES if args.shapes == "all" or s.startswith(args.shapes + ".")]
@@ -611,7 +612,7 @@ def main(argv=None) -> None:
     rows = sweep_gemv(shapes, ms, log)
     if args.out_dir:
       Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-      (Path(args.out_dir) / f"gemv-sweep-{placement.card_name()}.json").write_text(json.dumps(rows, indent=1))
+      (Path(args.out_dir) / f"gemv-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)
@@ -628,7 +629,7 @@ def main(argv=None) -> None:
     return
   use_torch = not args.no_torch and torch_available()
   a8_ms = tuple(int(v) for v in args.a8_m.split(",")) if args.a8_m else None
-  card, date = placement.card_name(), datetime.date.today().isoformat()
+  card, date = tuning.card_name(), datetime.date.today().isoformat()
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   subset = args.quick or ms != M_ALL or len(shapes) != len(SHAPES) or a_bits != (6, 8) or a8_ms is not None

@@ -6,9 +6,11 @@ them in order of preference; placement (flexq_jax/placement.py) tries them in th
 CLI's choices and the benchmarks' names come from it, and `x @ layer` (QuantizedLinear.__rmatmul__)
 runs the backend named in the layer's `backend` field. See flexq_jax/DESIGN.md, "Backends".
 
-  pallas     Pallas (Triton lowering) GPU kernels, pallas_kernels/w6a_matmul.py: int8 tensor-core
-             dots or dp4a GEMVs on weights unpacked from "pallas6" (or read from "pallas8").
-             Off the GPU the same kernels run in Pallas interpret mode (slow; for tests).
+  pallas     Pallas GPU kernels on "pallas6" (or "pallas8") weights, chosen by M at trace time:
+             the Triton kernels of pallas_kernels/w6a_matmul.py (dp4a GEMVs in decode, int8
+             mma.sync at small M; any NVIDIA GPU), and from the card's tuning-table threshold
+             "mosaic_min_m" on Hopper the Mosaic GPU GEMM of pallas_kernels/w6a_gemm_mgpu.py
+             (int8 WGMMA). Off the GPU the Triton kernels run in Pallas interpret mode (tests).
   bmma       the CUDA kernel on binary tensor cores (flexq_jax/cuda/, jax.ffi): W6, A6/A8, bf16
              activations, reads "bitplanes_g4".
   reference  unpack the layout, then numerics.reference_matmul: the definition, exact int32 group
@@ -28,9 +30,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flexq_jax import numerics
+from flexq_jax import numerics, tuning
 from flexq_jax.cuda import bmma
-from pallas_kernels import w6a_matmul
+from pallas_kernels import w6a_gemm_mgpu, w6a_matmul
 from pallas_kernels.core import GROUP, TILE_ROWS
 
 ANY_PLATFORM = ("cpu", "gpu", "tpu")
@@ -88,7 +90,24 @@ class Dequant(Backend):
                                    group_size=layer.group_size, out_dtype=x.dtype)
 
 
-class PallasTriton(Backend):
+class Pallas(Backend):
+
+  def kernel_for(self, m: int, device: jax.Device | None = None) -> tuple[str, str]:
+    """("mosaic" or "triton", why) for M activation rows on `device` (default: the first device)."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+      return "triton", f"{device.platform}: the Triton kernels in interpret mode"
+    cc = getattr(device, "compute_capability", "")
+    if cc != "9.0":
+      return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
+    card = tuning.card_name(device)
+    table = tuning.load_table(card) or {}
+    min_m = table.get("mosaic_min_m")
+    if min_m is None:
+      return "triton", f"no mosaic_min_m in a {card} tuning table"
+    if m < min_m:
+      return "triton", f"M={m} < {min_m} ({card} table): the Triton kernels"
+    return "mosaic", f"M={m} >= {min_m} ({card} table): the Mosaic GPU GEMM"
 
   def _refusal(self, layer, dtype, device):
     if layer.w_bits not in self.layouts:
@@ -98,6 +117,8 @@ class PallasTriton(Backend):
     return _a6a8_group128(layer)
 
   def matmul(self, x, layer):
+    if self.kernel_for(x.shape[0])[0] == "mosaic":  # M is static under jit: chosen at trace time
+      return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")
@@ -118,8 +139,9 @@ class Bmma(Backend):
     return bmma.bmma_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits, k=layer.in_features)
 
 
-PALLAS = PallasTriton("pallas", {6: "pallas6", 8: "pallas8"}, ("gpu",),
-                      doc="Pallas (Triton) kernels: W6 or W8, A6/A8, group 128, N a multiple of 16")
+PALLAS = Pallas("pallas", {6: "pallas6", 8: "pallas8"}, ("gpu",),
+                      doc="Pallas kernels (Triton; Mosaic GPU for large M on Hopper): W6 or W8, A6/A8, group 128, "
+                          "N a multiple of 16")
 BMMA = Bmma("bmma", {6: "bitplanes_g4"}, ("gpu",), doc="CUDA binary-tensor-core kernel: W6, A6/A8, group 128, bf16")
 REFERENCE = Reference("reference", {}, ANY_PLATFORM, doc="the jnp definition, exact int32 group sums")
 DEQUANT = Dequant("dequant", {}, ANY_PLATFORM, auto=False, doc="the contract's numbers in one fp32 dot (CPU evaluations)")

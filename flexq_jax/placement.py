@@ -31,24 +31,13 @@ import jax
 import numpy as np
 
 from flexq_jax import backends, tuning
+from flexq_jax.tuning import card_name
 from flexq_jax.qlinear import QuantizedLinear
 
 # Another backend replaces the preferred one only when the table has it faster by more than this
 # (repeated kernel-benchmark runs on one card differ by a few percent).
 MARGIN = 0.05
 AUTO = "auto"
-
-
-def card_name(device=None) -> str:
-  """A short name of the accelerator: 'h200', 'h100', ...; the platform ('cpu') off the GPU."""
-  device = device or jax.devices()[0]
-  if device.platform != "gpu":
-    return device.platform
-  kind = device.device_kind
-  for tag in ("H200", "H100", "H800", "H20", "A100", "L40S", "B200", "GB200"):
-    if tag in kind:
-      return tag.lower()
-  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
 
 
 def _platform(card: str) -> str:

@@ -11,8 +11,8 @@ Three steps, all under one jit:
   1. q_x, s_x: the Triton activation quantizer of w6a_matmul (one pass over x; q_x phase-major
      within each group, rows padded to the tile).
   2. The weights as int8 [Np, Kp] in the same phase-major column order (column 128 g + 32 p + t
-     holds k = 128 g + 4 t + p): "pallas6" unpacked by byte-lane operations, "pallas8" only
-     re-tiled. A K-permutation within a group that both operands share changes no group sum. This
+     holds k = 128 g + 4 t + p), by w6a_matmul.unpack_phase_major (a Triton kernel at memory speed):
+     "pallas6" unpacked by byte-lane operations, "pallas8" only re-tiled. A K-permutation within a group that both operands share changes no group sum. This
      transient costs 1.75 bytes a weight of memory traffic once per call; at the M this kernel
      runs for (>= several hundred rows) it is a few percent of the GEMM.
   3. The GEMM (_gemm_kernel): a persistent grid of CTAs, each looping over output tiles of
@@ -54,15 +54,16 @@ _MAGIC_F = np.float32(12582912.0)
 class GemmConfig:
   """Tiling of the Mosaic GPU GEMM (hashable: a static argument)."""
 
-  tile_m: int = 128  # rows of q_x per consumer warpgroup (a multiple of 64)
-  tile_n: int = 64  # output channels per consumer warpgroup (a multiple of 8)
-  wg_split: str = "n"  # "n": the two consumers split a [tile_m, 2 tile_n] tile; "m": [2 tile_m, tile_n]
+  tile_m: int = 64  # rows of q_x per consumer warpgroup (a multiple of 64)
+  tile_n: int = 128  # output channels per consumer warpgroup (a multiple of 8)
+  wg_split: str = "m"  # "m": the two consumers split a [2 tile_m, tile_n] tile; "n": [tile_m, 2 tile_n]
   max_concurrent_steps: int = 4  # TMA ring depth
   epi_tile_n: int = 64  # epilogue sub-tiles stored by TMA
   epi_tile_m: int = 64
   grid_minor: str = "n"  # persistent loop order over output tiles (planar snake)
   grid_tile_width: int = 8
-  convert: str = "magic"  # int32 -> fp32 of a group sum: "magic" (bit trick) or "cvt" (I2F)
+  convert: str = "cvt"  # int32 -> fp32 of a group sum: "cvt" (I2F) or "magic" (bit trick)
+  overlap: bool = False  # scale group g - 1's sums while group g's WGMMA runs (carried in registers)
   num_sms: int | None = None  # persistent CTAs (default: the device's SM count)
 
   def __post_init__(self):
@@ -94,25 +95,6 @@ def padded(m: int, n: int, config: GemmConfig) -> tuple[int, int]:
   """(Mp, Np): M and N rounded up to whole CTA tiles."""
   cm, cn = config.cta_tile
   return -(-m // cm) * cm, -(-n // cn) * cn
-
-
-def unpack_phase_major(w_packed: jax.Array, n_to: int | None = None) -> jax.Array:
-  """"pallas6" uint8 [N/16, G, 3, 16, 32] or "pallas8" int8 [N/16, G, 16, 128] -> the signed
-  weights int8 [N (or n_to, zero rows added), G * 128] with each group's columns phase-major
-  (column 128 g + 32 p + t holds k = 128 g + 4 t + p), the order of w6a_matmul's phase-major q_x."""
-  bits = w6a_matmul.weight_bits(w_packed)
-  blocks, g = w_packed.shape[:2]
-  if bits == 8:  # already phase-major: only the 16-row tiles go
-    w = w_packed.transpose(0, 2, 1, 3)  # [N/16, 16, G, 128]
-  else:
-    lo01, lo23, hi = (w_packed[:, :, i].astype(jnp.int32) for i in range(core.PALLAS6_PLANES))  # [N/16, G, 16, 32]
-    lo = (lo01 & 0xF, lo01 >> 4, lo23 & 0xF, lo23 >> 4)
-    u = jnp.stack([lo[p] | (((hi >> (2 * p)) & 3) << 4) for p in range(core.PHASES)], axis=3)  # [N/16, G, 16, 4, 32]
-    w = (u - core.PALLAS6_OFFSET).astype(jnp.int8).transpose(0, 2, 1, 3, 4)  # [N/16, 16, G, 4, 32]
-  w = w.reshape(blocks * TILE_ROWS, g * GROUP)
-  if n_to is not None and n_to > w.shape[0]:
-    w = jnp.pad(w, ((0, n_to - w.shape[0]), (0, 0)))
-  return w
 
 
 def _to_f32(part: jax.Array, convert: str) -> jax.Array:
@@ -175,7 +157,15 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         wg_m, wg_n = slice(None), pl.ds(wg * tile_n, tile_n)
 
       def compute_context(run):
-        acc = run(plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA))
+        zeros = lambda dtype, shape, layout: plgpu.layout_cast(jnp.zeros(shape, dtype), layout)
+        acc = zeros(jnp.float32, (tile_m, tile_n), plgpu.Layout.WGMMA)
+        if cfg.overlap:  # carry: (fp32 sums, the last group's int32 sums and its scale vectors)
+          acc, part, sx, sw = run((acc, zeros(jnp.int32, (tile_m, tile_n), plgpu.Layout.WGMMA),
+                                   zeros(jnp.float32, (tile_m,), plgpu.Layout.WGMMA.reduce(1)),
+                                   zeros(jnp.float32, (tile_n,), plgpu.Layout.WGMMA.reduce(0))))
+          acc = acc + _scaled(part, sx, sw)
+        else:
+          acc = run(acc)
         out = acc.astype(out_gmem.dtype)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         epi_n_count = tile_n // cfg.epi_tile_n
@@ -191,17 +181,27 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
                 out_smem.at[wg, slot],
                 out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n].at[rows, cols])
 
-      def step(_, qx_smem, w_smem, sx_smem, sw_smem, carry):
-        def group_sum(acc_ref):  # the group's exact int32 sums
-          plgpu.wgmma(acc_ref, qx_smem.at[wg_m], w_smem.at[wg_n].T)
-          return plgpu.wgmma_accumulator_load(acc_ref)
-
-        part = pl.run_scoped(group_sum, plgpu.ACC((tile_m, tile_n), jnp.int32))
-        sx = plgpu.load(sx_smem.at[0, wg_m], layout=plgpu.Layout.WGMMA.reduce(1))  # [tile_m]
-        sw = plgpu.load(sw_smem.at[0, wg_n], layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
+      def _scaled(part, sx, sw):  # float(sum) * s_x[m] * s_w[n]
         scale = (lax.broadcast_in_dim(sx, (tile_m, tile_n), (0,))
                  * lax.broadcast_in_dim(sw, (tile_m, tile_n), (1,)))
-        return carry + _to_f32(part, cfg.convert) * scale
+        return _to_f32(part, cfg.convert) * scale
+
+      def step(_, qx_smem, w_smem, sx_smem, sw_smem, carry):
+        sx = plgpu.load(sx_smem.at[0, wg_m], layout=plgpu.Layout.WGMMA.reduce(1))  # [tile_m]
+        sw = plgpu.load(sw_smem.at[0, wg_n], layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
+
+        def group_sum(acc_ref):  # the group's exact int32 sums
+          plgpu.wgmma(acc_ref, qx_smem.at[wg_m], w_smem.at[wg_n].T)
+          if cfg.overlap:  # the previous group's scaling runs on the CUDA cores meanwhile
+            acc, prev, prev_sx, prev_sw = carry
+            return acc + _scaled(prev, prev_sx, prev_sw), plgpu.wgmma_accumulator_load(acc_ref)
+          return plgpu.wgmma_accumulator_load(acc_ref)
+
+        if cfg.overlap:
+          acc, part = pl.run_scoped(group_sum, plgpu.ACC((tile_m, tile_n), jnp.int32))
+          return acc, part, sx, sw
+        part = pl.run_scoped(group_sum, plgpu.ACC((tile_m, tile_n), jnp.int32))
+        return carry + _scaled(part, sx, sw)
 
       pipeline(step, compute_context)(qx_gmem.at[cta_m_slice], w_gmem.at[cta_n_slice],
                                       sx_gmem.at[:, cta_m_slice], sw_gmem.at[:, cta_n_slice], allocations=allocs)
@@ -259,7 +259,8 @@ def gemm(qx: jax.Array, sx_t: jax.Array, w: jax.Array, sw_t: jax.Array, *, out_d
 
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
-  """The tiling for an [M, K] x [K, N] product: 128 x 64 per consumer warpgroup, split along N."""
+  """The tiling for an [M, K] x [K, N] product: 64 x 128 per consumer warpgroup, a 128 x 128 CTA
+  tile (the fastest of results/kernels/raw/h200-2026-12-01-mgpu-sweep1.json)."""
   del m, n, k
   return GemmConfig()
 
@@ -285,7 +286,7 @@ def w6a_gemm(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: 
   # Phase-major q_x, rows padded to a whole CTA tile (the quantizer pads to its block_m).
   qcfg = w6a_matmul.TileConfig(block_m=cfg.cta_tile[0], join_phases=False)
   qx, sx, _ = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
-  w = unpack_phase_major(w_packed, np_)
+  w = w6a_matmul.unpack_phase_major(w_packed, np_)
   sw_t = jnp.pad(w_scales.astype(jnp.float32), ((0, np_ - n), (0, 0))).T
   y = gemm(qx, sx.T, w, sw_t, out_dtype=x.dtype, config=cfg)
   return y[:m, :n]

@@ -549,3 +549,46 @@ def gemm(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_s
   if cfg.split_k > 1:
     y = jnp.sum(y, axis=0).astype(out_dtype)
   return y
+
+
+def _unpack_kernel(w_ref,  # "pallas6" [rb, gb, 3, 16, 32] uint8, or "pallas8" [rb, gb, 16, 128] int8
+                   o_ref,  # [16 rb, 128 gb] int8: signed weights, each group's columns phase-major
+                   *, rb: int, gb: int, w_bits: int, use_asm: bool):
+  for r in range(rb):
+    rows = slice(r * TILE_ROWS, (r + 1) * TILE_ROWS)
+    for j in range(gb):
+      if w_bits == 8:  # already signed and phase-major
+        o_ref[rows, pl.ds(j * GROUP, GROUP)] = w_ref[r, j]
+        continue
+      lo01, lo23, hi = w_ref[r, j, 0], w_ref[r, j, 1], w_ref[r, j, 2]  # [16, 32] uint8 each
+      for p in range(core.PHASES):
+        u = _unpack_phase(lo01 if p < 2 else lo23, hi, p, use_asm)
+        o_ref[rows, pl.ds(j * GROUP + p * PLANE, PLANE)] = u - jnp.int8(OFFSET)
+
+
+@functools.partial(jax.jit, static_argnames=("n_to", "interpret"))
+def unpack_phase_major(w_packed: jax.Array, n_to: int | None = None, *, interpret: bool = False) -> jax.Array:
+  """"pallas6" uint8 [N/16, G, 3, 16, 32] or "pallas8" int8 [N/16, G, 16, 128] -> the signed weights
+  int8 [N (or n_to, zero rows added), G * 128], each group's columns phase-major (column 128 g + 32 p + t
+  holds k = 128 g + 4 t + p): the int8 operand of a tensor-core GEMM against phase-major q_x.
+
+  One pass at memory speed (1536 or 2048 bytes in, 2048 out per 16 rows and group), a Pallas kernel
+  rather than XLA's transposes."""
+  w_bits = weight_bits(w_packed)
+  blocks, groups = w_packed.shape[:2]
+  rb = 2 if blocks % 2 == 0 else 1
+  gb = next(g for g in (8, 4, 2, 1) if groups % g == 0)
+  tail = w_packed.shape[2:]
+  out = pl.pallas_call(
+      functools.partial(_unpack_kernel, rb=rb, gb=gb, w_bits=w_bits, use_asm=not interpret),
+      out_shape=jax.ShapeDtypeStruct((blocks * TILE_ROWS, groups * GROUP), jnp.int8),
+      grid=(blocks // rb, groups // gb),
+      in_specs=[pl.BlockSpec((rb, gb, *tail), lambda b, j: (b, j) + (0,) * len(tail))],
+      out_specs=pl.BlockSpec((rb * TILE_ROWS, gb * GROUP), lambda b, j: (b, j)),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="w6a_unpack_phase_major",
+  )(w_packed)
+  if n_to is not None and n_to > out.shape[0]:
+    out = jnp.pad(out, ((0, n_to - out.shape[0]), (0, 0)))
+  return out

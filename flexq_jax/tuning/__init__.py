@@ -1,8 +1,10 @@
 """Tuning tables: per GPU model, the measured time of every kernel backend at real layer shapes.
 
-`<card>.json` beside this file (card = placement.card_name(): "h200", "h100", ...) holds entries
-{n, k, m, a_bits, us: {backend: microseconds}} and the runs it came from (made_from, dates). It is
-made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):
+`<card>.json` beside this file (card = card_name(): "h200", "h100", ...) holds entries
+{n, k, m, a_bits, us: {backend: microseconds}} and the runs it came from (made_from, dates), and
+optionally "mosaic_min_m": the M from which the pallas backend runs its Mosaic GPU GEMM instead of
+the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`; absent: never).
+It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):
 
     python -m flexq_jax.tuning --from results/kernels/<run>.json ... --out flexq_jax/tuning/<card>.json
 
@@ -16,11 +18,24 @@ import functools
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 TUNING_DIR = Path(__file__).parent
 # The kernel benchmark's field of each backend's time (evaluation/kernel_bench.py, Case).
 BENCH_FIELDS = {"pallas": "ours_us", "bmma": "bmma_us"}
+
+
+def card_name(device=None) -> str:
+  """A short name of the accelerator: 'h200', 'h100', ...; the platform ('cpu') off the GPU."""
+  device = device or jax.devices()[0]
+  if device.platform != "gpu":
+    return device.platform
+  kind = device.device_kind
+  for tag in ("H200", "H100", "H800", "H20", "A100", "L40S", "B200", "GB200"):
+    if tag in kind:
+      return tag.lower()
+  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
 
 
 @functools.cache

@@ -94,3 +94,19 @@ def test_place_records_why_a_layer_stays():
   assert "a stays on reference: pallas needs N a multiple of 16" in record.summary()
   with pytest.raises(ValueError, match="unknown backend"):
     place({"a": layer}, "fastest")
+
+
+def test_pallas_picks_its_kernel_by_m(monkeypatch):
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 512})
+  assert pallas.kernel_for(4096, GPU) == ("mosaic", "M=4096 >= 512 (h200 table): the Mosaic GPU GEMM")
+  assert pallas.kernel_for(512, GPU)[0] == "mosaic"
+  kernel, why = pallas.kernel_for(511, GPU)
+  assert kernel == "triton" and "M=511 < 512" in why
+  kernel, why = pallas.kernel_for(4096, _Device("gpu", "8.0", "NVIDIA A100-SXM4-80GB"))
+  assert kernel == "triton" and "needs sm_90" in why and "sm_80" in why
+  assert pallas.kernel_for(4096, CPU)[0] == "triton"
+  monkeypatch.setattr(tuning, "load_table", lambda card: None)
+  kernel, why = pallas.kernel_for(4096, GPU)
+  assert kernel == "triton" and "no mosaic_min_m" in why

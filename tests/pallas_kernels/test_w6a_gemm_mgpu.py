@@ -15,6 +15,7 @@ import pytest
 from jax._src.mesh import AbstractDevice
 
 from flexq_jax import formats, numerics
+from pallas_kernels import core
 from pallas_kernels import w6a_gemm_mgpu as mg
 from pallas_kernels import w6a_matmul as wk
 from tests.helpers import fresh_rng as _rng
@@ -30,17 +31,19 @@ def _phase_major(q: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [6, 8])
-def test_unpack_phase_major_is_the_layout_in_phase_order(bits):
+@pytest.mark.parametrize("n", [48, 64])  # odd and even counts of 16-row tiles
+def test_unpack_phase_major_is_the_layout_in_phase_order(bits, n):
   rng = _rng()
-  lo, hi = formats.qrange(bits)
-  q = rng.integers(lo, hi + 1, (48, 384)).astype(np.int8)
+  lo, hi = core.qrange(bits)
+  q = rng.integers(lo, hi + 1, (n, 384)).astype(np.int8)
   q[0, :4] = [lo, hi, 0, -1]  # the signed bounds
   packed = formats.pack(jnp.asarray(q), bits, f"pallas{bits}", 384)
-  w = mg.unpack_phase_major(packed)
-  assert w.dtype == jnp.int8 and w.shape == (48, 384)
+  interpret = not has_gpu()  # the Triton kernel; interpret mode on CPU
+  w = wk.unpack_phase_major(packed, interpret=interpret)
+  assert w.dtype == jnp.int8 and w.shape == (n, 384)
   np.testing.assert_array_equal(np.asarray(w), _phase_major(q))
-  padded = mg.unpack_phase_major(packed, 64)
-  assert padded.shape == (64, 384) and not np.asarray(padded[48:]).any()
+  padded = wk.unpack_phase_major(packed, 80, interpret=interpret)
+  assert padded.shape == (80, 384) and not np.asarray(padded[n:]).any()
 
 
 def test_a_shared_phase_order_keeps_every_group_sum():
@@ -54,7 +57,8 @@ def test_a_shared_phase_order_keeps_every_group_sum():
 
 def test_config_tile_math_and_errors():
   cfg = mg.GemmConfig()
-  assert cfg.cta_tile == (128, 128) and mg.GemmConfig(wg_split="m").cta_tile == (256, 64)
+  assert cfg.cta_tile == (128, 128) and mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64).cta_tile == (128, 128)
+  assert mg.GemmConfig(tile_m=128, tile_n=64).cta_tile == (256, 64)
   assert mg.padded(300, 200, cfg) == (384, 256) and mg.padded(128, 128, cfg) == (128, 128)
   assert cfg.smem_bytes() <= 227 * 1024  # Hopper's shared memory a block may take
   for bad in (dict(tile_m=96), dict(tile_n=4), dict(wg_split="k"), dict(convert="round"), dict(max_concurrent_steps=1),
@@ -70,7 +74,8 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("bits,config", [(6, mg.GemmConfig()), (8, mg.GemmConfig(convert="cvt", wg_split="m"))])
+@pytest.mark.parametrize("bits,config", [(6, mg.GemmConfig()), (8, mg.GemmConfig(convert="magic", overlap=True)),
+                                         (6, mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, overlap=True))])
 def test_the_op_lowers_for_cuda_without_a_gpu(bits, config):
   """Every trace- and lowering-time check of Mosaic GPU (shapes, layouts, swizzles, the pipeline)
   runs on CPU when lowering for CUDA against an abstract H200."""
@@ -116,8 +121,9 @@ def test_gpu_against_reference(m, a_bits, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", [mg.GemmConfig(convert="cvt"), mg.GemmConfig(wg_split="m", tile_m=64, tile_n=128),
-                                    mg.GemmConfig(max_concurrent_steps=2, grid_minor="m")])
+@pytest.mark.parametrize("config", [mg.GemmConfig(convert="magic"), mg.GemmConfig(overlap=True),
+                                    mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, max_concurrent_steps=2,
+                                                  grid_minor="m")])
 def test_gpu_other_configs_and_w8_and_fp32(config):
   _check(300, 256, 640, 6, config=config)
   _check(257, 112, 384, 8, w_bits=8, config=config)

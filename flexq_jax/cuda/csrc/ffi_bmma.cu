@@ -4,7 +4,7 @@
 //   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, W], scales f32 [M, G]
 //   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, W], w_scales f16 [N, G]
 //                         -> y bf16 [M, N]
-// G = K / 128 rounded up (formats.padded_k), W = 4 x G rounded up to a multiple of 4: the
+// G = K / 128 rounded up (pallas_kernels/core.py: padded_k), W = 4 x G rounded up to a multiple of 4: the
 // "bitplanes_g4" layout of both operands (configs.h, flexq_jax/formats.py).
 #include <cuda_runtime.h>
 
