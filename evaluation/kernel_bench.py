@@ -4,6 +4,7 @@
 
 For every (LLaMA-2 layer shape N x K, tokens M, activation bits) it times, in the same run:
   ours        pallas_kernels.w6a_matmul (activation quantization + GEMM + split-K sum: the op)
+  Mosaic      pallas_kernels.w6a_gemm_mgpu (quantizer + weight unpack + int8 WGMMA GEMM), M >= 64, sm_90
   xla_bf16    jnp.dot of bf16 activations and bf16 weights
   xla_w8a8    XLA int8 dot with its own per-token activation quantization (per-channel weights)
   cublas_bf16 torch.nn.functional.linear in bf16 (cuBLAS), when torch is importable
@@ -201,6 +202,8 @@ class Case:
   config: str = ""
   bmma_us: float = float("nan")  # the CUDA BMMA kernel (flexq_jax.cuda), where it builds and runs
   bmma_rel_err: float = float("nan")
+  mgpu_us: float = float("nan")  # the Mosaic GPU GEMM (quantizer + weight unpack + GEMM), sm_90, M >= MGPU_MIN_M
+  mgpu_rel_err: float = float("nan")
 
   @property
   def floor_frac(self) -> float:
@@ -311,13 +314,16 @@ def profile_ours(name: str, m: int, log=print) -> list[dict]:
   return rows
 
 
+MGPU_MIN_M = 64  # the Mosaic GPU GEMM's column is timed from this M (it pads M to 128-row tiles)
+
+
 def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ...], use_torch: bool,
               bws: dict, a8_ms: tuple[int, ...] | None = None, log=print, use_bmma: bool = False):
   """Yields the Case of every (shape, M, a_bits), baselines included, as it is measured."""
   bw = max(bws.values())  # the floor uses the best copy rate seen
   key = jax.random.key(0)
   for name in shapes:
-    n, k = SHAPES[name]
+    n, k = {**SHAPES, **FUSED_SHAPES}[name]
     for m in ms:
       x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
       t_bf16, t_w8a8 = bench_xla(x, n, k, key)
@@ -336,11 +342,18 @@ def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ..
             c.bmma_us = t * 1e6
           except Exception as e:  # report, keep the run
             log(f"  bmma failed: {type(e).__name__}: {str(e)[:300]}")
+        if m >= MGPU_MIN_M and jax.devices()[0].compute_capability == "9.0":
+          try:
+            t, c.mgpu_rel_err = bench_mgpu(x, n, k, a_bits, key)
+            c.mgpu_us = t * 1e6
+          except Exception as e:  # report, keep the run
+            log(f"  mgpu failed: {type(e).__name__}: {str(e)[:300]}")
         yield c
         log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
             f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
             f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}  "
-            f"bmma {c.bmma_us:.1f} us (err {c.bmma_rel_err:.1e})")
+            f"bmma {c.bmma_us:.1f} us (err {c.bmma_rel_err:.1e})  mosaic {c.mgpu_us:.1f} us "
+            f"(x cuBLAS bf16 {c.cublas_bf16_us / c.mgpu_us:.2f}, err {c.mgpu_rel_err:.1e})")
 
 
 def with_stream_ceiling(cases: list[Case], bws: dict) -> dict:
@@ -375,16 +388,18 @@ def markdown(cases: list[Case], bws: dict, card: str, date: str, device: str | N
            "torch._int_mm alone (no activation quantization, M padded to >= 32).", "",
            "| layer | N x K | M | W6A | ours us | % floor | xla bf16 | xla w8a8 | cuBLAS bf16 | cuBLASLt i8 | "
            "x xla bf16 | x xla w8a8 | x cuBLAS bf16 | x cuBLASLt i8 | TOPS | rel err | BMMA us | BMMA % floor | "
-           "BMMA rel err |",
+           "BMMA rel err | Mosaic us | Mosaic x cuBLAS bf16 | Mosaic x xla w8a8 | Mosaic TOPS |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for c in cases:
     lines.append(
         f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {c.ours_us:.1f} | {100 * c.floor_frac:.0f} | "
         f"{c.xla_bf16_us:.1f} | {c.xla_w8a8_us:.1f} | {c.cublas_bf16_us:.1f} | {c.cublaslt_i8_us:.1f} | "
         f"{c.speedup('xla_bf16'):.2f} | {c.speedup('xla_w8a8'):.2f} | {c.speedup('cublas_bf16'):.2f} | "
         f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} | {c.bmma_us:.1f} | "
-        f"{100 * c.floor_us / c.bmma_us:.0f} | {c.bmma_rel_err:.1e} |")
+        f"{100 * c.floor_us / c.bmma_us:.0f} | {c.bmma_rel_err:.1e} | {c.mgpu_us:.1f} | "
+        f"{c.cublas_bf16_us / c.mgpu_us:.2f} | {c.xla_w8a8_us / c.mgpu_us:.2f} | "
+        f"{2 * c.m * c.n * c.k / (c.mgpu_us * 1e-6) / 1e12:.0f} |")
   return "\n".join(lines) + "\n"
 
 

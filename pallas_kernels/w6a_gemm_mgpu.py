@@ -54,16 +54,16 @@ _MAGIC_F = np.float32(12582912.0)
 class GemmConfig:
   """Tiling of the Mosaic GPU GEMM (hashable: a static argument)."""
 
-  tile_m: int = 64  # rows of q_x per consumer warpgroup (a multiple of 64)
-  tile_n: int = 128  # output channels per consumer warpgroup (a multiple of 8)
-  wg_split: str = "m"  # "m": the two consumers split a [2 tile_m, tile_n] tile; "n": [tile_m, 2 tile_n]
+  tile_m: int = 128  # rows of q_x per consumer warpgroup (a multiple of 64)
+  tile_n: int = 64  # output channels per consumer warpgroup (a multiple of 8)
+  wg_split: str = "n"  # "n": the two consumers split a [tile_m, 2 tile_n] tile; "m": [2 tile_m, tile_n]
   max_concurrent_steps: int = 4  # TMA ring depth
   epi_tile_n: int = 64  # epilogue sub-tiles stored by TMA
   epi_tile_m: int = 64
   grid_minor: str = "n"  # persistent loop order over output tiles (planar snake)
   grid_tile_width: int = 8
   convert: str = "cvt"  # int32 -> fp32 of a group sum: "cvt" (I2F) or "magic" (bit trick)
-  overlap: bool = False  # scale group g - 1's sums while group g's WGMMA runs (carried in registers)
+  overlap: bool = True  # scale group g - 1's sums while group g's WGMMA runs (carried in registers)
   num_sms: int | None = None  # persistent CTAs (default: the device's SM count)
 
   def __post_init__(self):
@@ -259,8 +259,9 @@ def gemm(qx: jax.Array, sx_t: jax.Array, w: jax.Array, sw_t: jax.Array, *, out_d
 
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
-  """The tiling for an [M, K] x [K, N] product: 64 x 128 per consumer warpgroup, a 128 x 128 CTA
-  tile (the fastest of results/kernels/raw/h200-2026-12-01-mgpu-sweep1.json)."""
+  """The tiling for an [M, K] x [K, N] product: 128 x 64 per consumer warpgroup (a 128 x 128 CTA
+  tile), scaling overlapped with the next WGMMA: the fastest of five tilings on 5 of 6 cases of
+  results/kernels/raw/h200-2026-12-01-mgpu-sweep2.json (M = 512 and 4096, LLaMA-2 shapes)."""
   del m, n, k
   return GemmConfig()
 

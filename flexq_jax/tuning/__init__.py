@@ -77,8 +77,15 @@ def main(argv=None) -> None:
                                "(python -m evaluation.kernel_bench writes them).")
   ap.add_argument("--from", dest="sources", nargs="+", required=True, help="kernel_bench .json files, oldest first")
   ap.add_argument("--out", required=True)
+  ap.add_argument("--mosaic-min-m", type=int, default=None,
+                  help="the M from which the pallas backend runs the Mosaic GPU GEMM on this card (read it off "
+                       "`python -m evaluation.kernel_bench --sweep-mgpu`); left out: never")
+  ap.add_argument("--mosaic-from", nargs="*", default=[], help="the sweep files behind --mosaic-min-m")
   args = ap.parse_args(argv)
   table = table_from_bench(args.sources)
+  if args.mosaic_min_m is not None:
+    table = {"card": table["card"], "mosaic_min_m": args.mosaic_min_m,
+             "mosaic_made_from": [Path(p).name for p in args.mosaic_from], **table}
   head = json.dumps({k: v for k, v in table.items() if k != "entries"}, indent=1)[:-2]
   rows = ",\n".join("  " + json.dumps(e) for e in table["entries"])  # one entry a line
   Path(args.out).write_text(f'{head},\n "entries": [\n{rows}\n ]\n}}\n')

@@ -57,8 +57,8 @@ def test_a_shared_phase_order_keeps_every_group_sum():
 
 def test_config_tile_math_and_errors():
   cfg = mg.GemmConfig()
-  assert cfg.cta_tile == (128, 128) and mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64).cta_tile == (128, 128)
-  assert mg.GemmConfig(tile_m=128, tile_n=64).cta_tile == (256, 64)
+  assert cfg.cta_tile == (128, 128) and mg.GemmConfig(wg_split="m", tile_m=64, tile_n=128).cta_tile == (128, 128)
+  assert mg.GemmConfig(wg_split="m", tile_m=128, tile_n=64).cta_tile == (256, 64)
   assert mg.padded(300, 200, cfg) == (384, 256) and mg.padded(128, 128, cfg) == (128, 128)
   assert cfg.smem_bytes() <= 227 * 1024  # Hopper's shared memory a block may take
   for bad in (dict(tile_m=96), dict(tile_n=4), dict(wg_split="k"), dict(convert="round"), dict(max_concurrent_steps=1),
