@@ -204,6 +204,7 @@ class Case:
   bmma_rel_err: float = float("nan")
   mgpu_us: float = float("nan")  # the Mosaic GPU GEMM (quantizer + weight unpack + GEMM), sm_90, M >= MGPU_MIN_M
   mgpu_rel_err: float = float("nan")
+  mgpu_w8a8_us: float = float("nan")  # the same Mosaic kernel on "pallas8" weights, A8 (the W8A8 baseline)
 
   @property
   def floor_frac(self) -> float:
@@ -218,13 +219,16 @@ class Case:
 
 
 def _our_weights(key, n: int, k: int, count: int, layout: str = "pallas6"):
-  """count random W6 layers [(packed in `layout`, fp16 scales, int8 q)], distinct draws each."""
+  """count random layers [(packed in `layout`, fp16 scales, int8 q)], distinct draws each: W6, or
+  W8 for the "pallas8" layout."""
+  bits = 8 if layout == "pallas8" else 6
+  lo, hi = core.qrange(bits)
   bufs = []
   for i in range(count):
     kq, ks = jax.random.split(jax.random.fold_in(key, i))
-    q = jax.random.randint(kq, (n, core.padded_k(k)), -32, 32, jnp.int32).astype(jnp.int8)
+    q = jax.random.randint(kq, (n, core.padded_k(k)), lo, hi + 1, jnp.int32).astype(jnp.int8)
     s = (jax.random.uniform(ks, (n, core.padded_k(k) // 128), minval=0.5, maxval=1.5) * 2e-3).astype(jnp.float16)
-    bufs.append((jax.jit(formats.pack, static_argnums=(1, 2, 3))(q, 6, layout, k), s, q))
+    bufs.append((jax.jit(formats.pack, static_argnums=(1, 2, 3))(q, bits, layout, k), s, q))
   return bufs
 
 
@@ -346,6 +350,7 @@ def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ..
           try:
             t, c.mgpu_rel_err = bench_mgpu(x, n, k, a_bits, key)
             c.mgpu_us = t * 1e6
+            c.mgpu_w8a8_us = bench_mgpu(x, n, k, 8, key, check=False, layout="pallas8")[0] * 1e6
           except Exception as e:  # report, keep the run
             log(f"  mgpu failed: {type(e).__name__}: {str(e)[:300]}")
         yield c
@@ -388,9 +393,10 @@ def markdown(cases: list[Case], bws: dict, card: str, date: str, device: str | N
            "torch._int_mm alone (no activation quantization, M padded to >= 32).", "",
            "| layer | N x K | M | W6A | ours us | % floor | xla bf16 | xla w8a8 | cuBLAS bf16 | cuBLASLt i8 | "
            "x xla bf16 | x xla w8a8 | x cuBLAS bf16 | x cuBLASLt i8 | TOPS | rel err | BMMA us | BMMA % floor | "
-           "BMMA rel err | Mosaic us | Mosaic x cuBLAS bf16 | Mosaic x xla w8a8 | Mosaic TOPS |",
+           "BMMA rel err | Mosaic us | Mosaic x cuBLAS bf16 | Mosaic x xla w8a8 | Mosaic TOPS | Mosaic W8A8 us | "
+           "Mosaic x its W8A8 |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for c in cases:
     lines.append(
         f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {c.ours_us:.1f} | {100 * c.floor_frac:.0f} | "
@@ -399,7 +405,8 @@ def markdown(cases: list[Case], bws: dict, card: str, date: str, device: str | N
         f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} | {c.bmma_us:.1f} | "
         f"{100 * c.floor_us / c.bmma_us:.0f} | {c.bmma_rel_err:.1e} | {c.mgpu_us:.1f} | "
         f"{c.cublas_bf16_us / c.mgpu_us:.2f} | {c.xla_w8a8_us / c.mgpu_us:.2f} | "
-        f"{2 * c.m * c.n * c.k / (c.mgpu_us * 1e-6) / 1e12:.0f} |")
+        f"{2 * c.m * c.n * c.k / (c.mgpu_us * 1e-6) / 1e12:.0f} | {c.mgpu_w8a8_us:.1f} | "
+        f"{c.mgpu_w8a8_us / c.mgpu_us:.2f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -469,10 +476,11 @@ def sweep(shapes: list[str], ms: tuple[int, ...], configs: list[wk.TileConfig], 
   return rows
 
 
-def bench_mgpu(x, n, k, a_bits, key, config=None, check=True) -> tuple[float, float]:
-  """(seconds per call, relative error) of the Mosaic GPU GEMM (quantizer + weight unpack + GEMM)."""
+def bench_mgpu(x, n, k, a_bits, key, config=None, check=True, layout: str = "pallas6") -> tuple[float, float]:
+  """(seconds per call, relative error) of the Mosaic GPU GEMM (quantizer + weight unpack + GEMM);
+  layout "pallas8": the same kernel on 8-bit weights (the W8A8 baseline)."""
   op = lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=a_bits, config=config)
-  return _bench_w6(op, x, n, k, a_bits, key, "pallas6", check)
+  return _bench_w6(op, x, n, k, a_bits, key, layout, check)
 
 
 MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(overlap=True), mg.GemmConfig(convert="magic"),
