@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,16 +69,17 @@ def _fused(qparams):
   return qparams
 
 
-def _eval_tokens(args, tokenizer, seq_len: int, windows: int):
+def _eval_tokens(args, tokenizer, seq_len: int, windows: int, vocab_size: int):
   corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
   ids = calibration.tokenize_corpus(tokenizer, corpus.eval_text)
+  llama.check_token_ids(ids, vocab_size, f"the tokens of {corpus.name}")
   return corpus, perplexity.eval_windows(ids, seq_len, windows)
 
 
 def cmd_eval(args) -> int:
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
-  corpus, windows = _eval_tokens(args, tokenizer, args.seq_len, args.windows)
+  corpus, windows = _eval_tokens(args, tokenizer, args.seq_len, args.windows, config.vocab_size)
   _log(f"perplexity on {corpus.name}: {windows.shape[0]} windows x {windows.shape[1]} tokens")
   result = perplexity.perplexity(functools.partial(llama.logits_fn(config), params), windows,
                                  batch_size=args.batch_size)
@@ -154,12 +157,43 @@ def _quant_config(args):
     pattern, sep, bits = r.rpartition("=")
     if not sep or not bits.isdigit():
       raise ValueError(f"--rule {r!r} must look like REGEX=BITS")
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"--rule {r!r}: {pattern!r} is not a valid regular expression ({e})") from None
     rules.append((pattern, int(bits)))
   budget = args.a8_budget
+  if budget is not None and not (budget >= 0 and math.isfinite(budget) and (budget < 1 or budget == int(budget))):
+    raise ValueError(f"--a8-budget {budget} must be a count >= 1, a fraction in [0, 1), or left out")
   if budget is not None and budget >= 1:
     budget = int(budget)
+  if not (2 <= args.a_bits <= 8 or args.a_bits == 16):
+    raise ValueError(f"--a-bits {args.a_bits} must be in 2..8, or 16 (float activations)")
+  if args.smooth_alpha is not None and not 0.0 <= args.smooth_alpha <= 1.0:
+    raise ValueError(f"--smooth-alpha {args.smooth_alpha} must be in [0, 1] or 'none'")
   return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
                      a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha)
+
+
+def _check_options(args) -> None:
+  """The checks of options that can run before any loading: a bad option fails in a second, not
+  after minutes of work. Sets args.quant_config where the command quantizes."""
+  for name in ("calib_batch", "calib_len", "seq_len", "max_new_tokens", "batch_size"):
+    v = getattr(args, name, None)
+    if v is not None and v < 1:
+      raise ValueError(f"--{name.replace('_', '-')} {v} must be >= 1")
+  if getattr(args, "calib_len", 2) < 2 or getattr(args, "seq_len", 2) < 2:
+    raise ValueError("--calib-len and --seq-len need at least 2 tokens")
+  if getattr(args, "windows", None) is not None and args.windows < 0:
+    raise ValueError(f"--windows {args.windows} must be >= 0 (0 = all)")
+  if hasattr(args, "rule"):
+    args.quant_config = _quant_config(args)
+  for name in ("out", "json"):
+    path = getattr(args, name, None)
+    if path is not None and name == "out" and Path(path).exists() and not Path(path).is_dir():
+      raise ValueError(f"--out {path} exists and is not a directory")
+    if path is not None and name == "json" and Path(path).is_dir():
+      raise ValueError(f"--json {path} is a directory")
 
 
 def _calib(args, tokenizer):
@@ -173,7 +207,7 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
   print(report.summary())
   file = checkpoint.save(args.out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
@@ -218,7 +252,7 @@ def cmd_run(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, _quant_config(args), model_config=config, progress=_log)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
   print(report.summary())
   file = checkpoint.save(out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
@@ -342,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     return e2e_bench.main(argv[1:])
   parser = build_parser()
   args = parser.parse_args(argv)
-  if getattr(args, "windows", None) == 0:
-    args.windows = None
   try:
+    _check_options(args)
+    if getattr(args, "windows", None) == 0:
+      args.windows = None
     return args.func(args)
-  except (FileNotFoundError, ValueError) as e:
+  except (ValueError, OSError) as e:  # bad input (files, options): one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
 

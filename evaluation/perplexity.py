@@ -171,7 +171,11 @@ def perplexity(logits_fn: LogitsFn, windows: np.ndarray, batch_size: int = 1,
   seconds = time.perf_counter() - start
 
   mean_nll = total_nll / total_count
-  # A broken (e.g. badly quantized) model can have mean NLL past exp's float range: report inf.
-  ppl = math.exp(mean_nll) if mean_nll < _MAX_EXP_ARG else math.inf
+  # A non-finite figure is an error, not a result: NaN logits (e.g. token ids outside the model's
+  # vocabulary under jit, or a broken model) or a mean NLL past exp's float range.
+  if not math.isfinite(mean_nll) or mean_nll >= _MAX_EXP_ARG:
+    raise ValueError(f"perplexity is not finite (mean NLL {mean_nll}) over {num_windows} windows: the model's "
+                     f"logits are NaN or overflow (token ids outside its vocabulary, or broken weights)")
+  ppl = math.exp(mean_nll)
   return PerplexityResult(ppl=ppl, nll=mean_nll, num_tokens=total_count,
                           num_windows=num_windows, seconds=seconds)

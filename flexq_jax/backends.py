@@ -163,6 +163,8 @@ def get(name: str) -> Backend:
 
 def quantized_matmul(x: jax.Array, layer: Any) -> jax.Array:
   """x [..., K] float -> [..., N] in x's dtype, by the numerics contract, on layer.backend."""
+  if x.ndim == 0:
+    raise ValueError(f"activations must be [..., K={layer.in_features}], got a scalar")
   if x.shape[-1] != layer.in_features:
     raise ValueError(f"input has K={x.shape[-1]} but the quantized layer expects K={layer.in_features}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -177,5 +179,7 @@ def quantized_matmul(x: jax.Array, layer: Any) -> jax.Array:
                      f"N={layer.out_features}, K={layer.in_features}): {why}; place the model with "
                      f"flexq_jax.place(params, {backend.name!r}) or another backend ({', '.join(names())})")
   lead = x.shape[:-1]
+  if x.size == 0:  # no rows: nothing for a kernel to do (and some cannot launch an empty grid)
+    return jnp.zeros((*lead, layer.out_features), x.dtype)
   y = backend.matmul(x.reshape(-1, layer.in_features), layer)
   return y.reshape(*lead, layer.out_features)

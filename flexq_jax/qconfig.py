@@ -45,8 +45,15 @@ class QuantConfig:
       raise ValueError(f"layout must be one of {formats.LAYOUTS}, got {self.layout!r}")
     if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
       raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+    b = self.a8_budget
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 0 or b != b
+                          or (isinstance(b, float) and b >= 1 and b != int(b))):
+      raise ValueError(f"a8_budget must be a count >= 0, a fraction in [0, 1), or None; got {b!r}")
     for pattern, bits in self.rules:
-      re.compile(pattern)
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"rule {pattern!r} is not a valid regular expression: {e}") from None
       if not (2 <= bits <= 8 or bits == 16):
         raise ValueError(f"rule {pattern!r}: activation bits must be in [2, 8] or 16, got {bits}")
 

@@ -43,7 +43,10 @@ def linear_paths(params: dict) -> dict[str, tuple]:
   return out
 
 
-def _check_params(params: dict, paths: dict[str, tuple]) -> None:
+def _check_params(params: dict, paths: dict[str, tuple], w_bits: int) -> None:
+  """Before any work: every projection a float 2-D kernel whose group scales fit fp16, and every
+  float the model reads (norms, embeddings, lm_head too) finite."""
+  fp16_max = float(np.finfo(np.float16).max)
   for path, idx in paths.items():
     w = get_at(params, idx)
     if isinstance(w, QuantizedLinear):
@@ -53,6 +56,14 @@ def _check_params(params: dict, paths: dict[str, tuple]) -> None:
     if not jnp.issubdtype(w.dtype, jnp.floating):
       raise ValueError(f"{path} must be floating point, got {w.dtype}")
     numerics.check_finite(f"weights of {path}", w)
+    biggest = float(jnp.max(jnp.abs(w)))
+    if biggest / core.qrange(w_bits)[1] > fp16_max:
+      raise ValueError(f"weights of {path} reach |w| = {biggest:.3g}: a {w_bits}-bit group scale (|w| / "
+                       f"{core.qrange(w_bits)[1]}) would overflow fp16")
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for keys, leaf in leaves:
+    if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+      numerics.check_finite("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys), leaf)
 
 
 def _summed_nll(config: LlamaConfig):
@@ -90,10 +101,10 @@ def quantize(
   calib_batch = np.asarray(calib_batch)
   if calib_batch.ndim != 2 or not np.issubdtype(calib_batch.dtype, np.integer):
     raise ValueError(f"calib_batch must be [batch, seq] integer tokens, got {calib_batch.dtype} {calib_batch.shape}")
-  if calib_batch.shape[1] < 2:
-    raise ValueError("calib_batch needs at least 2 tokens per row")
+  if calib_batch.shape[0] < 1 or calib_batch.shape[1] < 2:
+    raise ValueError(f"calib_batch needs at least 1 row of at least 2 tokens, got shape {calib_batch.shape}")
   paths = linear_paths(params)
-  _check_params(params, paths)
+  _check_params(params, paths, config.w_bits)
   model_config = model_config or llama.infer_config(params)
   if calib_batch.max() >= model_config.vocab_size or calib_batch.min() < 0:
     raise ValueError(f"calib_batch has token ids outside [0, {model_config.vocab_size})")
@@ -127,6 +138,7 @@ def quantize(
                                 damp=config.gptq_damp, act_order=config.gptq_act_order)
     else:
       q, s = numerics.quantize_weight(w, config.w_bits, config.group_size)
+    numerics.check_finite(f"the weight scales quantize() computed for {path}", s)
     quantized[path] = (q, s)
   jax.block_until_ready(quantized)
   seconds["weights"] = time.perf_counter() - t0

@@ -152,6 +152,10 @@ def generate_text(config: LlamaConfig, params, tokenizer, prompts: list[str], *,
   ids = [tokenizer.encode(p) for p in prompts]
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   tokens, mask = pad_prompts(ids, pad, "left")
+  llama.check_token_ids(tokens, config.vocab_size, "the encoded prompts")
+  if tokens.shape[1] + max_new_tokens > config.max_position_embeddings:
+    raise ValueError(f"a prompt of {tokens.shape[1]} tokens plus {max_new_tokens} new ones exceeds the model's "
+                     f"{config.max_position_embeddings} positions (max_position_embeddings)")
   out = generate(params, config, tokens, mask, jax.random.key(seed), max_new_tokens=max_new_tokens,
                  sampling=sampling)
   n = jax.device_get(out.num_generated)

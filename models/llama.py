@@ -98,6 +98,9 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.
   stacked=False gives the list form (for list params), True the [L, B, S, Hkv, hd] form that
   stacked params need (see stack_layers); `init_cache(..., stacked=is_stacked(params))` fits both.
   """
+  if max_length > config.max_position_embeddings:
+    raise ValueError(f"{max_length} tokens (prompt + new) exceed the model's {config.max_position_embeddings} "
+                     f"positions (max_position_embeddings)")
   shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
   if stacked:
     k = jnp.zeros((config.num_layers, *shape), dtype)
@@ -369,6 +372,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
+def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
+  """Raises a clear error for token ids outside [0, vocab_size) in a concrete array (no-op while
+  tracing: inside jit the embedding lookup turns such ids into NaN, see forward)."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  a = np.asarray(tokens)
+  if a.size and (a.min() < 0 or a.max() >= vocab_size):
+    bad = a[(a < 0) | (a >= vocab_size)].ravel()[0]
+    raise ValueError(f"{what} hold id {int(bad)} outside the model's vocabulary [0, {vocab_size}) "
+                     f"(ids in [{int(a.min())}, {int(a.max())}]): a tokenizer that does not match the model?")
+
+
 def _check_inputs(config: LlamaConfig, tokens: jax.Array, mask: jax.Array | None):
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, seq] int, got shape {tokens.shape}")
@@ -376,6 +391,7 @@ def _check_inputs(config: LlamaConfig, tokens: jax.Array, mask: jax.Array | None
     raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
   if mask is not None and mask.shape != tokens.shape:
     raise ValueError(f"mask shape {mask.shape} must equal tokens shape {tokens.shape}")
+  check_token_ids(tokens, config.vocab_size)
 
 
 def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv):
@@ -489,6 +505,9 @@ def forward(
   inv_freq = rope_inv_freq(config)
 
   if cache is None:
+    if t > config.max_position_embeddings:
+      raise ValueError(f"{t} tokens exceed the model's {config.max_position_embeddings} positions "
+                       f"(max_position_embeddings)")
     positions = jnp.cumsum(mask, axis=1) - 1
     key_valid = mask
     causal = jnp.tril(jnp.ones((t, t), bool))
@@ -502,7 +521,9 @@ def forward(
   positions = jnp.maximum(positions, 0)
   visible = causal[None] & key_valid[:, None, :]  # [B, T, S]
 
-  h = params["embed_tokens"][tokens]  # [B, T, D]
+  # Out-of-range ids (only possible under jit; concrete ones are refused above) give NaN rows, so a
+  # wrong tokenizer shows as non-finite logits instead of silently clamped embeddings.
+  h = jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)  # [B, T, D]
   block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv)
   if is_stacked(params):
     if cache is not None and not cache.stacked:
