@@ -68,7 +68,7 @@ def _check_params(params: dict, paths: dict[str, tuple], w_bits: int) -> None:
 
 def _summed_nll(config: LlamaConfig):
   def loss(params, tokens):
-    logits, _ = llama.forward(params, config, tokens)
+    logits, _ = llama.forward(params, config, tokens, remat=True)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
   return loss
@@ -142,6 +142,13 @@ def quantize(
     quantized[path] = (q, s)
   jax.block_until_ready(quantized)
   seconds["weights"] = time.perf_counter() - t0
+  del stats  # the Hessians (hundreds of MB for a small model) are done with
+  # The float kernels are done with: keep only their shapes (a smoothed copy of every projection
+  # would otherwise stay alive through the sensitivity analysis, which probes the quantized ones).
+  params = copy_containers(params)
+  for path, idx in paths.items():
+    w = get_at(params, idx)
+    set_at(params, idx, jax.ShapeDtypeStruct(w.shape, w.dtype))
 
   a_bits, why, scores = _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say,
                                                 seconds)
@@ -181,7 +188,11 @@ def _choose_activation_bits(params, paths, quantized, config, model_config, cali
   elif config.a8_selection == "sensitivity" and budget > 0 and config.a_bits < 16:
     say("sensitivity analysis (one forward + backward)")
     t0 = time.perf_counter()
-    kernels = {p: numerics.dequantize_weight(*quantized[p], get_at(params, paths[p]).shape[0]).T for p in free}
+    kernels = {p: quantized[p] for p in free}
+    params = copy_containers(params)
+    for p in paths:  # layers a rule took out of the analysis run their quantized weight in float
+      if p not in kernels:
+        set_at(params, paths[p], numerics.dequantize_weight(*quantized[p], get_at(params, paths[p]).shape[0]).T)
     sens = sensitivity.activation_sensitivity(
         params, kernels, {p: paths[p] for p in free}, _summed_nll(model_config), calib_batch,
         lo_bits=config.a_bits, hi_bits=config.sensitive_a_bits, group_size=config.group_size)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from flexq_jax import numerics
 from flexq_jax._tree import copy_containers, set_at
+from models import llama
 
 
 def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> jax.Array:
@@ -42,7 +43,8 @@ def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> ja
 
 @flax.struct.dataclass
 class _SwitchProbe:
-  kernel: jax.Array  # [K, N] float: the quantized weight, dequantized
+  q_w: jax.Array  # int8 [N, Kp]: the quantized weight (dequantized inside, one layer at a time)
+  s_w: jax.Array  # fp16 [N, Kp / group]
   t: jax.Array  # [tokens] zeros: d loss / d t is the sensitivity signal
   lo_bits: int = flax.struct.field(pytree_node=False)
   hi_bits: int = flax.struct.field(pytree_node=False)
@@ -55,7 +57,8 @@ class _SwitchProbe:
     lo = fake_quant_activation(x2, self.lo_bits, self.group_size)
     x_hi = x2 + jax.lax.stop_gradient(hi - x2)  # straight-through
     x_in = x_hi + self.t[:, None] * jax.lax.stop_gradient(lo - hi)
-    return (x_in @ self.kernel.astype(jnp.float32)).astype(x.dtype).reshape(*lead, -1)
+    kernel = numerics.dequantize_weight(self.q_w, self.s_w, x2.shape[1]).T  # [K, N] fp32
+    return (x_in @ kernel).astype(x.dtype).reshape(*lead, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +78,15 @@ def activation_sensitivity(
     lo_bits: int = 6,
     hi_bits: int = 8,
     group_size: int | None = 128,
-    batch_rows: int = 4,
+    batch_rows: int = 1,
 ) -> dict[str, LayerSensitivity]:
   """Scores every layer in `kernels` by the estimated loss increase of going hi_bits -> lo_bits.
 
   Args:
     params: the parameter pytree (float; its kernels at `paths` are replaced by probes).
-    kernels: {path: [K, N] float kernel to probe with (normally the dequantized W6 weight)}.
+    kernels: {path: (q_w int8 [N, Kp], s_w fp16 [N, G])}: the quantized weight to probe with (kept
+      in its integer form; each layer dequantizes it inside the probe, so the analysis never holds
+      a float copy of every layer).
     paths: {path: index tuple into params}.
     loss_fn: loss_fn(params, tokens) -> summed NLL (scalar).
     calib_batch: [B, T] int tokens.
@@ -108,7 +113,7 @@ def _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size
   n_tok = tokens.size
   ts = {p: jnp.zeros((n_tok,), jnp.float32) for p in kernels}
   return _grad_fn(loss_fn, tuple(paths[p] for p in kernels), tuple(kernels), lo_bits, hi_bits, group_size)(
-      params, [kernels[p] for p in kernels], ts, tokens)
+      params, [tuple(kernels[p]) for p in kernels], ts, tokens)
 
 
 @functools.lru_cache(maxsize=8)
@@ -116,9 +121,15 @@ def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
 
   def with_probes(params, kernels, ts):
     out = copy_containers(params)
-    for idx, name, kernel in zip(index_paths, names, kernels):
-      set_at(out, idx, _SwitchProbe(kernel, ts[name], lo_bits, hi_bits, group_size))
-    return out
+    for idx, name, (q_w, s_w) in zip(index_paths, names, kernels):
+      set_at(out, idx, _SwitchProbe(q_w, s_w, ts[name], lo_bits, hi_bits, group_size))
+    # One scanned block instead of every layer unrolled: the backward of the unrolled model took
+    # ~8 GB to compile on CPU for the default model. Layers whose trees differ (a rule took some
+    # projections out of the analysis) stay unrolled.
+    try:
+      return llama.stack_layers(out)
+    except ValueError:
+      return out
 
   def loss(ts, params, kernels, tokens):
     return loss_fn(with_probes(params, kernels, ts), tokens)

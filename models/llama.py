@@ -483,6 +483,8 @@ def forward(
     tokens: jax.Array,
     mask: jax.Array | None = None,
     cache: KVCache | None = None,
+    *,
+    remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder over a chunk of tokens.
 
@@ -493,6 +495,8 @@ def forward(
     mask: [B, T] bool, True for real tokens (default: all real).
     cache: a KVCache to extend (stacked form for stacked params), or None for a standalone
       causal forward.
+    remat: recompute each block in a backward pass instead of storing its activations (memory
+      for gradients over long sequences; cache-less forwards only).
 
   Returns:
     (logits [B, T, V] float32, the updated cache or None).
@@ -525,6 +529,11 @@ def forward(
   # wrong tokenizer shows as non-finite logits instead of silently clamped embeddings.
   h = jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)  # [B, T, D]
   block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv)
+  if remat:  # a backward pass recomputes each block from its input instead of keeping its activations
+    if cache is not None:
+      raise ValueError("remat=True is for cache-less forwards (gradients over whole sequences)")
+    plain = block
+    block = lambda layer, h, kv: jax.checkpoint(lambda layer, h: plain(layer, h, None))(layer, h)
   if is_stacked(params):
     if cache is not None and not cache.stacked:
       raise ValueError("stacked params need a stacked cache: init_cache(..., stacked=True)")

@@ -210,3 +210,20 @@ def test_sensitivity_probe_quantizes_activations_as_the_kernels_do(bits, group):
   np.testing.assert_array_equal(y, want)
   step = np.repeat(np.asarray(s), g, axis=1)[:, :200]
   assert np.all(np.abs(y - np.asarray(x)) <= step / 2 * (1 + 1e-6))
+
+
+def test_sensitivity_scores_the_same_scanned_or_unrolled(monkeypatch):
+  """The analysis stacks the probed layers into one scanned block (memory, compile time); the
+  unrolled form, used when a rule takes layers out, gives the same scores."""
+  from flexq_jax import sensitivity
+  from flexq_jax.quantize import _summed_nll
+  paths = linear_paths(PARAMS)
+  kernels = {p: numerics.quantize_weight(jnp.asarray(PARAMS["layers"][i][proj]).T, 6, 128)
+             for p, (_, i, proj) in paths.items()}
+  scanned = sensitivity.activation_sensitivity(PARAMS, kernels, paths, _summed_nll(CONFIG), CALIB[:2])
+  sensitivity._grad_fn.cache_clear()
+  monkeypatch.setattr(llama, "stack_layers", lambda p: (_ for _ in ()).throw(ValueError("unrolled")))
+  unrolled = sensitivity.activation_sensitivity(PARAMS, kernels, paths, _summed_nll(CONFIG), CALIB[:2])
+  sensitivity._grad_fn.cache_clear()
+  for p in paths:
+    assert scanned[p].fisher == pytest.approx(unrolled[p].fisher, rel=1e-3, abs=1e-9)

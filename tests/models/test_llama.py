@@ -357,3 +357,18 @@ def test_checkpoint_refuses_fused_projections(tmp_path):
   fused = llama.fuse_projections(quantized_params(small_params(), a_bits=6))
   with pytest.raises(ValueError, match="fused projections .*per-projection form"):
     checkpoint.save(tmp_path / "q", fused, SMALL)
+
+
+def test_remat_changes_nothing_but_memory():
+  config = config_lib.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                       num_kv_heads=1)
+  params = llama.init_params(config, jax.random.key(3), scale=0.1)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)))
+  loss = lambda p, remat: jnp.sum(llama.forward(p, config, tokens, remat=remat)[0] ** 2)
+  for form in (params, llama.stack_layers(params)):
+    np.testing.assert_allclose(loss(form, True), loss(form, False), rtol=1e-6)
+    g1, g0 = jax.grad(loss)(form, True), jax.grad(loss)(form, False)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))  # recompute order
+  with pytest.raises(ValueError, match="cache-less"):
+    llama.forward(params, config, tokens, None, llama.init_cache(config, 2, 16), remat=True)
