@@ -193,9 +193,13 @@ def _choose_activation_bits(params, paths, quantized, config, model_config, cali
     for p in paths:  # layers a rule took out of the analysis run their quantized weight in float
       if p not in kernels:
         set_at(params, paths[p], numerics.dequantize_weight(*quantized[p], get_at(params, paths[p]).shape[0]).T)
+    # The probe's base is its hi_bits: swapped, it differentiates the all-a_bits model instead.
+    lo, hi = config.a_bits, config.sensitive_a_bits
+    if config.sensitivity_from == "low":
+      lo, hi = hi, lo
     sens = sensitivity.activation_sensitivity(
         params, kernels, {p: paths[p] for p in free}, _summed_nll(model_config), calib_batch,
-        lo_bits=config.a_bits, hi_bits=config.sensitive_a_bits, group_size=config.group_size)
+        lo_bits=lo, hi_bits=hi, group_size=config.group_size)
     seconds["sensitivity"] = time.perf_counter() - t0
     scores = {p: s.fisher for p, s in sens.items()}
     for p in sorted(free, key=lambda p: -scores[p])[:budget]:
