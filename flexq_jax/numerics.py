@@ -164,21 +164,10 @@ def reference_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: in
   if a_bits >= 16:
     w = dequantize_weight(q_w, s_w, k)
     return jnp.dot(x, w.T.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
-  if m > ROW_BLOCK:  # rows in blocks, one after another: the [G, M, N] sums of a 2048-token window
-    mb = -(-m // ROW_BLOCK) * ROW_BLOCK  # would be hundreds of MB per layer (each row's result
-    xb = jnp.pad(x, ((0, mb - m), (0, 0))).reshape(mb // ROW_BLOCK, ROW_BLOCK, k)  # is unchanged)
-    y = jax.lax.map(lambda xr: _reference_rows(xr, q_w, s_w, a_bits, group_size, g), xb)
-    return y.reshape(mb, n)[:m].astype(out_dtype)
-  return _reference_rows(x, q_w, s_w, a_bits, group_size, g).astype(out_dtype)
-
-
-ROW_BLOCK = 256  # reference_matmul's rows per block
-
-
-def _reference_rows(x, q_w, s_w, a_bits, group_size, g):
   q_x, s_x = quantize_activation(x, a_bits, group_size)
   sums = group_dots(q_x, q_w, g).astype(jnp.float32)  # [G, M, N], exact integers
-  return jnp.einsum("GMN,MG,NG->MN", sums, s_x, s_w.astype(jnp.float32))
+  y = jnp.einsum("GMN,MG,NG->MN", sums, s_x, s_w.astype(jnp.float32))
+  return y.astype(out_dtype)
 
 
 def dequant_matmul(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int,

@@ -153,13 +153,3 @@ def test_dequant_path_equals_reference_up_to_fp32_rounding(group):
   fast = numerics.dequant_matmul(x, q_w, s_w, a_bits=6, group_size=group)
   np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()) * 16)
 
-
-def test_reference_in_row_blocks_is_the_reference_row_for_row():
-  """Long inputs run in blocks of ROW_BLOCK rows (memory); every row's result is bit-identical."""
-  rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.standard_normal((numerics.ROW_BLOCK * 2 + 37, 300)), jnp.float32)
-  q, s = numerics.quantize_weight(jnp.asarray(rng.standard_normal((24, 300)), jnp.float32), 6, 128)
-  g = 128
-  blocked = numerics.reference_matmul(x, q, s, a_bits=6)
-  whole = numerics._reference_rows(x, q, s, 6, 128, g)
-  np.testing.assert_array_equal(np.asarray(blocked), np.asarray(whole))
