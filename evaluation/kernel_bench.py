@@ -321,44 +321,51 @@ def profile_ours(name: str, m: int, log=print) -> list[dict]:
 MGPU_MIN_M = 64  # the Mosaic GPU GEMM's column is timed from this M (it pads M to 128-row tiles)
 
 
+def _cases_with_baselines(shapes: list[str], ms: tuple[int, ...], key, use_torch: bool):
+  """Yields (name, N, K, M, bf16 x [M, K], (XLA bf16 s, XLA int8 s, cuBLAS bf16 s, cuBLASLt int8 s))
+  for every shape and M; the torch figures are NaN without torch."""
+  for name in shapes:
+    n, k = {**SHAPES, **FUSED_SHAPES}[name]
+    for m in ms:
+      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+      t_bf16, t_i8 = bench_xla(x, n, k, key)
+      t_cb, t_ci8 = bench_torch(m, n, k) if use_torch else (float("nan"), float("nan"))
+      yield name, n, k, m, x, (t_bf16, t_i8, t_cb, t_ci8)
+
+
 def run_cases(shapes: list[str], ms: tuple[int, ...], a_bits_list: tuple[int, ...], use_torch: bool,
               bws: dict, a8_ms: tuple[int, ...] | None = None, log=print, use_bmma: bool = False):
   """Yields the Case of every (shape, M, a_bits), baselines included, as it is measured."""
   bw = max(bws.values())  # the floor uses the best copy rate seen
   key = jax.random.key(0)
-  for name in shapes:
-    n, k = {**SHAPES, **FUSED_SHAPES}[name]
-    for m in ms:
-      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-      t_bf16, t_w8a8 = bench_xla(x, n, k, key)
-      t_cb, t_ci8 = bench_torch(m, n, k) if use_torch else (float("nan"), float("nan"))
-      for a_bits in a_bits_list:
-        if a_bits == 8 and a8_ms is not None and m not in a8_ms:
-          continue
-        c = Case(name, n, k, m, a_bits, floor_us=floor_bytes(m, n, k) / bw * 1e6, xla_bf16_us=t_bf16 * 1e6,
-                 xla_w8a8_us=t_w8a8 * 1e6, cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
-                 config=repr(wk.default_config(m, n, k)).replace("TileConfig", ""))
-        t, c.rel_err = bench_ours(x, n, k, a_bits, key)
-        c.ours_us = t * 1e6
-        if use_bmma and x.dtype == jnp.bfloat16:
-          try:
-            t, c.bmma_rel_err = bench_bmma(x, n, k, a_bits, key)
-            c.bmma_us = t * 1e6
-          except Exception as e:  # report, keep the run
-            log(f"  bmma failed: {type(e).__name__}: {str(e)[:300]}")
-        if m >= MGPU_MIN_M and jax.devices()[0].compute_capability == "9.0":
-          try:
-            t, c.mgpu_rel_err = bench_mgpu(x, n, k, a_bits, key)
-            c.mgpu_us = t * 1e6
-            c.mgpu_w8a8_us = bench_mgpu(x, n, k, 8, key, check=False, layout="pallas8")[0] * 1e6
-          except Exception as e:  # report, keep the run
-            log(f"  mgpu failed: {type(e).__name__}: {str(e)[:300]}")
-        yield c
-        log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
-            f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
-            f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}  "
-            f"bmma {c.bmma_us:.1f} us (err {c.bmma_rel_err:.1e})  mosaic {c.mgpu_us:.1f} us "
-            f"(x cuBLAS bf16 {c.cublas_bf16_us / c.mgpu_us:.2f}, err {c.mgpu_rel_err:.1e})")
+  for name, n, k, m, x, (t_bf16, t_w8a8, t_cb, t_ci8) in _cases_with_baselines(shapes, ms, key, use_torch):
+    for a_bits in a_bits_list:
+      if a_bits == 8 and a8_ms is not None and m not in a8_ms:
+        continue
+      c = Case(name, n, k, m, a_bits, floor_us=floor_bytes(m, n, k) / bw * 1e6, xla_bf16_us=t_bf16 * 1e6,
+               xla_w8a8_us=t_w8a8 * 1e6, cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
+               config=repr(wk.default_config(m, n, k)).replace("TileConfig", ""))
+      t, c.rel_err = bench_ours(x, n, k, a_bits, key)
+      c.ours_us = t * 1e6
+      if use_bmma and x.dtype == jnp.bfloat16:
+        try:
+          t, c.bmma_rel_err = bench_bmma(x, n, k, a_bits, key)
+          c.bmma_us = t * 1e6
+        except Exception as e:  # report, keep the run
+          log(f"  bmma failed: {type(e).__name__}: {str(e)[:300]}")
+      if m >= MGPU_MIN_M and jax.devices()[0].compute_capability == "9.0":
+        try:
+          t, c.mgpu_rel_err = bench_mgpu(x, n, k, a_bits, key)
+          c.mgpu_us = t * 1e6
+          c.mgpu_w8a8_us = bench_mgpu(x, n, k, 8, key, check=False, layout="pallas8")[0] * 1e6
+        except Exception as e:  # report, keep the run
+          log(f"  mgpu failed: {type(e).__name__}: {str(e)[:300]}")
+      yield c
+      log(f"{name:11s} M={m:5d} W6A{a_bits}: ours {c.ours_us:9.1f} us ({100 * c.floor_frac:5.1f}% of floor "
+          f"{c.floor_us:.1f})  bf16 xla {c.xla_bf16_us:.1f} cublas {c.cublas_bf16_us:.1f}  "
+          f"int8 xla {c.xla_w8a8_us:.1f} cublaslt {c.cublaslt_i8_us:.1f}  err {c.rel_err:.1e}  "
+          f"bmma {c.bmma_us:.1f} us (err {c.bmma_rel_err:.1e})  mosaic {c.mgpu_us:.1f} us "
+          f"(x cuBLAS bf16 {c.cublas_bf16_us / c.mgpu_us:.2f}, err {c.mgpu_rel_err:.1e})")
 
 
 def with_stream_ceiling(cases: list[Case], bws: dict) -> dict:
@@ -493,48 +500,43 @@ def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool,
   kernel, side by side on each case (W6A6), with the op's parts timed alone for the first tiling."""
   rows = []
   key = jax.random.key(3)
-  for name in shapes:
-    n, k = {**SHAPES, **FUSED_SHAPES}[name]
-    for m in ms:
-      x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-      t_bf16, t_i8 = bench_xla(x, n, k, key)
-      t_cb = bench_torch(m, n, k)[0] if use_torch else float("nan")
-      base = t_cb if np.isfinite(t_cb) else t_bf16
-      row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=t_cb * 1e6, xla_bf16_us=t_bf16 * 1e6,
-                 xla_w8a8_us=t_i8 * 1e6)
+  for name, n, k, m, x, (t_bf16, t_i8, t_cb, _) in _cases_with_baselines(shapes, ms, key, use_torch):
+    base = t_cb if np.isfinite(t_cb) else t_bf16
+    row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=t_cb * 1e6, xla_bf16_us=t_bf16 * 1e6,
+               xla_w8a8_us=t_i8 * 1e6)
+    try:
+      t, err = bench_ours(x, n, k, 6, key)
+      row.update(triton_us=t * 1e6, triton_err=err)
+    except Exception as e:  # report, go on
+      log(f"  triton failed: {type(e).__name__}: {str(e)[:200]}")
+    cfg0 = configs[0]
+    mp, np_ = mg.padded(m, n, cfg0)
+    qcfg = wk.TileConfig(block_m=cfg0.cta_tile[0], join_phases=False)
+    bufs = _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))
+    qx, sx, _ = wk.quantize_activations(x, a_bits=6, config=qcfg)
+    row["quantize_us"] = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=qcfg)[0], x, [()], 1e-5) * 1e6
+    row["unpack_us"] = time_jax(lambda x, p: wk.unpack_phase_major(p, np_), x, [b[:1] for b in bufs], 1e-5) * 1e6
+    w8 = [(wk.unpack_phase_major(p, np_), jnp.pad(s.astype(jnp.float32), ((0, np_ - n), (0, 0))).T)
+          for p, s, _ in bufs[:2]]
+    row["gemm_only_us"] = time_jax(lambda q, w, st: mg.gemm(q, sx.T, w, st, out_dtype=jnp.bfloat16, config=cfg0),
+                                   qx, w8, 2 * m * n * k / 8e14) * 1e6
+    del w8
+    for i, cfg in enumerate(configs):
       try:
-        t, err = bench_ours(x, n, k, 6, key)
-        row.update(triton_us=t * 1e6, triton_err=err)
-      except Exception as e:  # report, go on
-        log(f"  triton failed: {type(e).__name__}: {str(e)[:200]}")
-      cfg0 = configs[0]
-      mp, np_ = mg.padded(m, n, cfg0)
-      qcfg = wk.TileConfig(block_m=cfg0.cta_tile[0], join_phases=False)
-      bufs = _our_weights(key, n, k, _n_bufs(int(n * k * 0.75)))
-      qx, sx, _ = wk.quantize_activations(x, a_bits=6, config=qcfg)
-      row["quantize_us"] = time_jax(lambda x: wk.quantize_activations(x, a_bits=6, config=qcfg)[0], x, [()], 1e-5) * 1e6
-      row["unpack_us"] = time_jax(lambda x, p: wk.unpack_phase_major(p, np_), x, [b[:1] for b in bufs], 1e-5) * 1e6
-      w8 = [(wk.unpack_phase_major(p, np_), jnp.pad(s.astype(jnp.float32), ((0, np_ - n), (0, 0))).T)
-            for p, s, _ in bufs[:2]]
-      row["gemm_only_us"] = time_jax(lambda q, w, st: mg.gemm(q, sx.T, w, st, out_dtype=jnp.bfloat16, config=cfg0),
-                                     qx, w8, 2 * m * n * k / 8e14) * 1e6
-      del w8
-      for i, cfg in enumerate(configs):
-        try:
-          t, err = bench_mgpu(x, n, k, 6, key, config=cfg)
-          row[f"mgpu{i}_us"], row[f"mgpu{i}_err"] = t * 1e6, err
-        except Exception as e:  # a tiling the compiler rejects: report, go on
-          log(f"  mgpu{i} failed: {type(e).__name__}: {str(e)[:300]}")
-      rows.append(row)
-      tops = lambda us: 2 * m * n * k / (us * 1e-6) / 1e12
-      best = min((row[f"mgpu{i}_us"], i) for i in range(len(configs)) if f"mgpu{i}_us" in row) if any(
-          f"mgpu{i}_us" in row for i in range(len(configs))) else (float("nan"), -1)
-      log(f"{name:12s} M={m:5d} cuBLAS bf16 {row['cublas_bf16_us']:8.1f}  xla bf16 {row['xla_bf16_us']:8.1f}  "
-          f"xla i8 {row['xla_w8a8_us']:8.1f}  triton {row.get('triton_us', float('nan')):8.1f}  | mgpu "
-          + " ".join(f"{row.get(f'mgpu{i}_us', float('nan')):8.1f}" for i in range(len(configs)))
-          + f" | best {best[1]} x bf16 {base * 1e6 / best[0]:.2f} ({tops(best[0]):.0f} TOPS) | parts: quantize "
-          f"{row['quantize_us']:.1f} unpack {row['unpack_us']:.1f} gemm {row['gemm_only_us']:.1f} "
-          f"({tops(row['gemm_only_us']):.0f} TOPS) | err {row.get('mgpu0_err', float('nan')):.1e}")
+        t, err = bench_mgpu(x, n, k, 6, key, config=cfg)
+        row[f"mgpu{i}_us"], row[f"mgpu{i}_err"] = t * 1e6, err
+      except Exception as e:  # a tiling the compiler rejects: report, go on
+        log(f"  mgpu{i} failed: {type(e).__name__}: {str(e)[:300]}")
+    rows.append(row)
+    tops = lambda us: 2 * m * n * k / (us * 1e-6) / 1e12
+    best = min((row[f"mgpu{i}_us"], i) for i in range(len(configs)) if f"mgpu{i}_us" in row) if any(
+        f"mgpu{i}_us" in row for i in range(len(configs))) else (float("nan"), -1)
+    log(f"{name:12s} M={m:5d} cuBLAS bf16 {row['cublas_bf16_us']:8.1f}  xla bf16 {row['xla_bf16_us']:8.1f}  "
+        f"xla i8 {row['xla_w8a8_us']:8.1f}  triton {row.get('triton_us', float('nan')):8.1f}  | mgpu "
+        + " ".join(f"{row.get(f'mgpu{i}_us', float('nan')):8.1f}" for i in range(len(configs)))
+        + f" | best {best[1]} x bf16 {base * 1e6 / best[0]:.2f} ({tops(best[0]):.0f} TOPS) | parts: quantize "
+        f"{row['quantize_us']:.1f} unpack {row['unpack_us']:.1f} gemm {row['gemm_only_us']:.1f} "
+        f"({tops(row['gemm_only_us']):.0f} TOPS) | err {row.get('mgpu0_err', float('nan')):.1e}")
   return rows
 
 
