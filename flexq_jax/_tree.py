@@ -23,3 +23,8 @@ def get_at(tree: Any, index: tuple) -> Any:
 def set_at(tree: Any, index: tuple, value: Any) -> None:
   """Sets tree[index[0]][index[1]]... = value in place (use on a copy_containers copy)."""
   get_at(tree, index[:-1])[index[-1]] = value
+
+
+def path_str(keys) -> str:
+  """"layers/3/q_proj" for a jax key path (dict keys and list indices joined by '/')."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)

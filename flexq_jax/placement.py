@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from flexq_jax import backends, tuning
+from flexq_jax._tree import path_str
 from flexq_jax.tuning import card_name
 from flexq_jax.qlinear import QuantizedLinear
 
@@ -127,10 +128,6 @@ def _is_qlinear(x) -> bool:
   return isinstance(x, QuantizedLinear)
 
 
-def _path(keys) -> str:
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in keys)
-
-
 def place(params, backend: str = AUTO, *, m: int = 1, device=None, dtype=None) -> tuple[object, Placement]:
   """Every QuantizedLinear of a pytree set to run on `backend`, repacked once to the layout it reads.
 
@@ -160,11 +157,11 @@ def place(params, backend: str = AUTO, *, m: int = 1, device=None, dtype=None) -
       b, why = target, "asked for"
       ok, refusal = b.can_run(layer, dtype)
       if not ok:
-        record.append(LayerPlacement(_path(keys), layer.backend, layer.layout, f"{b.name} {refusal}"))
+        record.append(LayerPlacement(path_str(keys), layer.backend, layer.layout, f"{b.name} {refusal}"))
         return layer
     want = b.layout_for(layer.w_bits)
     placed = (layer if want is None else layer.with_layout(want)).replace(backend=b.name)
-    record.append(LayerPlacement(_path(keys), b.name, placed.layout, why))
+    record.append(LayerPlacement(path_str(keys), b.name, placed.layout, why))
     return placed
 
   placed = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_qlinear)
@@ -174,4 +171,4 @@ def place(params, backend: str = AUTO, *, m: int = 1, device=None, dtype=None) -
 def backends_of(params) -> dict[str, str]:
   """{path: backend} of every QuantizedLinear in a pytree (what each layer runs now)."""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qlinear)[0]
-  return {_path(keys): leaf.backend for keys, leaf in leaves if _is_qlinear(leaf)}
+  return {path_str(keys): leaf.backend for keys, leaf in leaves if _is_qlinear(leaf)}

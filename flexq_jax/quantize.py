@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexq_jax import formats, gptq, input_stats, numerics, sensitivity
-from flexq_jax._tree import copy_containers, get_at, set_at
+from flexq_jax._tree import copy_containers, get_at, path_str, set_at
 from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
 from flexq_jax.report import LayerReport, QuantReport
@@ -63,7 +63,7 @@ def _check_params(params: dict, paths: dict[str, tuple], w_bits: int) -> None:
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   for keys, leaf in leaves:
     if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
-      numerics.check_finite("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys), leaf)
+      numerics.check_finite(path_str(keys), leaf)
 
 
 def _summed_nll(config: LlamaConfig):

@@ -67,7 +67,6 @@ PLANE = core.PALLAS6_PLANE_BYTES  # 32 bytes of one "pallas6" plane per row and 
 PLANES = core.PALLAS6_PLANES
 OFFSET = core.PALLAS6_OFFSET  # stored u = q + 32
 W_BITS = (6, 8)  # "pallas6" (uint8 [N/16, G, 3, 16, 32]) or "pallas8" (int8 [N/16, G, 16, 128])
-W_LAYOUT = {6: "pallas6", 8: "pallas8"}
 A_BITS = (6, 8)
 
 # PTX for one phase of a group, four weights per 32-bit register: {lo} = four lo bytes (phases
