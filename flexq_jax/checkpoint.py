@@ -434,14 +434,19 @@ def _check_structure(meta: dict, config: LlamaConfig, header: dict, file: Path) 
   one = jax.eval_shape(lambda: llama.init_params(dataclasses.replace(config, num_layers=1), jax.random.key(0)))
   layer_shapes = {k: tuple(v.shape) for k, v in one["layers"][0].items()}
   top_shapes = {k: tuple(v.shape) for k, v in one.items() if k != "layers"}
+  if "lm_head" in linears:  # a quantized lm_head (flexq_jax/lm_head.py): with tied embeddings, an added copy
+    top_shapes.setdefault("lm_head", (config.hidden_size, config.vocab_size))
   for prefix in linears:
+    if prefix == "lm_head":
+      continue
     m = _LAYER_NAME.fullmatch(prefix)
     if not m or m[3] or int(m[1]) >= n or m[2] not in llama.PROJECTIONS or m[2] not in layer_shapes:
       raise ValueError(f"{file}: metadata 'linears' names {prefix!r}, not a projection of this {n}-layer model")
     if f"{prefix}.packed" not in header and f"{prefix}.scales" not in header:
       raise ValueError(f"{file}: metadata 'linears' names {prefix}, but the file has no tensors for it "
                        f"({prefix}.packed, {prefix}.scales)")
-  expected = set(top_shapes)
+  expected = {name for name in top_shapes if name not in linears}
+  expected |= {f"lm_head.{suffix}" for suffix in ("packed", "scales") if "lm_head" in linears}
   for i in range(n):
     for name in layer_shapes:
       prefix = f"layers.{i}.{name}"
@@ -450,7 +455,8 @@ def _check_structure(meta: dict, config: LlamaConfig, header: dict, file: Path) 
     raise ValueError(f"{file}: tensor {name} is missing")
   for name in sorted(set(header) - expected):
     raise ValueError(f"{file}: unexpected tensor {name} (not a parameter of the model the metadata describes)")
-  specs = {prefix: _check_linear(prefix, spec, layer_shapes[prefix.rsplit(".", 1)[1]], header, config, file)
+  specs = {prefix: _check_linear(prefix, spec, top_shapes[prefix] if prefix == "lm_head"
+                                else layer_shapes[prefix.rsplit(".", 1)[1]], header, config, file)
            for prefix, spec in linears.items()}
   for name, (shape, dtype) in header.items():
     base = name.rsplit(".", 1)[0] if name.endswith((".packed", ".scales")) else None
@@ -509,7 +515,15 @@ def _check_linear(prefix: str, spec, kn: tuple[int, int], header: dict, config: 
 
 
 def _check_report(report, linears: dict[str, dict], where: str) -> None:
-  """The report (a dict as QuantReport.to_json writes it) must describe exactly these linears."""
+  """The report (a dict as QuantReport.to_json writes it) must describe exactly these linears (those of
+  the blocks: a quantized lm_head is an add-on its config names, flexq_jax/lm_head.py)."""
+  if "lm_head" in linears:
+    cfg = report.get("config") if isinstance(report, dict) else None
+    head = linears["lm_head"]
+    if not isinstance(cfg, dict) or not str(cfg.get("lm_head", "")).startswith(f"w{head['w_bits']}a{head['a_bits']}"):
+      raise ValueError(f"{where}: the model has a W{head['w_bits']}A{head['a_bits']} lm_head, but the stored report's "
+                       f"config says lm_head {cfg.get('lm_head') if isinstance(cfg, dict) else None!r}")
+    linears = {k: v for k, v in linears.items() if k != "lm_head"}
   rows = report.get("layers") if isinstance(report, dict) else None
   if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in rows):
     raise ValueError(f"{where}: the stored report is malformed (no list of layers with paths)")

@@ -11,7 +11,8 @@ Parameter pytree (kernels are [in, out]: the model computes `x @ w`):
          "gate_proj": [D, F], "up_proj": [D, F], "down_proj": [F, D]},
         ...],
       "norm": [D],
-      "lm_head": [D, V],                # only when config.tie_word_embeddings is False
+      "lm_head": [D, V],                # when config.tie_word_embeddings is False; or a quantized
+                                        # copy of the embeddings (flexq_jax/lm_head.py), which wins
     }
 
 The seven projections of every block go through `linear`, and nothing else in this file knows
@@ -271,6 +272,10 @@ def projection_shapes(config: LlamaConfig, fused: bool = False) -> dict[str, tup
   return shapes
 
 
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
 def infer_config(params: Params) -> LlamaConfig:
   """The preset of models.config.PRESETS whose shapes these (unstacked) params have.
 
@@ -281,12 +286,14 @@ def infer_config(params: Params) -> LlamaConfig:
     return (layers, tuple(embed), {p: tuple(block[p]) for p in PROJECTIONS}, lm_head)
 
   first = params["layers"][0]
+  head = params.get("lm_head")
+  quantized_head = head is not None and not _is_array(head)  # a quantized copy: tied or not, it says nothing
   ours = shapes(len(params["layers"]), params["embed_tokens"].shape, {p: first[p].shape for p in PROJECTIONS},
-                "lm_head" in params)
+                head is not None)
   for make in PRESETS.values():
     cfg = make()
     if shapes(cfg.num_layers, (cfg.vocab_size, cfg.hidden_size), projection_shapes(cfg),
-              not cfg.tie_word_embeddings) == ours:
+              quantized_head or not cfg.tie_word_embeddings) == ours:
       return cfg
   raise ValueError(
       "cannot tell the model architecture from the parameter shapes (not a known preset: "
@@ -557,10 +564,13 @@ def forward(
       new_v.append(v)
 
   h = rms_norm(h, params["norm"], config.rms_norm_eps)
-  if config.tie_word_embeddings:
+  head = params.get("lm_head")  # present when untied, or as a quantized copy of tied embeddings
+  if head is None:
     logits = jnp.einsum("BTD,VD->BTV", h, params["embed_tokens"], preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+  elif _is_array(head):
+    logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
+  else:  # a quantized weight leaf (flexq_jax/lm_head.py)
+    logits = (h @ head).astype(jnp.float32)
 
   if cache is None:
     return logits, None
