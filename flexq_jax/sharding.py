@@ -285,6 +285,25 @@ def put_leaf(name: str, leaf, plan: TPPlan):
   return _to_mesh(leaf, spec, plan)
 
 
+def replicate_local(name: str, leaf, plan: TPPlan):
+  """A sharded parameter whose every shard is a copy of `leaf`, one shard's parameter (static
+  fields and shapes a shard's): what benchmarks with random weights build, one shard's worth made
+  once and copied to every device, never the whole model in one place. Not a real model's split
+  (its shards would differ): use shard / load for those."""
+  spec = leaf_spec(name, leaf, plan)
+  devices = list(plan.mesh.devices.flat)
+
+  def spread(a, spec):
+    shape = tuple(d * plan.tp if (i < len(spec) and spec[i] is not None) else d for i, d in enumerate(a.shape))
+    if isinstance(a, jax.core.Tracer):  # abstract evaluation (jax.eval_shape of a maker): the shape is all
+      return jnp.zeros(shape, a.dtype)
+    return jax.make_array_from_single_device_arrays(shape, NamedSharding(plan.mesh, spec),
+                                                    [jax.device_put(a, d) for d in devices])
+  if isinstance(leaf, QuantizedLinear):
+    return leaf.replace(packed=spread(leaf.packed, spec.packed), scales=spread(leaf.scales, spec.scales))
+  return spread(leaf, spec)
+
+
 def _check_params(params):
   if llama.is_stacked(params):
     raise ValueError("tensor parallelism runs list-form layers (the served form): llama.unstack_layers first")
