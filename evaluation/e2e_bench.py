@@ -120,36 +120,29 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: 
   lax.scan over the layers); fused: q/k/v and gate/up as one kernel each (what models.llama.fuse_projections makes
   of a real model).
 
-  plan: tensor parallelism (flexq_jax/sharding.py): one shard's random layer (plan.local_config's
-  shapes, backends chosen at the shard's shapes) made at a time and copied to every device of the
-  mesh (sharding.replicate_local), list layers only.
+  plan: tensor parallelism (flexq_jax/sharding.py): one shard's random weights (plan.local_config's
+  shapes, backends chosen at the shard's shapes), made one layer at a time and copied to every
+  device of the mesh (sharding.replicate_local), so no device holds more than its shard and one
+  layer; list layers only.
   """
+  if layers not in ("list", "stacked"):
+    raise ValueError(f"layers must be 'list' or 'stacked', got {layers!r}")
+  put = lambda name, leaf: leaf
   if plan is not None:
     if layers != "list":
       raise ValueError("tensor parallelism (--tp) runs list layers, not --layers stacked")
     if method == "w8a8-xla":
       raise ValueError("w8a8-xla's int8 leaves are not split by flexq_jax/sharding.py (--tp > 1)")
-    local = random_params(plan.local_config, method, seed, "list", fused)
     put = lambda name, leaf: sharding.replicate_local(name, leaf, plan)
-    out = {name: put(name, leaf) for name, leaf in local.items() if name not in ("layers", "lm_head")}
-    out["layers"] = []
-    for layer in local["layers"]:
-      out["layers"].append({name: put(name, leaf) for name, leaf in layer.items()})
-    if "lm_head" in local:  # a shard's slice of the vocabulary when the plan splits it
-      head = local["lm_head"][:, :cfg.vocab_size // plan.tp] if plan.vocab_sharded else local["lm_head"]
-      out["lm_head"] = put("lm_head", head)
-    del local
-    return out
+  local = cfg if plan is None else plan.local_config
   key = jax.random.key(seed)
   keys = iter(jax.random.split(key, 16))
-  if layers not in ("list", "stacked"):
-    raise ValueError(f"layers must be 'list' or 'stacked', got {layers!r}")
   d, L = cfg.hidden_size, cfg.num_layers
 
   def block(key, count):  # `count` layers stacked on a leading axis
     ks = iter(jax.random.split(key, 8))
     out = {name: random_linear(method, next(ks), count, k, n, 8 if name in A8_PROJECTIONS else 6)
-           for name, (k, n) in llama.projection_shapes(cfg, fused).items()}
+           for name, (k, n) in llama.projection_shapes(local, fused).items()}
     out["input_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     out["post_attention_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     return out
@@ -158,11 +151,17 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: 
   if layers == "stacked":
     blocks = block(layer_key, L)
   else:  # made one layer at a time (no stacked transient: 13B's four methods fit one card)
-    blocks = [jax.tree.map(lambda a: a[0], block(jax.random.fold_in(layer_key, i), 1)) for i in range(L)]
-  params = {"embed_tokens": (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16),
-            "layers": blocks, "norm": jnp.ones((d,), jnp.bfloat16)}
+    blocks = []
+    for i in range(L):
+      one = jax.tree.map(lambda a: a[0], block(jax.random.fold_in(layer_key, i), 1))
+      blocks.append({name: put(name, leaf) for name, leaf in one.items()})
+  embed = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16)
+  params = {"embed_tokens": put("embed_tokens", embed), "layers": blocks,
+            "norm": put("norm", jnp.ones((d,), jnp.bfloat16))}
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = (0.02 * jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32)).astype(jnp.bfloat16)
+    vocab = cfg.vocab_size // plan.tp if plan is not None and plan.vocab_sharded else cfg.vocab_size  # a shard's
+    head = (0.02 * jax.random.normal(next(keys), (d, vocab), jnp.float32)).astype(jnp.bfloat16)
+    params["lm_head"] = put("lm_head", head)
   return params
 
 
@@ -350,11 +349,34 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
       lines.append(f"| {p['model']} | {p['method']} | {p.get('tp', 1)} | {p['batch']} | {p['prompt']} | "
                    f"{p['wall_us_per_step']:.0f} | "
                    f"{p['device_busy_us_per_step']:.0f} | {launches:.0f} | {kinds} |")
+  lines += tp_lines(rows)
   failed = [r for r in rows if r.error]
   if failed:
     lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method} TP={r.tp} B={r.batch} P={r.prompt}: {r.error}"
                                                    for r in failed]
   return "\n".join(lines) + "\n"
+
+
+def tp_lines(rows: list[Row], method: str = "flexq", baseline: str = "bf16") -> list[str]:
+  """The tensor-parallel summary under the table (rows of several TP sizes): decode tok/s of
+  `method` over its TP=1 run, and method / baseline at each TP against the same at TP=1."""
+  ok = {(r.model, r.method, r.batch, r.prompt, r.tp): r.decode_tok_s for r in rows
+        if not r.error and r.decode_tok_s > 0}
+  keys = sorted({(m, b, p, t) for m, meth, b, p, t in ok if meth == method and t > 1})
+  if not keys:
+    return []
+  nan = float("nan")
+  lines = ["", f"Tensor parallelism, decode tok/s of {method}: over its TP=1 run, and {method} / {baseline} at each "
+           f"TP against the same at TP=1 (issue 18's targets: LLaMA-2-70B {method} batch 1 at TP=2 >= 1.6x and at "
+           f"TP=4 >= 2.5x its TP=1; {method} / {baseline} within 10% of its TP=1 value):", "",
+           f"| model | B | P | TP | {method} tok/s | x its TP=1 | {baseline} x its TP=1 | {method} / {baseline} | "
+           f"of TP=1's |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for m, b, p, t in keys:
+    get = lambda meth, tp: ok.get((m, meth, b, p, tp), nan)
+    ratio, ratio1 = get(method, t) / get(baseline, t), get(method, 1) / get(baseline, 1)
+    lines.append(f"| {m} | {b} | {p} | {t} | {get(method, t):.1f} | {get(method, t) / get(method, 1):.2f} | "
+                 f"{get(baseline, t) / get(baseline, 1):.2f} | {ratio:.2f} | {ratio / ratio1:.2f} |")
+  return lines
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:

@@ -245,6 +245,19 @@ def test_place_per_shard_records_shard_shapes():
 
 
 @on_cpu_devices
+@pytest.mark.slow
+def test_pallas_kernels_run_per_shard():
+  """The Pallas kernels (interpret mode on CPU) inside shard_map, 2 shards: the reference's logits."""
+  sp, plan = sharding.shard(model(), CFG, sharding.make_mesh(2))
+  placed, record = sharding.place(sp, plan, "pallas")
+  assert record.counts() == {"pallas": 14} and placed["layers"][0]["q_proj"].layout == "pallas6"
+  toks = tokens(batch=1, length=3)
+  a = jax.jit(lambda p, t: sharding.forward(p, plan, t)[0])(sp, toks)
+  b = jax.jit(lambda p, t: sharding.forward(p, plan, t)[0])(sharding.fuse(placed, plan), toks)
+  assert_close(b, a)
+
+
+@on_cpu_devices
 def test_bench_refuses_a_bad_tp_before_any_work(tmp_path):
   with pytest.raises(SystemExit, match=r"--tp 16 .* needs 16 devices"):
     e2e_bench.main(["--models", "tiny", "--tp", "1,16", "--out-dir", str(tmp_path)])
