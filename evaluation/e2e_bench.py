@@ -322,7 +322,7 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
            "TP: GPUs the model is split over (tensor parallelism, flexq_jax/sharding.py; weight bytes are all "
            "shards', padding and replicated KV heads included); x TP=1: tok/s over the same method, batch and prompt "
            "on one GPU.", "",
-           "| model | method | TP | B | P | new | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | "
+           "| model | method | B | P | new | TP | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | "
            "x W8A8 pallas | x TP=1 | linear GiB | of bf16 | peak GiB | backends |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
            "---: | --- |"]
@@ -333,26 +333,26 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
       return getattr(r, field) / getattr(o, field) if o and getattr(o, field) > 0 else float("nan")
     bf = base.get((r.model, "bf16", r.batch, r.prompt, r.tp))
     of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf and bf.linear_weight_bytes else float("nan")
-    lines.append(f"| {r.model} | {r.method} | {r.tp} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.prefill_ms:.1f} | "
+    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.tp} | {r.prefill_ms:.1f} | "
                  f"{r.decode_ms_per_step:.2f} | {r.decode_tok_s:.1f} | {ratio('bf16'):.2f} | {ratio('w8a8-xla'):.2f} | "
                  f"{ratio('w8a8-pallas'):.2f} | {ratio(r.method, tp=1):.2f} | {r.linear_weight_bytes / 2**30:.2f} | "
                  f"{of_bf16:.3f} | {r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
   if profiles:
     lines += ["", "Decode step profile (jax.profiler, device kernel time a step by kind; the rest of the wall time "
               "is the GPU idle between kernels):", "",
-              "| model | method | TP | B | P | wall us/step | kernels us/step | kernel launches/step | by kind (us / launches) |",
+              "| model | method | B | P | TP | wall us/step | kernels us/step | kernel launches/step | by kind (us / launches) |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for p in profiles:
       kinds = "; ".join(f"{c} {v['us']:.0f} / {v['launches']:.0f}" for c, v in
                         sorted(p["kernels"].items(), key=lambda kv: -kv[1]["us"]))
       launches = sum(v["launches"] for v in p["kernels"].values())
-      lines.append(f"| {p['model']} | {p['method']} | {p.get('tp', 1)} | {p['batch']} | {p['prompt']} | "
+      lines.append(f"| {p['model']} | {p['method']} | {p['batch']} | {p['prompt']} | {p.get('tp', 1)} | "
                    f"{p['wall_us_per_step']:.0f} | "
                    f"{p['device_busy_us_per_step']:.0f} | {launches:.0f} | {kinds} |")
   lines += tp_lines(rows)
   failed = [r for r in rows if r.error]
   if failed:
-    lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method} TP={r.tp} B={r.batch} P={r.prompt}: {r.error}"
+    lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method}{f' TP={r.tp}' if r.tp > 1 else ''} B={r.batch} P={r.prompt}: {r.error}"
                                                    for r in failed]
   return "\n".join(lines) + "\n"
 

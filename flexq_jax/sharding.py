@@ -189,6 +189,8 @@ def split_leaf(name: str, leaf, plan: TPPlan):
   parameters come back as they are."""
   kind = _kind(name, plan)
   if kind is None:
+    if isinstance(leaf, QuantizedLinear):
+      return leaf.replace(packed=np.asarray(leaf.packed), scales=np.asarray(leaf.scales))
     return np.asarray(leaf)
   tp = plan.tp
   if isinstance(leaf, QuantizedLinear):
@@ -235,7 +237,7 @@ def leaf_spec(name: str, leaf, plan: TPPlan):
       return leaf.replace(packed=P(), scales=P())
     n_axis, k_axis = formats.shard_axes(leaf.layout)
     at = n_axis if kind == "column" else k_axis
-    spec = [None] * len(np.shape(leaf.packed))
+    spec = [None] * len(leaf.packed.shape)
     spec[at] = ax
     return leaf.replace(packed=P(*spec), scales=P(ax, None) if kind == "column" else P(None, ax))
   if kind is None:
@@ -336,13 +338,29 @@ def load(path: str | os.PathLike, mesh: Mesh, axis: str = AXIS) -> tuple[dict, T
 # ------------------------------------------------------------------------- per-shard transforms
 
 
-def _shard_mapped(fn, tree, plan: TPPlan):
-  """fn (one shard's tree -> one shard's tree, names kept) run on every device, the result sharded
-  by the same naming rules."""
+def _per_layer_op(op: tuple):
+  """The one-shard function of a per-shard transform: ("place", backend, m, dtype) or ("fuse",)."""
+  if op[0] == "place":
+    _, backend, m, dtype = op
+    return lambda layer: placement.place(layer, backend, m=m, dtype=dtype)[0]
+  return lambda layer: llama.fuse_projections({"layers": [layer]})["layers"][0]
+
+
+@functools.lru_cache(maxsize=64)
+def _per_shard_program(op: tuple, plan: TPPlan, treedef, avals: tuple):
+  """The jitted shard_map of a per-shard transform for one tree structure and shapes, made once
+  (every layer of a model shares it: one compile, not one a layer); its output sharded by the same
+  naming rules."""
+  fn = _per_layer_op(op)
+  tree = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals])
   out = jax.eval_shape(fn, local_abstract(tree, plan))
-  mapped = jax.shard_map(fn, mesh=plan.mesh, in_specs=(param_specs(tree, plan),), out_specs=param_specs(out, plan),
-                         check_vma=False)
-  return jax.jit(mapped)(tree)
+  return jax.jit(jax.shard_map(fn, mesh=plan.mesh, in_specs=(param_specs(tree, plan),),
+                               out_specs=param_specs(out, plan), check_vma=False))
+
+
+def _shard_mapped(op: tuple, tree, plan: TPPlan):
+  leaves, treedef = jax.tree.flatten(tree)
+  return _per_shard_program(op, plan, treedef, tuple((a.shape, a.dtype) for a in leaves))(tree)
 
 
 def place(params, plan: TPPlan, backend: str = placement.AUTO, *, m: int = 1, dtype=None):
@@ -358,18 +376,16 @@ def place(params, plan: TPPlan, backend: str = placement.AUTO, *, m: int = 1, dt
     decided["record"] = rec
     return placed
 
-  jax.eval_shape(decide, local_abstract(params, plan))
-  layers = [_shard_mapped(lambda layer: placement.place(layer, backend, m=m, dtype=dtype)[0], layer, plan)
-            for layer in params["layers"]]
-  return {**params, "layers": layers}, decided["record"]
+  jax.eval_shape(decide, local_abstract(params, plan))  # the record, with every layer's path
+  op = ("place", backend, m, None if dtype is None else jnp.dtype(dtype))
+  return {**params, "layers": [_shard_mapped(op, layer, plan) for layer in params["layers"]]}, decided["record"]
 
 
 def fuse(params, plan: TPPlan):
   """models.llama.fuse_projections on every shard: each shard's [q | k | v] and [gate | up] one
   kernel (exact, as on one device), one layer at a time."""
   _check_params(params)
-  fuse_one = lambda layer: llama.fuse_projections({"layers": [layer]})["layers"][0]
-  return {**params, "layers": [_shard_mapped(fuse_one, layer, plan) for layer in params["layers"]]}
+  return {**params, "layers": [_shard_mapped(("fuse",), layer, plan) for layer in params["layers"]]}
 
 
 # ---------------------------------------------------------------------------------- running
