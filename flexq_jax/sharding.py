@@ -1,7 +1,7 @@
 """Tensor parallelism over a jax.sharding.Mesh: a (quantized) LLaMA split across devices.
 
     mesh = sharding.make_mesh(4)                              # 4 devices on axis "tp"
-    params, plan = sharding.load(checkpoint_dir, mesh)        # each shard's slice straight to its device
+    params, plan, meta = sharding.load(checkpoint_dir, mesh)  # each shard's slice straight to its device
     params, placement = sharding.place(params, plan, "auto")  # per shard, by the card's table at shard shapes
     params = sharding.fuse(params, plan)                      # q/k/v and gate/up per shard
     out = sharding.generate(params, plan, tokens, mask, key, max_new_tokens=64)
@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -243,11 +242,6 @@ def leaf_spec(name: str, leaf, plan: TPPlan):
   if kind is None:
     return P()
   return P(None, ax) if kind == "column" else P(ax, None)
-
-
-def _names(tree):
-  """(name, leaf) pairs with the name of the enclosing dict key, QuantizedLinear kept whole."""
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QuantizedLinear))[0]
 
 
 def _last_key(path) -> str:
