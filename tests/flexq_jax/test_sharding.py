@@ -245,6 +245,23 @@ def test_place_per_shard_records_shard_shapes():
 
 
 @on_cpu_devices
+def test_auto_placement_asks_the_tuning_table_at_shard_shapes(monkeypatch):
+  asked = set()
+
+  def choose(layer, m=1, **kw):
+    asked.add((layer.out_features, layer.in_features))
+    return "reference", "recorded"
+  monkeypatch.setattr(placement, "choose", choose)
+  sp, plan = sharding.shard(model(), CFG, sharding.make_mesh(4))
+  _, record = sharding.place(sp, plan, "auto")
+  # (N, K) a shard: q 2 heads x 128 and gate/up 1024 / 4 -> (256, 128); k, v one (replicated) KV head
+  # -> (128, 128); o_proj 2 heads and down_proj 1024 / 4 in -> (128, 256). One device: (1024, 128),
+  # (256, 128), (640, 128), (128, 1024), (128, 640).
+  assert asked == {(256, 128), (128, 128), (128, 256)}, asked
+  assert {l.why for l in record.layers} == {"recorded"}
+
+
+@on_cpu_devices
 @pytest.mark.slow
 def test_pallas_kernels_run_per_shard():
   """The Pallas kernels (interpret mode on CPU) inside shard_map, 2 shards: the reference's logits."""
