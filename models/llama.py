@@ -68,6 +68,26 @@ def linear(x: jax.Array, w: Any) -> jax.Array:
   return x @ w
 
 
+def row_parallel_linear(x: jax.Array, w: Any, axis: str | None) -> jax.Array:
+  """linear() of a layer whose input features are split over mesh axis `axis` (tensor parallelism):
+  each shard's partial sums in fp32, one all-reduce (psum), then the cast to x's dtype.
+
+  axis None: plain linear(). Called inside shard_map (flexq_jax/sharding.py), where x and w are one
+  shard's slices along K. A float kernel runs one dot with fp32 accumulation; a weight leaf with a
+  `matmul(x, out_dtype=...)` method (flexq_jax/qlinear.py) returns its fp32 partial sums; any other
+  leaf runs linear() and is widened (partials rounded to x's dtype first).
+  """
+  if axis is None:
+    return linear(x, w)
+  if isinstance(w, (jax.Array, np.ndarray)):
+    part = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  elif hasattr(type(w), "matmul"):
+    part = w.matmul(x, out_dtype=jnp.float32)
+  else:
+    part = linear(x, w).astype(jnp.float32)
+  return jax.lax.psum(part, axis).astype(x.dtype)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Per-layer key/value cache with a shared write index.
@@ -401,7 +421,7 @@ def _check_inputs(config: LlamaConfig, tokens: jax.Array, mask: jax.Array | None
   check_token_ids(tokens, config.vocab_size)
 
 
-def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv):
+def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv, tp_axis=None):
   """One decoder block (attention + MLP, pre-norm residuals): the math both layer forms share.
 
   Args:
@@ -411,6 +431,9 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     write_kv: None (no cache: attend over this chunk's keys), or a function taking the chunk's
       (k, v) [B, T, Hkv, hd] (after RoPE) that stores them in the cache and returns
       (k, v) [B, S, Hkv, hd] to attend over plus anything the caller wants back.
+    tp_axis: None, or the mesh axis the block is split over (inside shard_map; see forward): then
+      config holds one shard's heads and intermediate size, and o_proj / down_proj are
+      row-parallel (row_parallel_linear: fp32 partial sums, one psum each).
 
   Returns:
     (h [B, T, D], what write_kv returned third, or None).
@@ -432,13 +455,13 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     k, v, extra = write_kv(k, v)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
   a = attention(q, k, v, visible).reshape(b, t, hq * hd)
-  h = h + linear(a, layer["o_proj"])
+  h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
   x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
   if "gate_up_proj" in layer:
     gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
   else:
     gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
-  h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"])
+  h = h + row_parallel_linear(jax.nn.silu(gate) * up, layer["down_proj"], tp_axis)
   return h, extra
 
 
@@ -492,6 +515,7 @@ def forward(
     cache: KVCache | None = None,
     *,
     remat: bool = False,
+    tp_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder over a chunk of tokens.
 
@@ -504,6 +528,10 @@ def forward(
       causal forward.
     remat: recompute each block in a backward pass instead of storing its activations (memory
       for gradients over long sequences; cache-less forwards only).
+    tp_axis: tensor parallelism, for a call inside shard_map over a mesh with this axis (what
+      flexq_jax/sharding.py does): params and cache are one shard's, config its local view (heads,
+      KV heads and intermediate size of one shard), o_proj and down_proj all-reduced over the axis.
+      The lm_head may hold a slice of the vocabulary: then the logits are that slice.
 
   Returns:
     (logits [B, T, V] float32, the updated cache or None).
@@ -535,7 +563,7 @@ def forward(
   # Out-of-range ids (only possible under jit; concrete ones are refused above) give NaN rows, so a
   # wrong tokenizer shows as non-finite logits instead of silently clamped embeddings.
   h = jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)  # [B, T, D]
-  block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv)
+  block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv, tp_axis)
   if remat:  # a backward pass recomputes each block from its input instead of keeping its activations
     if cache is not None:
       raise ValueError("remat=True is for cache-less forwards (gradients over whole sequences)")
