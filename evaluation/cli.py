@@ -139,6 +139,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rule", action="append", default=[], metavar="REGEX=BITS",
                  help="force activation bits for layers whose path (layers/<i>/<proj>) matches REGEX; "
                       "repeatable, first match wins, e.g. --rule 'layers/0/.*=8'")
+  p.add_argument("--rotate", action="store_true",
+                 help="rotate the model first (Hadamard rotation of the residual stream, per-head v/o and an online "
+                      "Hadamard on down_proj's input, QuaRot-style: exact in float; flexq_jax/rotation.py); the "
+                      "quantized model then has its own lm_head (untied)")
   p.add_argument("--smooth-alpha", type=_alpha, default=0.5,
                  help="SmoothQuant smoothing strength in [0, 1] folded into the weights before quantization "
                       "(default 0.5), or 'none' to switch smoothing off")
@@ -196,8 +200,20 @@ def _check_options(args) -> None:
       raise ValueError(f"--json {path} is a directory")
 
 
+def _quantize(args, config, params, calib):
+  """(the quantized model's config, quantized params, report): rotated first with --rotate."""
+  if getattr(args, "rotate", False):
+    _log("rotating the model (Hadamard; exact in float)")
+    params, config = flexq_jax.rotate(params, config)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  return config, qparams, report
+
+
 def _calib(args, tokenizer):
   corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
+  if not corpus.calib_text:
+    raise ValueError(f"--corpus {args.corpus} has no calibration text (an evaluation-only corpus): calibrate on "
+                     f"another, e.g. the default wiki-excerpt")
   ids = calibration.tokenize_corpus(tokenizer, corpus.calib_text)
   return corpus, calibration.calibration_batch(ids, args.calib_batch, args.calib_len, args.seed)
 
@@ -207,9 +223,9 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  qconfig, qparams, report = _quantize(args, config, params, calib)
   print(report.summary())
-  file = checkpoint.save(args.out, qparams, config, report)
+  file = checkpoint.save(args.out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
   print(f"wrote {file}, {Path(args.out) / 'report.json'} and {heatmap}")
   return 0
@@ -221,15 +237,24 @@ def cmd_accuracy(args) -> int:
   corpus, calib = _calib(args, tokenizer)
   windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
                                     args.windows)
+  held, held_windows = None, None
+  if args.heldout.lower() != "none":
+    held = corpora.load_corpus(args.heldout, data_dir=args.wikitext2_dir)
+    held_ids = calibration.tokenize_corpus(tokenizer, held.eval_text)
+    llama.check_token_ids(held_ids, config.vocab_size, f"the tokens of {held.name}")
+    held_windows = perplexity.eval_windows(held_ids, args.seq_len, args.windows)
   rows = accuracy.ROWS if not args.only else tuple(r for r in accuracy.ROWS if r[1] is None or
                                                    any(o.lower() in r[0].lower() for o in args.only))
   header = (f"Perplexity of {args.model or 'SmolLM2-135M-Instruct'} ({args.dtype}) on {corpus.name} "
-            f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens); calibration "
-            f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}; quantized matmuls on the "
-            f"'{args.backend}' backend.")
+            f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens)"
+            + (f" and on held-out text calibration never saw ({held.name}, {held_windows.shape[0]} x "
+               f"{held_windows.shape[1]} tokens)" if held else "")
+            + f"; calibration {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}, seed {args.seed}; "
+            f"quantized matmuls on the '{args.backend}' backend.")
   meta = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name, "windows": list(windows.shape),
           "calib": list(calib.shape), "backend": args.backend, "date": time.strftime("%Y-%m-%d"),
-          "machine": "CPU"}
+          "machine": "CPU", "heldout": held.name if held else None,
+          "heldout_windows": list(held_windows.shape) if held else None}
   earlier = accuracy.load_done(args.out, meta) if args.resume else {}
   finished = []
 
@@ -238,8 +263,8 @@ def cmd_accuracy(args) -> int:
     accuracy.write(finished, args.out, header, meta)
 
   rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save,
-                            done=earlier)
-  print(accuracy.to_markdown(rows, header))
+                            done=earlier, heldout_windows=held_windows)
+  print(accuracy.to_markdown(rows, header, meta["heldout"]))
   print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
   return 0
 
@@ -252,9 +277,9 @@ def cmd_run(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  qconfig, qparams, report = _quantize(args, config, params, calib)
   print(report.summary())
-  file = checkpoint.save(out, qparams, config, report)
+  file = checkpoint.save(out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
                                       title=f"FlexQ sensitivity, {args.model or 'SmolLM2-135M-Instruct'}")
 
@@ -265,13 +290,13 @@ def cmd_run(args) -> int:
   print(placement.summary())                                        # the stored layout, unfused
   logits = llama.logits_fn(config)
   ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
-  ppl_q = perplexity.perplexity(functools.partial(logits, qparams), windows)
+  ppl_q = perplexity.perplexity(functools.partial(llama.logits_fn(qconfig), qparams), windows)
 
   prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
   chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
   _log("generating samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
   fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
-  q_text = gen.generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  q_text = gen.generate_text(qconfig, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
              "eval_windows": list(windows.shape), "ppl_fp32": ppl_fp.ppl, "ppl_flexq": ppl_q.ppl,
@@ -345,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--backend", choices=[b.name for b in backends.REGISTRY if "cpu" in b.platforms], default="dequant",
                  help="quantized matmul path: 'dequant' (the contract's numbers in one fp32 dot, fast on CPU; "
                       "default) or 'reference' (exact int32 group sums, ~4x slower on CPU)")
+  p.add_argument("--heldout", default="lee-news",
+                 help="a second corpus every row is also evaluated on, never used for calibration (default "
+                      "'lee-news': news articles from the gensim wheel; any --corpus value; 'none' to skip)")
   p.add_argument("--resume", action="store_true",
                  help="reuse rows of an earlier run in --out with the same model, corpus, windows and calibration")
   p.add_argument("--out", default="results", help="output directory (default results/)")

@@ -24,7 +24,7 @@ from flexq_jax._tree import copy_containers, get_at, path_str, set_at
 from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
 from flexq_jax.report import LayerReport, QuantReport
-from flexq_jax.smoothing import smooth
+from flexq_jax.smoothing import smooth, smoothing_folds
 from models import llama
 from models.config import LlamaConfig
 from pallas_kernels import core
@@ -119,7 +119,7 @@ def quantize(
     seconds["calibration"] = time.perf_counter() - t0
 
   if config.smooth_alpha is not None:
-    params, factors = smooth(params, stats, config.smooth_alpha)
+    params, factors = smooth(params, stats, config.smooth_alpha, smoothing_folds(model_config))
   else:
     factors = {}
 
