@@ -270,32 +270,39 @@ def cmd_accuracy(args) -> int:
 
 
 def cmd_run(args) -> int:
-  """The main job: the FlexQ pipeline on the built-in default model and text."""
+  """The main job: the FlexQ pipeline on the built-in default model and text.
+
+  Memory (make run peaks under 4 GB on the default model): the float model is evaluated and
+  sampled first, and dropped before the quantized model is evaluated; perplexity runs each window
+  in chunks of 512 tokens through the KV cache (perplexity.chunked_perplexity), so a 2048-token
+  window's activations and logits are never alive at once.
+  """
   t_start = time.perf_counter()
   out = Path(args.out)
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
+  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
+                                    args.windows)
+  prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
+  chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
+  _log(f"FP32: perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}, and "
+       "generation samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
+  ppl_fp = perplexity.chunked_perplexity(config, params, windows, chunk=512)
+  fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
   qconfig, qparams, report = _quantize(args, config, params, calib)
+  del params  # the float model is done with (its embedding lives on in qparams)
   print(report.summary())
   file = checkpoint.save(out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
                                       title=f"FlexQ sensitivity, {args.model or 'SmolLM2-135M-Instruct'}")
 
-  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
-                                    args.windows)
-  _log(f"perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}")
+  _log("FlexQ: perplexity on the same tokens, and the same prompts")
   qparams, placement = _place(qparams, args, jnp.dtype(args.dtype))  # after saving: checkpoints keep
   print(placement.summary())                                        # the stored layout, unfused
-  logits = llama.logits_fn(config)
-  ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
-  ppl_q = perplexity.perplexity(functools.partial(llama.logits_fn(qconfig), qparams), windows)
-
-  prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
-  chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
-  _log("generating samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
-  fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  ppl_q = perplexity.chunked_perplexity(qconfig, qparams, windows, chunk=512)
   q_text = gen.generate_text(qconfig, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
