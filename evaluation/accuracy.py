@@ -41,14 +41,14 @@ ROWS: tuple[tuple[str, QuantConfig | None, bool], ...] = (
     ("W6A6 everywhere (GPTQ + smoothing 0.5)", QuantConfig(a8_selection="none", **GPTQ_SQ), False),
     ("W6A6 + down_proj A8, paper rule (GPTQ + smoothing 0.5)", QuantConfig(a8_selection="down_proj", **GPTQ_SQ),
      False),
-    ("W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5) = flexq-jax default",
-     QuantConfig(a8_selection="sensitivity", **GPTQ_SQ), False),
+    ("W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5)", QuantConfig(a8_selection="sensitivity", **GPTQ_SQ),
+     False),
     ("W6A16 (Hadamard rotation + GPTQ)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ), True),
     ("W6A6 everywhere (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="none", **GPTQ), True),
     ("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ),
      True),
-    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="sensitivity", **GPTQ),
-     True),
+    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ) = flexq-jax default",
+     QuantConfig(a8_selection="sensitivity", **GPTQ), True),
 )
 
 

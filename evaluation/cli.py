@@ -22,7 +22,7 @@ from models import llama, loaders
 
 DTYPES = ("float32", "bfloat16")
 ROTATIONS = ("hadamard", "none")
-DEFAULT_ROTATION = "none"
+DEFAULT_ROTATION = "hadamard"  # W6A6 everywhere +2.6% with it, +3.0% mixed without (results/raw/)
 
 
 def _log(msg: str) -> None:

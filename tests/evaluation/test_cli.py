@@ -31,7 +31,7 @@ def test_quantize_then_eval_and_generate_from_the_checkpoint(tmp_path, capsys):
   model = tmp_path / "tiny"
   config = tiny_hf_checkpoint(model)
   out = tmp_path / "q"
-  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32",
+  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32", "--rotation", "none",
                    "--weight-method", "rtn", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "quantized 14 linear layers: 12 x W6A6, 2 x W6A8" in printed
@@ -51,8 +51,8 @@ def test_rotated_quantize_and_eval_from_the_checkpoint(tmp_path, capsys):
   model = tmp_path / "tiny"
   config = tiny_hf_checkpoint(model)
   out = tmp_path / "q"
-  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32", "--rotation",
-                   "hadamard", "--weight-method", "rtn", "--a8-selection", "down_proj", "--out", str(out)]) == 0
+  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32",  # rotation: default
+                   "--weight-method", "rtn", "--a8-selection", "down_proj", "--out", str(out)]) == 0
   _, loaded_config, meta = checkpoint.load(out)
   assert loaded_config.down_proj_hadamard and not loaded_config.tie_word_embeddings
   assert loaded_config.hidden_size == config.hidden_size
