@@ -267,8 +267,12 @@ def cmd_accuracy(args) -> int:
   finished = []
 
   def save(row):
+    # Rows of the earlier run that this one has not reached (or does not run: --only) are kept, in
+    # the table's order, so stopping a resumed run never loses them.
     finished.append(row)
-    accuracy.write(finished, args.out, header, meta)
+    done = {r.label: r for r in finished}
+    kept = [done.get(label) or earlier.get(label) for label, _, _ in accuracy.ROWS]
+    accuracy.write([r for r in kept if r is not None], args.out, header, meta)
 
   rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save,
                             done=earlier, heldout_windows=held_windows)
