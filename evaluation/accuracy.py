@@ -156,4 +156,5 @@ def load_done(out_dir: str | Path, meta: dict) -> dict[str, Row]:
   if any(old.get(k) != meta.get(k) for k in ("model", "corpus", "windows", "calib", "backend", "heldout",
                                              "heldout_windows")):
     return {}
-  return {r["label"]: Row(**r) for r in old.get("rows", [])}
+  fields = {f.name for f in dataclasses.fields(Row)}  # rows may carry notes (e.g. restored_from_log)
+  return {r["label"]: Row(**{k: v for k, v in r.items() if k in fields}) for r in old.get("rows", [])}
