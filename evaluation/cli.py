@@ -304,7 +304,11 @@ def cmd_run(args) -> int:
   fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qconfig, qparams, report = _quantize(args, config, params, calib)
+  qconfig = config
+  if args.rotation == "hadamard":  # the rotated copy replaces the float model (memory)
+    _log("rotating the model (Hadamard; exact in float)")
+    params, qconfig = flexq_jax.rotate(params, config)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=qconfig, progress=_log)
   del params  # the float model is done with (its embedding lives on in qparams)
   print(report.summary())
   file = checkpoint.save(out, qparams, qconfig, report)

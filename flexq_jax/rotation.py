@@ -84,9 +84,15 @@ def rotate(params: dict, config: LlamaConfig, *, seed: int = 0) -> tuple[dict, L
   h_ffn = hadamard.hadamard_matrix(config.intermediate_size) / np.sqrt(config.intermediate_size)
 
   out = {k: v for k, v in params.items() if k not in ("layers", "embed_tokens", "lm_head", "norm")}
-  head = f64(params["embed_tokens"]).T if config.tie_word_embeddings else f64(params["lm_head"])  # [D, V]
-  out["embed_tokens"] = back(f64(params["embed_tokens"]) @ q_res)
-  out["lm_head"] = back(q_res.T @ (f64(params["norm"])[:, None] * head))
+  # The vocabulary-sized matrices in blocks of rows: float64 copies of a whole [V, D] matrix would
+  # add hundreds of MB to the peak memory of quantizing a small model.
+  embed = np.asarray(params["embed_tokens"])
+  head = np.asarray(params["embed_tokens"]).T if config.tie_word_embeddings else np.asarray(params["lm_head"])
+  gamma = f64(params["norm"])[:, None]
+  block = 8192
+  out["embed_tokens"] = jnp.concatenate([back(f64(embed[i:i + block]) @ q_res) for i in range(0, embed.shape[0], block)])
+  out["lm_head"] = jnp.concatenate([back(q_res.T @ (gamma * f64(head[:, i:i + block])))
+                                    for i in range(0, head.shape[1], block)], axis=1)
   out["norm"] = jnp.ones_like(params["norm"])
   new_layers = []
   for layer in layers:
