@@ -21,6 +21,8 @@ from models import generate as gen
 from models import llama, loaders
 
 DTYPES = ("float32", "bfloat16")
+ROTATIONS = ("hadamard", "none")
+DEFAULT_ROTATION = "hadamard"  # W6A6 everywhere +2.6% with it, +3.0% mixed without (results/raw/)
 
 
 def _log(msg: str) -> None:
@@ -111,8 +113,10 @@ def cmd_generate(args) -> int:
   return 0
 
 
-def _alpha(text: str) -> float | None:
-  return None if text.lower() == "none" else float(text)
+def _alpha(text: str) -> float | str | None:
+  if text.lower() in ("none", "auto"):
+    return None if text.lower() == "none" else "auto"
+  return float(text)
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -139,21 +143,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rule", action="append", default=[], metavar="REGEX=BITS",
                  help="force activation bits for layers whose path (layers/<i>/<proj>) matches REGEX; "
                       "repeatable, first match wins, e.g. --rule 'layers/0/.*=8'")
-  p.add_argument("--smooth-alpha", type=_alpha, default=0.5,
-                 help="SmoothQuant smoothing strength in [0, 1] folded into the weights before quantization "
-                      "(default 0.5), or 'none' to switch smoothing off")
+  p.add_argument("--rotation", choices=ROTATIONS, default=DEFAULT_ROTATION,
+                 help="'hadamard': rotate the model first (randomized Hadamard rotation of the residual stream, "
+                      "per-head v/o and an online Hadamard on down_proj's input, QuaRot-style; exact in float; "
+                      "flexq_jax/rotation.py); the quantized model then has its own lm_head (untied). 'none': no "
+                      f"rotation. Default {DEFAULT_ROTATION}")
+  p.add_argument("--smooth-alpha", type=_alpha, default="auto",
+                 help="SmoothQuant smoothing strength in [0, 1] folded into the weights before quantization, or "
+                      "'none' to switch smoothing off; default 'auto': 0.5 without rotation, none with it (on "
+                      "a rotated model smoothing changed W6A6 perplexity by 0.03 points)")
   p.add_argument("--lm-head", choices=("float",) + tuple(lm_head.FORMATS), default="float",
                  help="the output projection: float (default, as FlexQ), or quantized with 8-bit activations and "
                       "8- or 6-bit GPTQ weights (with tied embeddings: a separate quantized copy)")
-
-
-def _quantize(args, config, params, calib):
-  """quantize(), and the quantized lm_head when --lm-head asks for one."""
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
-  if args.lm_head != "float":
-    qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=config,
-                                               progress=_log)
-  return qparams, report
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -181,6 +182,8 @@ def _quant_config(args):
     budget = int(budget)
   if not (2 <= args.a_bits <= 8 or args.a_bits == 16):
     raise ValueError(f"--a-bits {args.a_bits} must be in 2..8, or 16 (float activations)")
+  if args.smooth_alpha == "auto":
+    args.smooth_alpha = None if args.rotation == "hadamard" else 0.5
   if args.smooth_alpha is not None and not 0.0 <= args.smooth_alpha <= 1.0:
     raise ValueError(f"--smooth-alpha {args.smooth_alpha} must be in [0, 1] or 'none'")
   return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
@@ -208,8 +211,23 @@ def _check_options(args) -> None:
       raise ValueError(f"--json {path} is a directory")
 
 
+def _quantize(args, config, params, calib):
+  """(the quantized model's config, quantized params, report): rotated first with --rotation hadamard."""
+  if args.rotation == "hadamard":
+    _log("rotating the model (Hadamard; exact in float)")
+    params, config = flexq_jax.rotate(params, config)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  if args.lm_head != "float":
+    qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=config,
+                                               progress=_log)
+  return config, qparams, report
+
+
 def _calib(args, tokenizer):
   corpus = corpora.load_corpus(args.corpus, data_dir=args.wikitext2_dir)
+  if not corpus.calib_text:
+    raise ValueError(f"--corpus {args.corpus} has no calibration text (an evaluation-only corpus): calibrate on "
+                     f"another, e.g. the default wiki-excerpt")
   ids = calibration.tokenize_corpus(tokenizer, corpus.calib_text)
   return corpus, calibration.calibration_batch(ids, args.calib_batch, args.calib_len, args.seed)
 
@@ -219,9 +237,9 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = _quantize(args, config, params, calib)
+  qconfig, qparams, report = _quantize(args, config, params, calib)
   print(report.summary())
-  file = checkpoint.save(args.out, qparams, config, report)
+  file = checkpoint.save(args.out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
   print(f"wrote {file}, {Path(args.out) / 'report.json'} and {heatmap}")
   return 0
@@ -233,57 +251,84 @@ def cmd_accuracy(args) -> int:
   corpus, calib = _calib(args, tokenizer)
   windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
                                     args.windows)
+  held, held_windows = None, None
+  if args.heldout.lower() != "none":
+    held = corpora.load_corpus(args.heldout, data_dir=args.wikitext2_dir)
+    held_ids = calibration.tokenize_corpus(tokenizer, held.eval_text)
+    llama.check_token_ids(held_ids, config.vocab_size, f"the tokens of {held.name}")
+    held_windows = perplexity.eval_windows(held_ids, args.seq_len, args.windows)
   rows = accuracy.ROWS if not args.only else tuple(r for r in accuracy.ROWS if r[1] is None or
                                                    any(o.lower() in r[0].lower() for o in args.only))
   header = (f"Perplexity of {args.model or 'SmolLM2-135M-Instruct'} ({args.dtype}) on {corpus.name} "
-            f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens); calibration "
-            f"{calib.shape[0]} x {calib.shape[1]} tokens, seed {args.seed}; quantized matmuls on the "
-            f"'{args.backend}' backend.")
+            f"(evaluation part, {windows.shape[0]} x {windows.shape[1]} tokens)"
+            + (f" and on held-out text calibration never saw ({held.name}, {held_windows.shape[0]} x "
+               f"{held_windows.shape[1]} tokens)" if held else "")
+            + f"; calibration {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}, seed {args.seed}; "
+            f"quantized matmuls on the '{args.backend}' backend.")
   meta = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name, "windows": list(windows.shape),
           "calib": list(calib.shape), "backend": args.backend, "date": time.strftime("%Y-%m-%d"),
-          "machine": "CPU"}
+          "machine": "CPU", "heldout": held.name if held else None,
+          "heldout_windows": list(held_windows.shape) if held else None}
   earlier = accuracy.load_done(args.out, meta) if args.resume else {}
   finished = []
 
   def save(row):
+    # Rows of the earlier run that this one has not reached (or does not run: --only) are kept, in
+    # the table's order, so stopping a resumed run never loses them.
     finished.append(row)
-    accuracy.write(finished, args.out, header, meta)
+    done = {r.label: r for r in finished}
+    kept = [done.get(label) or earlier.get(label) for label, _, _ in accuracy.ROWS]
+    accuracy.write([r for r in kept if r is not None], args.out, header, meta)
 
   rows = accuracy.run_table(config, params, windows, calib, rows=rows, backend=args.backend, log=_log, on_row=save,
-                            done=earlier)
-  print(accuracy.to_markdown(rows, header))
+                            done=earlier, heldout_windows=held_windows)
+  print(accuracy.to_markdown(rows, header, meta["heldout"]))
   print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
   return 0
 
 
 def cmd_run(args) -> int:
-  """The main job: the FlexQ pipeline on the built-in default model and text."""
+  """The main job: the FlexQ pipeline on the built-in default model and text.
+
+  Memory (make run peaks under 4 GB on the default model): the float model is evaluated and
+  sampled first, and dropped before the quantized model is evaluated; perplexity runs each window
+  in chunks of 512 tokens through the KV cache (perplexity.chunked_perplexity), so a 2048-token
+  window's activations and logits are never alive at once.
+  """
   t_start = time.perf_counter()
   out = Path(args.out)
   config, params, tokenizer = _load(args)
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
+  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
+                                    args.windows)
+  prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
+  chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
+  _log(f"FP32: perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}, and "
+       "generation samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
+  ppl_fp = perplexity.chunked_perplexity(config, params, windows, chunk=512)
+  fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = _quantize(args, config, params, calib)
+  qconfig = config
+  if args.rotation == "hadamard":  # the rotated copy replaces the float model (memory)
+    _log("rotating the model (Hadamard; exact in float)")
+    params, qconfig = flexq_jax.rotate(params, config)
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=qconfig, progress=_log)
+  if args.lm_head != "float":
+    qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=qconfig,
+                                               progress=_log)
+  del params  # the float model is done with (its embedding lives on in qparams)
   print(report.summary())
-  file = checkpoint.save(out, qparams, config, report)
+  file = checkpoint.save(out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",
                                       title=f"FlexQ sensitivity, {args.model or 'SmolLM2-135M-Instruct'}")
 
-  windows = perplexity.eval_windows(calibration.tokenize_corpus(tokenizer, corpus.eval_text), args.seq_len,
-                                    args.windows)
-  _log(f"perplexity on {windows.shape[0]} x {windows.shape[1]} held-out tokens of {corpus.name}")
+  _log("FlexQ: perplexity on the same tokens, and the same prompts")
   qparams, placement = _place(qparams, args, jnp.dtype(args.dtype))  # after saving: checkpoints keep
   print(placement.summary())                                        # the stored layout, unfused
-  logits = llama.logits_fn(config)
-  ppl_fp = perplexity.perplexity(functools.partial(logits, params), windows)
-  ppl_q = perplexity.perplexity(functools.partial(logits, qparams), windows)
-
-  prompts = ["What is the capital of France?", "Explain in one sentence why the sky is blue."]
-  chat = tokenizer.chat_template is not None  # a base model's checkpoint may have none: plain prompts
-  _log("generating samples (greedy" + ("" if chat else "; no chat template: prompts fed as plain text") + ")")
-  fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
-  q_text = gen.generate_text(config, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
+  ppl_q = perplexity.chunked_perplexity(qconfig, qparams, windows, chunk=512)
+  q_text = gen.generate_text(qconfig, qparams, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   results = {"model": args.model or "SmolLM2-135M-Instruct", "corpus": corpus.name,
              "eval_windows": list(windows.shape), "ppl_fp32": ppl_fp.ppl, "ppl_flexq": ppl_q.ppl,
@@ -357,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--backend", choices=[b.name for b in backends.REGISTRY if "cpu" in b.platforms], default="dequant",
                  help="quantized matmul path: 'dequant' (the contract's numbers in one fp32 dot, fast on CPU; "
                       "default) or 'reference' (exact int32 group sums, ~4x slower on CPU)")
+  p.add_argument("--heldout", default="lee-news",
+                 help="a second corpus every row is also evaluated on, never used for calibration (default "
+                      "'lee-news': news articles from the gensim wheel; any --corpus value; 'none' to skip)")
   p.add_argument("--resume", action="store_true",
                  help="reuse rows of an earlier run in --out with the same model, corpus, windows and calibration")
   p.add_argument("--out", default="results", help="output directory (default results/)")

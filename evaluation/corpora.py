@@ -52,6 +52,10 @@ BLOCK_SEPARATOR = "\n\n"
 
 _GENSIM_EXCERPT = ("test/test_data/"
                    "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+# The Lee background corpus in the same wheel: about 300 Australian news articles (ABC), one a line.
+_GENSIM_NEWS = "test/test_data/lee_background.cor"
+# Corpora with no calibration part: held-out text calibration never sees.
+HELD_OUT = ("lee-news",)
 WIKITEXT2_CONFIG = "wikitext-2-raw-v1"
 WIKITEXT2_SPLITS = ("train", "validation", "test")
 # File stem of each split in the original wikitext-2-raw zip (wiki.train.raw, wiki.valid.raw, ...).
@@ -449,8 +453,8 @@ def split_text(text: str, *, eval_fraction: float = EVAL_FRACTION) -> tuple[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def wiki_excerpt_path() -> Path:
-  """Path of the Wikipedia dump excerpt inside the installed gensim wheel.
+def wiki_excerpt_path(member: str = _GENSIM_EXCERPT) -> Path:
+  """Path of the Wikipedia dump excerpt (or another data file) inside the installed gensim wheel.
 
   gensim is located, never imported: importing it needs scipy and smart_open, which this
   project does not install (``pip install --no-deps gensim`` brings only the data file).
@@ -464,10 +468,10 @@ def wiki_excerpt_path() -> Path:
         "The default corpus is the Wikipedia excerpt shipped in the gensim wheel, and gensim is "
         "not installed. Install it with `pip install --no-deps gensim` (only its data file is "
         "used), or pass another corpus (a .txt / .parquet path, or 'wikitext2').")
-  path = Path(spec.origin).parent / _GENSIM_EXCERPT
+  path = Path(spec.origin).parent / member
   if not path.is_file():
     raise FileNotFoundError(
-        f"gensim is installed but its Wikipedia excerpt is missing: {path}. Reinstall it with "
+        f"gensim is installed but its data file is missing: {path}. Reinstall it with "
         "`pip install --no-deps --force-reinstall gensim`.")
   return path
 
@@ -483,6 +487,17 @@ def default_corpus(*, use_cache: bool = True) -> Corpus:
     ``Corpus(name="wiki-excerpt")`` with disjoint calibration and evaluation articles.
   """
   return corpus_from_dump(wiki_excerpt_path(), name="wiki-excerpt", use_cache=use_cache)
+
+
+def lee_news() -> Corpus:
+  """The held-out news corpus: the Lee background corpus in the gensim wheel (299 ABC news
+  articles, 0.36 MB), articles joined with BLOCK_SEPARATOR.
+
+  Evaluation only: ``calib_text`` is empty, so no calibration ever sees it (another source and
+  genre than the Wikipedia excerpt the default calibration reads).
+  """
+  lines = wiki_excerpt_path(_GENSIM_NEWS).read_text(encoding="utf-8").splitlines()
+  return Corpus(name="lee-news", calib_text="", eval_text=BLOCK_SEPARATOR.join(l.strip() for l in lines if l.strip()))
 
 
 def corpus_from_dump(path: str | os.PathLike[str], *, name: str | None = None,
@@ -676,7 +691,8 @@ def load_corpus(name_or_path: str | os.PathLike[str] = "wiki-excerpt", *,
 
   Args:
     name_or_path: ``"wiki-excerpt"`` (default Wikipedia excerpt), ``"wikitext2"`` (calibration
-      = train split, evaluation = test split), or a path to a ``.txt``, ``.parquet`` (column
+      = train split, evaluation = test split), ``"lee-news"`` (news articles, evaluation only:
+      no calibration text), or a path to a ``.txt``, ``.parquet`` (column
       ``text``) or MediaWiki ``.xml`` / ``.xml.bz2`` file. A single file is split as
       ``split_text`` does (a dump as ``split_articles`` does).
     data_dir: Local WikiText-2 folder, for ``"wikitext2"`` only.
@@ -687,13 +703,15 @@ def load_corpus(name_or_path: str | os.PathLike[str] = "wiki-excerpt", *,
   name = str(name_or_path)
   if name == "wiki-excerpt":
     return default_corpus()
+  if name == "lee-news":
+    return lee_news()
   if name == "wikitext2":
     return Corpus(name=name, calib_text=wikitext2("train", data_dir),
                   eval_text=wikitext2("test", data_dir))
   path = Path(name).expanduser()
   if not path.is_file():
     raise FileNotFoundError(
-        f"unknown corpus {name!r}: not 'wiki-excerpt', 'wikitext2', nor an existing file")
+        f"unknown corpus {name!r}: not 'wiki-excerpt', 'wikitext2', 'lee-news', nor an existing file")
   if path.name.endswith((".xml", ".xml.bz2")):
     return corpus_from_dump(path, name=name)
   if path.suffix == ".parquet":

@@ -1,6 +1,7 @@
 """flexq-jax: FlexQ INT6 post-training quantization (W6A6 / W6A8) for LLaMA-family models in JAX.
 
-    qparams, report = flexq_jax.quantize(params, calib_batch)     # canonical layout, reference backend
+    params, config = flexq_jax.rotate(params, config)            # optional: Hadamard rotation (exact)
+    qparams, report = flexq_jax.quantize(params, calib_batch, model_config=config)  # reference backend
     qparams, placement = flexq_jax.place(qparams, "auto")        # each layer on its fastest kernel here
 
 The design, layouts and layering: flexq_jax/DESIGN.md.
@@ -16,9 +17,10 @@ from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
 from flexq_jax.quantize import quantize
 from flexq_jax.report import QuantReport
+from flexq_jax.rotation import rotate
 
 __all__ = [
     "Placement", "QuantConfig", "QuantReport", "QuantizedLinear", "backend_names", "dequantize_weight",
     "load_quantized", "place", "quantize", "quantize_activation", "quantize_weight", "quantized_matmul",
-    "reference_matmul", "save_quantized",
+    "reference_matmul", "rotate", "save_quantized",
 ]

@@ -2,7 +2,8 @@
 
     qparams, report = quantize(params, calib_batch, QuantConfig(...))
 
-Steps: check the params and calibration tokens; gather input statistics in one forward pass
+A rotated model (flexq_jax/rotation.py, a step before this one) is quantized like any other, with
+the config rotate() returned. Steps: check the params and calibration tokens; gather input statistics in one forward pass
 (flexq_jax/input_stats.py); smooth (flexq_jax/smoothing.py); quantize every projection's weight
 (round to nearest, or GPTQ: flexq_jax/gptq.py); choose each layer's activation bits (rules, then
 the sensitivity analysis of flexq_jax/sensitivity.py or the down_proj rule); pack. The layers come
@@ -24,7 +25,7 @@ from flexq_jax._tree import copy_containers, get_at, path_str, set_at
 from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
 from flexq_jax.report import LayerReport, QuantReport
-from flexq_jax.smoothing import smooth
+from flexq_jax.smoothing import smooth, smoothing_folds
 from models import llama
 from models.config import LlamaConfig
 from pallas_kernels import core
@@ -89,7 +90,8 @@ def quantize(
     calib_batch: [B, T] int tokens of calibration text.
     config: QuantConfig (default: W6, g128, SmoothQuant smoothing (alpha 0.5) and GPTQ weights,
       A6 with 1/7 of the layers at A8 chosen by the sensitivity analysis).
-    model_config: the architecture; inferred from the shapes for the known presets.
+    model_config: the architecture; inferred from the shapes for the known presets. A rotated model
+      (flexq_jax.rotate) needs the config rotate() returned.
     progress: optional callback taking a status line.
 
   Returns:
@@ -119,7 +121,7 @@ def quantize(
     seconds["calibration"] = time.perf_counter() - t0
 
   if config.smooth_alpha is not None:
-    params, factors = smooth(params, stats, config.smooth_alpha)
+    params, factors = smooth(params, stats, config.smooth_alpha, smoothing_folds(model_config))
   else:
     factors = {}
 

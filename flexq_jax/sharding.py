@@ -106,6 +106,10 @@ def make_plan(config: LlamaConfig, mesh: Mesh, axis: str = AXIS) -> TPPlan:
     raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis!r}")
   tp = mesh.shape[axis]
   hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+  if tp > 1 and getattr(config, "down_proj_hadamard", False):
+    raise ValueError(f"--tp {tp}: a rotated model (flexq_jax/rotation.py) transforms down_proj's whole input with "
+                     f"an online Hadamard, which a shard of the intermediate features cannot do alone; shard "
+                     f"a model quantized with --rotation none, or run it on one device")
   if hq % tp:
     raise ValueError(f"--tp {tp} (tensor-parallel size) must divide the model's {hq} attention heads (num_heads)")
   if hkv % tp and tp % hkv:

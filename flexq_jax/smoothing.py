@@ -13,10 +13,22 @@ import numpy as np
 
 from flexq_jax._tree import copy_containers
 from models import llama
+from models.config import LlamaConfig
 
 
-def smooth(params: dict, stats: dict, alpha: float) -> tuple[dict, dict[str, np.ndarray]]:
-  """SmoothQuant over models.llama.SMOOTHING_FOLDS.
+def smoothing_folds(config: LlamaConfig) -> tuple:
+  """The folds that keep this model's function: all of models.llama.SMOOTHING_FOLDS, less
+  up_proj -> down_proj when down_proj reads a Hadamard-transformed input (a rotated model,
+  flexq_jax/rotation.py): scaling up_proj's columns would no longer scale down_proj's input rows."""
+  if config.down_proj_hadamard:
+    return tuple(f for f in llama.SMOOTHING_FOLDS if f[0] != "up_proj")
+  return llama.SMOOTHING_FOLDS
+
+
+def smooth(params: dict, stats: dict, alpha: float,
+           folds=llama.SMOOTHING_FOLDS) -> tuple[dict, dict[str, np.ndarray]]:
+  """SmoothQuant over `folds` (default models.llama.SMOOTHING_FOLDS; a rotated model leaves out
+  up_proj -> down_proj, see smoothing_folds).
 
   Args:
     params: float LLaMA params (unstacked layers list).
@@ -29,7 +41,7 @@ def smooth(params: dict, stats: dict, alpha: float) -> tuple[dict, dict[str, np.
   params = copy_containers(params)
   factors = {}
   for i, layer in enumerate(params["layers"]):
-    for fold_into, projs in llama.SMOOTHING_FOLDS:
+    for fold_into, projs in folds:
       act = np.asarray(stats[f"layers/{i}/{projs[0]}"].absmax, np.float64)
       wmax = np.max([np.max(np.abs(np.asarray(layer[p], np.float64)), axis=1) for p in projs], axis=0)
       s = np.where((act > 0) & (wmax > 0), act ** alpha / np.maximum(wmax, 1e-8) ** (1 - alpha), 1.0)

@@ -8,6 +8,8 @@ import math
 import numbers
 from typing import Any
 
+from models import hadamard
+
 
 def _is_int(value) -> bool:
   # numbers.Integral admits numpy integers; bool is an int subclass but never a size.
@@ -63,6 +65,10 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
+  # down_proj's input goes through an orthogonal Hadamard transform in the forward (QuaRot's online
+  # transform, models/hadamard.py); set by flexq_jax/rotation.py, which folds its transpose into
+  # down_proj so the float model is unchanged.
+  down_proj_hadamard: bool = False
 
   def __post_init__(self):
     # Every size must be a true positive integer: a string, float or bool here (e.g. from a hand
@@ -80,6 +86,11 @@ class LlamaConfig:
         raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
     if not isinstance(self.tie_word_embeddings, bool):
       raise ValueError(f"LlamaConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+    if not isinstance(self.down_proj_hadamard, bool):
+      raise ValueError(f"LlamaConfig.down_proj_hadamard must be a bool, got {self.down_proj_hadamard!r}")
+    if self.down_proj_hadamard and not hadamard.has_order(self.intermediate_size):
+      raise ValueError(f"LlamaConfig.down_proj_hadamard: no Hadamard transform of order intermediate_size "
+                       f"{self.intermediate_size} (orders 2^a * 12^b * 20^c only)")
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
     if self.num_heads % self.num_kv_heads:

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import hadamard
 from models.config import PRESETS, LlamaConfig
 
 Params = dict[str, Any]
@@ -461,7 +462,10 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
   else:
     gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
-  h = h + row_parallel_linear(jax.nn.silu(gate) * up, layer["down_proj"], tp_axis)
+  u = jax.nn.silu(gate) * up
+  if config.down_proj_hadamard:  # a rotated model (flexq_jax/rotation.py): down_proj holds H^T W
+    u = hadamard.hadamard_transform(u)
+  h = h + row_parallel_linear(u, layer["down_proj"], tp_axis)
   return h, extra
 
 

@@ -4,17 +4,19 @@ from evaluation import accuracy
 
 
 def test_table_rows_are_what_the_issue_asks_for():
-  labels = [label for label, _ in accuracy.ROWS]
+  labels = [label for label, _, _ in accuracy.ROWS]
   assert labels[0] == "FP32" and accuracy.ROWS[0][1] is None
   assert len(set(labels)) == len(labels)
-  configs = dict(accuracy.ROWS)
+  configs = {label: c for label, c, _ in accuracy.ROWS}
+  rotated = {label for label, _, rot in accuracy.ROWS if rot}
+  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 4
   w8a8 = next(c for l, c in configs.items() if l.startswith("W8A8"))
   assert (w8a8.w_bits, w8a8.a_bits, w8a8.group_size, w8a8.smooth_alpha) == (8, 8, None, 0.5)
-  paper = [c for l, c in configs.items() if "paper rule" in l]
-  ours = [c for l, c in configs.items() if "sensitivity-chosen" in l]
-  assert len(paper) == len(ours) == 3  # RTN, GPTQ, GPTQ + smoothing: each pair differs only in the selection
-  for p, o in zip(paper, ours):
-    assert (p.weight_method, p.smooth_alpha) == (o.weight_method, o.smooth_alpha)
+  paper = [(l, c) for l, c in configs.items() if "paper rule" in l]
+  ours = [(l, c) for l, c in configs.items() if "sensitivity-chosen" in l]
+  assert len(paper) == len(ours) == 4  # RTN, GPTQ, GPTQ + smoothing, rotation: pairs differ only in the selection
+  for (lp, p), (lo, o) in zip(paper, ours):
+    assert (p.weight_method, p.smooth_alpha, lp in rotated) == (o.weight_method, o.smooth_alpha, lo in rotated)
     assert (p.a8_selection, o.a8_selection) == ("down_proj", "sensitivity")
 
 
@@ -25,3 +27,12 @@ def test_markdown_and_resume(tmp_path):
   assert "| X | 11.000 | +10.00% | 3 |" in md.read_text()
   assert set(accuracy.load_done(tmp_path, meta)) == {"FP32", "X"}
   assert accuracy.load_done(tmp_path, {**meta, "windows": [4, 2048]}) == {}
+  # With a held-out corpus: its own column pair, and a different held-out text is not resumed from.
+  rows[1].heldout_ppl, rows[1].heldout_delta_pct = 12.5, 4.2
+  held = {**meta, "heldout": "lee-news", "heldout_windows": [8, 2048]}
+  md, _ = accuracy.write(rows, tmp_path, "header", held)
+  assert "| held-out (lee-news) | vs FP32 |" in md.read_text()
+  assert "| X | 11.000 | +10.00% | 12.500 | +4.20% | 3 |" in md.read_text()
+  assert "| FP32 | 10.000 | +0.00% | - | - | 0 |" in md.read_text()
+  assert accuracy.load_done(tmp_path, held)["X"].heldout_ppl == 12.5
+  assert accuracy.load_done(tmp_path, {**held, "heldout": None}) == {}

@@ -31,7 +31,7 @@ def test_quantize_then_eval_and_generate_from_the_checkpoint(tmp_path, capsys):
   model = tmp_path / "tiny"
   config = tiny_hf_checkpoint(model)
   out = tmp_path / "q"
-  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32",
+  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32", "--rotation", "none",
                    "--weight-method", "rtn", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "quantized 14 linear layers: 12 x W6A6, 2 x W6A8" in printed
@@ -44,3 +44,22 @@ def test_quantize_then_eval_and_generate_from_the_checkpoint(tmp_path, capsys):
   assert 1000 < ppl < 200000  # a random model: about the vocabulary size, finite
   assert cli.main(["generate", "--model", str(model), "--quantized", str(out), "--max-new-tokens", "4", "hello"]) == 0
   assert ">>> hello" in capsys.readouterr().out
+
+
+def test_rotated_quantize_and_eval_from_the_checkpoint(tmp_path, capsys):
+  from flexq_jax import checkpoint
+  model = tmp_path / "tiny"
+  config = tiny_hf_checkpoint(model)
+  out = tmp_path / "q"
+  assert cli.main(["quantize", "--model", str(model), "--calib-batch", "2", "--calib-len", "32",  # rotation: default
+                   "--weight-method", "rtn", "--a8-selection", "down_proj", "--out", str(out)]) == 0
+  _, loaded_config, meta = checkpoint.load(out)
+  assert loaded_config.down_proj_hadamard and not loaded_config.tie_word_embeddings
+  assert loaded_config.hidden_size == config.hidden_size
+  assert meta["report"]["config"]["smooth_alpha"] is None  # 'auto' smoothing: none on a rotated model
+  capsys.readouterr()
+  assert cli.main(["eval", "--model", str(model), "--quantized", str(out), "--windows", "1", "--seq-len", "64"]) == 0
+  assert 1000 < float(capsys.readouterr().out.split()[1]) < 200000
+  # An evaluation-only corpus cannot calibrate; the error names the option.
+  assert cli.main(["quantize", "--model", str(model), "--corpus", "lee-news", "--out", str(out)]) == 2
+  assert "--corpus lee-news has no calibration text" in capsys.readouterr().err

@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 
 from evaluation import perplexity as ppl_lib
+from flexq_jax.placement import place
+from flexq_jax.qconfig import QuantConfig
+from flexq_jax.quantize import quantize
+from models import llama
+from models.config import LlamaConfig
 
 V = 37  # vocabulary of the toy models
 
@@ -119,3 +124,20 @@ def test_perplexity_argument_errors():
     ppl_lib.perplexity(lambda t: t, np.zeros((3, 1), np.int32), progress=False)
   with pytest.raises(ValueError, match="batch_size=0"):
     ppl_lib.perplexity(lambda t: t, _windows(1, 8), batch_size=0, progress=False)
+
+
+def test_chunked_perplexity_matches_the_whole_window_forward():
+  config = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                       num_kv_heads=2, tie_word_embeddings=True)
+  params = llama.init_params(config, jax.random.key(0), scale=0.3)
+  windows = _windows(2, 64)
+  qparams, _ = quantize(params, windows, QuantConfig(a8_selection="down_proj", weight_method="rtn", smooth_alpha=None),
+                        model_config=config)
+  for p in (params, place(qparams, "reference")[0]):
+    whole = ppl_lib.perplexity(functools.partial(llama.logits_fn(config), p), windows, progress=False)
+    chunked = ppl_lib.chunked_perplexity(config, p, windows, chunk=48, progress=False)  # chunks of 48 and 16
+    assert chunked.num_tokens == whole.num_tokens == 2 * 63
+    assert chunked.ppl == pytest.approx(whole.ppl, rel=1e-5)
+    assert whole.ppl > 1.5  # not a degenerate model
+  with pytest.raises(ValueError, match="chunk=0 must be a positive"):
+    ppl_lib.chunked_perplexity(config, params, windows, chunk=0)

@@ -118,6 +118,9 @@ def test_bad_tp_is_refused_naming_the_option():
                             num_kv_heads=2)  # head_dim 64: 1 head a shard on 4 shards = half a group
   with pytest.raises(ValueError, match=r"--tp 4 .* straddle"):
     sharding.make_plan(small_heads, sharding.make_mesh(4))
+  import dataclasses
+  with pytest.raises(ValueError, match=r"--tp 2: a rotated model"):
+    sharding.make_plan(dataclasses.replace(CFG, down_proj_hadamard=True), sharding.make_mesh(2))
   with pytest.raises(ValueError, match="unstack_layers"):
     sharding.shard(llama.stack_layers(llama.init_params(CFG, jax.random.key(0))), CFG, sharding.make_mesh(2))
 
