@@ -264,3 +264,11 @@ def test_load_corpus_wikitext2_uses_train_and_test(tmp_path, offline_hf):
   corpus = corpora.load_corpus("wikitext2", data_dir=tmp_path)
   assert corpus.calib_text == "\n\n = Train = \n"
   assert corpus.eval_text == "\n\n".join(_WT_ROWS)
+
+
+def test_lee_news_is_evaluation_only_text_from_the_gensim_wheel():
+  corpus = corpora.load_corpus("lee-news")
+  assert corpus.name == "lee-news" and corpus.calib_text == ""
+  assert len(corpus.eval_text) > 300_000 and corpus.eval_text.startswith("Hundreds of people have been forced")
+  assert corpus.eval_text.count(corpora.BLOCK_SEPARATOR) >= 250  # one block per article
+  assert "lee-news" in corpora.HELD_OUT

@@ -54,6 +54,7 @@ def test_orthogonal_is_orthogonal_and_seeded():
     assert kind == ("randomized Hadamard" if n == 192 else "random orthogonal")
 
 
+@pytest.mark.slow  # ~18 s on the shared 2-core CPU
 def test_rotation_removes_the_damage_of_activation_outliers():
   """Outlier channels in the norm weights hurt W6A6 round-to-nearest; rotated, they are spread."""
   params = _params(outlier=40.0)
@@ -66,6 +67,7 @@ def test_rotation_removes_the_damage_of_activation_outliers():
   assert err(rq, rconfig) < 0.7 * err(q, CONFIG)  # measured 0.26 vs 0.47
 
 
+@pytest.mark.slow  # ~23 s; tests/evaluation/test_cli.py covers the rotated checkpoint round trip by default
 def test_rotated_quantized_model_saves_and_loads_with_its_config(tmp_path):
   rparams, rconfig = rotate(_params(), CONFIG)
   assert smoothing_folds(rconfig) == tuple(f for f in llama.SMOOTHING_FOLDS if f[0] != "up_proj")
