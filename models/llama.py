@@ -485,6 +485,7 @@ def forward(
     cache: KVCache | None = None,
     *,
     remat: bool = False,
+    head: bool = True,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder over a chunk of tokens.
 
@@ -497,9 +498,11 @@ def forward(
       causal forward.
     remat: recompute each block in a backward pass instead of storing its activations (memory
       for gradients over long sequences; cache-less forwards only).
+    head: False returns the final (normed) hidden states [B, T, D] instead of the logits, for
+      callers that need logits at a few positions only (`lm_head` on those).
 
   Returns:
-    (logits [B, T, V] float32, the updated cache or None).
+    (logits [B, T, V] float32 (hidden states [B, T, D] if head=False), the updated cache or None).
   """
   _check_inputs(config, tokens, mask)
   b, t = tokens.shape
@@ -557,14 +560,19 @@ def forward(
       new_v.append(v)
 
   h = rms_norm(h, params["norm"], config.rms_norm_eps)
-  if config.tie_word_embeddings:
-    logits = jnp.einsum("BTD,VD->BTV", h, params["embed_tokens"], preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+  logits = lm_head(params, config, h) if head else h
 
   if cache is None:
     return logits, None
   return logits, KVCache(k=new_k, v=new_v, valid=key_valid, length=cache.length + t)
+
+
+def lm_head(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
+  """Logits [..., V] float32 of final (normed) hidden states h [..., D]: the output projection,
+  the tied embedding when config.tie_word_embeddings."""
+  if config.tie_word_embeddings:
+    return jnp.einsum("...D,VD->...V", h, params["embed_tokens"], preferred_element_type=jnp.float32)
+  return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
 def logits_fn(config: LlamaConfig):
