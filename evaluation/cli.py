@@ -288,6 +288,13 @@ def cmd_zeroshot(args) -> int:
   if row is not None and args.quantized:
     raise ValueError("--row quantizes the model itself; leave out --quantized (or --row)")
   data_dir = _data_dir(args)
+  if args.write_tasks:
+    if data_dir is None:
+      raise ValueError("--write-tasks needs local task copies (--data-dir DIR)")
+    zeroshot.task_manager(tasks, data_dir, args.write_tasks)
+    print(f"wrote lm-eval task YAMLs for {', '.join(tasks)} to {args.write_tasks}; use them with "
+          f"`flexq lm-eval run --model flexq --include_path {args.write_tasks} --tasks {','.join(tasks)} ...`")
+    return 0
   with tempfile.TemporaryDirectory(prefix="flexq-zeroshot-") as workdir:
     manager = zeroshot.task_manager(tasks, data_dir, workdir)  # unknown tasks, missing data: before loading
     _log(f"tasks {', '.join(tasks)} from {data_dir or 'the Hugging Face hub'}"
@@ -475,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="results/zeroshot",
                  help="folder of the table zeroshot.md / zeroshot.json, updated with this row "
                       "(default results/zeroshot; '' = print only)")
+  p.add_argument("--write-tasks", default=None, metavar="DIR",
+                 help="only write the task YAMLs that read --data-dir's copies into DIR and exit, for lm-eval's own "
+                      "command line (`flexq lm-eval run --model flexq --include_path DIR ...`)")
   p.set_defaults(func=cmd_zeroshot)
 
   p = sub.add_parser("lm-eval", help="lm-eval's own command line with the 'flexq' model registered "

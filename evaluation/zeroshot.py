@@ -401,7 +401,7 @@ def evaluate(lm: "FlexQLM", tasks: Sequence[str], *, data_dir: str | os.PathLike
     manager = manager or task_manager(tasks, data_dir, workdir)
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  num_fewshot=0, log_samples=False, verbosity="WARNING")
+                                  num_fewshot=0, log_samples=True, verbosity="WARNING")
   log(f"lm-eval done in {time.perf_counter() - t0:.0f}s: {lm.tokens_scored} tokens scored "
       f"({lm.tokens_padded} with padding) in {len(lm.compiled_shapes)} batch shapes")
   return out
@@ -436,12 +436,30 @@ def row_from_results(label: str, out: dict, meta: dict) -> Row:
     n = out.get("n-samples", {}).get(task, {})
     s["n"] = int(n.get("effective", n.get("original", 0))) if isinstance(n, dict) else 0
     s["n_total"] = int(n.get("original", s["n"])) if isinstance(n, dict) else s["n"]
+    # Each example's acc, in document order ("1" right, "0" wrong): paired differences between rows.
+    samples = sorted(out.get("samples", {}).get(task, []), key=lambda x: x["doc_id"])
+    if samples and all(x.get("acc") in (0, 1, 0.0, 1.0, True, False) for x in samples):
+      s["acc_per_doc"] = "".join(str(int(x["acc"])) for x in samples)
     scores[task] = s
   return Row(label, scores, meta)
 
 
 def _same_examples(a: dict, b: dict) -> bool:
   return a.get("n") == b.get("n") and a.get("n_total", a.get("n")) == b.get("n_total", b.get("n"))
+
+
+def paired_stderr(a: dict, b: dict, tasks: Sequence[str]) -> float | None:
+  """Standard error of mean_t(acc_a[t] - acc_b[t]) from the per-example differences (the same
+  examples in both rows), or None without per-example results. Each task's mean difference has
+  variance var(d) / n; the tasks are independent."""
+  var = 0.0
+  for t in tasks:
+    x, y = a[t].get("acc_per_doc"), b[t].get("acc_per_doc")
+    if not x or not y or len(x) != len(y):
+      return None
+    d = np.array([int(i) for i in x], float) - np.array([int(j) for j in y], float)
+    var += d.var(ddof=1) / len(d) if len(d) > 1 else 0.0
+  return float(np.sqrt(var)) / len(tasks)
 
 
 def to_markdown(rows: Sequence[Row], header: str = "") -> str:
@@ -463,15 +481,20 @@ def to_markdown(rows: Sequence[Row], header: str = "") -> str:
     common = [t for t in r.scores if t in first and _same_examples(r.scores[t], first[t])]
     if common:
       delta = 100 * float(np.mean([r.scores[t]["acc"] - first[t]["acc"] for t in common]))
-      delta_cell = f"{delta:+.2f}" + ("" if len(common) == len(r.scores) == len(first) else
-                                      f" ({', '.join(common)})")
+      delta_cell = f"{delta:+.2f}"
+      paired = paired_stderr(r.scores, first, common)
+      if paired is not None and r is not rows[0]:
+        delta_cell += f" ± {100 * paired:.2f}"
+      if not len(common) == len(r.scores) == len(first):
+        delta_cell += f" ({', '.join(common)})"
     else:
       delta_cell = "no common examples"
     lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {100 * r.average_acc:.2f} | {delta_cell} |")
   lines.append("")
   lines.append("Accuracy in %, ± lm-eval's standard error; (N): the task's first N examples only (--limit), "
                "otherwise every example; mean acc: over the row's tasks; vs first row: the change of the mean acc "
-               "over the tasks both rows ran on the same examples (named when not all).")
+               "over the tasks both rows ran on the same examples (named when not all), ± the standard error of "
+               "that change from the paired per-example differences.")
   return "\n".join(lines) + "\n"
 
 

@@ -19,14 +19,12 @@ if [[ "${FULL:-0}" == 1 ]]; then
   for row in "$DEFAULT" "${OTHERS[@]}"; do $FLEXQ --row "$row" > "$(log "$(echo "$row" | tr -c 'A-Za-z0-9' _ | cut -c1-40)-full")" 2>&1; done
   exit 0
 fi
-# FP32 and the default FlexQ model: PIQA, ARC-Easy and WinoGrande in full; BoolQ (half of all tokens) limited.
-$FLEXQ --tasks piqa,arc_easy,winogrande > "$(log fp32-piqa-arc-wino)" 2>&1
-$FLEXQ --row "$DEFAULT" --tasks piqa,arc_easy,winogrande > "$(log flexq-default-piqa-arc-wino)" 2>&1
-$FLEXQ --tasks boolq --limit "${BOOLQ_LIMIT:-1000}" > "$(log fp32-boolq)" 2>&1
-$FLEXQ --row "$DEFAULT" --tasks boolq --limit "${BOOLQ_LIMIT:-1000}" > "$(log flexq-default-boolq)" 2>&1
-# The other configurations: every task, first OTHERS_LIMIT examples each.
+# FP32 and the default FlexQ model: the first MAIN_LIMIT examples of every task; the other
+# configurations: the first OTHERS_LIMIT.
+$FLEXQ --limit "${MAIN_LIMIT:-300}" > "$(log fp32)" 2>&1
+$FLEXQ --row "$DEFAULT" --limit "${MAIN_LIMIT:-300}" > "$(log flexq-default)" 2>&1
 i=0
 for row in "${OTHERS[@]}"; do
   i=$((i + 1))
-  $FLEXQ --row "$row" --limit "${OTHERS_LIMIT:-300}" > "$(log "other-$i")" 2>&1
+  $FLEXQ --row "$row" --limit "${OTHERS_LIMIT:-100}" > "$(log "other-$i")" 2>&1
 done

@@ -220,7 +220,9 @@ def test_zeroshot_command_on_a_tiny_model(tiny, tmp_path, capsys):
   assert set(row["scores"]) == {"piqa", "winogrande"}
   assert row["scores"]["piqa"]["n"] == 6 and "acc_norm" in row["scores"]["piqa"]
   assert "acc_norm" not in row["scores"]["winogrande"]  # the task has none
-  assert 0 <= row["scores"]["piqa"]["acc"] <= 1 and row["meta"]["limit"] == 6
+  piqa = row["scores"]["piqa"]
+  assert 0 <= piqa["acc"] <= 1 and row["meta"]["runs"]["piqa"]["limit"] == 6
+  assert len(piqa["acc_per_doc"]) == 6 and piqa["acc_per_doc"].count("1") / 6 == pytest.approx(piqa["acc"])
   md = (out / "zeroshot.md").read_text()
   assert "piqa acc_norm" in md and "| tiny |" in md
 
@@ -254,3 +256,27 @@ def test_piqa_limit_50_on_the_default_model(tmp_path, capsys):
   (row,) = json.loads((tmp_path / "zeroshot.json").read_text())["rows"]
   assert row["scores"]["piqa"]["n"] == 50
   assert row["scores"]["piqa"]["acc"] > 0.55  # far above chance (0.5) for SmolLM2-135M-Instruct
+
+
+@needs_data
+def test_lm_eval_command_line_runs_the_registered_model(tiny, tmp_path, capsys):
+  directory, _ = tiny
+  yamls = tmp_path / "tasks"
+  assert cli.main(["zeroshot", "--tasks", "piqa", "--write-tasks", str(yamls)]) == 0
+  assert (yamls / "piqa.yaml").is_file()
+  capsys.readouterr()
+  assert cli.main(["lm-eval", "run", "--model", "flexq", "--model_args", f"model={directory},progress=false",
+                   "--tasks", "piqa", "--include_path", str(yamls), "--limit", "3"]) == 0
+  printed = capsys.readouterr().out
+  assert "piqa" in printed and "acc_norm" in printed
+
+
+def test_paired_standard_error_of_a_change():
+  a = {"t": {"acc_per_doc": "1100110011"}, "u": {"acc_per_doc": "1111"}}
+  b = {"t": {"acc_per_doc": "1100110011"}, "u": {"acc_per_doc": "1111"}}
+  assert zeroshot.paired_stderr(a, b, ["t", "u"]) == 0.0  # the same answers: no noise in the change
+  b["t"]["acc_per_doc"] = "0100110011"
+  d = np.array([1.0] + [0.0] * 9)
+  want = np.sqrt(d.var(ddof=1) / 10) / 2
+  assert zeroshot.paired_stderr(a, b, ["t", "u"]) == pytest.approx(want)
+  assert zeroshot.paired_stderr(a, {"t": {}, "u": b["u"]}, ["t", "u"]) is None
