@@ -128,8 +128,6 @@ class FlexQLM(TemplateLM):
     self.compiled_shapes: set[tuple] = set()  # (kind, rows, length) of every scoring call made
     self.tokens_scored = 0  # real (unpadded) tokens fed to the model
     self.tokens_padded = 0  # tokens fed including padding
-    self._score_last = jax.jit(functools.partial(_score_last, self.config))
-    self._score_all = jax.jit(functools.partial(_score_all, self.config))
 
   @classmethod
   def from_loaded(cls, config, params, tokenizer, **kwargs) -> "FlexQLM":
@@ -259,10 +257,10 @@ class FlexQLM(TemplateLM):
           last[r] = len(fed) - 1
         self.compiled_shapes.add((kind, per_batch, length))
         if kind == "last":
-          last_logp, last_argmax = jax.device_get(self._score_last(self.params, tokens, last))
+          last_logp, last_argmax = jax.device_get(_score_last(self.config, self.params, tokens, last))
           nxt = greedy = None
         else:
-          nxt, greedy, last_logp, last_argmax = jax.device_get(self._score_all(self.params, tokens, last))
+          nxt, greedy, last_logp, last_argmax = jax.device_get(_score_all(self.config, self.params, tokens, last))
         for r, fed in enumerate(chunk):
           n = len(fed)
           for i, last_token, scored in rows[fed]:
@@ -280,6 +278,7 @@ class FlexQLM(TemplateLM):
     return results
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per (config, params structure, shapes)
 def _score_last(config, params, tokens, last):
   """The log-softmax [B, V] (and argmax [B]) of the next token after position last[b] of each row."""
   h, _ = llama.forward(params, config, tokens, head=False)  # right padding: causal rows are unaffected
@@ -288,6 +287,7 @@ def _score_last(config, params, tokens, last):
   return jax.nn.log_softmax(logits, axis=-1), jnp.argmax(logits, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _score_all(config, params, tokens, last):
   """Per position p < T - 1: log P(tokens[p + 1]) and whether it is the argmax; and what
   _score_last gives at position last[b]."""
@@ -361,6 +361,12 @@ def check_data_dir(tasks: Sequence[str], data_dir: str | os.PathLike) -> dict[st
   return files
 
 
+@functools.cache
+def _registered_tasks():
+  """lm-eval's TaskManager over its own tasks (indexing them takes seconds: once per process)."""
+  return TaskManager()
+
+
 def task_manager(tasks: Sequence[str], data_dir: str | os.PathLike | None, workdir: str | os.PathLike):
   """An lm-eval TaskManager for `tasks`, reading offline copies from data_dir (None: the hub).
 
@@ -370,7 +376,7 @@ def task_manager(tasks: Sequence[str], data_dir: str | os.PathLike | None, workd
   Unknown task names are a ValueError naming --tasks.
   """
   require_lm_eval()
-  registered = TaskManager()
+  registered = _registered_tasks()
   unknown = [t for t in tasks if t not in registered.all_tasks]
   if unknown:
     raise ValueError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm-eval ls tasks`)")

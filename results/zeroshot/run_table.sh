@@ -11,8 +11,8 @@ cd "$(dirname "$0")/../.."
 export HF_DATASETS_OFFLINE=1
 FLEXQ="nice -n 10 .venv/bin/flexq zeroshot --out results/zeroshot --backend dequant"
 DEFAULT="W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5) = flexq-jax default"
-OTHERS=("W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)" "W6A16 (GPTQ)" "W6A6 everywhere (RTN)"
-        "W6A6 + down_proj A8, paper rule (GPTQ + smoothing 0.5)")
+OTHERS=("W6A6 + down_proj A8, paper rule (GPTQ + smoothing 0.5)" "W6A6 everywhere (RTN)" "W6A16 (GPTQ)"
+        "W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)")
 log() { echo "results/zeroshot/raw/$1.log"; }
 if [[ "${FULL:-0}" == 1 ]]; then
   $FLEXQ > "$(log fp32-full)" 2>&1
@@ -21,7 +21,7 @@ if [[ "${FULL:-0}" == 1 ]]; then
 fi
 # FP32 and the default FlexQ model: the first MAIN_LIMIT examples of every task; the other
 # configurations: the first OTHERS_LIMIT.
-$FLEXQ --limit "${MAIN_LIMIT:-300}" > "$(log fp32)" 2>&1
+if [[ -z "${SKIP_FP32:-}" ]]; then $FLEXQ --limit "${MAIN_LIMIT:-300}" > "$(log fp32)" 2>&1; fi
 $FLEXQ --row "$DEFAULT" --limit "${MAIN_LIMIT:-300}" > "$(log flexq-default)" 2>&1
 i=0
 for row in "${OTHERS[@]}"; do
