@@ -34,6 +34,9 @@ def tiny(tmp_path_factory):
   return directory, loaders.load_model(directory)
 
 
+_forward = jax.jit(lambda params, config, tokens: llama.forward(params, config, tokens)[0], static_argnums=1)
+
+
 def _requests(kind, args):
   return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
@@ -49,7 +52,7 @@ def _direct(config, params, tokenizer, context, continuation, max_length=None):
   if max_length is not None:
     whole = whole[-(max_length + 1):]
   fed = whole[:-1]
-  logits = np.asarray(llama.forward(params, config, jnp.asarray([fed]))[0][0], np.float64)
+  logits = np.asarray(_forward(params, config, jnp.asarray([fed]))[0], np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
   positions = range(len(fed) - len(cont), len(fed))
   total = sum(logp[p, whole[p + 1]] for p in positions)
@@ -100,7 +103,7 @@ def test_greedy_flag_and_truncation_to_max_length(tiny):
 def test_quantized_model_matches_its_own_forward(tiny):
   _, (config, params, tokenizer) = tiny
   calib = np.random.default_rng(0).integers(0, 1000, (2, 32), dtype=np.int32)
-  qparams, _ = quantize(params, calib, QuantConfig(weight_method="rtn", smooth_alpha=None), model_config=config)
+  qparams, _ = quantize(params, calib, QuantConfig(weight_method="rtn", smooth_alpha=None, a8_selection="down_proj"), model_config=config)
   qparams = llama.fuse_projections(place(qparams, "reference")[0])
   lm = zeroshot.FlexQLM.from_loaded(config, qparams, tokenizer, progress=False)
   got = lm.loglikelihood(_requests("loglikelihood", PAIRS[2:4]))
@@ -151,13 +154,13 @@ def test_many_lengths_compile_few_shapes(tiny):
   _, (config, params, tokenizer) = tiny
   rng = np.random.default_rng(0)
   words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-  pairs = [(" ".join(rng.choice(words, int(n))), " " + str(rng.choice(words))) for n in rng.integers(1, 60, 120)]
+  pairs = [(" ".join(rng.choice(words, int(n))), " " + str(rng.choice(words))) for n in rng.integers(1, 40, 60)]
   lm = zeroshot.FlexQLM.from_loaded(config, params, tokenizer, progress=False, batch_tokens=512)
   results = lm.loglikelihood(_requests("loglikelihood", pairs))
-  assert len(results) == 120 and all(np.isfinite(lp) and lp < 0 for lp, _ in results)
+  assert len(results) == 60 and all(np.isfinite(lp) and lp < 0 for lp, _ in results)
   # one shape per (kind, length bucket), and one more for a short last batch
   buckets = {(kind, length) for kind, _, length in lm.compiled_shapes}
-  assert len({length for _, length in buckets}) <= 6 and len(lm.compiled_shapes) <= 2 * len(buckets)
+  assert len({length for _, length in buckets}) <= 5 and len(lm.compiled_shapes) <= 2 * len(buckets)
   for kind, length in buckets:
     rows = sorted(r for k, r, n in lm.compiled_shapes if (k, n) == (kind, length))
     assert len(rows) <= 2 and rows[-1] <= 512 // length, lm.compiled_shapes
