@@ -230,6 +230,24 @@ def test_zeroshot_command_on_a_tiny_model(tiny, tmp_path, capsys):
   assert "piqa acc_norm" in md and "| tiny |" in md
 
 
+@pytest.mark.slow
+@needs_data
+def test_zeroshot_command_on_a_quantized_checkpoint(tiny, tmp_path, capsys):
+  directory, _ = tiny
+  out = tmp_path / "table"
+  assert cli.main(["zeroshot", "--model", str(directory), "--tasks", "piqa,winogrande", "--limit", "6",
+                   "--out", str(out), "--label", "tiny"]) == 0
+  # a quantized checkpoint (flexq quantize) is a second row, compared on the same examples
+  assert cli.main(["quantize", "--model", str(directory), "--calib-batch", "2", "--calib-len", "32",
+                   "--weight-method", "rtn", "--a8-selection", "down_proj", "--out", str(tmp_path / "q")]) == 0
+  assert cli.main(["zeroshot", "--model", str(directory), "--quantized", str(tmp_path / "q"), "--tasks",
+                   "piqa,winogrande", "--limit", "6", "--out", str(out)]) == 0
+  rows = json.loads((out / "zeroshot.json").read_text())["rows"]
+  assert [r["label"] for r in rows] == ["tiny", f"quantized {tmp_path / 'q'}"]
+  assert rows[1]["meta"]["runs"]["piqa"]["backend"] == "auto"
+  assert f"| quantized {tmp_path / 'q'} |" in (out / "zeroshot.md").read_text()
+
+
 def test_table_rows_replace_rows_of_the_same_label(tmp_path):
   def row(label, acc):
     return zeroshot.Row(label, {"piqa": {"acc": acc, "acc_stderr": 0.01, "n": 10}}, {})
