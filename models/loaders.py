@@ -534,7 +534,8 @@ HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 def is_hub_id(spec: str | os.PathLike[str]) -> bool:
   """Whether `spec` reads as a hub id org/name[@revision] and names no existing local path."""
   text = os.fspath(spec)
-  return bool(_HUB_ID.match(text)) and not pathlib.Path(text).exists()
+  # A missing "dir/model.gguf" is a path typed wrong, not a repository.
+  return bool(_HUB_ID.match(text)) and not text.endswith(".gguf") and not pathlib.Path(text).exists()
 
 
 def resolve_hub_id(spec: str) -> pathlib.Path:
@@ -564,8 +565,8 @@ def resolve_hub_id(spec: str) -> pathlib.Path:
   except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
     offline = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
     raise FileNotFoundError(
-        f"{where}: not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and {offline}; "
-        f"download it once where the hub is reachable, or pass a local checkpoint directory") from None
+        f"{where}: no such local path, not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and "
+        f"{offline}; download it once where the hub is reachable, or pass a local checkpoint directory") from None
   except (hub_errors.HfHubHTTPError, OSError) as e:  # network trouble past the cache check
     raise FileNotFoundError(f"{where}: could not be fetched from the Hugging Face hub: {e}") from None
   return pathlib.Path(path)

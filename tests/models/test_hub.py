@@ -52,7 +52,7 @@ def test_hub_id_syntax():
   for spec in ("org/name", "meta-llama/Llama-2-7b-hf", "HuggingFaceTB/SmolLM2-135M-Instruct@main",
                "org/name@" + COMMIT):
     assert loaders.is_hub_id(spec), spec
-  for spec in ("name", "/abs/path", "./rel/path", "a/b/c", "org/name.gguf/", "org/", "../x"):
+  for spec in ("name", "/abs/path", "./rel/path", "a/b/c", "org/name.gguf/", "org/", "../x", "runs/model.gguf"):
     assert not loaders.is_hub_id(spec), spec
 
 
@@ -67,13 +67,13 @@ def test_a_cached_hub_id_loads_like_its_directory(hub_cache, tiny_dir, spec):
 
 
 def test_missing_hub_id_offline_is_a_clear_error(hub_cache, capsys):
-  with pytest.raises(FileNotFoundError, match=r"org/absent: not in the Hugging Face cache .* HF_HUB_OFFLINE"):
+  with pytest.raises(FileNotFoundError, match=r"org/absent: no such local path, not in the Hugging Face cache .* HF_HUB_OFFLINE"):
     loaders.load_model("org/absent")
-  with pytest.raises(FileNotFoundError, match="org/tiny at revision v9: not in the Hugging Face cache"):
+  with pytest.raises(FileNotFoundError, match="org/tiny at revision v9: no such local path, not in the Hugging Face cache"):
     loaders.load_model("org/tiny@v9")
   assert cli.main(["eval", "--model", "org/absent"]) == 2
   err = capsys.readouterr().err
-  assert "org/absent: not in the Hugging Face cache" in err and str(hub_cache) in err
+  assert "org/absent: no such local path, not in the Hugging Face cache" in err and str(hub_cache) in err
 
 
 def test_a_local_folder_wins_over_a_hub_id(hub_cache, tiny_dir, tmp_path):
