@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import flexq_jax
 from evaluation import accuracy, calibration, corpora, e2e_bench, perplexity, plots, zeroshot
-from flexq_jax import backends, checkpoint, placement
+from flexq_jax import backends, checkpoint, lm_head, placement
 from flexq_jax.qconfig import QuantConfig
 from models import generate as gen
 from models import llama, loaders
@@ -146,6 +146,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--smooth-alpha", type=_alpha, default=0.5,
                  help="SmoothQuant smoothing strength in [0, 1] folded into the weights before quantization "
                       "(default 0.5), or 'none' to switch smoothing off")
+  p.add_argument("--lm-head", choices=("float",) + tuple(lm_head.FORMATS), default="float",
+                 help="the output projection: float (default, as FlexQ), or quantized with 8-bit activations and "
+                      "8- or 6-bit GPTQ weights (with tied embeddings: a separate quantized copy)")
+
+
+def _quantize(args, config, params, calib):
+  """quantize(), and the quantized lm_head when --lm-head asks for one."""
+  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  if args.lm_head != "float":
+    qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=config,
+                                               progress=_log)
+  return qparams, report
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -219,7 +231,7 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  qparams, report = _quantize(args, config, params, calib)
   print(report.summary())
   file = checkpoint.save(args.out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
@@ -353,7 +365,7 @@ def cmd_run(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
+  qparams, report = _quantize(args, config, params, calib)
   print(report.summary())
   file = checkpoint.save(out, qparams, config, report)
   heatmap = plots.sensitivity_heatmap(report.layers, out / "sensitivity.png",

@@ -5,6 +5,8 @@ on one GPU with bf16, W8A8 and FlexQ linear layers (random weights at the real s
     python -m evaluation.e2e_bench --models llama2-7b,llama2-13b --batches 1 --prompts 128
     python -m evaluation.e2e_bench --models llama2-70b --batches 1 --prompts 128   # fits one H200
     flexq bench ...                                      # the same
+    flexq bench --models llama2-70b,llama2-13b --methods bf16,flexq --tp 1,2,4 --batches 1,16 --prompts 128
+                                                         # tensor parallel: split over 2 and 4 GPUs of a mesh
     python -m evaluation.e2e_bench --merge a.json b.json --tag all   # runs of several calls, one table
 
 Methods (every linear layer of every block; embeddings, norms, attention and the KV cache stay bf16):
@@ -25,6 +27,11 @@ Layers: unrolled (a list of per-layer weights, what generate() runs) by default.
 stacked` scans one stacked copy instead: it compiles faster, but XLA slices each layer's weights
 out of the stack into a fresh buffer every decode step (a dynamic slice feeding a GEMM custom
 call), which doubles the weight traffic (measured on an H200: results/e2e/NOTES.md).
+
+Tensor parallelism (--tp N, flexq_jax/sharding.py): the model split over a mesh of N GPUs, one
+shard's random weights copied to every GPU (sharding.replicate_local: the shapes, kernels and
+all-reduces of a real split, not its values), each shard's kernels chosen by placement at the
+shard's shapes; a row's "x TP=1" is its tok/s over the same method on one GPU.
 
 Timing: the prefill (KV cache made inside, prompt [B, P]) and a jit-compiled greedy decode loop of
 `new_tokens` steps (lax.fori_loop, no early stop; cache donated) are compiled ahead of time, run
@@ -52,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines, kernel_bench
-from flexq_jax import backends, placement, tuning
+from flexq_jax import backends, placement, sharding, tuning
 from flexq_jax.qlinear import QuantizedLinear
 from models import config as model_configs
 from models import llama
@@ -106,21 +113,36 @@ def random_linear(method: str, key, layers: int, k: int, n: int, a_bits: int):
   return template.replace(packed=packed, scales=scales, layout=layout, backend=backend.name)
 
 
-def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: bool = True) -> dict:
+def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: bool = True,
+                  plan: sharding.TPPlan | None = None) -> dict:
   """Parameters with `method`'s linear layers: a list of per-layer dicts (layers="list", the form
   generate() runs unrolled) or the stacked form models.llama.stack_layers makes ("stacked": one
   lax.scan over the layers); fused: q/k/v and gate/up as one kernel each (what models.llama.fuse_projections makes
-  of a real model)."""
-  key = jax.random.key(seed)
-  keys = iter(jax.random.split(key, 16))
+  of a real model).
+
+  plan: tensor parallelism (flexq_jax/sharding.py): one shard's random weights (plan.local_config's
+  shapes, backends chosen at the shard's shapes), made one layer at a time and copied to every
+  device of the mesh (sharding.replicate_local), so no device holds more than its shard and one
+  layer; list layers only.
+  """
   if layers not in ("list", "stacked"):
     raise ValueError(f"layers must be 'list' or 'stacked', got {layers!r}")
+  put = lambda name, leaf: leaf
+  if plan is not None:
+    if layers != "list":
+      raise ValueError("tensor parallelism (--tp) runs list layers, not --layers stacked")
+    if method == "w8a8-xla":
+      raise ValueError("w8a8-xla's int8 leaves are not split by flexq_jax/sharding.py (--tp > 1)")
+    put = lambda name, leaf: sharding.replicate_local(name, leaf, plan)
+  local = cfg if plan is None else plan.local_config
+  key = jax.random.key(seed)
+  keys = iter(jax.random.split(key, 16))
   d, L = cfg.hidden_size, cfg.num_layers
 
   def block(key, count):  # `count` layers stacked on a leading axis
     ks = iter(jax.random.split(key, 8))
     out = {name: random_linear(method, next(ks), count, k, n, 8 if name in A8_PROJECTIONS else 6)
-           for name, (k, n) in llama.projection_shapes(cfg, fused).items()}
+           for name, (k, n) in llama.projection_shapes(local, fused).items()}
     out["input_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     out["post_attention_layernorm"] = jnp.ones((count, d), jnp.bfloat16)
     return out
@@ -129,11 +151,17 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: 
   if layers == "stacked":
     blocks = block(layer_key, L)
   else:  # made one layer at a time (no stacked transient: 13B's four methods fit one card)
-    blocks = [jax.tree.map(lambda a: a[0], block(jax.random.fold_in(layer_key, i), 1)) for i in range(L)]
-  params = {"embed_tokens": (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16),
-            "layers": blocks, "norm": jnp.ones((d,), jnp.bfloat16)}
+    blocks = []
+    for i in range(L):
+      one = jax.tree.map(lambda a: a[0], block(jax.random.fold_in(layer_key, i), 1))
+      blocks.append({name: put(name, leaf) for name, leaf in one.items()})
+  embed = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16)
+  params = {"embed_tokens": put("embed_tokens", embed), "layers": blocks,
+            "norm": put("norm", jnp.ones((d,), jnp.bfloat16))}
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = (0.02 * jax.random.normal(next(keys), (d, cfg.vocab_size), jnp.float32)).astype(jnp.bfloat16)
+    vocab = cfg.vocab_size // plan.tp if plan is not None and plan.vocab_sharded else cfg.vocab_size  # a shard's
+    head = (0.02 * jax.random.normal(next(keys), (d, vocab), jnp.float32)).astype(jnp.bfloat16)
+    params["lm_head"] = put("lm_head", head)
   return params
 
 
@@ -144,16 +172,25 @@ def linear_bytes(params: dict) -> int:
              for x in jax.tree.leaves(layer[name]))
 
 
-def _prefill(params, tokens, *, cfg, max_len):
-  cache = llama.init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16, stacked=llama.is_stacked(params))
-  logits, cache = llama.forward(params, cfg, tokens, None, cache)
+def _forward(params, cfg, tokens, cache, plan):
+  if plan is None:
+    return llama.forward(params, cfg, tokens, None, cache)
+  return sharding.forward(params, plan, tokens, None, cache)
+
+
+def _prefill(params, tokens, *, cfg, max_len, plan=None):
+  if plan is None:
+    cache = llama.init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16, stacked=llama.is_stacked(params))
+  else:
+    cache = sharding.init_cache(plan, tokens.shape[0], max_len, jnp.bfloat16)
+  logits, cache = _forward(params, cfg, tokens, cache, plan)
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-def _decode(params, cache, token, *, cfg, steps):
+def _decode(params, cache, token, *, cfg, steps, plan=None):
   def body(_, carry):
     token, cache = carry
-    logits, cache = llama.forward(params, cfg, token[:, None], None, cache)
+    logits, cache = _forward(params, cfg, token[:, None], cache, plan)
     return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
   return jax.lax.fori_loop(0, steps, body, (token, cache))
 
@@ -182,17 +219,21 @@ class Row:
   backends: str = ""
   compile_s: float = float("nan")
   error: str = ""
+  tp: int = 1  # tensor-parallel size: GPUs the model is split over (flexq_jax/sharding.py)
 
 
-def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print) -> Row:
+def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_tokens: int, log=print,
+            plan: sharding.TPPlan | None = None) -> Row:
   row = Row(model, method, batch, prompt, new_tokens, "stacked" if llama.is_stacked(params) else "list",
-            fused=any(llama.fused_count(params).values()), linear_weight_bytes=linear_bytes(params))
+            fused=any(llama.fused_count(params).values()), linear_weight_bytes=linear_bytes(params),
+            tp=1 if plan is None else plan.tp)
   row.backends = ",".join(sorted(set(placement.backends_of(params["layers"]).values()))) or "xla"
   tokens = jax.random.randint(jax.random.key(batch * 7919 + prompt), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   t0 = time.perf_counter()
-  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + new_tokens)).lower(params, tokens).compile()
+  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + new_tokens, plan=plan)).lower(
+      params, tokens).compile()
   tok, cache = prefill(params, tokens)
-  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=new_tokens), donate_argnums=(1,)).lower(
+  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=new_tokens, plan=plan), donate_argnums=(1,)).lower(
       params, cache, tok).compile()
   row.compile_s = time.perf_counter() - t0
   row.peak_plan_bytes = max(_peak(prefill), _peak(decode))
@@ -213,7 +254,7 @@ def measure(model: str, method: str, cfg, params, batch: int, prompt: int, new_t
   step = dec[-1] / new_tokens
   row.decode_ms_per_step = 1e3 * step
   row.decode_tok_s = batch / step
-  log(f"{model} {method:12s} B={batch:3d} P={prompt:5d}: prefill {row.prefill_ms:8.1f} ms  decode "
+  log(f"{model} {method:12s} TP={row.tp} B={batch:3d} P={prompt:5d}: prefill {row.prefill_ms:8.1f} ms  decode "
       f"{row.decode_ms_per_step:7.2f} ms/step {row.decode_tok_s:9.1f} tok/s  linear weights "
       f"{row.linear_weight_bytes / 2**30:6.2f} GiB  peak plan {row.peak_plan_bytes / 2**30:6.2f} GiB  "
       f"[{row.backends}] compile {row.compile_s:.0f}s")
@@ -236,11 +277,12 @@ def _category(name: str) -> str:
 
 
 def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int, steps: int = 16,
-                   log=print) -> dict:
-  """Device time of one decode step by kernel category (jax.profiler), against its wall time."""
+                   log=print, plan: sharding.TPPlan | None = None) -> dict:
+  """Device time of one decode step by kernel category (jax.profiler), against its wall time
+  (with a plan: the kernels of every GPU of the mesh, summed)."""
   tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
-  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps))
-  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps), donate_argnums=(1,))
+  prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps, plan=plan))
+  decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps, plan=plan), donate_argnums=(1,))
   tok, cache = prefill(params, tokens)
   jax.block_until_ready(decode(params, cache, tok))
   tok, cache = jax.block_until_ready(prefill(params, tokens))
@@ -259,7 +301,8 @@ def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int
     cats.setdefault(_category(name), []).extend(durations)
   per_step = {c: dict(us=sum(v) / steps, launches=len(v) / steps) for c, v in cats.items()}
   busy = sum(v["us"] for v in per_step.values())
-  out = dict(model=model, method=method, batch=batch, prompt=prompt, steps=steps, wall_us_per_step=1e6 * wall / steps,
+  out = dict(model=model, method=method, batch=batch, prompt=prompt, tp=1 if plan is None else plan.tp,
+             steps=steps, wall_us_per_step=1e6 * wall / steps,
              device_busy_us_per_step=busy, kernels=per_step)
   log(f"profile {model} {method} B={batch} P={prompt}: step {out['wall_us_per_step']:.0f} us wall, "
       f"{busy:.0f} us of kernels: " + ", ".join(f"{c} {v['us']:.0f} us / {v['launches']:.0f}" for c, v in
@@ -276,36 +319,64 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
            + {(True,): "q/k/v and gate/up fused, one GEMM each (models.llama.fuse_projections), in every method.",
               (False,): "q/k/v and gate/up as separate GEMMs (--unfused), in every method."}.get(
                tuple(sorted({r.fused for r in rows})), "fused in some rows and not in others (see the JSON)."), "",
-           "| model | method | B | P | new | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | x W8A8 pallas | "
-           "linear GiB | of bf16 | peak GiB | backends |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-  base = {(r.model, r.method, r.batch, r.prompt): r for r in rows}
+           "TP: GPUs the model is split over (tensor parallelism, flexq_jax/sharding.py; weight bytes are all "
+           "shards', padding and replicated KV heads included); x TP=1: tok/s over the same method, batch and prompt "
+           "on one GPU.", "",
+           "| model | method | B | P | new | TP | prefill ms | decode ms/step | tok/s | x bf16 | x W8A8 xla | "
+           "x W8A8 pallas | x TP=1 | linear GiB | of bf16 | peak GiB | backends |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+           "---: | --- |"]
+  base = {(r.model, r.method, r.batch, r.prompt, r.tp): r for r in rows}
   for r in rows:
-    def ratio(other, field="decode_tok_s"):
-      o = base.get((r.model, other, r.batch, r.prompt))
+    def ratio(other, field="decode_tok_s", tp=r.tp):
+      o = base.get((r.model, other, r.batch, r.prompt, tp))
       return getattr(r, field) / getattr(o, field) if o and getattr(o, field) > 0 else float("nan")
-    bf = base.get((r.model, "bf16", r.batch, r.prompt))
+    bf = base.get((r.model, "bf16", r.batch, r.prompt, r.tp))
     of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf and bf.linear_weight_bytes else float("nan")
-    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.prefill_ms:.1f} | "
+    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.tp} | {r.prefill_ms:.1f} | "
                  f"{r.decode_ms_per_step:.2f} | {r.decode_tok_s:.1f} | {ratio('bf16'):.2f} | {ratio('w8a8-xla'):.2f} | "
-                 f"{ratio('w8a8-pallas'):.2f} | {r.linear_weight_bytes / 2**30:.2f} | {of_bf16:.3f} | "
-                 f"{r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
+                 f"{ratio('w8a8-pallas'):.2f} | {ratio(r.method, tp=1):.2f} | {r.linear_weight_bytes / 2**30:.2f} | "
+                 f"{of_bf16:.3f} | {r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
   if profiles:
     lines += ["", "Decode step profile (jax.profiler, device kernel time a step by kind; the rest of the wall time "
               "is the GPU idle between kernels):", "",
-              "| model | method | B | P | wall us/step | kernels us/step | kernel launches/step | by kind (us / launches) |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| model | method | B | P | TP | wall us/step | kernels us/step | kernel launches/step | by kind (us / launches) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for p in profiles:
       kinds = "; ".join(f"{c} {v['us']:.0f} / {v['launches']:.0f}" for c, v in
                         sorted(p["kernels"].items(), key=lambda kv: -kv[1]["us"]))
       launches = sum(v["launches"] for v in p["kernels"].values())
-      lines.append(f"| {p['model']} | {p['method']} | {p['batch']} | {p['prompt']} | {p['wall_us_per_step']:.0f} | "
+      lines.append(f"| {p['model']} | {p['method']} | {p['batch']} | {p['prompt']} | {p.get('tp', 1)} | "
+                   f"{p['wall_us_per_step']:.0f} | "
                    f"{p['device_busy_us_per_step']:.0f} | {launches:.0f} | {kinds} |")
+  lines += tp_lines(rows)
   failed = [r for r in rows if r.error]
   if failed:
-    lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method} B={r.batch} P={r.prompt}: {r.error}"
+    lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method}{f' TP={r.tp}' if r.tp > 1 else ''} B={r.batch} P={r.prompt}: {r.error}"
                                                    for r in failed]
   return "\n".join(lines) + "\n"
+
+
+def tp_lines(rows: list[Row], method: str = "flexq", baseline: str = "bf16") -> list[str]:
+  """The tensor-parallel summary under the table (rows of several TP sizes): decode tok/s of
+  `method` over its TP=1 run, and method / baseline at each TP against the same at TP=1."""
+  ok = {(r.model, r.method, r.batch, r.prompt, r.tp): r.decode_tok_s for r in rows
+        if not r.error and r.decode_tok_s > 0}
+  keys = sorted({(m, b, p, t) for m, meth, b, p, t in ok if meth == method and t > 1})
+  if not keys:
+    return []
+  nan = float("nan")
+  lines = ["", f"Tensor parallelism, decode tok/s of {method}: over its TP=1 run, and {method} / {baseline} at each "
+           f"TP against the same at TP=1 (issue 18's targets: LLaMA-2-70B {method} batch 1 at TP=2 >= 1.6x and at "
+           f"TP=4 >= 2.5x its TP=1; {method} / {baseline} within 10% of its TP=1 value):", "",
+           f"| model | B | P | TP | {method} tok/s | x its TP=1 | {baseline} x its TP=1 | {method} / {baseline} | "
+           f"of TP=1's |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for m, b, p, t in keys:
+    get = lambda meth, tp: ok.get((m, meth, b, p, tp), nan)
+    ratio, ratio1 = get(method, t) / get(baseline, t), get(method, 1) / get(baseline, 1)
+    lines.append(f"| {m} | {b} | {p} | {t} | {get(method, t):.1f} | {get(method, t) / get(method, 1):.2f} | "
+                 f"{get(baseline, t) / get(baseline, 1):.2f} | {ratio:.2f} | {ratio / ratio1:.2f} |")
+  return lines
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -313,7 +384,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   model_order = {m: i for i, m in enumerate(MODELS)}
-  configs = sorted({(r.model, r.batch, r.prompt) for r in rows}, key=lambda c: (model_order.get(c[0], 99), c))
+  configs = sorted({(r.model, r.batch, r.prompt, r.tp) for r in rows}, key=lambda c: (model_order.get(c[0], 99), c))
   methods = [m for m in METHODS if any(r.method == m for r in rows)]
   if not configs:
     return
@@ -322,12 +393,12 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   for i, m in enumerate(methods):
     vals = []
     for c in configs:
-      r = next((r for r in rows if (r.model, r.batch, r.prompt) == c and r.method == m), None)
-      bf = next((r for r in rows if (r.model, r.batch, r.prompt) == c and r.method == "bf16"), None)
+      r = next((r for r in rows if (r.model, r.batch, r.prompt, r.tp) == c and r.method == m), None)
+      bf = next((r for r in rows if (r.model, r.batch, r.prompt, r.tp) == c and r.method == "bf16"), None)
       vals.append(r.decode_tok_s / bf.decode_tok_s if r and bf else 0.0)
     ax.bar(np.arange(len(configs)) + i * width, vals, width, label=m)
   ax.set_xticks(np.arange(len(configs)) + width * (len(methods) - 1) / 2)
-  ax.set_xticklabels([f"{m}\nB={b} P={p}" for m, b, p in configs], fontsize=7)
+  ax.set_xticklabels([f"{m}\nB={b} P={p}" + (f" TP={t}" if t > 1 else "") for m, b, p, t in configs], fontsize=7)
   ax.set_ylabel("decode tokens/s, x bf16")
   ax.axhline(1.0, color="gray", lw=0.5)
   ax.set_title(title, fontsize=9)
@@ -352,14 +423,14 @@ def merge_runs(paths: list[str], out_dir: Path, tag: str) -> int:
   for run in runs:
     for d in run["rows"]:
       r = Row(**d)
-      key = (r.model, r.method, r.batch, r.prompt)
+      key = (r.model, r.method, r.batch, r.prompt, r.tp)
       if not r.error or key not in rows or rows[key].error:
         rows[key] = r
     for prof in run.get("profiles", []):
-      profiles[(prof["model"], prof["method"], prof["batch"], prof["prompt"])] = prof
+      profiles[(prof["model"], prof["method"], prof["batch"], prof["prompt"], prof.get("tp", 1))] = prof
   order = {m: i for i, m in enumerate(METHODS)}
   model_order = {m: i for i, m in enumerate(MODELS)}
-  merged = sorted(rows.values(), key=lambda r: (model_order.get(r.model, 99), r.model, r.batch, r.prompt,
+  merged = sorted(rows.values(), key=lambda r: (model_order.get(r.model, 99), r.model, r.tp, r.batch, r.prompt,
                                                 order.get(r.method, 99)))
   card, device, date = runs[-1]["card"], runs[-1]["device"], max(r["date"] for r in runs)
   stem = out_dir / f"{card}-{date}-e2e-{tag}"
@@ -436,6 +507,9 @@ def main(argv=None) -> int:
                   help="start no new configuration after this many seconds (what finished is written)")
   ap.add_argument("--profile", action="store_true",
                   help="also profile one decode step of every method at the first batch and prompt (jax.profiler)")
+  ap.add_argument("--tp", default="1",
+                  help="comma list of tensor-parallel sizes: the model split over that many GPUs of a mesh "
+                       "(flexq_jax/sharding.py), e.g. 1,2,4 (default 1: one GPU); w8a8-xla runs at TP=1 only")
   ap.add_argument("--out-dir", default="results/e2e")
   ap.add_argument("--tag", default="", help="appended to the output file names")
   ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -456,6 +530,14 @@ def main(argv=None) -> int:
   batches, prompts = _ints(args.batches), _ints(args.prompts)
   if jax.default_backend() != "gpu" and models != ["tiny"]:
     raise SystemExit("the end-to-end benchmark times GPU kernels: run it on a GPU machine (or --models tiny to try it)")
+  try:  # every split checked before any work: enough devices, heads that divide, whole groups
+    tps = _ints(args.tp)
+    plans = {(m, tp): None if tp == 1 else sharding.make_plan(model_config(m), sharding.make_mesh(tp))
+             for m in models for tp in tps}
+  except ValueError as e:
+    raise SystemExit(f"--tp {args.tp}: {e}") from None
+  if args.layers != "list" and any(tp > 1 for tp in tps):
+    raise SystemExit("--tp > 1 runs list layers (flexq_jax/sharding.py), not --layers stacked")
 
   card = tuning.card_name()
   device = jax.devices()[0].device_kind
@@ -480,29 +562,32 @@ def main(argv=None) -> int:
   # (Resident) drops the other methods' weights and remakes them when next needed.
   order = sorted(((b, p) for b in batches for p in prompts), key=lambda bp: (bp[0] != 1, bp[0], bp[1]))
   stopped = False
-  for model in models:
-    cfg = model_config(model)
-    params = Resident(lambda method: random_params(cfg, method, layers=args.layers, fused=not args.unfused))
+  for model, tp in plans:
+    cfg, plan = model_config(model), plans[model, tp]
+    params = Resident(lambda method: random_params(cfg, method, layers=args.layers, fused=not args.unfused, plan=plan))
+    tp_methods = [m for m in methods if tp == 1 or m != "w8a8-xla"]  # int8 leaves are not split
     if args.profile:
-      for method in methods:
+      for method in tp_methods:
         try:
-          profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0], order[0][1])))
+          profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0], order[0][1],
+                                                                      plan=plan)))
         except Exception as e:  # a diagnostic: report and go on
-          print(f"profile {model} {method}: FAILED {type(e).__name__}: {str(e)[:300]}")
+          print(f"profile {model} {method} TP={tp}: FAILED {type(e).__name__}: {str(e)[:300]}")
         write()
     for b, p in order:
-      for method in methods:
+      for method in tp_methods:
         if time.perf_counter() - start > args.budget_s:
           stopped = True
           break
         try:
-          rows.append(params.run(method, lambda w: measure(model, method, cfg, w, b, p, args.new_tokens)))
+          rows.append(params.run(method, lambda w: measure(model, method, cfg, w, b, p, args.new_tokens, plan=plan)))
         except Exception as e:  # e.g. out of memory at a large batch: recorded, the run goes on
           msg = f"{type(e).__name__}: {str(e)[:300]}"
-          print(f"{model} {method} B={b} P={p}: FAILED {msg}")
-          rows.append(Row(model, method, b, p, args.new_tokens, args.layers, not args.unfused, error=msg))
+          print(f"{model} {method} TP={tp} B={b} P={p}: FAILED {msg}")
+          rows.append(Row(model, method, b, p, args.new_tokens, args.layers, not args.unfused, error=msg, tp=tp))
         write()
     del params
+    gc.collect()
   if stopped:
     print(f"budget of {args.budget_s:.0f}s reached: later configurations not run")
   print(stem.with_suffix(".md").read_text())

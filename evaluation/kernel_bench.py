@@ -490,9 +490,7 @@ def bench_mgpu(x, n, k, a_bits, key, config=None, check=True, layout: str = "pal
   return _bench_w6(op, x, n, k, a_bits, key, layout, check)
 
 
-MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(overlap=True), mg.GemmConfig(convert="magic"),
-                mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, overlap=True),
-                mg.GemmConfig(tile_m=128, max_concurrent_steps=3))
+MGPU_CONFIGS = (mg.GemmConfig(), mg.GemmConfig(schedule="overlap", pin=False))  # the default; the one before
 
 
 def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool, log=print) -> list[dict]:
@@ -537,6 +535,59 @@ def sweep_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool,
         + f" | best {best[1]} x bf16 {base * 1e6 / best[0]:.2f} ({tops(best[0]):.0f} TOPS) | parts: quantize "
         f"{row['quantize_us']:.1f} unpack {row['unpack_us']:.1f} gemm {row['gemm_only_us']:.1f} "
         f"({tops(row['gemm_only_us']):.0f} TOPS) | err {row.get('mgpu0_err', float('nan')):.1e}")
+  return rows
+
+
+PROBE_CONFIGS = (  # the Mosaic GEMM's scaling variants and the timing probes that break the contract
+    mg.GemmConfig(), mg.GemmConfig(schedule="overlap"), mg.GemmConfig(schedule="overlap", pin=False),
+    mg.GemmConfig(schedule="serial"), mg.GemmConfig(convert="init"),
+    mg.GemmConfig(scaling="convert"), mg.GemmConfig(scaling="none"))
+
+
+def probe_mgpu(shapes: list[str], ms: tuple[int, ...], configs, use_torch: bool, dump_dir: str | None,
+               log=print) -> list[dict]:
+  """The GEMM alone (prepared int8 operands) under each config, against cuBLAS bf16 and XLA's int8
+  dot: what the per-group scaling costs ("convert": sums converted, not scaled; "none": one int32 sum
+  over K). With dump_dir, Mosaic GPU writes each config's PTX, ptxas report and SASS (first case) to
+  dump_dir/cfg<i>/."""
+  import os
+  rows = []
+  key = jax.random.key(5)
+  for ci, (name, n, k, m, x, (t_bf16, t_i8, t_cb, t_ci8)) in enumerate(_cases_with_baselines(shapes, ms, key, use_torch)):
+    base = t_cb if np.isfinite(t_cb) else t_bf16
+    row = dict(shape=name, n=n, k=k, m=m, cublas_bf16_us=t_cb * 1e6, xla_bf16_us=t_bf16 * 1e6,
+               xla_int8_us=t_i8 * 1e6, cublaslt_int8_us=t_ci8 * 1e6)
+    ops = 2 * m * n * k
+    for i, cfg in enumerate(configs):
+      try:
+        if dump_dir and ci == 0:
+          d = Path(dump_dir) / f"cfg{i}"
+          d.mkdir(parents=True, exist_ok=True)
+          os.environ.update(MOSAIC_GPU_DUMP_TO=str(d), MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1",
+                            MOSAIC_GPU_DUMP_PTX="1")
+        mp, np_ = mg.padded(m, n, cfg)
+        kp = -(-k // (128 * cfg.groups_per_step)) * 128 * cfg.groups_per_step
+        kq = jax.random.fold_in(key, i)
+        qx = jax.random.randint(kq, (mp, kp), -32, 32, jnp.int32).astype(jnp.int8)
+        sx = jax.random.uniform(kq, (kp // 128, mp), jnp.float32, 0.5, 1.5)
+        ws = [(jax.random.randint(jax.random.fold_in(kq, j), (np_, kp), -32, 32, jnp.int32).astype(jnp.int8),
+               jax.random.uniform(jax.random.fold_in(kq, j), (kp // 128, np_), jnp.float32, 1e-3, 2e-3))
+              for j in range(_n_bufs(np_ * kp))]
+        t = time_jax(lambda q, w, st, cfg=cfg, sx=sx: mg.gemm(q, sx, w, st, out_dtype=jnp.bfloat16, config=cfg),
+                     qx, ws, ops / 7e14)
+        row[f"cfg{i}_us"] = t * 1e6
+        del ws
+      except Exception as e:  # report, go on
+        log(f"  cfg{i} failed: {type(e).__name__}: {str(e)[:300]}")
+      finally:
+        for v in ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_PTX"):
+          os.environ.pop(v, None)
+    rows.append(row)
+    tops = lambda us: ops / (us * 1e-6) / 1e12
+    log(f"{name:12s} M={m:5d} cuBLAS bf16 {row['cublas_bf16_us']:8.1f} ({tops(row['cublas_bf16_us']):4.0f}) "
+        f"xla i8 {row['xla_int8_us']:8.1f} ({tops(row['xla_int8_us']):4.0f}) | "
+        + " ".join(f"cfg{i} {row.get(f'cfg{i}_us', float('nan')):7.1f} ({tops(row.get(f'cfg{i}_us', float('nan'))):4.0f}, "
+                   f"{base * 1e6 / row.get(f'cfg{i}_us', float('nan')):.2f}x)" for i in range(len(configs))))
   return rows
 
 
@@ -610,6 +661,9 @@ def main(argv=None) -> None:
   ap.add_argument("--sweep-gemv", action="store_true", help="time the decode (gemv) tilings against the mma default")
   ap.add_argument("--sweep-mgpu", action="store_true",
                   help="time the Mosaic GPU GEMM's tilings (and its parts) against cuBLAS / XLA / Triton")
+  ap.add_argument("--probe-mgpu", action="store_true",
+                  help="time the Mosaic GEMM alone under its scaling variants and probes (PROBE_CONFIGS)")
+  ap.add_argument("--dump-dir", default=None, help="with --probe-mgpu: Mosaic GPU's PTX / ptxas / SASS dumps here")
   ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
   ap.add_argument("--out-dir", default="results/kernels")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
@@ -619,6 +673,14 @@ def main(argv=None) -> None:
     return
   if jax.default_backend() != "gpu":
     sys.exit("kernel_bench needs a GPU (jax.default_backend() is %r)" % jax.default_backend())
+  if args.probe_mgpu:
+    shapes = args.shapes.split(",") if args.shapes not in ("all", "7b", "70b") else list(SHAPES)
+    rows = probe_mgpu(shapes, tuple(int(v) for v in (args.m or "4096").split(",")), PROBE_CONFIGS,
+                      not args.no_torch and torch_available(), args.dump_dir, log=lambda s: print(s, flush=True))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"mgpu-probe-{tuning.card_name()}.json").write_text(json.dumps(
+        dict(configs=[dataclasses.asdict(c) for c in PROBE_CONFIGS], rows=rows), indent=1))
+    return
   if args.sweep_mgpu:
     shapes = args.shapes.split(",") if args.shapes not in ("all", "7b", "70b") else list(SHAPES)
     rows = sweep_mgpu(shapes, tuple(int(v) for v in (args.m or "128,1024,4096").split(",")), MGPU_CONFIGS,

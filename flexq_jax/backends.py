@@ -63,8 +63,10 @@ class Backend:
   def _refusal(self, layer: Any, dtype, device) -> str | None:
     return None
 
-  def matmul(self, x: jax.Array, layer: Any) -> jax.Array:
-    """x [M, K] float -> [M, N] in x's dtype. Called by quantized_matmul after its checks."""
+  def matmul(self, x: jax.Array, layer: Any, out_dtype=None) -> jax.Array:
+    """x [M, K] float -> [M, N] in out_dtype (default x's dtype). Called by quantized_matmul after
+    its checks. out_dtype float32 gives the fp32 sums before any rounding to x's dtype where the
+    kernel can (tensor parallelism adds shards' partial sums in fp32: flexq_jax/sharding.py)."""
     raise NotImplementedError
 
 
@@ -78,16 +80,16 @@ def _a6a8_group128(layer) -> str | None:
 
 class Reference(Backend):
 
-  def matmul(self, x, layer):
+  def matmul(self, x, layer, out_dtype=None):
     return numerics.reference_matmul(x, layer.logical_weight(), layer.scales, a_bits=layer.a_bits,
-                                     group_size=layer.group_size, out_dtype=x.dtype)
+                                     group_size=layer.group_size, out_dtype=out_dtype or x.dtype)
 
 
 class Dequant(Backend):
 
-  def matmul(self, x, layer):
+  def matmul(self, x, layer, out_dtype=None):
     return numerics.dequant_matmul(x, layer.logical_weight(), layer.scales, a_bits=layer.a_bits,
-                                   group_size=layer.group_size, out_dtype=x.dtype)
+                                   group_size=layer.group_size, out_dtype=out_dtype or x.dtype)
 
 
 class Pallas(Backend):
@@ -116,7 +118,11 @@ class Pallas(Backend):
       return f"needs N a multiple of {TILE_ROWS}, the layer has N={layer.out_features}"
     return _a6a8_group128(layer)
 
-  def matmul(self, x, layer):
+  def matmul(self, x, layer, out_dtype=None):
+    # The kernels write x's dtype: fp32 out from fp32 x (the same q_x and s_x: the contract
+    # quantizes the fp32 value of every activation).
+    if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
+      return self.matmul(x.astype(out_dtype), layer).astype(out_dtype)
     if self.kernel_for(x.shape[0])[0] == "mosaic":  # M is static under jit: chosen at trace time
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
@@ -135,8 +141,9 @@ class Bmma(Backend):
       return f"needs binary-tensor-core AND+POPC (sm_80 or newer), {device.device_kind} has not"
     return _a6a8_group128(layer)
 
-  def matmul(self, x, layer):
-    return bmma.bmma_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits, k=layer.in_features)
+  def matmul(self, x, layer, out_dtype=None):  # bf16 out only: wider out_dtype is a cast of it
+    y = bmma.bmma_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits, k=layer.in_features)
+    return y if out_dtype is None else y.astype(out_dtype)
 
 
 PALLAS = Pallas("pallas", {6: "pallas6", 8: "pallas8"}, ("gpu",),
@@ -161,8 +168,9 @@ def get(name: str) -> Backend:
   raise ValueError(f"unknown backend {name!r}; known: {', '.join(names())}")
 
 
-def quantized_matmul(x: jax.Array, layer: Any) -> jax.Array:
-  """x [..., K] float -> [..., N] in x's dtype, by the numerics contract, on layer.backend."""
+def quantized_matmul(x: jax.Array, layer: Any, out_dtype=None) -> jax.Array:
+  """x [..., K] float -> [..., N] in out_dtype (default x's dtype), by the numerics contract, on
+  layer.backend."""
   if x.ndim == 0:
     raise ValueError(f"activations must be [..., K={layer.in_features}], got a scalar")
   if x.shape[-1] != layer.in_features:
@@ -180,6 +188,6 @@ def quantized_matmul(x: jax.Array, layer: Any) -> jax.Array:
                      f"flexq_jax.place(params, {backend.name!r}) or another backend ({', '.join(names())})")
   lead = x.shape[:-1]
   if x.size == 0:  # no rows: nothing for a kernel to do (and some cannot launch an empty grid)
-    return jnp.zeros((*lead, layer.out_features), x.dtype)
-  y = backend.matmul(x.reshape(-1, layer.in_features), layer)
+    return jnp.zeros((*lead, layer.out_features), out_dtype or x.dtype)
+  y = backend.matmul(x.reshape(-1, layer.in_features), layer, out_dtype)
   return y.reshape(*lead, layer.out_features)

@@ -272,19 +272,8 @@ def _is_number(v) -> bool:
   return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def load(path: str | os.PathLike) -> tuple[dict, LlamaConfig, dict]:
-  """Reads a checkpoint written by save() (format version 2, or 1).
-
-  Returns:
-    (quantized params, model config, metadata dict incl. "report" and "checksums_verified":
-    False for a version-1 checkpoint, which has no checksums).
-
-  Raises:
-    FileNotFoundError: no checkpoint at `path`.
-    ValueError: naming the file and the problem: an interrupted save's leftovers, a truncated or
-      corrupt file, not a flexq-jax checkpoint, another format version, a checksum mismatch, or
-      any tensor or field that disagrees with the others (module docstring).
-  """
+def _open(path: str | os.PathLike) -> tuple[Path, Path | None]:
+  """(the model file, its folder or None), refusing an interrupted save's leftovers and no file."""
   p = Path(path)
   file = p / FILENAME if p.is_dir() else p
   folder = file.parent if file.name == FILENAME else None
@@ -297,11 +286,51 @@ def load(path: str | os.PathLike) -> tuple[dict, LlamaConfig, dict]:
   if not file.is_file():
     raise FileNotFoundError(f"no quantized checkpoint at {file}")
   _check_framing(file)
+  return file, folder
+
+
+def _safe_open(file: Path):
   try:
-    f = safe_open(str(file), "np")
+    return safe_open(str(file), "np")
   except Exception as e:  # safetensors raises its own error types for a corrupt header
     raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-  with f:
+
+
+def load_config(path: str | os.PathLike) -> LlamaConfig:
+  """The model config of a checkpoint, from its validated metadata only (no tensor is read): what
+  a caller needs to plan where the tensors go (flexq_jax/sharding.py) before load() reads them."""
+  file, _ = _open(path)
+  with _safe_open(file) as f:
+    return _read_config(_read_meta(f, file), file)
+
+
+def _to_device(name: str, value):
+  """load()'s default `convert`: every array onto the default device."""
+  if isinstance(value, QuantizedLinear):
+    return value.replace(packed=jnp.asarray(value.packed), scales=jnp.asarray(value.scales))
+  return jnp.asarray(value)
+
+
+def load(path: str | os.PathLike, *, convert=None) -> tuple[dict, LlamaConfig, dict]:
+  """Reads a checkpoint written by save() (format version 2, or 1).
+
+  convert(name, value) -> leaf: where each parameter goes once read and verified, one at a time
+  (name dotted, "layers.3.q_proj"; value a numpy array, or a QuantizedLinear of numpy arrays in the
+  stored layout). Default: onto the default device. flexq_jax/sharding.py passes one that puts each
+  shard's slice on its device, so no device ever holds a whole tensor or the whole model.
+
+  Returns:
+    (quantized params, model config, metadata dict incl. "report" and "checksums_verified":
+    False for a version-1 checkpoint, which has no checksums).
+
+  Raises:
+    FileNotFoundError: no checkpoint at `path`.
+    ValueError: naming the file and the problem: an interrupted save's leftovers, a truncated or
+      corrupt file, not a flexq-jax checkpoint, another format version, a checksum mismatch, or
+      any tensor or field that disagrees with the others (module docstring).
+  """
+  file, folder = _open(path)
+  with _safe_open(file) as f:
     meta = _read_meta(f, file)
     config = _read_config(meta, file)
     header = {}
@@ -309,7 +338,7 @@ def load(path: str | os.PathLike) -> tuple[dict, LlamaConfig, dict]:
       s = f.get_slice(name)
       header[name] = (tuple(int(d) for d in s.get_shape()), str(s.get_dtype()))
     linears = _check_structure(meta, config, header, file)
-    params = _read_tensors(f, meta, config, header, linears, file)
+    params = _read_tensors(f, meta, config, header, linears, file, convert or _to_device)
   if folder is not None and meta["version"] >= 2:
     _check_report_copy(folder / REPORT_FILENAME, meta, file)
   meta["checksums_verified"] = meta["version"] >= 2
@@ -434,14 +463,19 @@ def _check_structure(meta: dict, config: LlamaConfig, header: dict, file: Path) 
   one = jax.eval_shape(lambda: llama.init_params(dataclasses.replace(config, num_layers=1), jax.random.key(0)))
   layer_shapes = {k: tuple(v.shape) for k, v in one["layers"][0].items()}
   top_shapes = {k: tuple(v.shape) for k, v in one.items() if k != "layers"}
+  if "lm_head" in linears:  # a quantized lm_head (flexq_jax/lm_head.py): with tied embeddings, an added copy
+    top_shapes.setdefault("lm_head", (config.hidden_size, config.vocab_size))
   for prefix in linears:
+    if prefix == "lm_head":
+      continue
     m = _LAYER_NAME.fullmatch(prefix)
     if not m or m[3] or int(m[1]) >= n or m[2] not in llama.PROJECTIONS or m[2] not in layer_shapes:
       raise ValueError(f"{file}: metadata 'linears' names {prefix!r}, not a projection of this {n}-layer model")
     if f"{prefix}.packed" not in header and f"{prefix}.scales" not in header:
       raise ValueError(f"{file}: metadata 'linears' names {prefix}, but the file has no tensors for it "
                        f"({prefix}.packed, {prefix}.scales)")
-  expected = set(top_shapes)
+  expected = {name for name in top_shapes if name not in linears}
+  expected |= {f"lm_head.{suffix}" for suffix in ("packed", "scales") if "lm_head" in linears}
   for i in range(n):
     for name in layer_shapes:
       prefix = f"layers.{i}.{name}"
@@ -450,7 +484,8 @@ def _check_structure(meta: dict, config: LlamaConfig, header: dict, file: Path) 
     raise ValueError(f"{file}: tensor {name} is missing")
   for name in sorted(set(header) - expected):
     raise ValueError(f"{file}: unexpected tensor {name} (not a parameter of the model the metadata describes)")
-  specs = {prefix: _check_linear(prefix, spec, layer_shapes[prefix.rsplit(".", 1)[1]], header, config, file)
+  specs = {prefix: _check_linear(prefix, spec, top_shapes[prefix] if prefix == "lm_head"
+                                else layer_shapes[prefix.rsplit(".", 1)[1]], header, config, file)
            for prefix, spec in linears.items()}
   for name, (shape, dtype) in header.items():
     base = name.rsplit(".", 1)[0] if name.endswith((".packed", ".scales")) else None
@@ -509,7 +544,15 @@ def _check_linear(prefix: str, spec, kn: tuple[int, int], header: dict, config: 
 
 
 def _check_report(report, linears: dict[str, dict], where: str) -> None:
-  """The report (a dict as QuantReport.to_json writes it) must describe exactly these linears."""
+  """The report (a dict as QuantReport.to_json writes it) must describe exactly these linears (those of
+  the blocks: a quantized lm_head is an add-on its config names, flexq_jax/lm_head.py)."""
+  if "lm_head" in linears:
+    cfg = report.get("config") if isinstance(report, dict) else None
+    head = linears["lm_head"]
+    if not isinstance(cfg, dict) or not str(cfg.get("lm_head", "")).startswith(f"w{head['w_bits']}a{head['a_bits']}"):
+      raise ValueError(f"{where}: the model has a W{head['w_bits']}A{head['a_bits']} lm_head, but the stored report's "
+                       f"config says lm_head {cfg.get('lm_head') if isinstance(cfg, dict) else None!r}")
+    linears = {k: v for k, v in linears.items() if k != "lm_head"}
   rows = report.get("layers") if isinstance(report, dict) else None
   if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in rows):
     raise ValueError(f"{where}: the stored report is malformed (no list of layers with paths)")
@@ -534,11 +577,13 @@ def _check_report(report, linears: dict[str, dict], where: str) -> None:
                          f"config says {cfg[field]!r}")
 
 
-def _read_tensors(f, meta: dict, config: LlamaConfig, header: dict, linears: dict, file: Path) -> dict:
-  """Reads every tensor (its size checked already), verifies it, and builds the params."""
+def _read_tensors(f, meta: dict, config: LlamaConfig, header: dict, linears: dict, file: Path, convert) -> dict:
+  """Reads every tensor (its size checked already), verifies it, and builds the params, handing
+  each parameter to `convert` as soon as it is whole (a quantized linear: its two tensors)."""
   sums = meta.get("checksums") if meta["version"] >= 2 else None
-  loaded = {}
-  for name in sorted(header):
+  params: dict = {"layers": [dict() for _ in range(config.num_layers)]}  # num_layers == the layers held
+  pending: dict[str, np.ndarray] = {}  # one quantized linear's first tensor, until its second is read
+  for name in sorted(header):  # a linear's ".packed" and ".scales" sort next to each other
     a = f.get_tensor(name)
     if sums is not None and _crc32(a) != sums[name]:
       raise ValueError(f"{file}: tensor {name} fails its checksum (stored {sums[name]}, computed {_crc32(a)}): "
@@ -549,16 +594,17 @@ def _read_tensors(f, meta: dict, config: LlamaConfig, header: dict, linears: dic
         raise ValueError(f"{file}: {name} has negative, NaN or Inf values")
     elif base not in linears and not _all_finite(a):
       raise ValueError(f"{file}: tensor {name} has NaN or Inf values")
-    loaded[name] = jnp.asarray(a)
+    if base not in linears:
+      _put(params, name, convert(name, a))
+      continue
+    pending[name] = a
+    if f"{base}.packed" in pending and f"{base}.scales" in pending:
+      spec = linears[base]
+      _put(params, base, convert(base, QuantizedLinear(
+          packed=pending.pop(f"{base}.packed"), scales=pending.pop(f"{base}.scales"),
+          in_features=spec["in_features"], out_features=spec["out_features"], w_bits=spec["w_bits"],
+          a_bits=spec["a_bits"], group_size=spec["group_size"], layout=spec["layout"])))
     del a
-  params: dict = {"layers": [dict() for _ in range(config.num_layers)]}  # num_layers == the layers held
-  for prefix, spec in linears.items():
-    _put(params, prefix, QuantizedLinear(
-        packed=loaded.pop(f"{prefix}.packed"), scales=loaded.pop(f"{prefix}.scales"),
-        in_features=spec["in_features"], out_features=spec["out_features"], w_bits=spec["w_bits"],
-        a_bits=spec["a_bits"], group_size=spec["group_size"], layout=spec["layout"]))
-  for name, a in loaded.items():
-    _put(params, name, a)
   return params
 
 

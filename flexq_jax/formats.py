@@ -86,6 +86,19 @@ from pallas_kernels import core
 from pallas_kernels.core import G4, GROUP, PHASES, TILE_ROWS, WORD_BITS, g4_words, padded_k, qrange, stored_k
 
 LAYOUTS = ("bitplanes", "bitplanes_g4", "pallas6", "pallas8")
+# The axes of each layout's packed array that run along N (output channels) and along K (input
+# channels, in whole groups): where a tensor-parallel shard splits it (flexq_jax/sharding.py). A
+# shard's packed slice is the layout of that shard's own [N_s, K_s] weights: for "bitplanes",
+# "pallas6" and "pallas8" also the slice of the whole layer's array; for "bitplanes_g4" along K only
+# when every shard holds whole blocks of 4 groups (sharded layers are packed per shard).
+SHARD_AXES = {"bitplanes": (1, 2), "bitplanes_g4": (1, 2), "pallas6": (0, 1), "pallas8": (0, 1)}
+
+
+def shard_axes(layout: str) -> tuple[int, int]:
+  """(axis of N, axis of K) of a packed array in `layout`."""
+  if layout not in SHARD_AXES:
+    raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
+  return SHARD_AXES[layout]
 
 
 def _check_logical(q: jax.Array, bits: int):

@@ -83,5 +83,10 @@ class QuantizedLinear:
     """fp32 [K, N]: the float kernel this layer computes with (for analysis, not inference)."""
     return numerics.dequantize_weight(self.logical_weight(), self.scales, self.in_features).T
 
+  def matmul(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """x @ self with the result in out_dtype (default x's dtype): float32 gives the fp32 sums
+    before rounding (row-parallel shards add them: models.llama.row_parallel_linear)."""
+    return backends.quantized_matmul(x, self, out_dtype)
+
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     return backends.quantized_matmul(x, self)

@@ -64,6 +64,8 @@ class QuantReport:
         + (f", smoothing alpha {self.config['smooth_alpha']}" if self.config.get("smooth_alpha") is not None else ""),
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
     ]
+    if self.config.get("lm_head"):
+      lines.append(f"lm_head: {self.config['lm_head']} (a quantized copy; not counted above)")
     sens = [l for l in self.layers if l.a_bits != self.config["a_bits"]]
     if sens:
       lines.append("high-precision-activation layers: " + ", ".join(l.path for l in sens))

@@ -109,11 +109,27 @@ def generate(
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   b, p = prompt_tokens.shape
+  cache = llama.init_cache(config, b, p + max_new_tokens, cache_dtype, stacked=llama.is_stacked(params))
+  forward = lambda tokens, mask, cache: llama.forward(params, config, tokens, mask, cache)
+  return decode_loop(forward, cache, config, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens,
+                     sampling=sampling)
+
+
+def decode_loop(forward, cache, config: LlamaConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig = GREEDY) -> GenerateOutput:
+  """generate()'s prefill and lax.while_loop decode over any forward (to be traced inside a jit).
+
+  forward(tokens [B, T], mask [B, T], cache) -> (logits [B, T, V] fp32, cache): llama.forward on one
+  device (generate), or the tensor-parallel forward over a mesh (flexq_jax/sharding.py).
+  cache: an empty cache of P + max_new_tokens slots that forward extends.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  b, p = prompt_tokens.shape
   pad_id = config.pad_token_id if config.pad_token_id is not None else 0
   eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
 
-  cache = llama.init_cache(config, b, p + max_new_tokens, cache_dtype, stacked=llama.is_stacked(params))
-  logits, cache = llama.forward(params, config, prompt_tokens, prompt_mask, cache)
+  logits, cache = forward(prompt_tokens, prompt_mask, cache)
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)  # each row's last real prompt token
   next_logits = logits[jnp.arange(b), last]  # [B, V]
 
@@ -128,7 +144,7 @@ def generate(
     out = out.at[:, step].set(token)
     live = ~done
     done = done | jnp.isin(token, eos)
-    logits, cache = llama.forward(params, config, token[:, None], live[:, None], cache)
+    logits, cache = forward(token[:, None], live[:, None], cache)
     return step + 1, out, done, cache, logits[:, 0], key
 
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)

@@ -11,7 +11,8 @@ Parameter pytree (kernels are [in, out]: the model computes `x @ w`):
          "gate_proj": [D, F], "up_proj": [D, F], "down_proj": [F, D]},
         ...],
       "norm": [D],
-      "lm_head": [D, V],                # only when config.tie_word_embeddings is False
+      "lm_head": [D, V],                # when config.tie_word_embeddings is False; or a quantized
+                                        # copy of the embeddings (flexq_jax/lm_head.py), which wins
     }
 
 The seven projections of every block go through `linear`, and nothing else in this file knows
@@ -65,6 +66,26 @@ _MASK_VALUE = -1e30
 def linear(x: jax.Array, w: Any) -> jax.Array:
   """The one matmul every projection goes through: x [..., K] @ w [K, N] -> [..., N]."""
   return x @ w
+
+
+def row_parallel_linear(x: jax.Array, w: Any, axis: str | None) -> jax.Array:
+  """linear() of a layer whose input features are split over mesh axis `axis` (tensor parallelism):
+  each shard's partial sums in fp32, one all-reduce (psum), then the cast to x's dtype.
+
+  axis None: plain linear(). Called inside shard_map (flexq_jax/sharding.py), where x and w are one
+  shard's slices along K. A float kernel runs one dot with fp32 accumulation; a weight leaf with a
+  `matmul(x, out_dtype=...)` method (flexq_jax/qlinear.py) returns its fp32 partial sums; any other
+  leaf runs linear() and is widened (partials rounded to x's dtype first).
+  """
+  if axis is None:
+    return linear(x, w)
+  if isinstance(w, (jax.Array, np.ndarray)):
+    part = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  elif hasattr(type(w), "matmul"):
+    part = w.matmul(x, out_dtype=jnp.float32)
+  else:
+    part = linear(x, w).astype(jnp.float32)
+  return jax.lax.psum(part, axis).astype(x.dtype)
 
 
 @flax.struct.dataclass
@@ -271,6 +292,10 @@ def projection_shapes(config: LlamaConfig, fused: bool = False) -> dict[str, tup
   return shapes
 
 
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
 def infer_config(params: Params) -> LlamaConfig:
   """The preset of models.config.PRESETS whose shapes these (unstacked) params have.
 
@@ -281,12 +306,14 @@ def infer_config(params: Params) -> LlamaConfig:
     return (layers, tuple(embed), {p: tuple(block[p]) for p in PROJECTIONS}, lm_head)
 
   first = params["layers"][0]
+  head = params.get("lm_head")
+  quantized_head = head is not None and not _is_array(head)  # a quantized copy: tied or not, it says nothing
   ours = shapes(len(params["layers"]), params["embed_tokens"].shape, {p: first[p].shape for p in PROJECTIONS},
-                "lm_head" in params)
+                head is not None)
   for make in PRESETS.values():
     cfg = make()
     if shapes(cfg.num_layers, (cfg.vocab_size, cfg.hidden_size), projection_shapes(cfg),
-              not cfg.tie_word_embeddings) == ours:
+              quantized_head or not cfg.tie_word_embeddings) == ours:
       return cfg
   raise ValueError(
       "cannot tell the model architecture from the parameter shapes (not a known preset: "
@@ -394,7 +421,7 @@ def _check_inputs(config: LlamaConfig, tokens: jax.Array, mask: jax.Array | None
   check_token_ids(tokens, config.vocab_size)
 
 
-def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv):
+def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, write_kv, tp_axis=None):
   """One decoder block (attention + MLP, pre-norm residuals): the math both layer forms share.
 
   Args:
@@ -404,6 +431,9 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     write_kv: None (no cache: attend over this chunk's keys), or a function taking the chunk's
       (k, v) [B, T, Hkv, hd] (after RoPE) that stores them in the cache and returns
       (k, v) [B, S, Hkv, hd] to attend over plus anything the caller wants back.
+    tp_axis: None, or the mesh axis the block is split over (inside shard_map; see forward): then
+      config holds one shard's heads and intermediate size, and o_proj / down_proj are
+      row-parallel (row_parallel_linear: fp32 partial sums, one psum each).
 
   Returns:
     (h [B, T, D], what write_kv returned third, or None).
@@ -425,13 +455,13 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     k, v, extra = write_kv(k, v)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
   a = attention(q, k, v, visible).reshape(b, t, hq * hd)
-  h = h + linear(a, layer["o_proj"])
+  h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
   x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
   if "gate_up_proj" in layer:
     gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
   else:
     gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
-  h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"])
+  h = h + row_parallel_linear(jax.nn.silu(gate) * up, layer["down_proj"], tp_axis)
   return h, extra
 
 
@@ -485,6 +515,7 @@ def forward(
     cache: KVCache | None = None,
     *,
     remat: bool = False,
+    tp_axis: str | None = None,
     head: bool = True,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder over a chunk of tokens.
@@ -498,6 +529,10 @@ def forward(
       causal forward.
     remat: recompute each block in a backward pass instead of storing its activations (memory
       for gradients over long sequences; cache-less forwards only).
+    tp_axis: tensor parallelism, for a call inside shard_map over a mesh with this axis (what
+      flexq_jax/sharding.py does): params and cache are one shard's, config its local view (heads,
+      KV heads and intermediate size of one shard), o_proj and down_proj all-reduced over the axis.
+      The lm_head may hold a slice of the vocabulary: then the logits are that slice.
     head: False returns the final (normed) hidden states [B, T, D] instead of the logits, for
       callers that need logits at a few positions only (`lm_head` on those).
 
@@ -531,7 +566,7 @@ def forward(
   # Out-of-range ids (only possible under jit; concrete ones are refused above) give NaN rows, so a
   # wrong tokenizer shows as non-finite logits instead of silently clamped embeddings.
   h = jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)  # [B, T, D]
-  block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv)
+  block = lambda layer, h, kv: _decoder_block(layer, h, config, positions, inv_freq, visible, kv, tp_axis)
   if remat:  # a backward pass recomputes each block from its input instead of keeping its activations
     if cache is not None:
       raise ValueError("remat=True is for cache-less forwards (gradients over whole sequences)")
@@ -568,11 +603,15 @@ def forward(
 
 
 def lm_head(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
-  """Logits [..., V] float32 of final (normed) hidden states h [..., D]: the output projection,
-  the tied embedding when config.tie_word_embeddings."""
-  if config.tie_word_embeddings:
+  """Logits [..., V] float32 of final (normed) hidden states h [..., D]: params["lm_head"] when
+  present (untied, or a quantized copy of tied embeddings, flexq_jax/lm_head.py), else the tied
+  embedding."""
+  head = params.get("lm_head")
+  if head is None:
     return jnp.einsum("...D,VD->...V", h, params["embed_tokens"], preferred_element_type=jnp.float32)
-  return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
+  if _is_array(head):
+    return jnp.einsum("...D,DV->...V", h, head, preferred_element_type=jnp.float32)
+  return (h @ head).astype(jnp.float32)  # a quantized weight leaf
 
 
 def logits_fn(config: LlamaConfig):

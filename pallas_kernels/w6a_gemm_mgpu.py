@@ -22,10 +22,17 @@ Three steps, all under one jit:
      int8 WGMMA into an int32 accumulator (exact group sums), then adds
      float(sum) * s_x[m, g] * s_w[n, g] into an fp32 carry; the epilogue casts and stores by TMA.
 
-The int32 -> fp32 conversion runs `convert="magic"` by default: for |v| < 2^22 (every int8 group
-sum of 128 products is below 2^21), float(v) = bitcast(v + 0x4B400000) - 1.5 * 2^23, two
-full-rate instructions instead of I2F, which Hopper issues at a quarter of the FP32 rate;
-`convert="cvt"` uses the plain conversion.
+Where the time goes (results/kernels/NOTES.md, "Mosaic GEMM: the scaling"): with one int32
+accumulator over all of K this pipeline runs at 1140-1470 TOPS (1.4-1.8x cuBLAS bf16); the
+per-group conversion and scaling, three CUDA-core instructions an element and group, bring it to
+650-830 TOPS, about the sum of the two times: the tensor cores sit idle while the scaling runs.
+`schedule="pingpong"` (the default) makes the two consumers take turns on the tensor cores, so
+one scales while the other's WGMMA runs: 3-14% faster than each consumer overlapping its own
+scaling with its next WGMMA (`"overlap"`). The int32 -> fp32 conversion: `convert="cvt"` (the
+default, one instruction) measured faster than the full-rate bit tricks that replace it
+(`"magic"`: float(v) = bitcast(v + 0x4B400000) - 1.5 * 2^23 for |v| < 2^22; `"init"`: the
+accumulator starts at those magic bits, so the WGMMA adds them): on this pipeline the instruction
+count an element decides, not the conversion's rate.
 
 This module imports only jax, numpy and pallas_kernels (the kernel rule of flexq_jax/DESIGN.md).
 """
@@ -41,6 +48,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax._src.pallas.mosaic_gpu.primitives import wgmma_accumulator_store as _acc_store  # not in plgpu's API yet
 
 from pallas_kernels import core, w6a_matmul
 from pallas_kernels.core import GROUP, TILE_ROWS
@@ -62,8 +71,20 @@ class GemmConfig:
   epi_tile_m: int = 64
   grid_minor: str = "n"  # persistent loop order over output tiles (planar snake)
   grid_tile_width: int = 8
-  convert: str = "cvt"  # int32 -> fp32 of a group sum: "cvt" (I2F) or "magic" (bit trick)
-  overlap: bool = True  # scale group g - 1's sums while group g's WGMMA runs (carried in registers)
+  convert: str = "cvt"  # int32 -> fp32 of a group sum: "cvt" (I2F), "magic" (add the magic bits, read as fp32),
+  #                       "init" (the accumulator starts at the magic bits: the WGMMA adds them for free)
+  schedule: str = "pingpong"  # how the per-group scaling (CUDA cores) meets the WGMMAs (tensor cores):
+  #   "pingpong": the two consumers take turns on the tensor cores, ordered by a pair of barriers (one's
+  #               WGMMA runs while the other scales its last group);
+  #   "overlap":  each consumer scales group g - 1 (carried in registers) while its group g WGMMA runs;
+  #   "serial":   each consumer waits for its group's WGMMA, then scales it.
+  groups_per_step: int = 1  # 2 ("serial" only): two groups a pipeline step, two int32 accumulators: the
+  #                           second group's WGMMA runs while the first's sums are scaled (wgmma_wait(1))
+  pin: bool = True  # "overlap": an optimization barrier holds the scaling before the WGMMA wait (LLVM may
+  #                   sink it past the wait otherwise; -5% to +6% across runs, noise). Also holding its
+  #                   inputs after the WGMMA's issue was 6-10% slower (results/kernels/raw/h200-2026-12-01-mgpu-probes.md)
+  scaling: str = "group"  # the contract; "convert" and "none" are timing probes that break it (measure what
+  #                         the per-group scaling costs: sums only converted, or one int32 sum over all of K)
   num_sms: int | None = None  # persistent CTAs (default: the device's SM count)
 
   def __post_init__(self):
@@ -71,11 +92,17 @@ class GemmConfig:
       raise ValueError(f"tile_m={self.tile_m} must be a multiple of 64 and tile_n={self.tile_n} of 8")
     if self.wg_split not in ("m", "n") or self.grid_minor not in ("m", "n"):
       raise ValueError(f"wg_split={self.wg_split!r} and grid_minor={self.grid_minor!r} must be 'm' or 'n'")
-    if self.convert not in ("magic", "cvt"):
-      raise ValueError(f"convert={self.convert!r} must be 'magic' or 'cvt'")
+    if self.convert not in ("magic", "cvt", "init"):
+      raise ValueError(f"convert={self.convert!r} must be 'cvt', 'magic' or 'init'")
     if self.tile_m % self.epi_tile_m or self.tile_n % self.epi_tile_n:
       raise ValueError(f"the epilogue tile {self.epi_tile_m}x{self.epi_tile_n} must divide the warpgroup tile "
                        f"{self.tile_m}x{self.tile_n}")
+    if self.schedule not in ("pingpong", "overlap", "serial"):
+      raise ValueError(f"schedule={self.schedule!r} must be 'pingpong', 'overlap' or 'serial'")
+    if self.groups_per_step not in (1, 2) or (self.groups_per_step == 2 and self.schedule != "serial"):
+      raise ValueError(f"groups_per_step={self.groups_per_step} must be 1, or 2 with schedule='serial'")
+    if self.scaling not in ("group", "convert", "none"):
+      raise ValueError(f"scaling={self.scaling!r} must be 'group' (or the probes 'convert', 'none')")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
 
@@ -87,7 +114,7 @@ class GemmConfig:
   def smem_bytes(self, out_itemsize: int = 2) -> int:
     """Shared memory the kernel asks for: the ring of operand tiles and scales, and the epilogue."""
     cm, cn = self.cta_tile
-    step = cm * GROUP + cn * GROUP + 4 * (cm + cn)  # int8 q_x and weight tiles, fp32 scale vectors
+    step = self.groups_per_step * (cm * GROUP + cn * GROUP + 4 * (cm + cn))  # int8 q_x, weights, fp32 scales
     return self.max_concurrent_steps * step + 2 * 2 * self.epi_tile_m * self.epi_tile_n * out_itemsize
 
 
@@ -101,7 +128,9 @@ def _to_f32(part: jax.Array, convert: str) -> jax.Array:
   """An exact int32 group sum (|v| < 2^22) as fp32."""
   if convert == "cvt":
     return part.astype(jnp.float32)
-  return lax.bitcast_convert_type(part + jnp.int32(_MAGIC), jnp.float32) - _MAGIC_F
+  if convert == "magic":
+    part = part + jnp.int32(_MAGIC)
+  return lax.bitcast_convert_type(part, jnp.float32) - _MAGIC_F  # "init": part already holds _MAGIC + sum
 
 
 def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
@@ -115,7 +144,8 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
   np_ = w_gmem.shape[0]
   tile_m, tile_n = cfg.tile_m, cfg.tile_n
   cta_m, cta_n = cfg.cta_tile
-  m_iters, n_iters, k_iters = mp // cta_m, np_ // cta_n, kp // GROUP
+  gps = cfg.groups_per_step
+  m_iters, n_iters, k_iters = mp // cta_m, np_ // cta_n, kp // (GROUP * gps)
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
   op_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
@@ -125,10 +155,10 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         grid=(k_iters,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((cta_m, GROUP), lambda k: (0, k), transforms=op_transforms),
-            plgpu.BlockSpec((cta_n, GROUP), lambda k: (0, k), transforms=op_transforms),
-            plgpu.BlockSpec((1, cta_m), lambda k: (k, 0)),
-            plgpu.BlockSpec((1, cta_n), lambda k: (k, 0)),
+            plgpu.BlockSpec((cta_m, GROUP * gps), lambda k: (0, k), transforms=op_transforms),
+            plgpu.BlockSpec((cta_n, GROUP * gps), lambda k: (0, k), transforms=op_transforms),
+            plgpu.BlockSpec((gps, cta_m), lambda k: (k, 0)),
+            plgpu.BlockSpec((gps, cta_n), lambda k: (k, 0)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -140,9 +170,14 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
 
   @functools.partial(pl.run_scoped,
                      allocs=pipeline(ignore, ignore).get_allocations(qx_gmem, w_gmem, sx_gmem, sw_gmem),
+                     turns=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.schedule == "pingpong" else None,
                      collective_axes="wg")
-  def _scope(allocs):
+  def _scope(allocs, turns):
     wg = lax.axis_index("wg")
+    if cfg.schedule == "pingpong":  # consumer 0 has the first turn
+      @pl.when(wg == 1)
+      def _first_turn():
+        plgpu.barrier_arrive(turns.at[0])
 
     @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
     def _tiles(info: plgpu.NDLoopInfo):
@@ -155,17 +190,9 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         wg_m, wg_n = pl.ds(wg * tile_m, tile_m), slice(None)
       else:
         wg_m, wg_n = slice(None), pl.ds(wg * tile_n, tile_n)
+      zeros = lambda dtype, shape, layout: plgpu.layout_cast(jnp.zeros(shape, dtype), layout)
 
-      def compute_context(run):
-        zeros = lambda dtype, shape, layout: plgpu.layout_cast(jnp.zeros(shape, dtype), layout)
-        acc = zeros(jnp.float32, (tile_m, tile_n), plgpu.Layout.WGMMA)
-        if cfg.overlap:  # carry: (fp32 sums, the last group's int32 sums and its scale vectors)
-          acc, part, sx, sw = run((acc, zeros(jnp.int32, (tile_m, tile_n), plgpu.Layout.WGMMA),
-                                   zeros(jnp.float32, (tile_m,), plgpu.Layout.WGMMA.reduce(1)),
-                                   zeros(jnp.float32, (tile_n,), plgpu.Layout.WGMMA.reduce(0))))
-          acc = acc + _scaled(part, sx, sw)
-        else:
-          acc = run(acc)
+      def epilogue(acc):
         out = acc.astype(out_gmem.dtype)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         epi_n_count = tile_n // cfg.epi_tile_n
@@ -181,23 +208,87 @@ def _gemm_kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
                 out_smem.at[wg, slot],
                 out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n].at[rows, cols])
 
+      def compute_context(run):
+        if cfg.scaling == "none":  # probe: one int32 accumulator over all of K, like a plain int8 GEMM
+          def _acc_scope(acc_ref):
+            run(acc_ref)
+            epilogue(acc_ref[...].astype(jnp.float32))
+          pl.run_scoped(_acc_scope, plgpu.ACC((tile_m, tile_n), jnp.int32))
+          return
+        acc = zeros(jnp.float32, (tile_m, tile_n), plgpu.Layout.WGMMA)
+        if cfg.schedule == "overlap":  # carry: (fp32 sums, the last group's int32 sums and its scale vectors)
+          acc, part, sx, sw = run((acc, zeros(jnp.int32, (tile_m, tile_n), plgpu.Layout.WGMMA),
+                                   zeros(jnp.float32, (tile_m,), plgpu.Layout.WGMMA.reduce(1)),
+                                   zeros(jnp.float32, (tile_n,), plgpu.Layout.WGMMA.reduce(0))))
+          acc = acc + _scaled(part, sx, sw)
+        else:
+          acc = run(acc)
+        epilogue(acc)
+
       def _scaled(part, sx, sw):  # float(sum) * s_x[m] * s_w[n]
+        if cfg.scaling == "convert":  # probe
+          return _to_f32(part, cfg.convert)
         scale = (lax.broadcast_in_dim(sx, (tile_m, tile_n), (0,))
                  * lax.broadcast_in_dim(sw, (tile_m, tile_n), (1,)))
         return _to_f32(part, cfg.convert) * scale
 
+      def operands(qx_smem, w_smem, j):  # group j of the step: q_x [tile_m, 128], weights^T [128, tile_n]
+        if gps == 1:
+          return qx_smem.at[wg_m], w_smem.at[wg_n].T
+        cols = pl.ds(j * GROUP, GROUP)
+        return qx_smem.at[wg_m].at[:, cols], w_smem.at[wg_n].at[:, cols].T
+
+      def group_acc(acc_ref):  # a fresh group accumulator: zeros (run_scoped's), or the magic bits
+        if cfg.convert == "init":
+          _acc_store(acc_ref, plgpu.layout_cast(jnp.full((tile_m, tile_n), _MAGIC, jnp.int32), plgpu.Layout.WGMMA))
+
+      def scales(sx_smem, sw_smem, j):
+        return (plgpu.load(sx_smem.at[j, wg_m], layout=plgpu.Layout.WGMMA.reduce(1)),  # [tile_m]
+                plgpu.load(sw_smem.at[j, wg_n], layout=plgpu.Layout.WGMMA.reduce(0)))  # [tile_n]
+
       def step(_, qx_smem, w_smem, sx_smem, sw_smem, carry):
-        sx = plgpu.load(sx_smem.at[0, wg_m], layout=plgpu.Layout.WGMMA.reduce(1))  # [tile_m]
-        sw = plgpu.load(sw_smem.at[0, wg_n], layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_n]
+        if cfg.scaling == "none":
+          plgpu.wgmma(carry, *operands(qx_smem, w_smem, 0))
+          if gps == 2:
+            plgpu.wgmma(carry, *operands(qx_smem, w_smem, 1))
+          plgpu.wgmma_wait(0)
+          return carry
+
+        if gps == 2:  # both groups' WGMMAs in flight; scale the first while the second runs
+          def two_groups(acc_a, acc_b):
+            group_acc(acc_a)
+            group_acc(acc_b)
+            plgpu.wgmma(acc_a, *operands(qx_smem, w_smem, 0))
+            plgpu.wgmma(acc_b, *operands(qx_smem, w_smem, 1))
+            sx0, sw0 = scales(sx_smem, sw_smem, 0)
+            sx1, sw1 = scales(sx_smem, sw_smem, 1)
+            acc = carry + _scaled(plgpu.wgmma_accumulator_load(acc_a, wait_n=1), sx0, sw0)  # wait_n=1: B runs on
+            if cfg.pin:  # the first group scaled before waiting for the second
+              acc = lax.optimization_barrier(acc)
+            return acc + _scaled(plgpu.wgmma_accumulator_load(acc_b, wait_n=0), sx1, sw1)
+          return pl.run_scoped(two_groups, plgpu.ACC((tile_m, tile_n), jnp.int32),
+                               plgpu.ACC((tile_m, tile_n), jnp.int32))
+
+        sx, sw = scales(sx_smem, sw_smem, 0)
 
         def group_sum(acc_ref):  # the group's exact int32 sums
-          plgpu.wgmma(acc_ref, qx_smem.at[wg_m], w_smem.at[wg_n].T)
-          if cfg.overlap:  # the previous group's scaling runs on the CUDA cores meanwhile
+          group_acc(acc_ref)
+          if cfg.schedule == "pingpong":  # wait for my turn; the other consumer's turn comes when my WGMMA is done
+            plgpu.barrier_wait(turns.at[wg])
+            plgpu.wgmma(acc_ref, *operands(qx_smem, w_smem, 0))
+            part = plgpu.wgmma_accumulator_load(acc_ref)
+            plgpu.barrier_arrive(turns.at[1 - wg])
+            return part
+          plgpu.wgmma(acc_ref, *operands(qx_smem, w_smem, 0))
+          if cfg.schedule == "overlap":  # the previous group's scaling runs on the CUDA cores meanwhile
             acc, prev, prev_sx, prev_sw = carry
-            return acc + _scaled(prev, prev_sx, prev_sw), plgpu.wgmma_accumulator_load(acc_ref)
+            acc = acc + _scaled(prev, prev_sx, prev_sw)
+            if cfg.pin:
+              acc = lax.optimization_barrier(acc)
+            return acc, plgpu.wgmma_accumulator_load(acc_ref)
           return plgpu.wgmma_accumulator_load(acc_ref)
 
-        if cfg.overlap:
+        if cfg.schedule == "overlap":
           acc, part = pl.run_scoped(group_sum, plgpu.ACC((tile_m, tile_n), jnp.int32))
           return acc, part, sx, sw
         part = pl.run_scoped(group_sum, plgpu.ACC((tile_m, tile_n), jnp.int32))
@@ -233,12 +324,13 @@ def gemm(qx: jax.Array, sx_t: jax.Array, w: jax.Array, sw_t: jax.Array, *, out_d
   mp, kp = qx.shape
   np_ = w.shape[0]
   cm, cn = config.cta_tile
-  if qx.dtype != jnp.int8 or w.dtype != jnp.int8 or w.shape[1] != kp or kp % GROUP:
-    raise ValueError(f"qx and w must be int8 [*, Kp] with one Kp, a multiple of {GROUP}; got {qx.dtype} {qx.shape} "
+  kstep = GROUP * config.groups_per_step
+  if qx.dtype != jnp.int8 or w.dtype != jnp.int8 or w.shape[1] != kp or kp % kstep:
+    raise ValueError(f"qx and w must be int8 [*, Kp] with one Kp, a multiple of {kstep}; got {qx.dtype} {qx.shape} "
                      f"and {w.dtype} {w.shape}")
   if mp % cm or np_ % cn:
     raise ValueError(f"{mp=} and {np_=} must be multiples of the CTA tile {cm}x{cn} (pad them)")
-  if sx_t.shape != (kp // GROUP, mp) or sw_t.shape != (kp // GROUP, np_):
+  if sx_t.shape != (kp // GROUP, mp) or sw_t.shape != (kp // GROUP, np_):  # noqa: SIM114
     raise ValueError(f"sx_t {sx_t.shape} and sw_t {sw_t.shape} must be [G, Mp] = {(kp // GROUP, mp)} and [G, Np] = "
                      f"{(kp // GROUP, np_)}")
   epi = (config.epi_tile_m, config.epi_tile_n)
@@ -260,8 +352,9 @@ def gemm(qx: jax.Array, sx_t: jax.Array, w: jax.Array, sw_t: jax.Array, *, out_d
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
   """The tiling for an [M, K] x [K, N] product: 128 x 64 per consumer warpgroup (a 128 x 128 CTA
-  tile), scaling overlapped with the next WGMMA: the fastest of five tilings on 5 of 6 cases of
-  results/kernels/raw/h200-2026-12-01-mgpu-sweep2.json (M = 512 and 4096, LLaMA-2 shapes)."""
+  tile; the fastest of five tilings on 5 of 6 cases of results/kernels/raw/h200-2026-12-01-mgpu-sweep2.json),
+  the consumers taking turns on the tensor cores (the fastest schedule in
+  results/kernels/raw/h200-2026-12-01-mgpu-probes.md and -sweep3.json)."""
   del m, n, k
   return GemmConfig()
 
@@ -283,11 +376,18 @@ def w6a_gemm(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: 
   """
   m, k, n = w6a_matmul.check_operands(x, w_packed, w_scales, a_bits)
   cfg = config or default_config(m, n, k)
+  if cfg.scaling != "group":
+    raise ValueError(f"scaling={cfg.scaling!r} is a timing probe of gemm(), not the numerics contract")
   mp, np_ = padded(m, n, cfg)
   # Phase-major q_x, rows padded to a whole CTA tile (the quantizer pads to its block_m).
   qcfg = w6a_matmul.TileConfig(block_m=cfg.cta_tile[0], join_phases=False)
   qx, sx, _ = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
   w = w6a_matmul.unpack_phase_major(w_packed, np_)
   sw_t = jnp.pad(w_scales.astype(jnp.float32), ((0, np_ - n), (0, 0))).T
-  y = gemm(qx, sx.T, w, sw_t, out_dtype=x.dtype, config=cfg)
+  sx_t = sx.T
+  extra = -w.shape[1] % (GROUP * cfg.groups_per_step)  # a zero group (zero sums, zero scales) to fill a step
+  if extra:
+    qx, w = jnp.pad(qx, ((0, 0), (0, extra))), jnp.pad(w, ((0, 0), (0, extra)))
+    sx_t, sw_t = jnp.pad(sx_t, ((0, extra // GROUP), (0, 0))), jnp.pad(sw_t, ((0, extra // GROUP), (0, 0)))
+  y = gemm(qx, sx_t, w, sw_t, out_dtype=x.dtype, config=cfg)
   return y[:m, :n]

@@ -62,9 +62,13 @@ def test_config_tile_math_and_errors():
   assert mg.padded(300, 200, cfg) == (384, 256) and mg.padded(128, 128, cfg) == (128, 128)
   assert cfg.smem_bytes() <= 227 * 1024  # Hopper's shared memory a block may take
   for bad in (dict(tile_m=96), dict(tile_n=4), dict(wg_split="k"), dict(convert="round"), dict(max_concurrent_steps=1),
-              dict(epi_tile_n=48)):
+              dict(epi_tile_n=48), dict(groups_per_step=2), dict(groups_per_step=3, schedule="serial"),
+              dict(scaling="fast"), dict(schedule="fast"), dict(schedule="overlap", groups_per_step=2)):
     with pytest.raises(ValueError):
       mg.GemmConfig(**bad)
+  with pytest.raises(ValueError, match="timing probe"):
+    mg.w6a_gemm(jnp.zeros((4, 128)), jnp.zeros((1, 1, 3, 16, 32), jnp.uint8), jnp.zeros((16, 1), jnp.float16),
+                a_bits=6, config=mg.GemmConfig(scaling="none"))
   with pytest.raises(ValueError, match="multiples of the CTA tile"):
     mg.gemm(jnp.zeros((100, 128), jnp.int8), jnp.zeros((1, 100)), jnp.zeros((128, 128), jnp.int8),
             jnp.zeros((1, 128)), out_dtype=jnp.bfloat16, config=cfg)
@@ -74,8 +78,10 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("bits,config", [(6, mg.GemmConfig()), (8, mg.GemmConfig(convert="magic", overlap=True)),
-                                         (6, mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, overlap=True))])
+@pytest.mark.parametrize("bits,config", [(6, mg.GemmConfig()), (8, mg.GemmConfig(convert="magic", schedule="overlap")),
+                                         (6, mg.GemmConfig(schedule="serial", groups_per_step=2, max_concurrent_steps=2)),
+                                         (8, mg.GemmConfig(convert="init")),
+                                         (6, mg.GemmConfig(schedule="overlap", pin=False))])
 def test_the_op_lowers_for_cuda_without_a_gpu(bits, config):
   """Every trace- and lowering-time check of Mosaic GPU (shapes, layouts, swizzles, the pipeline)
   runs on CPU when lowering for CUDA against an abstract H200."""
@@ -121,9 +127,14 @@ def test_gpu_against_reference(m, a_bits, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("config", [mg.GemmConfig(convert="magic"), mg.GemmConfig(overlap=True),
+@pytest.mark.parametrize("config", [mg.GemmConfig(convert="magic"), mg.GemmConfig(schedule="overlap"),
                                     mg.GemmConfig(wg_split="n", tile_m=128, tile_n=64, max_concurrent_steps=2,
-                                                  grid_minor="m")])
+                                                  grid_minor="m"),
+                                    mg.GemmConfig(schedule="serial", groups_per_step=2, max_concurrent_steps=2),
+                                    mg.GemmConfig(convert="init"),
+                                    mg.GemmConfig(convert="init", schedule="serial", groups_per_step=2,
+                                                  max_concurrent_steps=2),
+                                    mg.GemmConfig(schedule="serial")])
 def test_gpu_other_configs_and_w8_and_fp32(config):
   _check(300, 256, 640, 6, config=config)
   _check(257, 112, 384, 8, w_bits=8, config=config)
