@@ -450,28 +450,52 @@ def row_from_results(label: str, out: dict, meta: dict) -> Row:
   return Row(label, scores, meta)
 
 
-def _same_examples(a: dict, b: dict) -> bool:
-  return a.get("n") == b.get("n") and a.get("n_total", a.get("n")) == b.get("n_total", b.get("n"))
+def _shared_prefix(a: dict, b: dict) -> int:
+  """How many leading examples two runs of a task share: lm-eval's --limit N takes the first N
+  examples, so runs of one task on the same data share min(N) of them; 0 if unknown."""
+  na, nb = (s.get("n", len(s.get("acc_per_doc", ""))) for s in (a, b))
+  if a.get("n_total", na) != b.get("n_total", nb):
+    return 0
+  if na == nb:
+    return na
+  if a.get("acc_per_doc") and b.get("acc_per_doc"):
+    return min(na, nb)
+  return 0
+
+
+def compare(a: dict, b: dict, tasks: Sequence[str] | None = None) -> tuple[float, float | None, dict[str, int]] | None:
+  """(mean over tasks of acc_a - acc_b, its standard error from the paired per-example
+  differences or None, examples compared per task) over the tasks and examples both rows share;
+  None when they share none. Each task's mean difference has variance var(d) / n; tasks are
+  independent."""
+  shared = {t: k for t in (tasks or a) if t in b and (k := _shared_prefix(a[t], b[t]))}
+  if not shared:
+    return None
+  deltas, var = [], 0.0
+  for t, k in shared.items():
+    x, y = a[t].get("acc_per_doc"), b[t].get("acc_per_doc")
+    if x and y and len(x) >= k and len(y) >= k:
+      d = np.array([int(i) for i in x[:k]], float) - np.array([int(j) for j in y[:k]], float)
+      deltas.append(d.mean())
+      var = None if var is None else var + (d.var(ddof=1) / k if k > 1 else 0.0)
+    else:
+      deltas.append(a[t]["acc"] - b[t]["acc"])
+      var = None
+  se = None if var is None else float(np.sqrt(var)) / len(shared)
+  return float(np.mean(deltas)), se, shared
 
 
 def paired_stderr(a: dict, b: dict, tasks: Sequence[str]) -> float | None:
-  """Standard error of mean_t(acc_a[t] - acc_b[t]) from the per-example differences (the same
-  examples in both rows), or None without per-example results. Each task's mean difference has
-  variance var(d) / n; the tasks are independent."""
-  var = 0.0
-  for t in tasks:
-    x, y = a[t].get("acc_per_doc"), b[t].get("acc_per_doc")
-    if not x or not y or len(x) != len(y):
-      return None
-    d = np.array([int(i) for i in x], float) - np.array([int(j) for j in y], float)
-    var += d.var(ddof=1) / len(d) if len(d) > 1 else 0.0
-  return float(np.sqrt(var)) / len(tasks)
+  """Standard error of mean_t(acc_a[t] - acc_b[t]) over `tasks` from the per-example differences
+  on the examples both rows ran (see `compare`), or None without per-example results."""
+  cmp = compare(a, b, tasks)
+  return None if cmp is None else cmp[1]
 
 
 def to_markdown(rows: Sequence[Row], header: str = "") -> str:
-  """The table: acc (and acc_norm) ± standard error per task, the mean acc over the row's tasks,
-  and the change of the mean acc against the first row over the tasks both rows evaluated on the
-  same examples (a task run on its first N examples only is marked "(N)")."""
+  """The table: acc (and acc_norm) ± standard error per task (a task run on its first N examples
+  only is marked "(N)"), the mean acc over the row's tasks, and the change against the first row
+  with its paired standard error on the examples both rows ran (`compare`)."""
   tasks = list(dict.fromkeys(t for r in rows for t in r.scores))
   cols = [(t, m) for t in tasks for m in METRICS if any(m in r.scores.get(t, {}) for r in rows)]
   lines = [header, ""] if header else []
@@ -483,24 +507,22 @@ def to_markdown(rows: Sequence[Row], header: str = "") -> str:
       s = r.scores.get(t, {})
       limited = f" ({s['n']})" if s.get("n_total") and s["n"] < s["n_total"] else ""
       cells.append(f"{100 * s[m]:.2f} ± {100 * s[m + '_stderr']:.2f}{limited}" if m in s else "")
-    first = rows[0].scores
-    common = [t for t in r.scores if t in first and _same_examples(r.scores[t], first[t])]
-    if common:
-      delta = 100 * float(np.mean([r.scores[t]["acc"] - first[t]["acc"] for t in common]))
-      delta_cell = f"{delta:+.2f}"
-      paired = paired_stderr(r.scores, first, common)
-      if paired is not None and r is not rows[0]:
-        delta_cell += f" ± {100 * paired:.2f}"
-      if not len(common) == len(r.scores) == len(first):
-        delta_cell += f" ({', '.join(common)})"
-    else:
+    cmp = compare(r.scores, rows[0].scores)
+    if cmp is None:
       delta_cell = "no common examples"
+    else:
+      delta, se, shared = cmp
+      delta_cell = f"{100 * delta:+.2f}" + (f" ± {100 * se:.2f}" if se is not None and r is not rows[0] else "")
+      if len(shared) < max(len(r.scores), len(rows[0].scores)) or any(k != r.scores[t]["n"] or k != rows[0].scores[t]["n"]
+                                            for t, k in shared.items()):
+        delta_cell += " (" + ", ".join(f"{t} first {k}" for t, k in shared.items()) + ")"
     lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {100 * r.average_acc:.2f} | {delta_cell} |")
   lines.append("")
   lines.append("Accuracy in %, ± lm-eval's standard error; (N): the task's first N examples only (--limit), "
                "otherwise every example; mean acc: over the row's tasks; vs first row: the change of the mean acc "
-               "over the tasks both rows ran on the same examples (named when not all), ± the standard error of "
-               "that change from the paired per-example differences.")
+               "against the first row on the examples both rows ran (named when not all of both rows' examples: "
+               "--limit N runs share their first examples), ± the standard error of that change from the paired "
+               "per-example differences.")
   return "\n".join(lines) + "\n"
 
 

@@ -262,11 +262,11 @@ def test_table_rows_replace_rows_of_the_same_label(tmp_path):
   assert [r.label for r in rows] == ["FP32", "Q"] and rows[0].scores["piqa"]["acc"] == 0.7
   md = (tmp_path / "zeroshot.md").read_text()
   assert "| FP32 | 70.00 ± 1.00 | 90.00 ± 2.00 | 80.00 | +0.00 |" in md
-  assert "| Q | 50.00 ± 1.00 |  | 50.00 | -20.00 (piqa) |" in md  # compared on the common task only
+  assert "| Q | 50.00 ± 1.00 |  | 50.00 | -20.00 (piqa first 10) |" in md  # compared on the common task only
   zeroshot.write_row(zeroshot.Row("Q", {"boolq": {"acc": 0.8, "acc_stderr": 0.02, "n": 3, "n_total": 9}}, {}),
                      tmp_path)
   md = (tmp_path / "zeroshot.md").read_text()
-  assert "| Q | 50.00 ± 1.00 | 80.00 ± 2.00 (3) | 65.00 | -20.00 (piqa) |" in md  # boolq: other examples
+  assert "| Q | 50.00 ± 1.00 | 80.00 ± 2.00 (3) | 65.00 | -20.00 (piqa first 10) |" in md  # boolq: other examples
 
 
 @pytest.mark.slow
@@ -300,4 +300,19 @@ def test_paired_standard_error_of_a_change():
   d = np.array([1.0] + [0.0] * 9)
   want = np.sqrt(d.var(ddof=1) / 10) / 2
   assert zeroshot.paired_stderr(a, b, ["t", "u"]) == pytest.approx(want)
-  assert zeroshot.paired_stderr(a, {"t": {}, "u": b["u"]}, ["t", "u"]) is None
+  a["t"].update(acc=0.6, n=10)
+  assert zeroshot.paired_stderr(a, {"t": {"acc": 0.5, "n": 10}, "u": b["u"]}, ["t", "u"]) is None  # no per-example data
+
+
+def test_limited_runs_are_compared_on_their_shared_first_examples():
+  full = {"t": {"acc": 0.6, "n": 5, "n_total": 9, "acc_per_doc": "11100"}}
+  short = {"t": {"acc": 1 / 3, "n": 3, "n_total": 9, "acc_per_doc": "010"}}
+  delta, se, shared = zeroshot.compare(short, full)
+  assert shared == {"t": 3} and delta == pytest.approx(1 / 3 - 1)  # against the first 3 of 5: 111
+  d = np.array([-1.0, 0.0, -1.0])
+  assert se == pytest.approx(np.sqrt(d.var(ddof=1) / 3))
+  other_split = {"t": {"acc": 0.5, "n": 3, "n_total": 7, "acc_per_doc": "010"}}
+  assert zeroshot.compare(other_split, full) is None
+  assert "| B | 33.33 ± 0.00 (3) | 33.33 | -66.67 ± 33.33 (t first 3) |" in zeroshot.to_markdown(
+      [zeroshot.Row("A", {"t": {**full["t"], "acc_stderr": 0.1}}, {}),
+       zeroshot.Row("B", {"t": {**short["t"], "acc_stderr": 0.0}}, {})])
