@@ -515,7 +515,9 @@ def to_markdown(rows: Sequence[Row], header: str = "") -> str:
       delta_cell = f"{100 * delta:+.2f}" + (f" ± {100 * se:.2f}" if se is not None and r is not rows[0] else "")
       if len(shared) < max(len(r.scores), len(rows[0].scores)) or any(k != r.scores[t]["n"] or k != rows[0].scores[t]["n"]
                                             for t, k in shared.items()):
-        delta_cell += " (" + ", ".join(f"{t} first {k}" for t, k in shared.items()) + ")"
+        ks = set(shared.values())
+        delta_cell += (f" (first {ks.pop()} of each task)" if len(ks) == 1 and len(shared) == len(rows[0].scores)
+                       else " (" + ", ".join(f"{t} first {k}" for t, k in shared.items()) + ")")
     lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {100 * r.average_acc:.2f} | {delta_cell} |")
   lines.append("")
   lines.append("Accuracy in %, ± lm-eval's standard error; (N): the task's first N examples only (--limit), "

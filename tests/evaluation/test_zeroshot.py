@@ -313,6 +313,6 @@ def test_limited_runs_are_compared_on_their_shared_first_examples():
   assert se == pytest.approx(np.sqrt(d.var(ddof=1) / 3))
   other_split = {"t": {"acc": 0.5, "n": 3, "n_total": 7, "acc_per_doc": "010"}}
   assert zeroshot.compare(other_split, full) is None
-  assert "| B | 33.33 ± 0.00 (3) | 33.33 | -66.67 ± 33.33 (t first 3) |" in zeroshot.to_markdown(
+  assert "| B | 33.33 ± 0.00 (3) | 33.33 | -66.67 ± 33.33 (first 3 of each task) |" in zeroshot.to_markdown(
       [zeroshot.Row("A", {"t": {**full["t"], "acc_stderr": 0.1}}, {}),
        zeroshot.Row("B", {"t": {**short["t"], "acc_stderr": 0.0}}, {})])
