@@ -9,7 +9,8 @@ PYTHON312 ?= $(shell if command -v pyenv >/dev/null 2>&1 && pyenv versions --bar
 PY := $(VENV)/bin/python
 # On a machine with an NVIDIA driver, jax's CUDA wheels too: the quantized linears then run the
 # GPU kernels (backend "auto"); elsewhere the CPU build and the jnp reference.
-EXTRAS ?= test$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
+# The test extra and the eval extra (lm-eval, datasets: the zero-shot tests need them) always.
+EXTRAS ?= test,eval$(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 PYTEST_ARGS ?=
 
 .PHONY: venv run test test-all cuda-compile clean

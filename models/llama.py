@@ -520,6 +520,7 @@ def forward(
     *,
     remat: bool = False,
     tp_axis: str | None = None,
+    head: bool = True,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder over a chunk of tokens.
 
@@ -536,9 +537,11 @@ def forward(
       flexq_jax/sharding.py does): params and cache are one shard's, config its local view (heads,
       KV heads and intermediate size of one shard), o_proj and down_proj all-reduced over the axis.
       The lm_head may hold a slice of the vocabulary: then the logits are that slice.
+    head: False returns the final (normed) hidden states [B, T, D] instead of the logits, for
+      callers that need logits at a few positions only (`lm_head` on those).
 
   Returns:
-    (logits [B, T, V] float32, the updated cache or None).
+    (logits [B, T, V] float32 (hidden states [B, T, D] if head=False), the updated cache or None).
   """
   _check_inputs(config, tokens, mask)
   b, t = tokens.shape
@@ -596,17 +599,23 @@ def forward(
       new_v.append(v)
 
   h = rms_norm(h, params["norm"], config.rms_norm_eps)
-  head = params.get("lm_head")  # present when untied, or as a quantized copy of tied embeddings
-  if head is None:
-    logits = jnp.einsum("BTD,VD->BTV", h, params["embed_tokens"], preferred_element_type=jnp.float32)
-  elif _is_array(head):
-    logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
-  else:  # a quantized weight leaf (flexq_jax/lm_head.py)
-    logits = (h @ head).astype(jnp.float32)
+  logits = lm_head(params, config, h) if head else h
 
   if cache is None:
     return logits, None
   return logits, KVCache(k=new_k, v=new_v, valid=key_valid, length=cache.length + t)
+
+
+def lm_head(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
+  """Logits [..., V] float32 of final (normed) hidden states h [..., D]: params["lm_head"] when
+  present (untied, or a quantized copy of tied embeddings, flexq_jax/lm_head.py), else the tied
+  embedding."""
+  head = params.get("lm_head")
+  if head is None:
+    return jnp.einsum("...D,VD->...V", h, params["embed_tokens"], preferred_element_type=jnp.float32)
+  if _is_array(head):
+    return jnp.einsum("...D,DV->...V", h, head, preferred_element_type=jnp.float32)
+  return (h @ head).astype(jnp.float32)  # a quantized weight leaf
 
 
 def logits_fn(config: LlamaConfig):

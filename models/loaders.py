@@ -1,4 +1,5 @@
-"""Checkpoint loaders: Hugging Face safetensors directories and llama.cpp GGUF files.
+"""Checkpoint loaders: Hugging Face safetensors directories (local, or a hub id resolved through
+the Hugging Face cache) and llama.cpp GGUF files.
 
 Both produce `(LlamaConfig, params)` with the parameter pytree of `models.llama`:
 
@@ -30,6 +31,9 @@ import re
 from collections.abc import Callable, Mapping
 
 import gguf
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -517,6 +521,58 @@ def load_gguf(source: str | os.PathLike[str] | gguf.GGUFReader, dtype=jnp.float3
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face hub ids.
+
+# org/name, optionally @revision (a branch, tag or commit); the hub's own rules for the names.
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+# What a model needs from a hub repository: never the pickled .bin weights, other formats or docs.
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "model.safetensors", "model.safetensors.index.json",
+             "model-*.safetensors")
+
+
+def is_hub_id(spec: str | os.PathLike[str]) -> bool:
+  """Whether `spec` reads as a hub id org/name[@revision] and names no existing local path."""
+  text = os.fspath(spec)
+  # A missing "dir/model.gguf" is a path typed wrong, not a repository.
+  return bool(_HUB_ID.match(text)) and not text.endswith(".gguf") and not pathlib.Path(text).exists()
+
+
+def resolve_hub_id(spec: str) -> pathlib.Path:
+  """The local snapshot directory of hub id org/name[@revision], downloaded into the standard
+  Hugging Face cache if it is not there (config, tokenizer and safetensors files only).
+
+  Honours huggingface_hub's settings: HF_HUB_CACHE / HF_HOME for the cache, HF_HUB_OFFLINE=1 to
+  use only what is cached, HF_TOKEN for gated models.
+
+  Raises:
+    FileNotFoundError: offline (or the hub unreachable) and not cached; no such repository or revision.
+    ValueError: `spec` is not org/name[@revision]; the repository is gated.
+  """
+  match = _HUB_ID.match(spec)
+  if not match:
+    raise ValueError(f"{spec!r} is not a Hugging Face hub id (org/name or org/name@revision)")
+  repo, revision = match.group("repo"), match.group("revision")
+  where = f"{repo}" + (f" at revision {revision}" if revision else "")
+  try:
+    path = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES))
+  except hub_errors.GatedRepoError:
+    raise ValueError(f"{where}: a gated repository; accept its licence on the hub and set HF_TOKEN") from None
+  except hub_errors.RepositoryNotFoundError:
+    raise FileNotFoundError(f"{where}: no such model repository on the Hugging Face hub (or it is private)") from None
+  except hub_errors.RevisionNotFoundError:
+    raise FileNotFoundError(f"{where}: the repository has no such revision") from None
+  except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+    offline = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    raise FileNotFoundError(
+        f"{where}: no such local path, not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and "
+        f"{offline}; download it once where the hub is reachable, or pass a local checkpoint directory") from None
+  except (hub_errors.HfHubHTTPError, OSError) as e:  # network trouble past the cache check
+    raise FileNotFoundError(f"{where}: could not be fetched from the Hugging Face hub: {e}") from None
+  return pathlib.Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points.
 
 
@@ -586,8 +642,9 @@ def load_model(
   """Loads a model and its tokenizer from whatever `path` names.
 
   Args:
-    path: None for the built-in SmolLM2-135M-Instruct GGUF; a .gguf file; or a Hugging Face
-      checkpoint directory (see `load_hf_checkpoint`).
+    path: None for the built-in SmolLM2-135M-Instruct GGUF; a .gguf file; a Hugging Face
+      checkpoint directory (see `load_hf_checkpoint`); or a hub id org/name[@revision] that names
+      no local path (see `resolve_hub_id`).
     dtype: parameter dtype: jnp.float32, jnp.bfloat16 or jnp.float16.
 
   Returns:
@@ -597,12 +654,18 @@ def load_model(
     tokenizer; callers that need one must then raise.
 
   Raises:
-    FileNotFoundError: `path` does not exist (or the default model is not installed).
+    FileNotFoundError: `path` does not exist (or the default model is not installed); a hub id
+      that is neither cached nor reachable.
     ValueError: `path` is neither a directory nor a .gguf file, the checkpoint is invalid
       (see `load_gguf` / `load_hf_checkpoint`), a tokenizer file is malformed, or the
       tokenizer has token ids beyond the model's embedding (vocab_size).
   """
-  target = default_model_path() if path is None else pathlib.Path(path)
+  if path is None:
+    target = default_model_path()
+  elif is_hub_id(path):
+    target = resolve_hub_id(os.fspath(path))
+  else:
+    target = pathlib.Path(path)
   if target.is_dir():
     # The tokenizer is read and checked against the config before the weights: a bad
     # tokenizer file fails in a moment, not after minutes of loading.

@@ -4,7 +4,7 @@ from evaluation import cli
 from tests.helpers import tiny_hf_checkpoint
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "quantize", "accuracy", "run"])
+@pytest.mark.parametrize("command", ["generate", "eval", "quantize", "accuracy", "zeroshot", "run"])
 def test_every_subcommand_explains_its_options(command, capsys):
   with pytest.raises(SystemExit) as e:
     cli.main([command, "--help"])
