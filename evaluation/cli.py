@@ -223,16 +223,22 @@ def _check_options(args) -> None:
       raise ValueError(f"--json {path} is a directory")
 
 
+def _rotate(args, params, config):
+  """(params, config) as --rotation asks: Hadamard-rotated (a new float model, exact), or as they are.
+  Callers rebind their params to the result, so the unrotated model can be freed."""
+  if args.rotation != "hadamard":
+    return params, config
+  _log("rotating the model (Hadamard; exact in float)")
+  return flexq_jax.rotate(params, config)
+
+
 def _quantize(args, config, params, calib):
-  """(the quantized model's config, quantized params, report): rotated first with --rotation hadamard."""
-  if args.rotation == "hadamard":
-    _log("rotating the model (Hadamard; exact in float)")
-    params, config = flexq_jax.rotate(params, config)
+  """(quantized params, report) of the float model: quantize(), then the lm_head when --lm-head asks."""
   qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=config, progress=_log)
   if args.lm_head != "float":
     qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=config,
                                                progress=_log)
-  return config, qparams, report
+  return qparams, report
 
 
 def _calib(args, tokenizer):
@@ -249,7 +255,8 @@ def cmd_quantize(args) -> int:
   _require_tokenizer(tokenizer)
   corpus, calib = _calib(args, tokenizer)
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qconfig, qparams, report = _quantize(args, config, params, calib)
+  params, qconfig = _rotate(args, params, config)
+  qparams, report = _quantize(args, qconfig, params, calib)
   print(report.summary())
   file = checkpoint.save(args.out, qparams, qconfig, report)
   heatmap = plots.sensitivity_heatmap(report.layers, Path(args.out) / "sensitivity.png")
@@ -411,14 +418,8 @@ def cmd_run(args) -> int:
   fp_text = gen.generate_text(config, params, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=chat)
 
   _log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name}")
-  qconfig = config
-  if args.rotation == "hadamard":  # the rotated copy replaces the float model (memory)
-    _log("rotating the model (Hadamard; exact in float)")
-    params, qconfig = flexq_jax.rotate(params, config)
-  qparams, report = flexq_jax.quantize(params, calib, args.quant_config, model_config=qconfig, progress=_log)
-  if args.lm_head != "float":
-    qparams, report = lm_head.quantize_lm_head(qparams, params, calib, report, fmt=args.lm_head, model_config=qconfig,
-                                               progress=_log)
+  params, qconfig = _rotate(args, params, config)  # the rotated copy replaces the float model (memory)
+  qparams, report = _quantize(args, qconfig, params, calib)
   del params  # the float model is done with (its embedding lives on in qparams)
   print(report.summary())
   file = checkpoint.save(out, qparams, qconfig, report)

@@ -210,12 +210,17 @@ def test_local_tasks_use_lm_evals_own_prompts_on_the_offline_rows(tmp_path):
   assert piqa.doc_to_choice(doc) == [doc["sol1"], doc["sol2"]]
 
 
+def _zeroshot_tiny(directory, out, *extra) -> int:
+  """`flexq zeroshot` on the tiny model: PIQA and WinoGrande, 6 examples each."""
+  return cli.main(["zeroshot", "--model", str(directory), "--tasks", "piqa,winogrande", "--limit", "6",
+                   "--out", str(out), *extra])
+
+
 @needs_data
 def test_zeroshot_command_on_a_tiny_model(tiny, tmp_path, capsys):
   directory, _ = tiny
   out = tmp_path / "table"
-  assert cli.main(["zeroshot", "--model", str(directory), "--tasks", "piqa,winogrande", "--limit", "6",
-                   "--out", str(out), "--label", "tiny"]) == 0
+  assert _zeroshot_tiny(directory, out, "--label", "tiny") == 0
   printed = capsys.readouterr().out
   assert "| tiny |" in printed
   table = json.loads((out / "zeroshot.json").read_text())
@@ -235,13 +240,11 @@ def test_zeroshot_command_on_a_tiny_model(tiny, tmp_path, capsys):
 def test_zeroshot_command_on_a_quantized_checkpoint(tiny, tmp_path, capsys):
   directory, _ = tiny
   out = tmp_path / "table"
-  assert cli.main(["zeroshot", "--model", str(directory), "--tasks", "piqa,winogrande", "--limit", "6",
-                   "--out", str(out), "--label", "tiny"]) == 0
+  assert _zeroshot_tiny(directory, out, "--label", "tiny") == 0
   # a quantized checkpoint (flexq quantize) is a second row, compared on the same examples
   assert cli.main(["quantize", "--model", str(directory), "--calib-batch", "2", "--calib-len", "32",
                    "--weight-method", "rtn", "--a8-selection", "down_proj", "--out", str(tmp_path / "q")]) == 0
-  assert cli.main(["zeroshot", "--model", str(directory), "--quantized", str(tmp_path / "q"), "--tasks",
-                   "piqa,winogrande", "--limit", "6", "--out", str(out)]) == 0
+  assert _zeroshot_tiny(directory, out, "--quantized", str(tmp_path / "q")) == 0
   rows = json.loads((out / "zeroshot.json").read_text())["rows"]
   assert [r["label"] for r in rows] == ["tiny", f"quantized {tmp_path / 'q'}"]
   assert rows[1]["meta"]["runs"]["piqa"]["backend"] == "auto"
