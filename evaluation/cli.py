@@ -217,7 +217,7 @@ def _check_options(args) -> None:
     args.quant_config = _quant_config(args)
   for name in ("out", "json"):
     path = getattr(args, name, None)
-    if path is not None and name == "out" and Path(path).exists() and not Path(path).is_dir():
+    if path is not None and name == "out" and args.func is not cmd_score_requests and Path(path).exists() and not Path(path).is_dir():
       raise ValueError(f"--out {path} exists and is not a directory")
     if path is not None and name == "json" and Path(path).is_dir():
       raise ValueError(f"--json {path} is a directory")
@@ -330,6 +330,29 @@ def _data_dir(args):
   return Path(args.data_dir)
 
 
+def _quantize_row(row, config, params, calib, args):
+  """The accuracy table's row: (placed quantized params, config, report) made from the float model;
+  a rotated row rotates first (as `flexq accuracy` does)."""
+  label, qconfig, rotated = row
+  if rotated:
+    _log("rotating the model (Hadamard; exact in float)")
+    params, config = flexq_jax.rotate(params, config)
+  _log(f"quantizing as '{label}' (calibration {calib.shape[0]} x {calib.shape[1]} tokens)")
+  qparams, report = flexq_jax.quantize(params, calib, qconfig, model_config=config, progress=_log)
+  del params
+  qparams, placement = _place(qparams, args, jnp.dtype(args.dtype))
+  _log(placement.summary())
+  return qparams, config, report
+
+
+def _row_meta(row, report) -> dict:
+  """What a quantized row was: its configuration and the layers that kept 8-bit activations."""
+  if row is None:
+    return {}
+  return {"row": row[0], "rotation": "hadamard" if row[2] else None, "quant_config": repr(row[1]),
+          "a8_layers": [l.path for l in report.layers if l.a_bits == 8 and row[1].a_bits != 8]}
+
+
 def cmd_zeroshot(args) -> int:
   t_start = time.perf_counter()
   zeroshot.require_lm_eval()
@@ -337,6 +360,16 @@ def cmd_zeroshot(args) -> int:
   row = _zeroshot_row(args)
   if row is not None and args.quantized:
     raise ValueError("--row quantizes the model itself; leave out --quantized (or --row)")
+  scores = None
+  if args.scores_from:
+    if row is not None or args.quantized or args.export_requests:
+      raise ValueError("--scores-from takes the model's answers from its file; leave out --row, --quantized "
+                       "and --export-requests")
+    scores = zeroshot.load_requests(args.scores_from, need_scores=True, option="--scores-from")
+    made = (scores.meta.get("tasks"), scores.meta.get("limit"))
+    if made != (list(tasks), args.limit):
+      raise ValueError(f"--scores-from {args.scores_from}: scored for tasks {made[0]} with limit {made[1]}, "
+                       f"not --tasks {','.join(tasks)} --limit {args.limit}")
   data_dir = _data_dir(args)
   if args.write_tasks:
     if data_dir is None:
@@ -351,31 +384,100 @@ def cmd_zeroshot(args) -> int:
          + (f", first {args.limit} examples each" if args.limit else ", every example"))
     config, params, tokenizer = _load(args)
     _require_tokenizer(tokenizer)
-    label = args.label
-    if row is not None:
-      corpus, calib = _calib(args, tokenizer)
-      _log(f"quantizing as '{row[0]}' (calibration {calib.shape[0]} x {calib.shape[1]} tokens of {corpus.name})")
-      qparams, _ = flexq_jax.quantize(params, calib, row[1], model_config=config, progress=_log)
-      params, placement = _place(qparams, args, jnp.dtype(args.dtype))
-      _log(placement.summary())
+    label, scorer, extra = args.label, None, {}
+    max_length = min(args.max_length, config.max_position_embeddings)
+    if args.export_requests:
+      scorer = zeroshot.RequestRecorder(max_length)
+    elif scores is not None:
+      scorer = zeroshot.ScoreReplay(scores)
+      label = label or scores.meta.get("label")
+      extra = {k: v for k, v in scores.meta.items() if k not in ("tasks", "limit", "version", "label")}
+      _log(f"log-likelihoods from {args.scores_from} ({len(scores.pairs)} requests, '{label}', scored on "
+           f"{scores.meta.get('device')})")
+    elif row is not None:
+      _, calib = _calib(args, tokenizer)
+      params, config, report = _quantize_row(row, config, params, calib, args)
+      extra = _row_meta(row, report)
       label = label or row[0]
     label = label or (f"quantized {args.quantized}" if args.quantized else args.dtype.upper().replace("FLOAT", "FP"))
     lm = zeroshot.FlexQLM.from_loaded(config, params, tokenizer, batch_tokens=args.batch_tokens,
-                                      max_length=args.max_length)
+                                      max_length=args.max_length, scorer=scorer)
     out = zeroshot.evaluate(lm, tasks, limit=args.limit, manager=manager, log=_log)
+  if args.export_requests:
+    _, calib = _calib(args, tokenizer)
+    _, windows = _eval_tokens(args, tokenizer, 2048, 8, config.vocab_size)
+    meta = {"tasks": list(tasks), "limit": args.limit, "max_length": max_length, "vocab_size": config.vocab_size,
+            "model": args.model or "SmolLM2-135M-Instruct", "data": str(data_dir) if data_dir else "hub",
+            "lm_eval": zeroshot.lm_eval.__version__, "date": time.strftime("%Y-%m-%d"),
+            "calibration": f"{args.calib_batch} x {args.calib_len} tokens of {args.corpus}, seed {args.seed}",
+            "windows": f"{windows.shape[0]} x {windows.shape[1]} tokens of the evaluation part of {args.corpus}",
+            "command": "flexq " + " ".join(getattr(args, "argv", []))}
+    path = zeroshot.save_requests(args.export_requests, list(scorer.pairs), meta, calib=calib, windows=windows)
+    print(f"wrote {path}: {len(scorer.pairs)} requests of {', '.join(tasks)} "
+          f"({sum(len(c) + len(t) for c, t in scorer.pairs)} tokens), the calibration batch {calib.shape} and "
+          f"evaluation windows {windows.shape}; score them with `flexq score-requests {path} --out SCORES`")
+    return 0
   meta = {"model": args.model or "SmolLM2-135M-Instruct", "quantized": args.quantized,
           "row": row[0] if row else None, "backend": args.backend if (row or args.quantized) else None,
           "dtype": args.dtype, "tasks": list(tasks), "limit": args.limit,
           "data": str(data_dir) if data_dir else "hub", "lm_eval": zeroshot.lm_eval.__version__,
           "date": time.strftime("%Y-%m-%d"), "machine": "CPU" if jax.default_backend() == "cpu" else jax.default_backend(),
           "seconds": round(time.perf_counter() - t_start, 1), "tokens_scored": lm.tokens_scored,
-          "command": "flexq " + " ".join(getattr(args, "argv", []))}
+          "command": "flexq " + " ".join(getattr(args, "argv", [])), **extra}
   result = zeroshot.row_from_results(label, out, meta)
   print(zeroshot.to_markdown([result]))
   if args.out:
     md, js = zeroshot.write_row(result, args.out, HEADER_ZEROSHOT)
     print(f"wrote {md} and {js}")
   _log(f"done in {time.perf_counter() - t_start:.0f}s")
+  return 0
+
+
+def cmd_score_requests(args) -> int:
+  """The log-likelihoods of a requests file by the float model or an accuracy-table row, on this
+  machine's default JAX device; no lm-eval or task data needed."""
+  t_start = time.perf_counter()
+  requests = zeroshot.load_requests(args.requests)
+  row = _zeroshot_row(args)
+  if row is not None and args.quantized:
+    raise ValueError("--row quantizes the model itself; leave out --quantized (or --row)")
+  if row is not None and requests.calib is None:
+    raise ValueError(f"--requests {args.requests}: no calibration batch in it, which --row needs")
+  jax.config.update("jax_default_matmul_precision", args.precision)
+  config, params, tokenizer = _load(args)
+  if requests.meta.get("vocab_size") not in (None, config.vocab_size):
+    raise ValueError(f"--requests {args.requests}: tokenized for a vocabulary of {requests.meta['vocab_size']}, "
+                     f"this model has {config.vocab_size}")
+  label, extra = args.label, {}
+  if row is not None:
+    params, config, report = _quantize_row(row, config, params, requests.calib, args)
+    extra = _row_meta(row, report)
+    label = label or row[0]
+  label = label or (f"quantized {args.quantized}" if args.quantized else args.dtype.upper().replace("FLOAT", "FP"))
+  t0 = time.perf_counter()
+  logprob, greedy, scorer = zeroshot.score_request_file(requests, config, params, batch_tokens=args.batch_tokens,
+                                                        fixed_rows=args.fixed_rows,
+                                                        buckets=zeroshot.GPU_BUCKETS if args.fixed_rows else zeroshot.BUCKETS)
+  seconds = time.perf_counter() - t0
+  _log(f"scored {len(requests.pairs)} requests ({scorer.tokens_scored} tokens, {scorer.tokens_padded} with "
+       f"padding, {len(scorer.compiled_shapes)} batch shapes) in {seconds:.0f}s")
+  if requests.windows is not None:  # a cross-check against the perplexity table of the same model
+    res = perplexity.perplexity(functools.partial(llama.logits_fn(config), params), requests.windows, progress=False)
+    extra["perplexity"] = round(res.ppl, 4)
+    _log(f"perplexity on the file's {requests.meta.get('windows')}: {res.ppl:.4f}")
+  device = jax.devices()[0]
+  meta = {**requests.meta, "label": label, "model": args.model or requests.meta.get("model"),
+          "quantized": args.quantized, "backend": args.backend if (row or args.quantized) else None,
+          "dtype": args.dtype, "precision": args.precision,
+          "device": f"{device.platform} {getattr(device, 'device_kind', '')}".strip(),
+          "scored": time.strftime("%Y-%m-%d %H:%M"), "score_seconds": round(seconds, 1),
+          "seconds": round(time.perf_counter() - t_start, 1),
+          "score_command": "flexq " + " ".join(getattr(args, "argv", [])), **extra}
+  path = zeroshot.save_requests(args.out, requests.pairs, meta, calib=requests.calib, windows=requests.windows,
+                                scores=(logprob, greedy))
+  print(f"wrote {path}: '{label}', {len(logprob)} log-likelihoods; read them back with "
+        f"`flexq zeroshot --scores-from {path} --tasks {','.join(requests.meta['tasks'])}"
+        + (f" --limit {requests.meta['limit']}`" if requests.meta.get("limit") else "`"))
   return 0
 
 
@@ -543,10 +645,41 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="results/zeroshot",
                  help="folder of the table zeroshot.md / zeroshot.json, updated with this row "
                       "(default results/zeroshot; '' = print only)")
+  p.add_argument("--export-requests", default=None, metavar="FILE",
+                 help="only record the requests the tasks make (token ids; with the calibration batch and evaluation "
+                      "windows of --corpus) into FILE, for `flexq score-requests` on another machine (e.g. a GPU "
+                      "machine without lm-eval or the task data)")
+  p.add_argument("--scores-from", default=None, metavar="FILE",
+                 help="take the model's log-likelihoods from FILE (written by `flexq score-requests`) instead of "
+                      "running a model; lm-eval scores the tasks as usual. --tasks and --limit must be the export's")
   p.add_argument("--write-tasks", default=None, metavar="DIR",
                  help="only write the task YAMLs that read --data-dir's copies into DIR and exit, for lm-eval's own "
                       "command line (`flexq lm-eval run --model flexq --include_path DIR ...`)")
   p.set_defaults(func=cmd_zeroshot)
+
+  p = sub.add_parser("score-requests", help="the log-likelihoods of a file of `flexq zeroshot --export-requests` "
+                                            "(float model, --quantized or an accuracy-table --row)",
+                     description="Computes the log-likelihood of every request in a file written by `flexq zeroshot "
+                                 "--export-requests`, with the float model, a quantized checkpoint, or a row of the "
+                                 "accuracy table quantized here from the file's calibration batch; also the perplexity "
+                                 "of the file's evaluation windows, as a cross-check. Needs only jax (no lm-eval, no "
+                                 "task data): run it where the accelerator is, then `flexq zeroshot --scores-from`.")
+  p.add_argument("requests", help="the requests file (flexq zeroshot --export-requests)")
+  _add_model_args(p)
+  _add_backend_arg(p)
+  p.add_argument("--row", default=None, metavar="TEXT",
+                 help="quantize the model here with the configuration of the accuracy table's row whose label "
+                      "contains TEXT, calibrated on the requests file's calibration batch")
+  p.add_argument("--batch-tokens", type=int, default=2048,
+                 help="tokens per forward pass (default 2048; on a GPU e.g. 32768 with --fixed-rows)")
+  p.add_argument("--fixed-rows", action="store_true",
+                 help="coarse length buckets and a fixed number of rows per bucket: one compilation per bucket "
+                      "(for accelerators, where compiling costs more than padding)")
+  p.add_argument("--precision", choices=("highest", "high", "default"), default="highest",
+                 help="JAX's matmul precision for fp32 (default highest: true fp32, no TF32 on GPUs)")
+  p.add_argument("--label", default=None, help="the row's name in the table (default: FP32, or the --row label)")
+  p.add_argument("--out", required=True, metavar="FILE", help="the scores file to write")
+  p.set_defaults(func=cmd_score_requests)
 
   p = sub.add_parser("lm-eval", help="lm-eval's own command line with the 'flexq' model registered "
                                      "(`flexq lm-eval run --model flexq --model_args model=...,quantized=DIR --tasks ...`)",

@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -70,6 +71,8 @@ REPO_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data
 # Sequence lengths a batch is padded to: each (length, kind) pair is one compilation. Steps of
 # about 1.4x keep padding under ~30% of a batch.
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# Coarser steps for accelerators (`flexq score-requests --fixed-rows`): fewer compilations, more padding.
+GPU_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def require_lm_eval() -> None:
@@ -105,13 +108,16 @@ class FlexQLM(TemplateLM):
     add_bos_token: prepend BOS to every encoded string (off, as lm-eval's Hugging Face model does).
     progress: show a progress bar over the tokens scored.
     loaded: (config, params, tokenizer) instead of model/quantized (see `from_loaded`).
+    scorer: what computes the log-likelihoods, instead of a PairScorer over the model: a
+      RequestRecorder (writes the requests for another machine) or a ScoreReplay (reads that
+      machine's scores back), each with its own max_length.
     **lm_eval_kwargs: what lm-eval passes every model (batch_size, device, ...): batches are
       sized by batch_tokens, the device is JAX's default.
   """
 
   def __init__(self, model: str | None = None, quantized: str | None = None, dtype: str = "float32",
                backend: str = "auto", batch_tokens: int = 2048, max_length: int = 2048,
-               add_bos_token: bool = False, progress: bool = True, *, loaded=None, **lm_eval_kwargs):
+               add_bos_token: bool = False, progress: bool = True, *, loaded=None, scorer=None, **lm_eval_kwargs):
     require_lm_eval()
     super().__init__()
     if loaded is None:
@@ -119,15 +125,25 @@ class FlexQLM(TemplateLM):
     self.config, self.params, self.tokenizer = loaded
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer (no tokenizer.json / GGUF tokenizer metadata)")
-    self.batch_tokens = int(batch_tokens)
-    self._max_length = min(int(max_length), self.config.max_position_embeddings)
-    if self.batch_tokens < 1 or self._max_length < 2:
-      raise ValueError(f"batch_tokens {batch_tokens} must be >= 1 and max_length {max_length} >= 2")
+    # The log-likelihoods: our model (PairScorer), or a RequestRecorder / ScoreReplay (two-machine runs).
+    self.scorer = scorer or PairScorer(self.config, self.params, batch_tokens,
+                                       min(int(max_length), self.config.max_position_embeddings))
+    self._max_length = self.scorer.max_length
     self.add_bos_token = _as_bool(add_bos_token)
-    self.progress = _as_bool(progress)
-    self.compiled_shapes: set[tuple] = set()  # (kind, rows, length) of every scoring call made
-    self.tokens_scored = 0  # real (unpadded) tokens fed to the model
-    self.tokens_padded = 0  # tokens fed including padding
+    self.scorer.progress = self.progress = _as_bool(progress)
+
+  # What the scorer did (its compiled shapes, tokens scored), for logs and tests.
+  @property
+  def compiled_shapes(self) -> set[tuple]:
+    return self.scorer.compiled_shapes
+
+  @property
+  def tokens_scored(self) -> int:
+    return self.scorer.tokens_scored
+
+  @property
+  def tokens_padded(self) -> int:
+    return self.scorer.tokens_padded
 
   @classmethod
   def from_loaded(cls, config, params, tokenizer, **kwargs) -> "FlexQLM":
@@ -162,7 +178,7 @@ class FlexQLM(TemplateLM):
     """(sum of the continuation's log-probabilities, whether it is the greedy continuation) for
     every ((context, continuation), context ids, continuation ids) request."""
     pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
-    return self.score_pairs(pairs, disable_tqdm=disable_tqdm)
+    return self.scorer.score_pairs(pairs, disable_tqdm=disable_tqdm)
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """Log-likelihood of whole strings, in windows of max_length tokens (each token scored once)."""
@@ -175,7 +191,7 @@ class FlexQLM(TemplateLM):
         pairs.append((list(ctx), list(cont)))
         owner.append(i)
     totals = [0.0] * len(requests)
-    for i, (logprob, _) in zip(owner, self.score_pairs(pairs, disable_tqdm=disable_tqdm)):
+    for i, (logprob, _) in zip(owner, self.scorer.score_pairs(pairs, disable_tqdm=disable_tqdm)):
       totals[i] += logprob
     return totals
 
@@ -217,7 +233,34 @@ class FlexQLM(TemplateLM):
           out[members[start + r]] = text
     return out
 
-  # -- scoring ---------------------------------------------------------------------------------
+class PairScorer:
+  """Log-likelihoods of (context ids, continuation ids) pairs by our model: what FlexQLM asks of
+  the model, without lm-eval (so it also runs where lm-eval is not installed: `flexq
+  score-requests` on a GPU machine).
+
+  Args:
+    config, params: the model (placed and fused, if quantized).
+    batch_tokens: tokens per forward pass (rows per batch = batch_tokens // bucket length).
+    max_length: the longest sequence fed to the model; longer contexts lose their start.
+    buckets: the sequence lengths a batch is padded to (each one compilation per batch size).
+    fixed_rows: every batch of a bucket has batch_tokens // length rows (a short last batch is
+      padded with empty rows) and every row gets the whole-sequence scoring: one compilation per
+      bucket, for accelerators where compiling costs more than the padded work.
+  """
+
+  def __init__(self, config, params, batch_tokens: int = 2048, max_length: int = 2048, *,
+               buckets: Sequence[int] = BUCKETS, fixed_rows: bool = False, progress: bool = True):
+    self.config, self.params = config, params
+    self.batch_tokens = int(batch_tokens)
+    self.max_length = int(max_length)
+    if self.batch_tokens < 1 or self.max_length < 2:
+      raise ValueError(f"batch_tokens {batch_tokens} must be >= 1 and max_length {max_length} >= 2")
+    self.buckets = tuple(sorted(int(b) for b in buckets))
+    self.fixed_rows = bool(fixed_rows)
+    self.progress = progress
+    self.compiled_shapes: set[tuple] = set()  # (kind, rows, length) of every scoring call made
+    self.tokens_scored = 0  # real (unpadded) tokens fed to the model
+    self.tokens_padded = 0  # tokens fed including padding
 
   def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False
                   ) -> list[tuple[float, bool]]:
@@ -239,17 +282,18 @@ class FlexQLM(TemplateLM):
       rows.setdefault(fed, []).append((i, whole[-1], min(len(cont), len(fed))))
     batches: dict[tuple[str, int], list[tuple[int, ...]]] = {}
     for fed, members in rows.items():
-      kind = "last" if all(scored == 1 for _, _, scored in members) else "all"
-      batches.setdefault((kind, bucket(len(fed))), []).append(fed)
+      kind = "last" if not self.fixed_rows and all(scored == 1 for _, _, scored in members) else "all"
+      length = next((b for b in self.buckets if b >= len(fed)), len(fed))
+      batches.setdefault((kind, length), []).append(fed)
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     total = sum(len(fed) for fed in rows)
     bar = tqdm(total=total, unit="tok", desc="flexq loglikelihood", disable=disable_tqdm or not self.progress,
                file=sys.stderr, mininterval=5.0)
     for (kind, length), feds in sorted(batches.items(), key=lambda kv: -kv[0][1]):
-      full = _pow2_floor(max(1, self.batch_tokens // length))
+      full = max(1, self.batch_tokens // length) if self.fixed_rows else _pow2_floor(max(1, self.batch_tokens // length))
       for start in range(0, len(feds), full):
         chunk = feds[start:start + full]
-        per_batch = min(full, _pow2_ceil(len(chunk)))  # a short last batch: fewer padded rows
+        per_batch = full if self.fixed_rows else min(full, _pow2_ceil(len(chunk)))  # a short last batch: fewer padded rows
         tokens = np.zeros((per_batch, length), np.int32)
         last = np.zeros((per_batch,), np.int32)
         for r, fed in enumerate(chunk):
@@ -298,6 +342,156 @@ def _score_all(config, params, tokens, last):
   greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
   rows = jnp.arange(tokens.shape[0])
   return nxt, greedy, logp[rows, last], jnp.argmax(logits[rows, last], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two machines: lm-eval where its tasks are (here), the log-likelihoods where the accelerator is.
+#
+# `flexq zeroshot --export-requests F` runs lm-eval with a RequestRecorder: every (context ids,
+# continuation ids) pair the tasks ask for goes into F (with the calibration batch and evaluation
+# windows the quantized rows need); `flexq score-requests F --out S` computes them with the model
+# on any machine with jax (no lm-eval, no task data); `flexq zeroshot --scores-from S` runs lm-eval
+# again with a ScoreReplay, which answers every request from S, so lm-eval's own scoring makes the
+# accuracies.
+
+REQUESTS_VERSION = 1
+
+
+class RequestRecorder:
+  """A scorer that records the pairs asked for and answers (0.0, False): lm-eval's results of a
+  recording run are meaningless; only `pairs` matters."""
+
+  def __init__(self, max_length: int):
+    self.max_length = int(max_length)
+    self.pairs: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}  # ordered, deduplicated
+    self.compiled_shapes: set[tuple] = set()
+    self.tokens_scored = self.tokens_padded = 0
+    self.progress = False
+
+  def score_pairs(self, pairs, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    for ctx, cont in pairs:
+      if not cont or not ctx:
+        raise ValueError("a request with an empty context or continuation")
+      self.pairs[(tuple(ctx), tuple(cont))] = None
+    return [(0.0, False)] * len(pairs)
+
+
+def save_requests(path: str | os.PathLike, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], meta: dict, *,
+                  calib: np.ndarray | None = None, windows: np.ndarray | None = None,
+                  scores: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+  """Writes a requests file (and, with scores = (logprob, greedy), a scores file): plain arrays in
+  an .npz, no pickled objects."""
+  lengths = [len(c) + len(t) for c, t in pairs]
+  arrays = {"tokens": np.fromiter((x for c, t in pairs for x in (*c, *t)), np.int32, sum(lengths)),
+            "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+            "ctx_len": np.array([len(c) for c, _ in pairs], np.int32),
+            "meta": np.array(json.dumps({**meta, "version": REQUESTS_VERSION}))}
+  if calib is not None:
+    arrays["calib"] = np.asarray(calib, np.int32)
+  if windows is not None:
+    arrays["windows"] = np.asarray(windows, np.int32)
+  if scores is not None:
+    arrays["logprob"] = np.asarray(scores[0], np.float64)
+    arrays["greedy"] = np.asarray(scores[1], bool)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "wb") as f:  # np.savez would add .npz to a name without it
+    np.savez_compressed(f, **arrays)
+  return path
+
+
+@dataclasses.dataclass
+class RequestFile:
+  """A requests (or scores) file, read and checked by `load_requests`."""
+  path: Path
+  pairs: list[tuple[list[int], list[int]]]
+  meta: dict
+  calib: np.ndarray | None
+  windows: np.ndarray | None
+  logprob: np.ndarray | None  # scores files only
+  greedy: np.ndarray | None
+
+
+def load_requests(path: str | os.PathLike, *, need_scores: bool = False, option: str = "--requests") -> RequestFile:
+  """Reads a file of `save_requests`; a ValueError naming the option and file for anything that is
+  not one (missing arrays, inconsistent offsets, token ids out of range, non-finite or positive
+  log-probabilities)."""
+  path = Path(path)
+  where = f"{option} {path}"
+  if not path.is_file():
+    raise ValueError(f"{where}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      data = {k: z[k] for k in z.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not an npz, truncated, pickled objects
+    raise ValueError(f"{where}: not a requests file written by flexq ({type(e).__name__}: {e})") from None
+  missing = [k for k in ("tokens", "offsets", "ctx_len", "meta") + (("logprob", "greedy") if need_scores else ())
+             if k not in data]
+  if missing:
+    kind = "scores file (from `flexq score-requests`)" if need_scores else "requests file"
+    raise ValueError(f"{where}: not a {kind}: no {', '.join(missing)}")
+  try:
+    meta = json.loads(str(data["meta"]))
+  except ValueError as e:
+    raise ValueError(f"{where}: its meta is not JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("version") != REQUESTS_VERSION:
+    raise ValueError(f"{where}: version {meta.get('version') if isinstance(meta, dict) else None}, "
+                     f"this flexq reads version {REQUESTS_VERSION}")
+  tokens, offsets, ctx_len = data["tokens"], data["offsets"], data["ctx_len"]
+  n = len(ctx_len)
+  if (tokens.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(tokens)
+      or np.any(np.diff(offsets) < 2) or np.any(ctx_len < 1) or np.any(ctx_len >= np.diff(offsets))):
+    raise ValueError(f"{where}: inconsistent arrays (tokens {tokens.shape}, offsets {offsets.shape}, "
+                     f"ctx_len {ctx_len.shape}): a truncated or edited file")
+  vocab = meta.get("vocab_size")
+  if len(tokens) and (tokens.min() < 0 or (vocab and tokens.max() >= vocab)):
+    raise ValueError(f"{where}: token ids outside [0, {vocab})")
+  logprob = greedy = None
+  if "logprob" in data:
+    logprob, greedy = data["logprob"], data.get("greedy")
+    if logprob.shape != (n,) or greedy is None or greedy.shape != (n,):
+      raise ValueError(f"{where}: {logprob.shape} log-probabilities for {n} requests")
+    bad = ~np.isfinite(logprob) | (logprob > 1e-4)
+    if bad.any():
+      raise ValueError(f"{where}: {int(bad.sum())} log-probabilities are non-finite or positive "
+                       f"(first: request {int(np.argmax(bad))}, {logprob[np.argmax(bad)]})")
+  pairs = [(tokens[offsets[i]:offsets[i] + ctx_len[i]].tolist(), tokens[offsets[i] + ctx_len[i]:offsets[i + 1]].tolist())
+           for i in range(n)]
+  return RequestFile(path, pairs, meta, data.get("calib"), data.get("windows"), logprob, greedy)
+
+
+class ScoreReplay:
+  """A scorer that answers from a scores file: every pair lm-eval asks for must be in it."""
+
+  def __init__(self, scores: RequestFile):
+    self.file = scores
+    self.max_length = int(scores.meta["max_length"])
+    self.index = {(tuple(c), tuple(t)): i for i, (c, t) in enumerate(scores.pairs)}
+    self.compiled_shapes: set[tuple] = set()
+    self.tokens_scored = self.tokens_padded = 0
+    self.progress = False
+
+  def score_pairs(self, pairs, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    out = []
+    for ctx, cont in pairs:
+      i = self.index.get((tuple(ctx), tuple(cont)))
+      if i is None:
+        raise ValueError(f"--scores-from {self.file.path}: no score for a request of these tasks (made with "
+                         f"tasks {self.file.meta.get('tasks')}, limit {self.file.meta.get('limit')}; export the "
+                         f"requests again with the same --tasks / --limit / --max-length and score them)")
+      out.append((float(self.file.logprob[i]), bool(self.file.greedy[i])))
+      self.tokens_scored += len(ctx) + len(cont) - 1
+    return out
+
+
+def score_request_file(requests: RequestFile, config, params, *, batch_tokens: int = 2048,
+                       fixed_rows: bool = False, buckets: Sequence[int] = BUCKETS,
+                       progress: bool = True) -> tuple[np.ndarray, np.ndarray, PairScorer]:
+  """(logprob [n], greedy [n], the scorer) for every pair of a requests file, with its max_length."""
+  scorer = PairScorer(config, params, batch_tokens, int(requests.meta["max_length"]), buckets=buckets,
+                      fixed_rows=fixed_rows, progress=progress)
+  results = scorer.score_pairs(requests.pairs)
+  return np.array([r[0] for r in results], np.float64), np.array([r[1] for r in results], bool), scorer
 
 
 def _pow2_floor(n: int) -> int:

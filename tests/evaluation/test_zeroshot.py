@@ -319,3 +319,96 @@ def test_limited_runs_are_compared_on_their_shared_first_examples():
   assert "| B | 33.33 ± 0.00 (3) | 33.33 | -66.67 ± 33.33 (first 3 of each task) |" in zeroshot.to_markdown(
       [zeroshot.Row("A", {"t": {**full["t"], "acc_stderr": 0.1}}, {}),
        zeroshot.Row("B", {"t": {**short["t"], "acc_stderr": 0.0}}, {})])
+
+
+# -- two machines: --export-requests, score-requests, --scores-from ------------------------------
+
+
+@needs_data
+def test_exported_requests_scored_elsewhere_give_the_direct_table(tiny, tmp_path, capsys):
+  """export -> score-requests -> --scores-from: lm-eval's table equals a direct run's, example by example."""
+  directory, (config, params, tokenizer) = tiny
+  assert _zeroshot_tiny(directory, tmp_path / "direct", "--label", "tiny") == 0
+  requests = tmp_path / "req.npz"
+  assert _zeroshot_tiny(directory, "", "--export-requests", str(requests)) == 0
+  assert not (tmp_path / "direct" / "req.npz").exists()
+  req = zeroshot.load_requests(requests)
+  assert req.meta["tasks"] == ["piqa", "winogrande"] and req.meta["limit"] == 6 and req.logprob is None
+  assert req.calib.shape == (8, 512) and req.windows.shape[1] == 2048 and len(req.pairs) >= 2 * 6 + 2 * 6 - 6
+  scores = tmp_path / "fp32.npz"
+  assert cli.main(["score-requests", str(requests), "--model", str(directory), "--out", str(scores)]) == 0
+  got = zeroshot.load_requests(scores, need_scores=True)
+  assert got.pairs == req.pairs and got.meta["label"] == "FP32" and np.isfinite(got.meta["perplexity"])
+  want = [_direct(config, params, tokenizer, tokenizer.decode(c), tokenizer.decode(t)) for c, t in req.pairs[:3]]
+  lm = zeroshot.FlexQLM.from_loaded(config, params, tokenizer, progress=False)
+  direct = lm.scorer.score_pairs(req.pairs[:3])
+  np.testing.assert_allclose(got.logprob[:3], [d[0] for d in direct], rtol=1e-5)
+  assert all(np.isfinite(w[0]) for w in want)
+  # the fixed-rows scoring of accelerators: the same numbers, one compilation per bucket
+  fixed = zeroshot.score_request_file(req, config, params, batch_tokens=256, fixed_rows=True,
+                                      buckets=zeroshot.GPU_BUCKETS, progress=False)
+  np.testing.assert_allclose(fixed[0], got.logprob, rtol=1e-5, atol=1e-5)
+  assert (fixed[1] == got.greedy).all()
+  assert len(fixed[2].compiled_shapes) == len({length for _, _, length in fixed[2].compiled_shapes})
+  assert _zeroshot_tiny(directory, tmp_path / "replayed", "--scores-from", str(scores), "--label", "tiny") == 0
+  a, b = (json.loads((tmp_path / d / "zeroshot.json").read_text())["rows"][0] for d in ("direct", "replayed"))
+  for task in ("piqa", "winogrande"):
+    assert a["scores"][task]["acc_per_doc"] == b["scores"][task]["acc_per_doc"]
+    assert a["scores"][task]["acc"] == b["scores"][task]["acc"]
+  assert b["meta"]["runs"]["piqa"]["device"].startswith("cpu")
+  # another task set or limit than the export's: refused before any work
+  capsys.readouterr()
+  assert cli.main(["zeroshot", "--model", str(directory), "--tasks", "piqa", "--limit", "6",
+                   "--scores-from", str(scores)]) == 2
+  assert "scored for tasks ['piqa', 'winogrande'] with limit 6" in capsys.readouterr().err
+
+
+def test_score_requests_quantizes_an_accuracy_table_row(tiny, tmp_path):
+  """--row on the file's calibration batch: a rotated row is rotated first, and says so."""
+  directory, (config, params, tokenizer) = tiny
+  pairs = [(tokenizer.encode(c), tokenizer.encode(t)) for c, t in PAIRS[2:4]]
+  calib = np.random.default_rng(0).integers(0, config.vocab_size, (2, 32), dtype=np.int32)
+  requests = zeroshot.save_requests(tmp_path / "req.npz", pairs, {"tasks": ["x"], "limit": None, "max_length": 64,
+                                                                   "vocab_size": config.vocab_size}, calib=calib)
+  scores = tmp_path / "q.npz"
+  assert cli.main(["score-requests", str(requests), "--model", str(directory), "--row",
+                   "W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)", "--backend", "reference",
+                   "--out", str(scores)]) == 0
+  got = zeroshot.load_requests(scores, need_scores=True)
+  assert got.meta["rotation"] == "hadamard" and got.meta["backend"] == "reference"
+  assert got.meta["a8_layers"] and all(p.endswith("down_proj") for p in got.meta["a8_layers"])
+  fp = zeroshot.PairScorer(config, params, 2048, 64).score_pairs(pairs)
+  assert all(np.isfinite(got.logprob)) and not np.allclose(got.logprob, [f[0] for f in fp], rtol=1e-6)
+
+
+def test_request_files_refuse_what_they_are_not(tiny, tmp_path, capsys):
+  directory, (config, _, tokenizer) = tiny
+  pairs = [([1, 2, 3], [4]), ([1, 2], [5, 6])]
+  meta = {"tasks": ["piqa"], "limit": None, "max_length": 64, "vocab_size": config.vocab_size}
+  good = zeroshot.save_requests(tmp_path / "s.npz", pairs, meta, scores=(np.array([-1.0, -2.0]), np.array([True, False])))
+  assert zeroshot.load_requests(good, need_scores=True).pairs == [([1, 2, 3], [4]), ([1, 2], [5, 6])]
+  truncated = tmp_path / "t.npz"
+  truncated.write_bytes(good.read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"--scores-from .*t\.npz: not a requests file"):
+    zeroshot.load_requests(truncated, need_scores=True, option="--scores-from")
+  with pytest.raises(ValueError, match="not a scores file"):
+    zeroshot.load_requests(zeroshot.save_requests(tmp_path / "r.npz", pairs, meta), need_scores=True)
+  bad = zeroshot.save_requests(tmp_path / "nan.npz", pairs, meta, scores=(np.array([-1.0, np.nan]), np.array([1, 0])))
+  with pytest.raises(ValueError, match="1 log-probabilities are non-finite or positive"):
+    zeroshot.load_requests(bad, need_scores=True)
+  with pytest.raises(ValueError, match=r"token ids outside"):
+    zeroshot.load_requests(zeroshot.save_requests(tmp_path / "v.npz", [([1], [10**6])], meta))
+  with np.load(good) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["offsets"] = arrays["offsets"][:-1]
+  np.savez(tmp_path / "edited.npz", **arrays)
+  with pytest.raises(ValueError, match="inconsistent arrays"):
+    zeroshot.load_requests(tmp_path / "edited.npz")
+  # a request the file has no score for: named, not a silent zero
+  replay = zeroshot.ScoreReplay(zeroshot.load_requests(good, need_scores=True))
+  assert replay.score_pairs([([1, 2], [5, 6])]) == [(-2.0, False)]
+  with pytest.raises(ValueError, match="no score for a request"):
+    replay.score_pairs([([1, 2], [7])])
+  assert cli.main(["score-requests", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o.npz")]) == 2
+  err = capsys.readouterr().err
+  assert "--requests" in err and "missing.npz: no such file" in err
