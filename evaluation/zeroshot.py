@@ -72,7 +72,7 @@ REPO_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data
 # about 1.4x keep padding under ~30% of a batch.
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 # Coarser steps for accelerators (`flexq score-requests --fixed-rows`): fewer compilations, more padding.
-GPU_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+GPU_BUCKETS = (128, 512, 2048, 8192)
 
 
 def require_lm_eval() -> None:

@@ -4,15 +4,16 @@
 # in-process with the accuracy table's configurations (--row; calibration as `flexq accuracy`: 8 x 512
 # tokens of the Wikipedia excerpt, seed 0) and run on the 'dequant' backend (the numerics contract in
 # one fp32 dot per layer, as the perplexity table). Logs in results/zeroshot/raw/.
-# What ran in full and what ran limited (2 CPU cores, one afternoon) is stated in results/zeroshot/README.md;
-# FULL=1 runs every task of every row on the whole validation/test sets (about 1 hour per row on 2 cores).
+# The committed table was made with results/zeroshot/run_gpu.sh instead (log-likelihoods on a GPU machine,
+# lm-eval here; results/zeroshot/README.md). This script is the all-CPU way: FULL=1 runs every task of every
+# row on the whole validation/test sets (about 1 hour per row on 2 cores); without FULL, the first examples.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_DATASETS_OFFLINE=1
 FLEXQ="nice -n 10 .venv/bin/flexq zeroshot --out results/zeroshot --backend dequant"
-DEFAULT="W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5) = flexq-jax default"
-OTHERS=("W6A6 + down_proj A8, paper rule (GPTQ + smoothing 0.5)" "W6A6 everywhere (RTN)" "W6A16 (GPTQ)"
-        "W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)")
+DEFAULT="W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ) = flexq-jax default"
+OTHERS=("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)" "W6A6 everywhere (Hadamard rotation + GPTQ)"
+        "W6A16 (Hadamard rotation + GPTQ)" "W8A8 SmoothQuant (per-channel W, per-token A, alpha 0.5)")
 log() { echo "results/zeroshot/raw/$1.log"; }
 if [[ "${FULL:-0}" == 1 ]]; then
   $FLEXQ > "$(log fp32-full)" 2>&1
