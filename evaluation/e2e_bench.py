@@ -49,7 +49,6 @@ import datetime
 import functools
 import gc
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines, kernel_bench
+from evaluation.tables import cell
 from flexq_jax import backends, placement, sharding, tuning
 from flexq_jax.qlinear import QuantizedLinear
 from models import config as model_configs
@@ -333,10 +333,10 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
       return getattr(r, field) / getattr(o, field) if o and getattr(o, field) > 0 else float("nan")
     bf = base.get((r.model, "bf16", r.batch, r.prompt, r.tp))
     of_bf16 = r.linear_weight_bytes / bf.linear_weight_bytes if bf and bf.linear_weight_bytes else float("nan")
-    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.tp} | {_num(r.prefill_ms, '.1f')} | "
-                 f"{_num(r.decode_ms_per_step, '.2f')} | {_num(r.decode_tok_s, '.1f')} | {_num(ratio('bf16'), '.2f')} | "
-                 f"{_num(ratio('w8a8-xla'), '.2f')} | {_num(ratio('w8a8-pallas'), '.2f')} | {_num(ratio(r.method, tp=1), '.2f')} | "
-                 f"{r.linear_weight_bytes / 2**30:.2f} | {_num(of_bf16, '.3f')} | {r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
+    lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.prompt} | {r.new_tokens} | {r.tp} | {cell(r.prefill_ms, '.1f')} | "
+                 f"{cell(r.decode_ms_per_step, '.2f')} | {cell(r.decode_tok_s, '.1f')} | {cell(ratio('bf16'), '.2f')} | "
+                 f"{cell(ratio('w8a8-xla'), '.2f')} | {cell(ratio('w8a8-pallas'), '.2f')} | {cell(ratio(r.method, tp=1), '.2f')} | "
+                 f"{r.linear_weight_bytes / 2**30:.2f} | {cell(of_bf16, '.3f')} | {r.peak_plan_bytes / 2**30:.2f} | {r.backends} |")
   if profiles:
     lines += ["", "Decode step profile (jax.profiler, device kernel time a step by kind; the rest of the wall time "
               "is the GPU idle between kernels):", "",
@@ -355,11 +355,6 @@ def markdown(rows: list[Row], card: str, device: str, date: str, profiles: list[
     lines += ["", "Failed (left empty above):"] + [f"- {r.model} {r.method}{f' TP={r.tp}' if r.tp > 1 else ''} B={r.batch} P={r.prompt}: {r.error}"
                                                    for r in failed]
   return "\n".join(lines) + "\n"
-
-
-def _num(x: float, spec: str) -> str:
-  """A table cell: the number, or "-" where there is none (a method not run, a failed run)."""
-  return format(x, spec) if math.isfinite(x) else "-"
 
 
 def tp_lines(rows: list[Row], method: str = "flexq", baseline: str = "bf16") -> list[str]:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evaluation import baselines
+from evaluation.tables import cell
 from flexq_jax import formats, numerics, tuning
 from flexq_jax.cuda import bmma
 from pallas_kernels import core
@@ -406,14 +407,14 @@ def markdown(cases: list[Case], bws: dict, card: str, date: str, device: str | N
            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for c in cases:
     lines.append(
-        f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {c.ours_us:.1f} | {100 * c.floor_frac:.0f} | "
-        f"{c.xla_bf16_us:.1f} | {c.xla_w8a8_us:.1f} | {c.cublas_bf16_us:.1f} | {c.cublaslt_i8_us:.1f} | "
-        f"{c.speedup('xla_bf16'):.2f} | {c.speedup('xla_w8a8'):.2f} | {c.speedup('cublas_bf16'):.2f} | "
-        f"{c.speedup('cublaslt_i8'):.2f} | {c.tops:.0f} | {c.rel_err:.1e} | {c.bmma_us:.1f} | "
-        f"{100 * c.floor_us / c.bmma_us:.0f} | {c.bmma_rel_err:.1e} | {c.mgpu_us:.1f} | "
-        f"{c.cublas_bf16_us / c.mgpu_us:.2f} | {c.xla_w8a8_us / c.mgpu_us:.2f} | "
-        f"{2 * c.m * c.n * c.k / (c.mgpu_us * 1e-6) / 1e12:.0f} | {c.mgpu_w8a8_us:.1f} | "
-        f"{c.mgpu_w8a8_us / c.mgpu_us:.2f} |")
+        f"| {c.shape} | {c.n}x{c.k} | {c.m} | {c.a_bits} | {cell(c.ours_us, '.1f')} | {cell(100 * c.floor_frac, '.0f')} | "
+        f"{cell(c.xla_bf16_us, '.1f')} | {cell(c.xla_w8a8_us, '.1f')} | {cell(c.cublas_bf16_us, '.1f')} | "
+        f"{cell(c.cublaslt_i8_us, '.1f')} | {cell(c.speedup('xla_bf16'), '.2f')} | {cell(c.speedup('xla_w8a8'), '.2f')} | "
+        f"{cell(c.speedup('cublas_bf16'), '.2f')} | {cell(c.speedup('cublaslt_i8'), '.2f')} | {cell(c.tops, '.0f')} | "
+        f"{cell(c.rel_err, '.1e')} | {cell(c.bmma_us, '.1f')} | {cell(100 * c.floor_us / c.bmma_us, '.0f')} | "
+        f"{cell(c.bmma_rel_err, '.1e')} | {cell(c.mgpu_us, '.1f')} | {cell(c.cublas_bf16_us / c.mgpu_us, '.2f')} | "
+        f"{cell(c.xla_w8a8_us / c.mgpu_us, '.2f')} | {cell(2 * c.m * c.n * c.k / (c.mgpu_us * 1e-6) / 1e12, '.0f')} | "
+        f"{cell(c.mgpu_w8a8_us, '.1f')} | {cell(c.mgpu_w8a8_us / c.mgpu_us, '.2f')} |")
   return "\n".join(lines) + "\n"
 
 
