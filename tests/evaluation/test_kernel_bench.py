@@ -47,13 +47,14 @@ def test_bmma_column_and_old_files_without_it(tmp_path):
   cells = dict(zip([h.strip() for h in header.strip("|").split("|")], [v.strip() for v in row.strip("|").split("|")]))
   assert cells["BMMA us"] == "25.0" and cells["BMMA rel err"] == "2.0e-03"
   assert cells["BMMA % floor"] == f"{100 * c.floor_us / 25.0:.0f}"
-  # A run saved before the column existed still renders (the BMMA cells read nan).
+  # A run saved before the column existed still renders (the BMMA cells read "-", never nan).
   old = {k: v for k, v in kb.dataclasses.asdict(c).items() if not k.startswith("bmma")}
   path = tmp_path / "h200-2026-01-01.json"
   path.write_text(json.dumps(dict(card="h200", device="NVIDIA H200", date="2026-01-01", jax=jax.__version__,
                                   copy_bandwidth={"jax": 1e12}, cases=[old], profile=[])))
   kb.rerender(str(path))
-  assert "| nan | nan | nan |" in path.with_suffix(".md").read_text()
+  md = path.with_suffix(".md").read_text()
+  assert "| - | - | - |" in md and "nan" not in md
 
 
 def test_gemv_candidates_respect_the_k_groups():
