@@ -633,6 +633,55 @@ def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   return rows
 
 
+def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """Decode (M <= 8), W6A6 and W6A8, side by side in one run: the Pallas path (quantizer + Triton
+  GEMV + split-K sum) and the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
+  inside a block), each whole op against the contract, the CUDA GEMV alone on a quantized x, and
+  the HBM floor (bytes at 6.125 bits/weight over 4.3 TB/s)."""
+  from flexq_jax.cuda import gemv as cuda_gemv
+  rows = []
+  for name, n, k, m, x, cfg, key in _sweep_cases(shapes, tuple(v for v in ms if v <= cuda_gemv.MAX_M)):
+    floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+    for a_bits in (6, 8):
+      row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor)
+      for label, op in (("pallas", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
+                        ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits))):
+        try:
+          t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
+          row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
+        except Exception as e:  # report and go on: the first GPU run of the CUDA GEMV
+          log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
+          row[f"{label}_us"] = row[f"{label}_err"] = float("nan")
+      try:
+        qx, sx, xsum = wk.quantize_activations(x, a_bits=a_bits, config=cfg)
+        alone = lambda x, p, s: cuda_gemv.gemv_pallas6(qx, sx, xsum, p, s, m=m)
+        row["cuda_gemv_alone_us"] = _bench_w6(alone, x, n, k, a_bits, key, "pallas6", check=False)[0] * 1e6
+      except Exception as e:
+        log(f"  cuda gemv alone failed: {type(e).__name__}: {str(e)[:400]}")
+        row["cuda_gemv_alone_us"] = float("nan")
+      rows.append(row)
+      log(f"gemv-cuda {name:11s} M={m} A{a_bits}: floor {floor:6.1f} us | pallas {row['pallas_us']:7.1f} us "
+          f"(err {row['pallas_err']:.1e}) | cuda {row['cuda_us']:7.1f} us (err {row['cuda_err']:.1e}) | cuda gemv "
+          f"alone {row['cuda_gemv_alone_us']:7.1f} us")
+  return rows
+
+
+def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
+  lines = [f"# Decode GEMV, Pallas vs CUDA (flexq_jax/cuda/gemv.py): {card}, {date}", "",
+           "Median device microseconds per call, whole ops (activation quantizer included), W6, against the "
+           "contract (rel err); floor = bytes at 6.125 bits/weight + bf16 activations and outputs over 4.3 TB/s.", "",
+           "| layer | N x K | M | A | floor us | Pallas us | Pallas % floor | CUDA us | CUDA % floor | CUDA x Pallas | "
+           "CUDA GEMV alone us | Pallas err | CUDA err |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['a_bits']} | {cell(r['floor_us'], '.1f')} | "
+                 f"{cell(r['pallas_us'], '.1f')} | {cell(100 * r['floor_us'] / r['pallas_us'], '.0f')} | "
+                 f"{cell(r['cuda_us'], '.1f')} | {cell(100 * r['floor_us'] / r['cuda_us'], '.0f')} | "
+                 f"{cell(r['pallas_us'] / r['cuda_us'], '.2f')} | {cell(r['cuda_gemv_alone_us'], '.1f')} | "
+                 f"{cell(r['pallas_err'], '.1e')} | {cell(r['cuda_err'], '.1e')} |")
+  return "\n".join(lines) + "\n"
+
+
 def rerender(json_path: str) -> None:
   """Rewrites the .md, .json and .png of a saved run (e.g. after a change to the floor's definition)."""
   path = Path(json_path)
@@ -660,6 +709,9 @@ def main(argv=None) -> None:
   ap.add_argument("--no-bmma", action="store_true", help="leave out the CUDA BMMA kernel's column")
   ap.add_argument("--sweep", action="store_true", help="time candidate tilings instead (no files written)")
   ap.add_argument("--sweep-gemv", action="store_true", help="time the decode (gemv) tilings against the mma default")
+  ap.add_argument("--gemv-cuda", action="store_true",
+                  help="decode M <= 8: the Pallas GEMV path against the CUDA GEMV (flexq_jax/cuda/gemv.py) in one run; "
+                       "writes <card>-<date>-gemv-cuda.{md,json} to --out-dir")
   ap.add_argument("--sweep-mgpu", action="store_true",
                   help="time the Mosaic GPU GEMM's tilings (and its parts) against cuBLAS / XLA / Triton")
   ap.add_argument("--probe-mgpu", action="store_true",
@@ -701,6 +753,16 @@ def main(argv=None) -> None:
     if args.out_dir:
       Path(args.out_dir).mkdir(parents=True, exist_ok=True)
       (Path(args.out_dir) / f"gemv-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    return
+  if args.gemv_cuda:
+    card, date = tuning.card_name(), datetime.date.today().isoformat()
+    stem = Path(args.out_dir) / f"{card}-{date}-gemv-cuda"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = compare_gemv_cuda(shapes, ms, log)
+    stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=jax.devices()[0].device_kind, date=date,
+                                                         jax=jax.__version__, rows=rows), indent=1))
+    stem.with_suffix(".md").write_text(gemv_cuda_markdown(rows, card, date))
+    print(stem.with_suffix(".md").read_text())
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)

@@ -10,7 +10,9 @@ runs the backend named in the layer's `backend` field. See flexq_jax/DESIGN.md, 
              the Triton kernels of pallas_kernels/w6a_matmul.py (dp4a GEMVs in decode, int8
              mma.sync at small M; any NVIDIA GPU), and from the card's tuning-table threshold
              "mosaic_min_m" on Hopper the Mosaic GPU GEMM of pallas_kernels/w6a_gemm_mgpu.py
-             (int8 WGMMA). Off the GPU the Triton kernels run in Pallas interpret mode (tests).
+             (int8 WGMMA). Up to a table's "cuda_gemv_max_m" (none sets it yet: not measured),
+             the CUDA decode GEMV of flexq_jax/cuda/gemv.py on the same weights. Off the GPU the
+             Triton kernels run in Pallas interpret mode (tests).
   bmma       the CUDA kernel on binary tensor cores (flexq_jax/cuda/, jax.ffi): W6, A6/A8, bf16
              activations, reads "bitplanes_g4".
   reference  unpack the layout, then numerics.reference_matmul: the definition, exact int32 group
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 
 from flexq_jax import numerics, tuning
 from flexq_jax.cuda import bmma
+from flexq_jax.cuda import gemv as cuda_gemv
 from pallas_kernels import w6a_gemm_mgpu, w6a_matmul
 from pallas_kernels.core import GROUP, TILE_ROWS
 
@@ -94,16 +97,23 @@ class Dequant(Backend):
 
 class Pallas(Backend):
 
-  def kernel_for(self, m: int, device: jax.Device | None = None) -> tuple[str, str]:
-    """("mosaic" or "triton", why) for M activation rows on `device` (default: the first device)."""
+  def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
+                 dtype=None) -> tuple[str, str]:
+    """("mosaic", "cuda_gemv" or "triton", why) for M activation rows of a layer with `w_bits`-bit
+    weights and activations of `dtype` on `device` (default: the first device)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
       return "triton", f"{device.platform}: the Triton kernels in interpret mode"
+    card = tuning.card_name(device)
+    table = tuning.load_table(card) or {}
+    # The CUDA decode GEMV (flexq_jax/cuda/gemv.py) reads the same "pallas6" weights; a card's
+    # table turns it on (cuda_gemv_max_m) once a benchmark there shows it faster.
+    gemv_max = table.get("cuda_gemv_max_m", 0)
+    if (m <= gemv_max and w_bits == 6 and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32))):
+      return "cuda_gemv", f"M={m} <= {gemv_max} ({card} table): the CUDA GEMV"
     cc = getattr(device, "compute_capability", "")
     if cc != "9.0":
       return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
-    card = tuning.card_name(device)
-    table = tuning.load_table(card) or {}
     min_m = table.get("mosaic_min_m")
     if min_m is None:
       return "triton", f"no mosaic_min_m in a {card} tuning table"
@@ -123,8 +133,11 @@ class Pallas(Backend):
     # quantizes the fp32 value of every activation).
     if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
       return self.matmul(x.astype(out_dtype), layer).astype(out_dtype)
-    if self.kernel_for(x.shape[0])[0] == "mosaic":  # M is static under jit: chosen at trace time
+    kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype)[0]  # M is static under jit
+    if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
+    if kernel == "cuda_gemv":
+      return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")

@@ -50,6 +50,9 @@ W_BITS = 6  # the kernel's weight width (configs.h kWeightBits)
 A_BITS = (6, 8)
 ACT_QUANT_TARGET = "flexq_bmma_act_quant"
 GEMM_TARGET = "flexq_bmma_gemm"
+# The decode GEMV on "pallas6" weights (csrc/gemv_pallas6.cuh, flexq_jax/cuda/gemv.py), same library.
+GEMV_TARGETS = {"bfloat16": ("flexq_gemv_pallas6_bf16", "FlexqGemvPallas6Bf16"),
+                "float32": ("flexq_gemv_pallas6_f32", "FlexqGemvPallas6F32")}
 CACHE_ENV = "FLEXQ_JAX_CUDA_CACHE"  # where built libraries go (default ~/.cache/flexq_jax/cuda)
 NVCC_ENV = "NVCC"  # an nvcc to use instead of the one on PATH
 
@@ -144,10 +147,12 @@ def build_library(arch: str | None = None, directory: Path | None = None) -> Pat
 
 @functools.cache
 def _register() -> None:
-  """Builds (or finds) the library for the local GPU, loads it and registers both FFI targets."""
+  """Builds (or finds) the library for the local GPU, loads it and registers its FFI targets."""
   library = ctypes.cdll.LoadLibrary(str(build_library()))
   jax.ffi.register_ffi_target(ACT_QUANT_TARGET, jax.ffi.pycapsule(library.FlexqBmmaActQuant), platform="CUDA")
   jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(library.FlexqBmmaGemm), platform="CUDA")
+  for target, symbol in GEMV_TARGETS.values():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="CUDA")
 
 
 def _check_a_bits(a_bits: int) -> None:

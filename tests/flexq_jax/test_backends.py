@@ -110,3 +110,16 @@ def test_pallas_picks_its_kernel_by_m(monkeypatch):
   monkeypatch.setattr(tuning, "load_table", lambda card: None)
   kernel, why = pallas.kernel_for(4096, GPU)
   assert kernel == "triton" and "no mosaic_min_m" in why
+  assert pallas.kernel_for(1, GPU)[0] == "triton"  # no table: the CUDA GEMV is never chosen
+
+
+def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 512, "cuda_gemv_max_m": 4})
+  assert pallas.kernel_for(1, GPU) == ("cuda_gemv", "M=1 <= 4 (h200 table): the CUDA GEMV")
+  assert pallas.kernel_for(4, GPU, dtype=jnp.bfloat16)[0] == "cuda_gemv"
+  assert pallas.kernel_for(5, GPU)[0] == "triton"
+  assert pallas.kernel_for(1, GPU, w_bits=8)[0] == "triton"  # "pallas8": the kernel reads 6-bit weights only
+  assert pallas.kernel_for(1, GPU, dtype=jnp.float16)[0] == "triton"  # it writes bf16 or fp32
+  assert pallas.kernel_for(1, CPU)[0] == "triton"

@@ -1,11 +1,14 @@
 // XLA FFI handlers: shape checks, tile choice, kernel launch.
 //
-// Two custom calls, so XLA owns the intermediate activation planes:
+// The BMMA kernel is two custom calls, so XLA owns the intermediate activation planes:
 //   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, W], scales f32 [M, G]
 //   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, W], w_scales f16 [N, G]
 //                         -> y bf16 [M, N]
 // G = K / 128 rounded up (pallas_kernels/core.py: padded_k), W = 4 x G rounded up to a multiple of 4: the
 // "bitplanes_g4" layout of both operands (configs.h, flexq_jax/formats.py).
+// The decode GEMV on "pallas6" weights (gemv_pallas6.cuh) is one more:
+//   flexq_gemv_pallas6_{bf16,f32}: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
+//                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -14,6 +17,7 @@
 #include "act_quant.cuh"
 #include "bmma_gemm.cuh"
 #include "configs.h"
+#include "gemv_pallas6.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -117,6 +121,45 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Bu
   return last_cuda_error("flexq_bmma_gemm launch");
 }
 
+template <ffi::DataType kOut> struct GemvOut;
+template <> struct GemvOut<ffi::BF16> { using T = __nv_bfloat16; };
+template <> struct GemvOut<ffi::F32> { using T = float; };
+
+template <ffi::DataType kOut>
+ffi::Error GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::S32> xsum,
+                    ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw, ffi::ResultBuffer<kOut> y) {
+  if (qx.dimensions().size() != 2) return ffi::Error::InvalidArgument("q_x must be [Mp, Kp], got " + dims_str(qx.dimensions()));
+  if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
+  if (y->dimensions().size() != 2) return ffi::Error::InvalidArgument("y must be [M, N], got " + dims_str(y->dimensions()));
+  const int64_t mp = qx.dimensions()[0], kp = qx.dimensions()[1];
+  const int64_t tiles = w.dimensions()[0], groups = w.dimensions()[1];
+  const int64_t n = tiles * kGemvTileRows, m = y->dimensions()[0];
+  if (kp != groups * kGemvGroup) return ffi::Error::InvalidArgument("q_x has " + std::to_string(kp) + " columns, the weights " + std::to_string(groups) + " groups of 128");
+  if (auto e = expect_dims("weights", w.dimensions(), {tiles, groups, 3, kGemvTileRows, kGemvPlaneBytes}); e.failure()) return e;
+  if (auto e = expect_dims("activation scales", sx.dimensions(), {mp, groups}); e.failure()) return e;
+  if (auto e = expect_dims("activation sums", xsum.dimensions(), {mp, groups}); e.failure()) return e;
+  if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
+  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  // The kernel reads rows 0 .. M' - 1 of the activations, M' = M rounded up to 1, 2, 4 or 8.
+  const int64_t m_read = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8;
+  if (m > kGemvMaxM) return ffi::Error::InvalidArgument("the GEMV takes M <= 8 rows, got " + std::to_string(m));
+  if (mp < m_read) return ffi::Error::InvalidArgument("q_x has " + std::to_string(mp) + " rows; M = " + std::to_string(m) + " needs " + std::to_string(m_read) + " (zero rows past M)");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  launch_gemv_pallas6(stream, qx.typed_data(), sx.typed_data(), xsum.typed_data(), w.typed_data(),
+                      reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<typename GemvOut<kOut>::T*>(y->typed_data()),
+                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(groups), static_cast<int>(kp));
+  return last_cuda_error("flexq_gemv_pallas6 launch");
+}
+
+ffi::Error GemvBf16(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> c,
+                    ffi::Buffer<ffi::U8> d, ffi::Buffer<ffi::F16> e, ffi::ResultBuffer<ffi::BF16> y) {
+  return GemvImpl<ffi::BF16>(s, a, b, c, d, e, y);
+}
+ffi::Error GemvF32(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> c,
+                   ffi::Buffer<ffi::U8> d, ffi::Buffer<ffi::F16> e, ffi::ResultBuffer<ffi::F32> y) {
+  return GemvImpl<ffi::F32>(s, a, b, c, d, e, y);
+}
+
 }  // namespace
 }  // namespace flexq
 
@@ -138,3 +181,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaGemm, flexq::GemmImpl,
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
                                   .Attr<int32_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6Bf16, flexq::GemvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // q_x [Mp, Kp], phase-major within groups
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s_x [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sum(q_x) [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6F32, flexq::GemvF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // q_x [Mp, Kp], phase-major within groups
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s_x [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sum(q_x) [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]

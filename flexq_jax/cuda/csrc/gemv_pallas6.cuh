@@ -1,0 +1,145 @@
+// Decode GEMV on CUDA cores for "pallas6" weights: y[m, n] = sum_g s_x[m,g] s_w[n,g] * (exact int32
+// sum over group g of q_x q_w), for M <= 8 token rows. Not yet run on a GPU (written 2026-12-01);
+// flexq_jax/cuda/gemv.py's `gemv_plan` restates its arithmetic lane by lane in numpy, tested on CPU.
+//
+// Operands (the ones the Pallas GEMV reads, pallas_kernels/w6a_matmul.py; so the Pallas prefill
+// kernels and this one share one stored copy of the weights):
+//   qx    int8  [Mp, Kp]   q_x, phase-major within each group: byte 32p + t of a group = k 4t + p
+//   sx    f32   [Mp, G]    s_x
+//   xsum  int32 [Mp, G]    sum of q_x over each group
+//   w     uint8 [N/16, G, 3, 16, 32]  "pallas6": u = q_w + 32; plane 0 byte t = lo(4t) | lo(4t+1) << 4,
+//                          plane 1 = lo(4t+2) | lo(4t+3) << 4, plane 2 = hi(4t + p) at bits 2p (p = 0..3)
+//   sw    f16   [N, G]     s_w
+//
+// Work: a block owns one 16-row tile of N and all of K; its kWarps warps take the groups in turn
+// (warp w: groups w, w + kWarps, ...), kUnroll groups at a time with all their weight loads issued
+// first. A warp reads a tile-group (1536 bytes) as three coalesced 512-byte plane loads: lane l
+// gets 16 bytes of each plane, row r = l / 2, bytes 16h .. 16h + 15 (h = l % 2), i.e. words j = 4h ..
+// 4h + 3 of the row's 8 words a plane. Word j of phase p unpacks to the four u bytes of k = 4(4j + i)
+// + p (i = 0..3), which meet q_x word (p, j) = bytes 32p + 4j .. of the group in one dp4a (u <= 63 is
+// a non-negative signed byte). The two lanes of a row add their sums (shuffle): the exact group
+// sum of u q_x; minus 32 sum(q_x) it is sum q_w q_x, scaled by s_x s_w into an fp32 accumulator
+// per token row. At the end the warps' accumulators meet in shared memory and are added in warp
+// order (deterministic; no split-K partial sums in global memory, no second kernel).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace flexq {
+
+constexpr int kGemvTileRows = 16;                                    // "pallas6" rows of one tile
+constexpr int kGemvPlaneBytes = 32;                                  // one plane of a row and group
+constexpr int kGemvPlaneTileBytes = kGemvTileRows * kGemvPlaneBytes;  // 512
+constexpr int kGemvTileGroupBytes = 3 * kGemvPlaneTileBytes;         // 1536
+constexpr int kGemvOffset = 32;                                      // stored u = q + 32
+constexpr int kGemvGroup = 128;
+constexpr int kGemvWarps = 8;
+constexpr int kGemvUnroll = 2;
+constexpr int kGemvMaxM = 8;
+
+// The four u bytes of phase p from a word of lo bytes (plane 0 for p < 2, plane 1 otherwise) and
+// the word of hi bytes at the same t. Every step stays inside its byte.
+__device__ __forceinline__ uint32_t gemv_unpack(uint32_t lo, uint32_t hi, int p) {
+  const uint32_t lo4 = ((p & 1) ? (lo >> 4) : lo) & 0x0F0F0F0Fu;
+  const uint32_t hi2 = ((hi >> (2 * p)) & 0x03030303u) << 4;
+  return lo4 | hi2;
+}
+
+__device__ __forceinline__ void gemv_store(float v, __nv_bfloat16* p) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void gemv_store(float v, float* p) { *p = v; }
+
+template <int kM, typename OutT>
+__global__ void __launch_bounds__(32 * kGemvWarps)
+gemv_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx, const int32_t* __restrict__ xsum,
+                    const uint8_t* __restrict__ w, const __half* __restrict__ sw, OutT* __restrict__ y,
+                    int m, int n, int groups, int kp) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x;
+  const int r = lane >> 1, h = lane & 1;
+  const long row_n = static_cast<long>(tile) * kGemvTileRows + r;
+
+  float acc[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+
+  const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
+  for (int g0 = warp; g0 < groups; g0 += kGemvWarps * kGemvUnroll) {
+    uint4 planes[kGemvUnroll][3];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {  // every load of the step first: bytes in flight
+      const int g = g0 + u * kGemvWarps;
+      if (g < groups) {
+        const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
+#pragma unroll
+        for (int pl = 0; pl < 3; ++pl) planes[u][pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int g = g0 + u * kGemvWarps;
+      if (g >= groups) break;  // warp-uniform
+      const uint32_t lo01[4] = {planes[u][0].x, planes[u][0].y, planes[u][0].z, planes[u][0].w};
+      const uint32_t lo23[4] = {planes[u][1].x, planes[u][1].y, planes[u][1].z, planes[u][1].w};
+      const uint32_t hi[4] = {planes[u][2].x, planes[u][2].y, planes[u][2].z, planes[u][2].w};
+      uint32_t uw[4][4];  // [phase][word]
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) uw[p][j] = gemv_unpack(p < 2 ? lo01[j] : lo23[j], hi[j], p);
+      const float s_w = __half2float(sw[row_n * groups + g]);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        const int8_t* xg = qx + static_cast<long>(i) * kp + static_cast<long>(g) * kGemvGroup + 16 * h;
+        int dot = 0;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xg + 32 * p));
+          dot = __dp4a(static_cast<int>(uw[p][0]), static_cast<int>(xv.x), dot);
+          dot = __dp4a(static_cast<int>(uw[p][1]), static_cast<int>(xv.y), dot);
+          dot = __dp4a(static_cast<int>(uw[p][2]), static_cast<int>(xv.z), dot);
+          dot = __dp4a(static_cast<int>(uw[p][3]), static_cast<int>(xv.w), dot);
+        }
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the row's two halves: the exact group sum of u q_x
+        const long mg = static_cast<long>(i) * groups + g;
+        const int exact = dot - kGemvOffset * xsum[mg];
+        acc[i] += static_cast<float>(exact) * (sx[mg] * s_w);
+      }
+    }
+  }
+
+  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
+  if (h == 0) {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) red[warp][i][r] = acc[i];
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
+    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
+    if (i >= m) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
+    gemv_store(s, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
+  }
+}
+
+template <typename OutT>
+void launch_gemv_pallas6(cudaStream_t stream, const int8_t* qx, const float* sx, const int32_t* xsum,
+                         const uint8_t* w, const __half* sw, OutT* y, int m, int n, int groups, int kp) {
+  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
+  if (m <= 1) {
+    gemv_pallas6_kernel<1, OutT><<<grid, block, 0, stream>>>(qx, sx, xsum, w, sw, y, m, n, groups, kp);
+  } else if (m <= 2) {
+    gemv_pallas6_kernel<2, OutT><<<grid, block, 0, stream>>>(qx, sx, xsum, w, sw, y, m, n, groups, kp);
+  } else if (m <= 4) {
+    gemv_pallas6_kernel<4, OutT><<<grid, block, 0, stream>>>(qx, sx, xsum, w, sw, y, m, n, groups, kp);
+  } else {
+    gemv_pallas6_kernel<8, OutT><<<grid, block, 0, stream>>>(qx, sx, xsum, w, sw, y, m, n, groups, kp);
+  }
+}
+
+}  // namespace flexq

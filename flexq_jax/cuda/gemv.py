@@ -1,0 +1,117 @@
+"""The CUDA decode GEMV on "pallas6" weights (csrc/gemv_pallas6.cuh) as an XLA FFI custom call.
+
+Not yet run on a GPU (written 2026-12-01, no device time left that session): `gemv_plan` below
+restates the kernel's arithmetic lane by lane in numpy and is tested against the numerics
+contract on CPU; the GPU tests (tests/flexq_jax/test_cuda_gemv.py, marked gpu) and the kernel
+benchmark (`kernel_bench --gemv-cuda`) are its first real check. Nothing chooses it until a
+card's tuning table names `cuda_gemv_max_m` (flexq_jax/backends.py, Pallas.kernel_for).
+
+Why it exists (issue: batch-1 decode at the memory floor): the Pallas GEMV's split-K partial sums
+go through global memory and a second kernel adds them; this kernel splits K between the warps of
+one block and adds in shared memory, so a decode linear is the activation quantizer and one GEMV.
+It reads the operands the Pallas GEMV reads (one stored copy of the weights, "pallas6"):
+q_x int8 [Mp, Kp] phase-major within each group, s_x fp32 [Mp, G], sum(q_x) int32 [Mp, G] from
+pallas_kernels.w6a_matmul.quantize_activations, the packed weights and fp16 scales.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexq_jax.cuda import bmma
+from pallas_kernels import core
+from pallas_kernels import w6a_matmul as wk
+from pallas_kernels.core import GROUP, TILE_ROWS
+
+MAX_M = 8  # rows of x the kernel takes (templates for 1, 2, 4, 8)
+PLANE = core.PALLAS6_PLANE_BYTES
+OFFSET = core.PALLAS6_OFFSET
+WARPS = 8  # csrc/gemv_pallas6.cuh kGemvWarps: warps of a block, which take the K-groups in turn
+
+
+def rows_read(m: int) -> int:
+  """Rows of q_x / s_x / sum(q_x) the kernel reads for M = m: m rounded up to 1, 2, 4 or 8."""
+  return 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+
+
+def check_operands(qx, sx, xsum, w_packed, w_scales, m: int) -> tuple[int, int]:
+  """(N, groups); a ValueError naming the operand for anything the kernel cannot take."""
+  if wk.weight_bits(w_packed) != 6:
+    raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
+  tiles, groups = w_packed.shape[:2]
+  n = tiles * TILE_ROWS
+  if not 1 <= m <= MAX_M:
+    raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
+  if qx.dtype != jnp.int8 or qx.ndim != 2 or qx.shape[1] != groups * GROUP or qx.shape[0] < rows_read(m):
+    raise ValueError(f"q_x must be int8 [Mp >= {rows_read(m)}, {groups * GROUP}], got {qx.dtype} {qx.shape}")
+  for name, a, dtype in (("s_x", sx, jnp.float32), ("sum(q_x)", xsum, jnp.int32)):
+    if a.dtype != dtype or a.shape != (qx.shape[0], groups):
+      raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {(qx.shape[0], groups)}, got {a.dtype} {a.shape}")
+  if w_scales.dtype != jnp.float16 or w_scales.shape != (n, groups):
+    raise ValueError(f"w_scales must be float16 {(n, groups)}, got {w_scales.dtype} {w_scales.shape}")
+  return n, groups
+
+
+def gemv_pallas6(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *,
+                 m: int, out_dtype=jnp.bfloat16) -> jax.Array:
+  """y [m, N] in out_dtype (bf16 or fp32) from quantize_activations' outputs and "pallas6" weights."""
+  n, _ = check_operands(qx, sx, xsum, w_packed, w_scales, m)
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype.name not in bmma.GEMV_TARGETS:
+    raise ValueError(f"the CUDA GEMV writes bfloat16 or float32, not {out_dtype}")
+  bmma._register()
+  target = bmma.GEMV_TARGETS[out_dtype.name][0]
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), out_dtype))(qx, sx, xsum, w_packed, w_scales)
+
+
+def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None) -> jax.Array:
+  """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this GEMV."""
+  m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
+  cfg = wk.default_config(m, n, k)  # its quantizer tiling: phase-major q_x, rows padded to >= 16
+  qx, sx, xsum = wk.quantize_activations(x, a_bits=a_bits, config=cfg)
+  return gemv_pallas6(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=out_dtype or x.dtype)
+
+
+def gemv_plan(qx, sx, xsum, w_packed, w_scales, m: int) -> np.ndarray:
+  """What the kernel computes, restated in numpy with its lane mapping (fp32 [m, N]).
+
+  Per block (tile of 16 rows) and warp w (groups w, w + 8, ...): lane l = 2r + h loads bytes
+  16h .. 16h + 15 of plane p's row r (words j = 4h .. 4h + 3); phase p of word j unpacks to four
+  u bytes that dp4a meets with q_x bytes 32p + 4j .. 32p + 4j + 3 of the group; the two lanes of
+  a row add; minus 32 sum(q_x), times s_x s_w (fp32, that order) into the warp's accumulator;
+  the warps' accumulators are added in warp order. Tests compare this with the contract, and the
+  GPU tests compare the kernel with it.
+  """
+  qx, sx, xsum = np.asarray(qx), np.asarray(sx, np.float32), np.asarray(xsum)
+  w, sw = np.asarray(w_packed), np.asarray(w_scales).astype(np.float32)
+  check_operands(jnp.asarray(qx), jnp.asarray(sx), jnp.asarray(xsum), jnp.asarray(w), jnp.asarray(sw, jnp.float16), m)
+  tiles, groups = w.shape[:2]
+  lanes = np.arange(32)
+  r, h = lanes // 2, lanes % 2
+  acc = np.zeros((tiles, WARPS, m, TILE_ROWS), np.float32)
+  for g in range(groups):
+    warp = g % WARPS
+    # bytes [tiles, 32 lanes, 16] of each plane; as four little-endian words each
+    planes = [w[:, g, p].reshape(tiles, TILE_ROWS * PLANE)[:, lanes[:, None] * 16 + np.arange(16)] for p in range(3)]
+    words = [p.reshape(tiles, 32, 4, 4).astype(np.uint32) for p in planes]  # [tiles, lane, word, byte]
+    words = [(x[..., 0] | x[..., 1] << 8 | x[..., 2] << 16 | x[..., 3] << 24) for x in words]
+    lo01, lo23, hi = words
+    for i in range(m):
+      xg = qx[i, g * GROUP:(g + 1) * GROUP]
+      dot = np.zeros((tiles, 32), np.int64)
+      for p in range(4):
+        lo = lo01 if p < 2 else lo23
+        u = (((lo >> 4) if p & 1 else lo) & 0x0F0F0F0F) | (((hi >> (2 * p)) & 0x03030303) << 4)  # [tiles, lane, 4]
+        xb = xg[32 * p + 16 * h[:, None, None] + 4 * np.arange(4)[None, :, None] + np.arange(4)[None, None, :]]  # [lane, 4, 4]
+        ub = np.stack([(u >> (8 * b)) & 0xFF for b in range(4)], axis=-1).astype(np.int64)  # [tiles, lane, 4, 4]
+        dot += (ub * xb[None].astype(np.int64)).sum(axis=(-1, -2))
+      dot = dot + dot[:, lanes ^ 1]  # the shuffle: the row's two halves
+      exact = (dot[:, 0::2] - OFFSET * int(xsum[i, g])).astype(np.int32)  # lane 2r: [tiles, 16]
+      scale = np.float32(sx[i, g]) * sw.reshape(tiles, TILE_ROWS, groups)[:, :, g]
+      acc[:, warp, i] += exact.astype(np.float32) * scale.astype(np.float32)
+  out = np.zeros((tiles, m, TILE_ROWS), np.float32)
+  for warp in range(WARPS):
+    out += acc[:, warp]
+  return out.transpose(1, 0, 2).reshape(m, tiles * TILE_ROWS)

@@ -1,0 +1,110 @@
+"""The CUDA decode GEMV on "pallas6" weights (flexq_jax/cuda/gemv.py, csrc/gemv_pallas6.cuh).
+
+CPU: `gemv_plan`, the kernel's arithmetic restated lane by lane in numpy (which bytes a lane
+loads, the phase unpacking, the dp4a pairs, the two half-rows added, the warps' accumulators
+added in order), equals the numerics contract; it reads the q_x the Pallas quantizer writes (in
+interpret mode), so the two kernels share their inputs. Operand checks. GPU (marker `gpu`): the
+kernel against its plan and the contract.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexq_jax import formats, numerics
+from flexq_jax.cuda import gemv
+from pallas_kernels import w6a_matmul as wk
+from tests.helpers import fresh_rng as _rng
+from tests.helpers import has_gpu as _has_gpu
+
+
+def _inputs(rng, m, n, k, extremes=False):
+  x = rng.standard_normal((m, k)).astype(np.float32) * 3
+  if m > 1:
+    x[1] = 0  # an all-zero token: scale 0, q 0
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  if extremes:  # weights at both bounds -32 and 31 in one group
+    w[0, :64], w[0, 64:128] = -1.0, 31 / 32
+  q_w, s_w = numerics.quantize_weight(jnp.asarray(w), 6, 128)
+  return jnp.asarray(x, jnp.bfloat16), q_w, s_w, formats.pack(q_w, 6, "pallas6", k)
+
+
+def _quantized(x, packed, a_bits, interpret=True):
+  m, k = x.shape
+  cfg = wk.default_config(m, packed.shape[0] * 16, k)
+  return wk.quantize_activations(x, a_bits=a_bits, config=cfg, interpret=interpret)
+
+
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 48, 200), (3, 16, 576), (8, 32, 2200), (5, 64, 1152)])
+def test_plan_equals_contract(a_bits, m, n, k):
+  x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
+  qx, sx, xsum = _quantized(x, packed, a_bits)
+  assert qx.shape[0] >= gemv.rows_read(m)
+  y = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  ref = np.asarray(numerics.reference_matmul(x.astype(jnp.float32), q_w, s_w, a_bits=a_bits), np.float32)
+  # the group sums are exact; only the fp32 summation order differs from the reference's
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_plan_reads_every_byte_of_its_lanes():
+  """One weight changed anywhere changes exactly its output column: no byte is read by the wrong
+  lane or phase (a swapped phase or half-row would move the change or cancel it)."""
+  x, q_w, s_w, packed = _inputs(_rng(), 1, 16, 256)
+  qx, sx, xsum = _quantized(x, packed, 8)
+  base = gemv.gemv_plan(qx, sx, xsum, packed, s_w, 1)
+  rng = np.random.default_rng(1)
+  qx_np = np.asarray(qx)
+  for _ in range(12):
+    row, col = int(rng.integers(16)), int(rng.integers(256))
+    kk = (col // 128) * 128 + 4 * (col % 128 // 4) + col % 4  # a natural k
+    if qx_np[0, (kk // 128) * 128 + 32 * (kk % 4) + (kk % 128) // 4] == 0:
+      continue  # q_x = 0 there: no change to see
+    q2 = np.asarray(q_w).copy()
+    q2[row, kk] = 31 if q2[row, kk] != 31 else -32
+    y = gemv.gemv_plan(qx, sx, xsum, formats.pack(jnp.asarray(q2), 6, "pallas6", 256), s_w, 1)
+    changed = np.nonzero(~np.isclose(y[0], base[0], rtol=0, atol=0))[0].tolist()
+    assert changed == [row], (row, kk, changed)
+    want = np.asarray(numerics.reference_matmul(x.astype(jnp.float32), jnp.asarray(q2), s_w, a_bits=8))[0, row]
+    assert y[0, row] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_operand_checks_name_the_operand():
+  x, q_w, s_w, packed = _inputs(_rng(), 2, 16, 200)
+  qx, sx, xsum = _quantized(x, packed, 6)
+  with pytest.raises(ValueError, match="M <= 8"):
+    gemv.check_operands(qx, sx, xsum, packed, s_w, 9)
+  with pytest.raises(ValueError, match="q_x must be int8"):
+    gemv.check_operands(qx[:1], sx, xsum, packed, s_w, 2)
+  with pytest.raises(ValueError, match="s_x must be float32"):
+    gemv.check_operands(qx, sx[:, :1], xsum, packed, s_w, 2)
+  with pytest.raises(ValueError, match="w_scales must be float16"):
+    gemv.check_operands(qx, sx, xsum, packed, s_w.astype(jnp.float32), 2)
+  with pytest.raises(ValueError, match="pallas6"):
+    gemv.check_operands(qx, sx, xsum, formats.pack(q_w.astype(jnp.int8), 8, "pallas8", 200), s_w, 2)
+  with pytest.raises(ValueError, match="bfloat16 or float32"):
+    gemv.gemv_pallas6(qx, sx, xsum, packed, s_w, m=2, out_dtype=jnp.float16)
+
+
+# ---- the kernel (GPU) ------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(48, 840), (4096, 4096), (16, 128)])
+def test_gpu_gemv_equals_its_plan_and_the_contract(a_bits, m, n, k):
+  x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
+  qx, sx, xsum = _quantized(x, packed, a_bits, interpret=False)
+  y32 = jax.jit(gemv.gemv_pallas6, static_argnames=("m", "out_dtype"))(qx, sx, xsum, packed, s_w, m=m,
+                                                                           out_dtype=jnp.float32)
+  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  np.testing.assert_allclose(np.asarray(y32), plan, rtol=1e-5, atol=1e-5 * np.abs(plan).max())  # FMA vs mul+add
+  ref = np.asarray(numerics.reference_matmul(x, q_w, s_w, a_bits=a_bits), np.float32)
+  y = gemv.w6a_gemv(x, packed, s_w, a_bits=a_bits)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-7, atol=1e-6)
