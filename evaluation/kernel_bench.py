@@ -635,9 +635,10 @@ def sweep_gemv(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
 
 def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   """Decode (M <= 8), W6A6 and W6A8, side by side in one run: the Pallas path (quantizer + Triton
-  GEMV + split-K sum) and the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
-  inside a block), each whole op against the contract, the CUDA GEMV alone on a quantized x, and
-  the HBM floor (bytes at 6.125 bits/weight over 4.3 TB/s)."""
+  GEMV + split-K sum), the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
+  inside a block) and the CUDA GEMV with the quantizer inside (one kernel), each whole op against
+  the contract, the CUDA GEMV alone on a quantized x, and the HBM floor (bytes at 6.125
+  bits/weight over 4.3 TB/s)."""
   from flexq_jax.cuda import gemv as cuda_gemv
   rows = []
   for name, n, k, m, x, cfg, key in _sweep_cases(shapes, tuple(v for v in ms if v <= cuda_gemv.MAX_M)):
@@ -645,7 +646,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
     for a_bits in (6, 8):
       row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor)
       for label, op in (("pallas", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
-                        ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits))):
+                        ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits)),
+                        ("cuda_xq", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -662,7 +664,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       rows.append(row)
       log(f"gemv-cuda {name:11s} M={m} A{a_bits}: floor {floor:6.1f} us | pallas {row['pallas_us']:7.1f} us "
           f"(err {row['pallas_err']:.1e}) | cuda {row['cuda_us']:7.1f} us (err {row['cuda_err']:.1e}) | cuda gemv "
-          f"alone {row['cuda_gemv_alone_us']:7.1f} us")
+          f"alone {row['cuda_gemv_alone_us']:7.1f} us | cuda, quantizer inside {row['cuda_xq_us']:7.1f} us "
+          f"(err {row['cuda_xq_err']:.1e})")
   return rows
 
 
@@ -671,14 +674,20 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
            "Median device microseconds per call, whole ops (activation quantizer included), W6, against the "
            "contract (rel err); floor = bytes at 6.125 bits/weight + bf16 activations and outputs over 4.3 TB/s.", "",
            "| layer | N x K | M | A | floor us | Pallas us | Pallas % floor | CUDA us | CUDA % floor | CUDA x Pallas | "
-           "CUDA GEMV alone us | Pallas err | CUDA err |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "CUDA GEMV alone us | CUDA quantizer inside us | its % floor | its x Pallas | Pallas err | CUDA err | "
+           "CUDA quantizer inside err |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+           "| ---: |"]
   for r in rows:
     lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['a_bits']} | {cell(r['floor_us'], '.1f')} | "
                  f"{cell(r['pallas_us'], '.1f')} | {cell(100 * r['floor_us'] / r['pallas_us'], '.0f')} | "
                  f"{cell(r['cuda_us'], '.1f')} | {cell(100 * r['floor_us'] / r['cuda_us'], '.0f')} | "
                  f"{cell(r['pallas_us'] / r['cuda_us'], '.2f')} | {cell(r['cuda_gemv_alone_us'], '.1f')} | "
-                 f"{cell(r['pallas_err'], '.1e')} | {cell(r['cuda_err'], '.1e')} |")
+                 f"{cell(r.get('cuda_xq_us', float('nan')), '.1f')} | "
+                 f"{cell(100 * r['floor_us'] / r.get('cuda_xq_us', float('nan')), '.0f')} | "
+                 f"{cell(r['pallas_us'] / r.get('cuda_xq_us', float('nan')), '.2f')} | "
+                 f"{cell(r['pallas_err'], '.1e')} | {cell(r['cuda_err'], '.1e')} | "
+                 f"{cell(r.get('cuda_xq_err', float('nan')), '.1e')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,9 @@ runs the backend named in the layer's `backend` field. See flexq_jax/DESIGN.md, 
              the Triton kernels of pallas_kernels/w6a_matmul.py (dp4a GEMVs in decode, int8
              mma.sync at small M; any NVIDIA GPU), and from the card's tuning-table threshold
              "mosaic_min_m" on Hopper the Mosaic GPU GEMM of pallas_kernels/w6a_gemm_mgpu.py
-             (int8 WGMMA). Up to a table's "cuda_gemv_max_m" (none sets it yet: not measured),
-             the CUDA decode GEMV of flexq_jax/cuda/gemv.py on the same weights. Off the GPU the
+             (int8 WGMMA). Up to a table's "cuda_gemv_xq_max_m" / "cuda_gemv_max_m" (none sets
+             them yet: not measured), the CUDA decode GEMV of flexq_jax/cuda/gemv.py on the same
+             weights, with or without the activation quantizer inside. Off the GPU the
              Triton kernels run in Pallas interpret mode (tests).
   bmma       the CUDA kernel on binary tensor cores (flexq_jax/cuda/, jax.ffi): W6, A6/A8, bf16
              activations, reads "bitplanes_g4".
@@ -108,9 +109,12 @@ class Pallas(Backend):
     table = tuning.load_table(card) or {}
     # The CUDA decode GEMV (flexq_jax/cuda/gemv.py) reads the same "pallas6" weights; a card's
     # table turns it on (cuda_gemv_max_m) once a benchmark there shows it faster.
-    gemv_max = table.get("cuda_gemv_max_m", 0)
-    if (m <= gemv_max and w_bits == 6 and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32))):
-      return "cuda_gemv", f"M={m} <= {gemv_max} ({card} table): the CUDA GEMV"
+    # cuda_gemv_xq_max_m: its variant with the activation quantizer inside (one kernel a linear).
+    if w_bits == 6 and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32)):
+      for kernel, key in (("cuda_gemv_xq", "cuda_gemv_xq_max_m"), ("cuda_gemv", "cuda_gemv_max_m")):
+        if m <= table.get(key, 0):
+          return kernel, f"M={m} <= {table[key]} ({card} table): the CUDA GEMV" + (
+              ", quantizer inside" if kernel == "cuda_gemv_xq" else "")
     cc = getattr(device, "compute_capability", "")
     if cc != "9.0":
       return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
@@ -136,8 +140,9 @@ class Pallas(Backend):
     kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype)[0]  # M is static under jit
     if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
-    if kernel == "cuda_gemv":
-      return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits)
+    if kernel in ("cuda_gemv", "cuda_gemv_xq"):
+      return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
+                                fused_quant=kernel == "cuda_gemv_xq")
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")

@@ -66,8 +66,32 @@ def gemv_pallas6(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Ar
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), out_dtype))(qx, sx, xsum, w_packed, w_scales)
 
 
-def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None) -> jax.Array:
-  """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this GEMV."""
+def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int) -> jax.Array:
+  """The variant with the activation quantizer inside the kernel: x bf16 or fp32 [M <= 8, K] ->
+  y [M, N] of x's dtype, one kernel (each warp quantizes the groups it takes by the contract's
+  rule; every block does so again)."""
+  m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
+  if wk.weight_bits(w_packed) != 6:
+    raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
+  if not 1 <= m <= MAX_M:
+    raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
+  if x.dtype.name not in bmma.GEMV_XQ_TARGETS:
+    raise ValueError(f"the CUDA GEMV takes bfloat16 or float32 activations, not {x.dtype}")
+  if w_scales.dtype != jnp.float16:
+    raise ValueError(f"w_scales must be float16, got {w_scales.dtype}")
+  bmma._register()
+  target = bmma.GEMV_XQ_TARGETS[x.dtype.name][0]
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), x.dtype))(x, w_packed, w_scales,
+                                                                         a_bits=np.int32(a_bits))
+
+
+def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None,
+             fused_quant: bool = False) -> jax.Array:
+  """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this
+  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq)."""
+  if fused_quant:
+    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits)
+    return y if out_dtype is None else y.astype(out_dtype)
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
   cfg = wk.default_config(m, n, k)  # its quantizer tiling: phase-major q_x, rows padded to >= 16
   qx, sx, xsum = wk.quantize_activations(x, a_bits=a_bits, config=cfg)

@@ -3,7 +3,11 @@
 `<card>.json` beside this file (card = card_name(): "h200", "h100", ...) holds entries
 {n, k, m, a_bits, us: {backend: microseconds}} and the runs it came from (made_from, dates), and
 optionally "mosaic_min_m": the M from which the pallas backend runs its Mosaic GPU GEMM instead of
-the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`; absent: never).
+the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`; absent: never),
+and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA decode GEMV
+(without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never).
+$FLEXQ_TUNING_EXTRA, a JSON object, is merged over the table (benchmarks: a setting tried before
+it is committed, e.g. '{"cuda_gemv_xq_max_m": 2}').
 It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):
 
     python -m flexq_jax.tuning --from results/kernels/<run>.json ... --out flexq_jax/tuning/<card>.json
@@ -16,12 +20,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
 TUNING_DIR = Path(__file__).parent
+EXTRA_ENV = "FLEXQ_TUNING_EXTRA"
 # The kernel benchmark's field of each backend's time (evaluation/kernel_bench.py, Case).
 BENCH_FIELDS = {"pallas": "ours_us", "bmma": "bmma_us"}
 
@@ -38,15 +44,29 @@ def card_name(device=None) -> str:
   return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
 
 
-@functools.cache
 def load_table(card: str) -> dict | None:
-  """The committed tuning table of a GPU model, or None when there is none."""
+  """The committed tuning table of a GPU model with $FLEXQ_TUNING_EXTRA merged over it, or None
+  when there is neither."""
+  extra = os.environ.get(EXTRA_ENV)
+  return _load_table(card, extra)
+
+
+@functools.cache
+def _load_table(card: str, extra: str | None) -> dict | None:
   path = TUNING_DIR / f"{card}.json"
-  if not path.exists():
-    return None
-  table = json.loads(path.read_text())
-  if not isinstance(table.get("entries"), list):
-    raise ValueError(f"{path}: a tuning table needs an 'entries' list")
+  table = None
+  if path.exists():
+    table = json.loads(path.read_text())
+    if not isinstance(table.get("entries"), list):
+      raise ValueError(f"{path}: a tuning table needs an 'entries' list")
+  if extra:
+    try:
+      more = json.loads(extra)
+    except ValueError as e:
+      raise ValueError(f"${EXTRA_ENV} is not JSON: {e}") from None
+    if not isinstance(more, dict) or not all(isinstance(v, int) and v >= 0 for v in more.values()):
+      raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers, got {extra!r}")
+    table = {"entries": [], **(table or {}), **more}
   return table
 
 

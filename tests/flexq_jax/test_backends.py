@@ -123,3 +123,23 @@ def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
   assert pallas.kernel_for(1, GPU, w_bits=8)[0] == "triton"  # "pallas8": the kernel reads 6-bit weights only
   assert pallas.kernel_for(1, GPU, dtype=jnp.float16)[0] == "triton"  # it writes bf16 or fp32
   assert pallas.kernel_for(1, CPU)[0] == "triton"
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8})
+  assert pallas.kernel_for(2, GPU) == ("cuda_gemv_xq", "M=2 <= 2 (h200 table): the CUDA GEMV, quantizer inside")
+  assert pallas.kernel_for(3, GPU)[0] == "cuda_gemv"
+
+
+def test_tuning_extra_from_the_environment(monkeypatch):
+  """$FLEXQ_TUNING_EXTRA merges settings over the committed table (a benchmark tries one)."""
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_xq_max_m": 2}')
+  assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq"
+  assert tuning.load_table("no-such-card") == {"entries": [], "cuda_gemv_xq_max_m": 2}
+  monkeypatch.setenv(tuning.EXTRA_ENV, "{not json")
+  with pytest.raises(ValueError, match="FLEXQ_TUNING_EXTRA is not JSON"):
+    tuning.load_table("h200")
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_max_m": -1}')
+  with pytest.raises(ValueError, match="non-negative integers"):
+    tuning.load_table("h200")
+  monkeypatch.delenv(tuning.EXTRA_ENV)
+  assert pallas.kernel_for(1, GPU)[0] == "triton"

@@ -85,6 +85,13 @@ def test_operand_checks_name_the_operand():
     gemv.check_operands(qx, sx, xsum, formats.pack(q_w.astype(jnp.int8), 8, "pallas8", 200), s_w, 2)
   with pytest.raises(ValueError, match="bfloat16 or float32"):
     gemv.gemv_pallas6(qx, sx, xsum, packed, s_w, m=2, out_dtype=jnp.float16)
+  # the variant with the quantizer inside
+  with pytest.raises(ValueError, match="bfloat16 or float32 activations"):
+    gemv.gemv_pallas6_xq(x.astype(jnp.float16), packed, s_w, a_bits=6)
+  with pytest.raises(ValueError, match="M <= 8"):
+    gemv.gemv_pallas6_xq(jnp.zeros((9, 200), jnp.bfloat16), packed, s_w, a_bits=6)
+  with pytest.raises(ValueError, match="x has k=300"):
+    gemv.gemv_pallas6_xq(jnp.zeros((2, 300), jnp.bfloat16), packed, s_w, a_bits=6)
 
 
 # ---- the kernel (GPU) ------------------------------------------------------------------------
@@ -108,3 +115,21 @@ def test_gpu_gemv_equals_its_plan_and_the_contract(a_bits, m, n, k):
   y = gemv.w6a_gemv(x, packed, s_w, a_bits=a_bits)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 4096, jnp.bfloat16), (32, 200, jnp.float32)])
+def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype):
+  """One kernel: the same q_x as the Pallas quantizer (the contract's rule is one number
+  everywhere), so the same plan."""
+  x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
+  x = x.astype(dtype)
+  qx, sx, xsum = _quantized(x, packed, a_bits, interpret=False)
+  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  y = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits",))(x, packed, s_w, a_bits=a_bits)
+  assert y.shape == (m, n) and y.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2**-7
+  np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())

@@ -9,6 +9,7 @@
 // The decode GEMV on "pallas6" weights (gemv_pallas6.cuh) is one more:
 //   flexq_gemv_pallas6_{bf16,f32}: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
 //                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
+//   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -160,6 +161,36 @@ ffi::Error GemvF32(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32>
   return GemvImpl<ffi::F32>(s, a, b, c, d, e, y);
 }
 
+template <ffi::DataType kT>
+ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
+                      ffi::ResultBuffer<kT> y, int32_t a_bits) {
+  if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
+  if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + dims_str(x.dimensions()));
+  if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  const int64_t tiles = w.dimensions()[0], groups = w.dimensions()[1], n = tiles * kGemvTileRows;
+  if (ceil_div(k, kGemvGroup) != groups) return ffi::Error::InvalidArgument("x has K=" + std::to_string(k) + ", the weights " + std::to_string(groups) + " groups of 128");
+  if (auto e = expect_dims("weights", w.dimensions(), {tiles, groups, 3, kGemvTileRows, kGemvPlaneBytes}); e.failure()) return e;
+  if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
+  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  if (m > kGemvMaxM) return ffi::Error::InvalidArgument("the GEMV takes M <= 8 rows, got " + std::to_string(m));
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  using T = typename GemvOut<kT>::T;
+  launch_gemv_pallas6_xq(stream, reinterpret_cast<const T*>(x.typed_data()), w.typed_data(),
+                         reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<T*>(y->typed_data()),
+                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), a_bits);
+  return last_cuda_error("flexq_gemv_pallas6_xq launch");
+}
+
+ffi::Error GemvXqBf16(cudaStream_t s, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
+                      ffi::ResultBuffer<ffi::BF16> y, int32_t a_bits) {
+  return GemvXqImpl<ffi::BF16>(s, x, w, sw, y, a_bits);
+}
+ffi::Error GemvXqF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t a_bits) {
+  return GemvXqImpl<ffi::F32>(s, x, w, sw, y, a_bits);
+}
+
 }  // namespace
 }  // namespace flexq
 
@@ -201,3 +232,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6F32, flexq::GemvF32,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
                                   .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqBf16, flexq::GemvXqBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K], quantized inside (a_bits)
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
+                                  .Attr<int32_t>("a_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K], quantized inside (a_bits)
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
+                                  .Attr<int32_t>("a_bits"));

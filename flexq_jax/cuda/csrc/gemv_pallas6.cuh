@@ -142,4 +142,141 @@ void launch_gemv_pallas6(cudaStream_t stream, const int8_t* qx, const float* sx,
   }
 }
 
+// The same GEMV with the activation quantization inside (issue: a decode linear as one kernel):
+// x bf16 or fp32 [M, K] in, y [M, N] out. Each warp quantizes the groups it takes, by the
+// contract's rule (the steps of act_quant.cuh: s_x = max|x| / qmax with 9 low mantissa bits
+// cleared, q = the integer nearest to the exact x / s_x, ties to even), into a per-warp
+// shared-memory group in the phase-major order the dot reads (byte 32p + t = k 4t + p), and keeps
+// s_x and sum(q_x) in registers. Every block quantizes all of x again (N / 16 times in all): cheap
+// next to the weights at M <= 2, which is where a benchmark must show it pays.
+__device__ __forceinline__ float gemv_load_x(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float gemv_load_x(const float* p) { return *p; }
+
+template <int kM, int kABits, typename InT, typename OutT>
+__global__ void __launch_bounds__(32 * kGemvWarps)
+gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
+                       OutT* __restrict__ y, int m, int n, int k, int groups) {
+  constexpr int kQMax = (1 << (kABits - 1)) - 1;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x;
+  const int r = lane >> 1, h = lane & 1;
+  const long row_n = static_cast<long>(tile) * kGemvTileRows + r;
+  __shared__ __align__(16) int8_t xq[kGemvWarps][kM][kGemvGroup];
+
+  float acc[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+
+  const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
+  for (int g = warp; g < groups; g += kGemvWarps) {
+    uint4 planes[3];
+    const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
+#pragma unroll
+    for (int pl = 0; pl < 3; ++pl) planes[pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
+    // Quantize this group of every row while the weight loads are in flight.
+    float s_x[kM];
+    int q_sum[kM];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      float v[4];
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
+        const int kk = g * kGemvGroup + 4 * lane + e;
+        v[e] = (i < m && kk < k) ? gemv_load_x(x + static_cast<long>(i) * k + kk) : 0.f;
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      const float s = __uint_as_float(__float_as_uint(amax * (1.0f / static_cast<float>(kQMax))) & 0xFFFFFE00u);
+      const float sb = s > 0.f ? s : 1.f;
+      const float inv = 1.0f / sb;
+      int sum = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float xv = v[e];
+        float q = floorf(xv * inv + 0.5f);
+        q = xv > (q + 0.5f) * sb ? q + 1.f : (xv < (q - 0.5f) * sb ? q - 1.f : q);
+        const bool odd = (static_cast<int>(q) & 1) != 0;
+        q = odd && xv == (q + 0.5f) * sb ? q + 1.f : (odd && xv == (q - 0.5f) * sb ? q - 1.f : q);
+        q = s > 0.f ? fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax)) : 0.f;
+        const int qi = static_cast<int>(q);
+        sum += qi;
+        xq[warp][i][32 * e + lane] = static_cast<int8_t>(qi);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      s_x[i] = s;
+      q_sum[i] = sum;
+    }
+    __syncwarp();
+    const uint32_t lo01[4] = {planes[0].x, planes[0].y, planes[0].z, planes[0].w};
+    const uint32_t lo23[4] = {planes[1].x, planes[1].y, planes[1].z, planes[1].w};
+    const uint32_t hi[4] = {planes[2].x, planes[2].y, planes[2].z, planes[2].w};
+    uint32_t uw[4][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) uw[p][j] = gemv_unpack(p < 2 ? lo01[j] : lo23[j], hi[j], p);
+    const float s_w = __half2float(sw[row_n * groups + g]);
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      int dot = 0;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(&xq[warp][i][32 * p + 16 * h]);
+        dot = __dp4a(static_cast<int>(uw[p][0]), static_cast<int>(xv.x), dot);
+        dot = __dp4a(static_cast<int>(uw[p][1]), static_cast<int>(xv.y), dot);
+        dot = __dp4a(static_cast<int>(uw[p][2]), static_cast<int>(xv.z), dot);
+        dot = __dp4a(static_cast<int>(uw[p][3]), static_cast<int>(xv.w), dot);
+      }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      const int exact = dot - kGemvOffset * q_sum[i];
+      acc[i] += static_cast<float>(exact) * (s_x[i] * s_w);
+    }
+    __syncwarp();  // the group's q_x is read by every lane before the next group overwrites it
+  }
+
+  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
+  if (h == 0) {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) red[warp][i][r] = acc[i];
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
+    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
+    if (i >= m) continue;
+    float sacc = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) sacc += red[ww][i][rr];
+    gemv_store(sacc, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
+  }
+}
+
+template <int kABits, typename InT, typename OutT>
+void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                 int m, int n, int k, int groups) {
+  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
+  if (m <= 1) {
+    gemv_pallas6_xq_kernel<1, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+  } else if (m <= 2) {
+    gemv_pallas6_xq_kernel<2, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+  } else if (m <= 4) {
+    gemv_pallas6_xq_kernel<4, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+  } else {
+    gemv_pallas6_xq_kernel<8, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+  }
+}
+
+template <typename InT, typename OutT>
+void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
+                            int n, int k, int groups, int a_bits) {
+  if (a_bits == 6) {
+    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups);
+  } else {
+    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups);
+  }
+}
+
 }  // namespace flexq
