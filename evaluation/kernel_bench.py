@@ -754,6 +754,9 @@ def main(argv=None) -> None:
     shapes = [s for s in SHAPES if args.shapes == "all" or s.startswith(args.shapes + ".")]
   else:
     shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+      sys.exit(f"--shapes: unknown {', '.join(unknown)}; names are {', '.join(SHAPES)}, or one of 7b, 70b, all")
   ms = tuple(int(v) for v in args.m.split(",")) if args.m else (QUICK_M if args.quick else M_ALL)
   a_bits = tuple(int(v) for v in args.a_bits.split(",")) if args.a_bits else ((6,) if args.quick else (6, 8))
   log = lambda s: print(s, flush=True)
