@@ -448,6 +448,9 @@ def cmd_score_requests(args) -> int:
   if requests.meta.get("vocab_size") not in (None, config.vocab_size):
     raise ValueError(f"--requests {args.requests}: tokenized for a vocabulary of {requests.meta['vocab_size']}, "
                      f"this model has {config.vocab_size}")
+  if int(requests.meta.get("max_length", 0)) > config.max_position_embeddings:
+    raise ValueError(f"--requests {args.requests}: made for sequences of {requests.meta['max_length']} tokens, "
+                     f"this model has {config.max_position_embeddings} positions")
   label, extra = args.label, {}
   if row is not None:
     params, config, report = _quantize_row(row, config, params, requests.calib, args)

@@ -437,6 +437,8 @@ def load_requests(path: str | os.PathLike, *, need_scores: bool = False, option:
   if not isinstance(meta, dict) or meta.get("version") != REQUESTS_VERSION:
     raise ValueError(f"{where}: version {meta.get('version') if isinstance(meta, dict) else None}, "
                      f"this flexq reads version {REQUESTS_VERSION}")
+  if not isinstance(meta.get("max_length"), int) or meta["max_length"] < 2 or not isinstance(meta.get("tasks"), list):
+    raise ValueError(f"{where}: its meta lacks the tasks or max_length (>= 2) the export writes")
   tokens, offsets, ctx_len = data["tokens"], data["offsets"], data["ctx_len"]
   n = len(ctx_len)
   if (tokens.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(tokens)

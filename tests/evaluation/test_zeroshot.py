@@ -404,6 +404,8 @@ def test_request_files_refuse_what_they_are_not(tiny, tmp_path, capsys):
   np.savez(tmp_path / "edited.npz", **arrays)
   with pytest.raises(ValueError, match="inconsistent arrays"):
     zeroshot.load_requests(tmp_path / "edited.npz")
+  with pytest.raises(ValueError, match="lacks the tasks or max_length"):
+    zeroshot.load_requests(zeroshot.save_requests(tmp_path / "m.npz", pairs, {"tasks": ["piqa"]}))
   # a request the file has no score for: named, not a silent zero
   replay = zeroshot.ScoreReplay(zeroshot.load_requests(good, need_scores=True))
   assert replay.score_pairs([([1, 2], [5, 6])]) == [(-2.0, False)]
