@@ -44,6 +44,7 @@ run cut short keeps what it measured; --budget-s stops starting new ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -65,13 +66,39 @@ from models import config as model_configs
 from models import llama
 from pallas_kernels import core
 
-METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma")
+METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
 A8_PROJECTIONS = ("down_proj",)  # FlexQ's released rule
 # Methods pinned to one backend (flexq_jax/backends.py); "flexq" takes placement's "auto" choice.
 METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.BMMA.name}
+# Methods that run "flexq" under tuning settings not (yet) in the card's table (tuning.EXTRA_ENV):
+# "flexq-cuda-gemv" = the pallas backend with the CUDA decode GEMV (flexq_jax/cuda/gemv.py) up to M = 8,
+# its quantizer-inside variant up to M = 2.
+METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8}}
+
+
+@contextlib.contextmanager
+def method_tuning(method: str):
+  """Runs the body with `method`'s METHOD_TUNING merged over the tuning table. The kernels are
+  chosen at trace time, so jax's caches are cleared on the way in and out: a program traced for
+  another method (same shapes) is never reused."""
+  extra = METHOD_TUNING.get(method)
+  if extra is None:
+    yield
+    return
+  old = os.environ.get(tuning.EXTRA_ENV)
+  os.environ[tuning.EXTRA_ENV] = json.dumps(extra)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(tuning.EXTRA_ENV, None)
+    else:
+      os.environ[tuning.EXTRA_ENV] = old
+    jax.clear_caches()
 
 
 def tiny_config() -> model_configs.LlamaConfig:
@@ -569,8 +596,9 @@ def main(argv=None) -> int:
     if args.profile:
       for method in tp_methods:
         try:
-          profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0], order[0][1],
-                                                                      plan=plan)))
+          with method_tuning(method):
+            profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0],
+                                                                        order[0][1], plan=plan)))
         except Exception as e:  # a diagnostic: report and go on
           print(f"profile {model} {method} TP={tp}: FAILED {type(e).__name__}: {str(e)[:300]}")
         write()
@@ -580,7 +608,8 @@ def main(argv=None) -> int:
           stopped = True
           break
         try:
-          rows.append(params.run(method, lambda w: measure(model, method, cfg, w, b, p, args.new_tokens, plan=plan)))
+          with method_tuning(method):
+            rows.append(params.run(method, lambda w: measure(model, method, cfg, w, b, p, args.new_tokens, plan=plan)))
         except Exception as e:  # e.g. out of memory at a large batch: recorded, the run goes on
           msg = f"{type(e).__name__}: {str(e)[:300]}"
           print(f"{model} {method} TP={tp} B={b} P={p}: FAILED {msg}")

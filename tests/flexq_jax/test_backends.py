@@ -143,3 +143,15 @@ def test_tuning_extra_from_the_environment(monkeypatch):
     tuning.load_table("h200")
   monkeypatch.delenv(tuning.EXTRA_ENV)
   assert pallas.kernel_for(1, GPU)[0] == "triton"
+
+
+def test_e2e_method_with_the_cuda_gemv_sets_and_restores_the_tuning(monkeypatch):
+  from evaluation import e2e_bench
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.delenv(tuning.EXTRA_ENV, raising=False)
+  with e2e_bench.method_tuning("flexq-cuda-gemv"):
+    assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(8, GPU)[0] == "cuda_gemv"
+  assert tuning.EXTRA_ENV not in __import__("os").environ and pallas.kernel_for(1, GPU)[0] == "triton"
+  with e2e_bench.method_tuning("flexq"):  # no settings: nothing changes
+    assert pallas.kernel_for(1, GPU)[0] == "triton"
