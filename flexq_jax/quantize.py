@@ -4,7 +4,8 @@
 
 A rotated model (flexq_jax/rotation.py, a step before this one) is quantized like any other, with
 the config rotate() returned. Steps: check the params and calibration tokens; gather input statistics in one forward pass
-(flexq_jax/input_stats.py); smooth (flexq_jax/smoothing.py); quantize every projection's weight
+(flexq_jax/input_stats.py); smooth (flexq_jax/smoothing.py); optionally learn clipped weight
+scales (flexq_jax/clipping.py); quantize every projection's weight
 (round to nearest, or GPTQ: flexq_jax/gptq.py); choose each layer's activation bits (rules, then
 the sensitivity analysis of flexq_jax/sensitivity.py or the down_proj rule); pack. The layers come
 back in the canonical stored layout on the reference backend: where they run is placement's

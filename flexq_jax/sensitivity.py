@@ -14,6 +14,10 @@ dL/dt for every token of every layer at once, and
 is the Fisher (outer-product) estimate of the loss increase when that layer goes to A6; the
 first-order term sum_tokens dL/dt is reported too. Cost: one forward and one backward over the
 calibration batch, whatever the number of layers.
+
+measured_switch_gains checks such estimates by measurement: for each candidate layer, one forward
+with that layer alone switched, scored by the KL divergence from the float model's outputs
+(QuantConfig(a8_selection="measured")). Cost: one forward per candidate.
 """
 
 from __future__ import annotations
