@@ -31,9 +31,8 @@ class QuantConfig:
   # a8_selection="measured": the sensitivity analysis names measure_candidates layers (None = twice
   # the budget), each is measured switched alone to sensitive_a_bits (KL divergence from the float
   # model on the first measure_rows calibration rows), and the budget goes to the largest gains.
-  # Not the default: on the rotated SmolLM2 it was 0.07 points behind the down_proj rule on 2 x 2048
-  # Wikipedia tokens and 0.23 ahead on held-out news, for 283 s of measuring
-  # (results/raw/a8-measured-2026-12-01.md).
+  # Not the default: on the rotated SmolLM2 (8 x 2048 tokens) +1.90% / +1.96% held-out against the
+  # down_proj rule's +2.00% / +1.83%, for minutes of measuring (results/raw/a8-measured-2026-12-01.md).
   measure_candidates: int | None = None
   measure_rows: int = 2
   # (regex on the layer path "layers/<i>/<proj>", activation bits); first match wins and
