@@ -412,7 +412,8 @@ def cmd_run(args) -> int:
   Memory (make run peaks under 4 GB on the default model): the float model is evaluated and
   sampled first, and dropped before the quantized model is evaluated; perplexity runs each window
   in chunks of 512 tokens through the KV cache (perplexity.chunked_perplexity), so a 2048-token
-  window's activations and logits are never alive at once.
+  window's activations and logits are never alive at once; the jnp backends unpack one layer's
+  weight at a time (flexq_jax/backends.py): 3.1 GB peak, results/raw/make-run-2026-12-01-memory.md.
   """
   t_start = time.perf_counter()
   out = Path(args.out)
