@@ -138,9 +138,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
   _add_calib_args(p)
   p.add_argument("--weight-method", choices=("gptq", "rtn"), default="gptq",
                  help="gptq: error compensation with calibration Hessians (default); rtn: round to nearest")
-  p.add_argument("--a8-selection", choices=("sensitivity", "down_proj", "none"), default="sensitivity",
-                 help="which layers keep 8-bit activations: our sensitivity analysis (default), "
-                      "FlexQ's released rule (every down_proj), or none")
+  p.add_argument("--a8-selection", choices=("sensitivity", "measured", "down_proj", "none"), default="sensitivity",
+                 help="which layers keep 8-bit activations: our sensitivity analysis (default); 'measured': the "
+                      "analysis names twice the budget of candidates and each is measured switched alone (KL "
+                      "divergence from the float model on 2 calibration rows), the largest gains win; FlexQ's "
+                      "released rule (every down_proj); or none")
+  p.add_argument("--weight-clipping", choices=("none", "learned"), default="none",
+                 help="'learned': per-group clipping of the weight scales learned with Adam on the calibration "
+                      "statistics (OmniQuant's LWC; flexq_jax/clipping.py), before GPTQ or rounding; "
+                      "default none (max|w| / 31)")
+  p.add_argument("--clipping-steps", type=int, default=100,
+                 help="Adam steps per layer of --weight-clipping learned (default 100)")
   p.add_argument("--a8-budget", type=float, default=None,
                  help="how many layers keep A8: a count (>= 1) or a fraction (< 1); default 1/7 of the layers")
   p.add_argument("--a-bits", type=int, default=6, help="activation bits of ordinary layers (default 6; 16 = float)")
@@ -190,8 +198,11 @@ def _quant_config(args):
     args.smooth_alpha = None if args.rotation == "hadamard" else 0.5
   if args.smooth_alpha is not None and not 0.0 <= args.smooth_alpha <= 1.0:
     raise ValueError(f"--smooth-alpha {args.smooth_alpha} must be in [0, 1] or 'none'")
+  if args.clipping_steps < 1:
+    raise ValueError(f"--clipping-steps {args.clipping_steps} must be >= 1")
   return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
-                     a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha)
+                     a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha,
+                     weight_clipping=args.weight_clipping, clipping_steps=args.clipping_steps)
 
 
 def _check_options(args) -> None:
@@ -506,7 +517,8 @@ def cmd_run(args) -> int:
   Memory (make run peaks under 4 GB on the default model): the float model is evaluated and
   sampled first, and dropped before the quantized model is evaluated; perplexity runs each window
   in chunks of 512 tokens through the KV cache (perplexity.chunked_perplexity), so a 2048-token
-  window's activations and logits are never alive at once.
+  window's activations and logits are never alive at once; the jnp backends unpack one layer's
+  weight at a time (flexq_jax/backends.py): 3.1 GB peak, results/raw/make-run-2026-12-01-memory.md.
   """
   t_start = time.perf_counter()
   out = Path(args.out)

@@ -29,7 +29,8 @@ BLOCK = 128  # columns updated together before the lazy update of the rest
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "damp", "act_order"))
 def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int = 128,
-                  damp: float = 0.01, act_order: bool = True) -> tuple[jax.Array, jax.Array]:
+                  damp: float = 0.01, act_order: bool = True,
+                  scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """GPTQ quantization of one layer.
 
   Args:
@@ -39,6 +40,8 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
     group: K-group size (a multiple of 128).
     damp: diagonal damping, as a fraction of the mean diagonal.
     act_order: visit columns by decreasing H diagonal (with static group scales).
+    scales: optional fp16 [N, Kp / group] static group scales to quantize with (e.g. learned
+      clipping, flexq_jax/clipping.py) instead of max|w| / qmax; weights beyond a scale's range clip.
 
   Returns:
     (q int8 [N, Kp], scales fp16 [N, Kp / group]): same form as numerics.quantize_weight.
@@ -56,8 +59,12 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
   h = h + jnp.eye(kp) * damp * live_mean
 
   # Scales fixed up front: with act order, and whenever a group is not exactly one block.
-  static = act_order or group != BLOCK
-  if static:
+  static = act_order or group != BLOCK or scales is not None
+  if scales is not None:
+    if scales.shape != (n, kp // group):
+      raise ValueError(f"scales must be [N, Kp / group] = {(n, kp // group)}, got {scales.shape}")
+    static_scales = scales.astype(jnp.float16)
+  elif static:
     static_scales = (jnp.max(jnp.abs(w.reshape(n, kp // group, group)), axis=-1) / qmax).astype(jnp.float16)
   else:
     static_scales = None

@@ -8,7 +8,8 @@ import re
 from flexq_jax import formats
 
 WEIGHT_METHODS = ("rtn", "gptq")
-A8_SELECTIONS = ("sensitivity", "down_proj", "none")
+WEIGHT_CLIPPINGS = ("none", "learned")
+A8_SELECTIONS = ("sensitivity", "measured", "down_proj", "none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,12 +28,26 @@ class QuantConfig:
   # 0.30 points better than "high" and 0.52 better than the down_proj rule (SmolLM2, 8 x 2048
   # Wikipedia tokens, default method: results/raw/sensitivity-from-2026-12-01.md).
   sensitivity_from: str = "low"
+  # a8_selection="measured": the sensitivity analysis names measure_candidates layers (None = twice
+  # the budget), each is measured switched alone to sensitive_a_bits (KL divergence from the float
+  # model on the first measure_rows calibration rows), and the budget goes to the largest gains.
+  # Not the default: on the rotated SmolLM2 (8 x 2048 tokens) +1.90% / +1.96% held-out against the
+  # down_proj rule's +2.00% / +1.83%, for minutes of measuring (results/raw/a8-measured-2026-12-01.md).
+  measure_candidates: int | None = None
+  measure_rows: int = 2
   # (regex on the layer path "layers/<i>/<proj>", activation bits); first match wins and
   # overrides the selection. Rules that match nothing are listed in the report.
   rules: tuple[tuple[str, int], ...] = ()
   weight_method: str = "gptq"  # "rtn" (round to nearest) or "gptq" (error compensation)
   gptq_damp: float = 0.01  # GPTQ diagonal damping (fraction of mean diag(H))
   gptq_act_order: bool = True  # GPTQ visits the most active input channels first
+  # "learned": per-group clipping of the weight scales learned on the calibration statistics
+  # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "none": max|w| / qmax.
+  # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but
+  # from +0.88% to +1.06% on held-out news (results/raw/weight-clipping-2026-12-01.md).
+  weight_clipping: str = "none"
+  clipping_steps: int = 100  # Adam steps per layer of the learned clipping
+  clipping_lr: float = 1e-2  # Adam learning rate on the clipping logits
   smooth_alpha: float | None = 0.5  # SmoothQuant migration strength; None = no smoothing
   layout: str = "bitplanes"  # packed weight layout (flexq_jax.formats)
 
@@ -45,6 +60,17 @@ class QuantConfig:
         raise ValueError(f"{name} must be in [2, 8] or 16 (float), got {v}")
     if self.weight_method not in WEIGHT_METHODS:
       raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
+    mc = self.measure_candidates
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+      raise ValueError(f"measure_candidates must be an integer >= 1 or None, got {mc!r}")
+    if isinstance(self.measure_rows, bool) or not isinstance(self.measure_rows, int) or self.measure_rows < 1:
+      raise ValueError(f"measure_rows must be an integer >= 1, got {self.measure_rows!r}")
+    if self.weight_clipping not in WEIGHT_CLIPPINGS:
+      raise ValueError(f"weight_clipping must be one of {WEIGHT_CLIPPINGS}, got {self.weight_clipping!r}")
+    if isinstance(self.clipping_steps, bool) or not isinstance(self.clipping_steps, int) or self.clipping_steps < 1:
+      raise ValueError(f"clipping_steps must be an integer >= 1, got {self.clipping_steps!r}")
+    if not (isinstance(self.clipping_lr, (int, float)) and 0 < self.clipping_lr < float("inf")):
+      raise ValueError(f"clipping_lr must be a positive finite number, got {self.clipping_lr!r}")
     if self.sensitivity_from not in ("high", "low"):
       raise ValueError(f"sensitivity_from must be 'high' or 'low', got {self.sensitivity_from!r}")
     if self.a8_selection not in A8_SELECTIONS:

@@ -4,7 +4,8 @@
 
 A rotated model (flexq_jax/rotation.py, a step before this one) is quantized like any other, with
 the config rotate() returned. Steps: check the params and calibration tokens; gather input statistics in one forward pass
-(flexq_jax/input_stats.py); smooth (flexq_jax/smoothing.py); quantize every projection's weight
+(flexq_jax/input_stats.py); smooth (flexq_jax/smoothing.py); optionally learn clipped weight
+scales (flexq_jax/clipping.py); quantize every projection's weight
 (round to nearest, or GPTQ: flexq_jax/gptq.py); choose each layer's activation bits (rules, then
 the sensitivity analysis of flexq_jax/sensitivity.py or the down_proj rule); pack. The layers come
 back in the canonical stored layout on the reference backend: where they run is placement's
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexq_jax import formats, gptq, input_stats, numerics, sensitivity
+from flexq_jax import clipping, formats, gptq, input_stats, numerics, sensitivity
 from flexq_jax._tree import copy_containers, get_at, path_str, set_at
 from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
@@ -114,36 +115,56 @@ def quantize(
   seconds = {}
 
   stats = None
-  if config.weight_method == "gptq" or config.smooth_alpha is not None:
+  learned_clipping = config.weight_clipping == "learned"
+  if config.weight_method == "gptq" or config.smooth_alpha is not None or learned_clipping:
     say("calibration statistics (one forward pass)")
     t0 = time.perf_counter()
     stats = input_stats.collect_input_stats(params, paths, forward, calib_batch)
     seconds["calibration"] = time.perf_counter() - t0
+
+  reference = None
+  if config.a8_selection == "measured" and config.a_bits < 16:
+    # The float model's final hidden states on the measurement rows (before any weight changes).
+    reference = (calib_batch[:config.measure_rows],
+                 jax.jit(lambda p, t: llama.forward(p, model_config, t, head=False)[0])(
+                     params, jnp.asarray(calib_batch[:config.measure_rows])))
 
   if config.smooth_alpha is not None:
     params, factors = smooth(params, stats, config.smooth_alpha, smoothing_folds(model_config))
   else:
     factors = {}
 
-  say(f"quantizing {len(paths)} weights ({config.weight_method})")
+  say(f"quantizing {len(paths)} weights ({config.weight_method}"
+      + (f", learned clipping: {config.clipping_steps} Adam steps each" if learned_clipping else "") + ")")
   t0 = time.perf_counter()
   quantized = {}
+  clip_errors = []
   for path, idx in paths.items():
     w = jnp.asarray(get_at(params, idx)).T  # [N, K]
-    if config.weight_method == "gptq":
+    group = config.group_size or core.padded_k(w.shape[1])
+    h = scales = None
+    if stats is not None:
       st = stats[path]
       h = st.hessian / max(1, st.count)
       if path in factors:  # the smoothed layer sees x / s
         inv = jnp.asarray(1.0 / factors[path], jnp.float32)
         h = h * inv[:, None] * inv[None, :]
-      q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=config.group_size or core.padded_k(w.shape[1]),
-                                damp=config.gptq_damp, act_order=config.gptq_act_order)
+    if learned_clipping:
+      scales, e_plain, e_clip = clipping.learn_clipping(w, h, bits=config.w_bits, group=group,
+                                                        steps=config.clipping_steps, lr=config.clipping_lr)
+      clip_errors.append((float(e_plain), float(e_clip)))
+    if config.weight_method == "gptq":
+      q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=group, damp=config.gptq_damp,
+                                act_order=config.gptq_act_order, scales=scales)
     else:
-      q, s = numerics.quantize_weight(w, config.w_bits, config.group_size)
+      q, s = numerics.quantize_weight(w, config.w_bits, config.group_size, scales=scales)
     numerics.check_finite(f"the weight scales quantize() computed for {path}", s)
     quantized[path] = (q, s)
   jax.block_until_ready(quantized)
   seconds["weights"] = time.perf_counter() - t0
+  if clip_errors:
+    plain, clipped = np.mean(clip_errors, axis=0)
+    say(f"learned clipping: mean relative output error of round-to-nearest {plain:.3e} -> {clipped:.3e}")
   del stats  # the Hessians (hundreds of MB for a small model) are done with
   # The float kernels are done with: keep only their shapes (a smoothed copy of every projection
   # would otherwise stay alive through the sensitivity analysis, which probes the quantized ones).
@@ -153,7 +174,7 @@ def quantize(
     set_at(params, idx, jax.ShapeDtypeStruct(w.shape, w.dtype))
 
   a_bits, why, scores = _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say,
-                                                seconds)
+                                                seconds, reference)
 
   qparams = copy_containers(params)
   layers = []
@@ -169,7 +190,8 @@ def quantize(
   return qparams, QuantReport(config.to_dict(), layers, config.unmatched_rules(paths), seconds)
 
 
-def _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say, seconds):
+def _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say, seconds,
+                            reference=None):
   """Per-layer activation bits: rules first, then the A8 selection, else config.a_bits."""
   a_bits = {p: config.a_bits for p in paths}
   why = {p: "default" for p in paths}
@@ -187,7 +209,7 @@ def _choose_activation_bits(params, paths, quantized, config, model_config, cali
     for p in free:
       if p.endswith("/down_proj"):
         a_bits[p], why[p] = config.sensitive_a_bits, "down_proj rule"
-  elif config.a8_selection == "sensitivity" and budget > 0 and config.a_bits < 16:
+  elif config.a8_selection in ("sensitivity", "measured") and budget > 0 and config.a_bits < 16:
     say("sensitivity analysis (one forward + backward)")
     t0 = time.perf_counter()
     kernels = {p: quantized[p] for p in free}
@@ -204,6 +226,22 @@ def _choose_activation_bits(params, paths, quantized, config, model_config, cali
         lo_bits=lo, hi_bits=hi, group_size=config.group_size)
     seconds["sensitivity"] = time.perf_counter() - t0
     scores = {p: s.fisher for p, s in sens.items()}
-    for p in sorted(free, key=lambda p: -scores[p])[:budget]:
-      a_bits[p], why[p] = config.sensitive_a_bits, "sensitivity"
+    ranked = sorted(free, key=lambda p: -scores[p])
+    reason = "sensitivity"
+    if config.a8_selection == "measured":
+      candidates = ranked[:config.measure_candidates or 2 * budget]
+      tokens, hidden = reference
+      say(f"measuring {len(candidates)} candidate A{config.sensitive_a_bits} layers one by one "
+          f"({tokens.shape[0]} x {tokens.shape[1]} tokens, KL from the float model)")
+      t0 = time.perf_counter()
+      gains = sensitivity.measured_switch_gains(
+          params, kernels, {p: paths[p] for p in free}, model_config, tokens, hidden, candidates,
+          lo_bits=config.a_bits, hi_bits=config.sensitive_a_bits, group_size=config.group_size)
+      seconds["measured"] = time.perf_counter() - t0
+      # The measured gain (nats of KL) is the layer's score; layers not measured rank after them.
+      scores = {p: gains[p] for p in candidates}
+      ranked = sorted(candidates, key=lambda p: -scores[p])
+      reason = "measured"
+    for p in ranked[:budget]:
+      a_bits[p], why[p] = config.sensitive_a_bits, reason
   return a_bits, why, scores

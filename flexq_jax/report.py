@@ -13,7 +13,7 @@ class LayerReport:
   out_features: int
   w_bits: int
   a_bits: int
-  why: str  # what set a_bits: "rule <regex>", "sensitivity", "down_proj rule", "default"
+  why: str  # what set a_bits: "rule <regex>", "sensitivity", "measured", "down_proj rule", "default"
   sensitivity: float | None  # Fisher estimate of the A8 -> A6 loss increase (nats over the batch)
   float_bytes: int  # bf16 bytes of the float kernel
   packed_bytes: int  # packed weights + scales

@@ -14,6 +14,10 @@ dL/dt for every token of every layer at once, and
 is the Fisher (outer-product) estimate of the loss increase when that layer goes to A6; the
 first-order term sum_tokens dL/dt is reported too. Cost: one forward and one backward over the
 calibration batch, whatever the number of layers.
+
+measured_switch_gains checks such estimates by measurement: for each candidate layer, one forward
+with that layer alone switched, scored by the KL divergence from the float model's outputs
+(QuantConfig(a8_selection="measured")). Cost: one forward per candidate.
 """
 
 from __future__ import annotations
@@ -136,3 +140,98 @@ def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
 
   return jax.jit(lambda params, kernels, ts, tokens: jax.grad(loss)(ts, params, kernels, tokens))
 
+
+
+@flax.struct.dataclass
+class _MixProbe:
+  q_w: jax.Array  # int8 [N, Kp]
+  s_w: jax.Array  # fp16 [N, Kp / group]
+  t: jax.Array  # scalar: 0 = lo_bits activations, 1 = hi_bits
+  lo_bits: int = flax.struct.field(pytree_node=False)
+  hi_bits: int = flax.struct.field(pytree_node=False)
+  group_size: int | None = flax.struct.field(pytree_node=False)
+
+  def __rmatmul__(self, x):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    lo = fake_quant_activation(x2, self.lo_bits, self.group_size)
+    hi = fake_quant_activation(x2, self.hi_bits, self.group_size)
+    kernel = numerics.dequantize_weight(self.q_w, self.s_w, x2.shape[1]).T  # [K, N] fp32
+    return ((lo + self.t * (hi - lo)) @ kernel).astype(x.dtype).reshape(*lead, -1)
+
+
+def measured_switch_gains(
+    params: Any,
+    kernels: dict[str, tuple[jax.Array, jax.Array]],
+    paths: dict[str, tuple],
+    model_config,
+    tokens: jax.Array,
+    reference_hidden: jax.Array,
+    candidates: list[str],
+    *,
+    lo_bits: int = 6,
+    hi_bits: int = 8,
+    group_size: int | None = 128,
+) -> dict[str, float]:
+  """The measured effect of moving each candidate layer alone from lo_bits to hi_bits activations.
+
+  The model has every layer of `kernels` at lo_bits; for each candidate, one forward with that
+  layer at hi_bits. The measure is the summed KL divergence of the model's next-token
+  distributions from the float model's (whose final hidden states are `reference_hidden`; the
+  lm_head in params turns them into logits), so a layer's gain is how much closer to the float
+  model it brings the output, on real text, with every other layer quantized as deployed.
+
+  Args:
+    params: parameter pytree whose kernels at `paths` get replaced (lm_head / embedding float).
+    kernels: {path: (q_w, s_w)} of every layer whose activation bits are chosen.
+    paths: {path: index tuple into params}.
+    model_config: the architecture (models.config.LlamaConfig).
+    tokens: [B, T] int tokens to measure on.
+    reference_hidden: [B, T, D] the float model's final normed hidden states on `tokens`.
+    candidates: the paths (keys of kernels) to measure.
+    lo_bits, hi_bits, group_size: the two activation widths and the activation group.
+
+  Returns:
+    {candidate: KL(all lo_bits) - KL(candidate at hi_bits)} in nats summed over tokens (positive:
+    switching helps), plus the entry "" = KL of the all-lo_bits model itself.
+  """
+  names = tuple(kernels)
+  unknown = [c for c in candidates if c not in kernels]
+  if unknown:
+    raise ValueError(f"candidates {unknown[:3]} are not among the layers whose bits are chosen")
+  fn = _kl_fn(model_config, tuple(paths[p] for p in names), names, lo_bits, hi_bits, group_size)
+  arrays = [tuple(kernels[p]) for p in names]
+  tokens = jnp.asarray(tokens)
+  base_ts = {p: jnp.zeros((), jnp.float32) for p in names}
+  base = float(fn(params, arrays, base_ts, tokens, reference_hidden))
+  gains = {"": base}
+  for c in candidates:
+    ts = dict(base_ts)
+    ts[c] = jnp.ones((), jnp.float32)
+    gains[c] = base - float(fn(params, arrays, ts, tokens, reference_hidden))
+  return gains
+
+
+@functools.lru_cache(maxsize=4)
+def _kl_fn(model_config, index_paths, names, lo_bits, hi_bits, group_size):
+
+  def kl(params, kernels, ts, tokens, reference_hidden):
+    out = copy_containers(params)
+    for idx, name, (q_w, s_w) in zip(index_paths, names, kernels):
+      set_at(out, idx, _MixProbe(q_w, s_w, ts[name], lo_bits, hi_bits, group_size))
+    try:  # one scanned block (fast to compile); layers a rule changed stay unrolled
+      out = llama.stack_layers(out)
+    except ValueError:
+      pass
+
+    def row(carry, xs):
+      tok, ref = xs
+      h, _ = llama.forward(out, model_config, tok[None], head=False)
+      logq = jax.nn.log_softmax(llama.lm_head(out, model_config, h[0]), axis=-1)
+      logp = jax.nn.log_softmax(llama.lm_head(out, model_config, ref), axis=-1)
+      return carry + jnp.sum(jnp.exp(logp) * (logp - logq)), None
+
+    total, _ = jax.lax.scan(row, jnp.zeros((), jnp.float32), (tokens, reference_hidden))
+    return total
+
+  return jax.jit(kl)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 
 from evaluation import accuracy
@@ -9,15 +11,24 @@ def test_table_rows_are_what_the_issue_asks_for():
   assert len(set(labels)) == len(labels)
   configs = {label: c for label, c, _ in accuracy.ROWS}
   rotated = {label for label, _, rot in accuracy.ROWS if rot}
-  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 4
+  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 7
   w8a8 = next(c for l, c in configs.items() if l.startswith("W8A8"))
   assert (w8a8.w_bits, w8a8.a_bits, w8a8.group_size, w8a8.smooth_alpha) == (8, 8, None, 0.5)
   paper = [(l, c) for l, c in configs.items() if "paper rule" in l]
-  ours = [(l, c) for l, c in configs.items() if "sensitivity-chosen" in l]
+  ours = [(l, c) for l, c in configs.items() if "sensitivity-chosen" in l and "clipping" not in l]
   assert len(paper) == len(ours) == 4  # RTN, GPTQ, GPTQ + smoothing, rotation: pairs differ only in the selection
   for (lp, p), (lo, o) in zip(paper, ours):
     assert (p.weight_method, p.smooth_alpha, lp in rotated) == (o.weight_method, o.smooth_alpha, lo in rotated)
     assert (p.a8_selection, o.a8_selection) == ("down_proj", "sensitivity")
+  measured = [c for l, c in configs.items() if "measured A8" in l]
+  assert len(measured) == 1 and dataclasses.replace(measured[0], a8_selection="down_proj") == paper[-1][1]
+  # Learned clipping: the rotated W6A16 and default rows again, with only the clipping added.
+  clipped = {l: c for l, c in configs.items() if "learned clipping" in l}
+  assert len(clipped) == 2 and set(clipped) <= rotated
+  for label, c in clipped.items():
+    twin = configs[label.replace(" + learned clipping", "") + (" = flexq-jax default" if "A8" in label else "")]
+    assert c.weight_clipping == "learned" and twin.weight_clipping == "none"
+    assert dataclasses.replace(c, weight_clipping="none") == twin
 
 
 def test_markdown_and_resume(tmp_path):

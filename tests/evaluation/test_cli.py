@@ -63,3 +63,14 @@ def test_rotated_quantize_and_eval_from_the_checkpoint(tmp_path, capsys):
   # An evaluation-only corpus cannot calibrate; the error names the option.
   assert cli.main(["quantize", "--model", str(model), "--corpus", "lee-news", "--out", str(out)]) == 2
   assert "--corpus lee-news has no calibration text" in capsys.readouterr().err
+
+
+def test_weight_clipping_and_measured_selection_options():
+  parse = lambda *a: cli._quant_config(cli.build_parser().parse_args(["quantize", *a]))
+  cfg = parse("--weight-clipping", "learned", "--clipping-steps", "7", "--a8-selection", "measured")
+  assert (cfg.weight_clipping, cfg.clipping_steps, cfg.a8_selection) == ("learned", 7, "measured")
+  assert parse().weight_clipping == "none"
+  with pytest.raises(ValueError, match="--clipping-steps 0 must be >= 1"):
+    parse("--clipping-steps", "0")
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["quantize", "--weight-clipping", "magic"])

@@ -155,3 +155,30 @@ def test_e2e_method_with_the_cuda_gemv_sets_and_restores_the_tuning(monkeypatch)
   assert tuning.EXTRA_ENV not in __import__("os").environ and pallas.kernel_for(1, GPU)[0] == "triton"
   with e2e_bench.method_tuning("flexq"):  # no settings: nothing changes
     assert pallas.kernel_for(1, GPU)[0] == "triton"
+
+
+@pytest.mark.parametrize("backend", ["reference", "dequant"])
+def test_jnp_backends_unpack_one_layer_at_a_time(backend):
+  # Chains of layers in one program: XLA must not unpack every layer's weight up front (all of
+  # them alive at once: 2.6 GB of temporaries in make run), only each when its input exists, so
+  # the program's temporaries do not grow with depth (they grew 3x from 4 to 12 layers before).
+  n = k = 512
+  layers = []
+  for i in range(12):
+    w = jnp.asarray(np.random.default_rng(i).standard_normal((n, k)) * 2 / np.sqrt(k), jnp.float32)
+    q, s = numerics.quantize_weight(w, 6, 128)
+    layers.append(QuantizedLinear(packed=formats.pack(q, 6, "bitplanes", k), scales=s, in_features=k,
+                                  out_features=n, w_bits=6, a_bits=6, group_size=128, backend=backend))
+
+  def chain(layers, x):
+    for layer in layers:
+      x = jax.nn.relu(x @ layer)
+    return x
+
+  x = jnp.ones((64, k), jnp.float32)
+  temp = {d: jax.jit(chain).lower(layers[:d], x).compile().memory_analysis().temp_size_in_bytes for d in (4, 12)}
+  assert temp[12] < 1.5 * temp[4], temp
+  ref, matmul = x, {"reference": numerics.reference_matmul, "dequant": numerics.dequant_matmul}[backend]
+  for layer in layers:
+    ref = jax.nn.relu(matmul(ref, layer.logical_weight(), layer.scales, a_bits=6))
+  np.testing.assert_allclose(jax.jit(chain)(layers, x), ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))

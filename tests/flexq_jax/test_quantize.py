@@ -227,3 +227,44 @@ def test_sensitivity_scores_the_same_scanned_or_unrolled(monkeypatch):
   sensitivity._grad_fn.cache_clear()
   for p in paths:
     assert scanned[p].fisher == pytest.approx(unrolled[p].fisher, rel=1e-3, abs=1e-9)
+
+
+def test_measured_selection_confirms_the_layer_6_bit_activations_break():
+  params = jax.tree.map(lambda a: a, PARAMS)
+  layer = params["layers"][1]
+  boost = jnp.ones((384,)).at[jnp.arange(0, 384, 16)].set(1000.0)
+  layer["up_proj"] = layer["up_proj"] * boost[None, :]
+  layer["down_proj"] = layer["down_proj"] / boost[:, None]
+  cfg = QuantConfig(weight_method="rtn", smooth_alpha=None, a8_budget=1, a8_selection="measured", measure_candidates=3)
+  _, report = quantize(params, CALIB, cfg, model_config=CONFIG)
+  assert [(l.path, l.why) for l in report.layers if l.a_bits == 8] == [("layers/1/down_proj", "measured")]
+  assert sum(l.sensitivity is not None for l in report.layers) == 3  # only the candidates are measured
+
+
+def test_measured_gains_are_the_kl_changes_of_the_deployed_model():
+  from flexq_jax import sensitivity
+  qparams, _ = quantize(PARAMS, CALIB, QuantConfig(weight_method="rtn", a8_selection="none", smooth_alpha=None),
+                        model_config=CONFIG)
+  paths = linear_paths(PARAMS)
+  kernels = {p: (qparams["layers"][i][proj].logical_weight(), qparams["layers"][i][proj].scales)
+             for p, (_, i, proj) in paths.items()}
+  tokens = CALIB[:2]
+  hidden = llama.forward(PARAMS, CONFIG, tokens, head=False)[0]
+  shells = jax.tree.map(lambda a: a, PARAMS)
+  for _, i, proj in paths.values():
+    shells["layers"][i][proj] = jax.ShapeDtypeStruct(PARAMS["layers"][i][proj].shape, jnp.float32)
+  cands = ["layers/0/q_proj", "layers/1/down_proj"]
+  gains = sensitivity.measured_switch_gains(shells, kernels, paths, CONFIG, tokens, hidden, cands)
+  logp = jax.nn.log_softmax(forward(PARAMS, CONFIG, tokens)[0], -1)
+
+  def kl(a8):
+    q = jax.tree.map(lambda x: x, qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+    for p, (_, i, proj) in paths.items():
+      q["layers"][i][proj] = q["layers"][i][proj].replace(a_bits=8 if p == a8 else 6)
+    logq = jax.nn.log_softmax(forward(place(q, "dequant")[0], CONFIG, tokens)[0], -1)
+    return float(jnp.sum(jnp.exp(logp) * (logp - logq)))
+
+  base = kl(None)
+  assert gains[""] == pytest.approx(base, rel=1e-3)
+  for c in cands:
+    assert gains[c] == pytest.approx(base - kl(c), rel=1e-2, abs=1e-4 * base)
