@@ -44,6 +44,7 @@ from evaluation import baselines
 from evaluation.tables import cell
 from flexq_jax import formats, numerics, tuning
 from flexq_jax.cuda import bmma
+from flexq_jax.cuda import gemv as cuda_gemv
 from pallas_kernels import core
 from pallas_kernels import w6a_gemm_mgpu as mg
 from pallas_kernels import w6a_matmul as wk
@@ -639,7 +640,6 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   inside a block) and the CUDA GEMV with the quantizer inside (one kernel), each whole op against
   the contract, the CUDA GEMV alone on a quantized x, and the HBM floor (bytes at 6.125
   bits/weight over 4.3 TB/s)."""
-  from flexq_jax.cuda import gemv as cuda_gemv
   rows = []
   for name, n, k, m, x, cfg, key in _sweep_cases(shapes, tuple(v for v in ms if v <= cuda_gemv.MAX_M)):
     floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
