@@ -28,6 +28,8 @@
 
 #include <cstdint>
 
+#include "act_quant.cuh"
+
 namespace flexq {
 
 constexpr int kGemvTileRows = 16;                                    // "pallas6" rows of one tile
@@ -50,6 +52,52 @@ __device__ __forceinline__ uint32_t gemv_unpack(uint32_t lo, uint32_t hi, int p)
 
 __device__ __forceinline__ void gemv_store(float v, __nv_bfloat16* p) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void gemv_store(float v, float* p) { *p = v; }
+
+// The 16 u words (phase p, word j) of a lane's three 16-byte plane loads.
+__device__ __forceinline__ void gemv_unpack_planes(const uint4 (&planes)[3], uint32_t (&uw)[4][4]) {
+  const uint32_t lo01[4] = {planes[0].x, planes[0].y, planes[0].z, planes[0].w};
+  const uint32_t lo23[4] = {planes[1].x, planes[1].y, planes[1].z, planes[1].w};
+  const uint32_t hi[4] = {planes[2].x, planes[2].y, planes[2].z, planes[2].w};
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) uw[p][j] = gemv_unpack(p < 2 ? lo01[j] : lo23[j], hi[j], p);
+}
+
+// The exact group sum of u q_x for the lane's row: dp4a over its 16 words with the phase-major q_x
+// words at xg + 32p (xg = the group's q_x + 16h, global or shared memory), then the row's two lanes.
+__device__ __forceinline__ int gemv_group_dot(const uint32_t (&uw)[4][4], const int8_t* xg) {
+  int dot = 0;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const uint4 xv = *reinterpret_cast<const uint4*>(xg + 32 * p);
+    dot = __dp4a(static_cast<int>(uw[p][0]), static_cast<int>(xv.x), dot);
+    dot = __dp4a(static_cast<int>(uw[p][1]), static_cast<int>(xv.y), dot);
+    dot = __dp4a(static_cast<int>(uw[p][2]), static_cast<int>(xv.z), dot);
+    dot = __dp4a(static_cast<int>(uw[p][3]), static_cast<int>(xv.w), dot);
+  }
+  return dot + __shfl_xor_sync(0xffffffffu, dot, 1);
+}
+
+// The warps' accumulators of a block added in warp order (shared memory), rows < m written.
+template <int kM, typename OutT>
+__device__ __forceinline__ void gemv_reduce_store(const float (&acc)[kM], OutT* __restrict__ y, int m, int n, int tile) {
+  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if ((lane & 1) == 0) {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) red[warp][i][lane >> 1] = acc[i];
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
+    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
+    if (i >= m) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
+    gemv_store(s, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
+  }
+}
 
 template <int kM, typename OutT>
 __global__ void __launch_bounds__(32 * kGemvWarps)
@@ -82,28 +130,12 @@ gemv_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx,
     for (int u = 0; u < kGemvUnroll; ++u) {
       const int g = g0 + u * kGemvWarps;
       if (g >= groups) break;  // warp-uniform
-      const uint32_t lo01[4] = {planes[u][0].x, planes[u][0].y, planes[u][0].z, planes[u][0].w};
-      const uint32_t lo23[4] = {planes[u][1].x, planes[u][1].y, planes[u][1].z, planes[u][1].w};
-      const uint32_t hi[4] = {planes[u][2].x, planes[u][2].y, planes[u][2].z, planes[u][2].w};
       uint32_t uw[4][4];  // [phase][word]
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) uw[p][j] = gemv_unpack(p < 2 ? lo01[j] : lo23[j], hi[j], p);
+      gemv_unpack_planes(planes[u], uw);
       const float s_w = __half2float(sw[row_n * groups + g]);
 #pragma unroll
       for (int i = 0; i < kM; ++i) {
-        const int8_t* xg = qx + static_cast<long>(i) * kp + static_cast<long>(g) * kGemvGroup + 16 * h;
-        int dot = 0;
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xg + 32 * p));
-          dot = __dp4a(static_cast<int>(uw[p][0]), static_cast<int>(xv.x), dot);
-          dot = __dp4a(static_cast<int>(uw[p][1]), static_cast<int>(xv.y), dot);
-          dot = __dp4a(static_cast<int>(uw[p][2]), static_cast<int>(xv.z), dot);
-          dot = __dp4a(static_cast<int>(uw[p][3]), static_cast<int>(xv.w), dot);
-        }
-        dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the row's two halves: the exact group sum of u q_x
+        const int dot = gemv_group_dot(uw, qx + static_cast<long>(i) * kp + static_cast<long>(g) * kGemvGroup + 16 * h);
         const long mg = static_cast<long>(i) * groups + g;
         const int exact = dot - kGemvOffset * xsum[mg];
         acc[i] += static_cast<float>(exact) * (sx[mg] * s_w);
@@ -111,20 +143,7 @@ gemv_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx,
     }
   }
 
-  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
-  if (h == 0) {
-#pragma unroll
-    for (int i = 0; i < kM; ++i) red[warp][i][r] = acc[i];
-  }
-  __syncthreads();
-  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
-    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
-    if (i >= m) continue;
-    float s = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
-    gemv_store(s, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
-  }
+  gemv_reduce_store<kM>(acc, y, m, n, tile);
 }
 
 template <typename OutT>
@@ -189,19 +208,13 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
       }
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      const float s = __uint_as_float(__float_as_uint(amax * (1.0f / static_cast<float>(kQMax))) & 0xFFFFFE00u);
+      const float s = contract_scale<kQMax>(amax);
       const float sb = s > 0.f ? s : 1.f;
       const float inv = 1.0f / sb;
       int sum = 0;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float xv = v[e];
-        float q = floorf(xv * inv + 0.5f);
-        q = xv > (q + 0.5f) * sb ? q + 1.f : (xv < (q - 0.5f) * sb ? q - 1.f : q);
-        const bool odd = (static_cast<int>(q) & 1) != 0;
-        q = odd && xv == (q + 0.5f) * sb ? q + 1.f : (odd && xv == (q - 0.5f) * sb ? q - 1.f : q);
-        q = s > 0.f ? fminf(fmaxf(q, static_cast<float>(-kQMax - 1)), static_cast<float>(kQMax)) : 0.f;
-        const int qi = static_cast<int>(q);
+        const int qi = contract_round<kQMax>(v[e], s, sb, inv);
         sum += qi;
         xq[warp][i][32 * e + lane] = static_cast<int8_t>(qi);
       }
@@ -211,47 +224,19 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
       q_sum[i] = sum;
     }
     __syncwarp();
-    const uint32_t lo01[4] = {planes[0].x, planes[0].y, planes[0].z, planes[0].w};
-    const uint32_t lo23[4] = {planes[1].x, planes[1].y, planes[1].z, planes[1].w};
-    const uint32_t hi[4] = {planes[2].x, planes[2].y, planes[2].z, planes[2].w};
     uint32_t uw[4][4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) uw[p][j] = gemv_unpack(p < 2 ? lo01[j] : lo23[j], hi[j], p);
+    gemv_unpack_planes(planes, uw);
     const float s_w = __half2float(sw[row_n * groups + g]);
 #pragma unroll
     for (int i = 0; i < kM; ++i) {
-      int dot = 0;
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(&xq[warp][i][32 * p + 16 * h]);
-        dot = __dp4a(static_cast<int>(uw[p][0]), static_cast<int>(xv.x), dot);
-        dot = __dp4a(static_cast<int>(uw[p][1]), static_cast<int>(xv.y), dot);
-        dot = __dp4a(static_cast<int>(uw[p][2]), static_cast<int>(xv.z), dot);
-        dot = __dp4a(static_cast<int>(uw[p][3]), static_cast<int>(xv.w), dot);
-      }
-      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      const int dot = gemv_group_dot(uw, &xq[warp][i][16 * h]);
       const int exact = dot - kGemvOffset * q_sum[i];
       acc[i] += static_cast<float>(exact) * (s_x[i] * s_w);
     }
     __syncwarp();  // the group's q_x is read by every lane before the next group overwrites it
   }
 
-  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
-  if (h == 0) {
-#pragma unroll
-    for (int i = 0; i < kM; ++i) red[warp][i][r] = acc[i];
-  }
-  __syncthreads();
-  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
-    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
-    if (i >= m) continue;
-    float sacc = 0.f;
-#pragma unroll
-    for (int ww = 0; ww < kGemvWarps; ++ww) sacc += red[ww][i][rr];
-    gemv_store(sacc, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
-  }
+  gemv_reduce_store<kM>(acc, y, m, n, tile);
 }
 
 template <int kABits, typename InT, typename OutT>
