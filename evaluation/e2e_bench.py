@@ -73,9 +73,9 @@ MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llam
 A8_PROJECTIONS = ("down_proj",)  # FlexQ's released rule
 # Methods pinned to one backend (flexq_jax/backends.py); "flexq" takes placement's "auto" choice.
 METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.BMMA.name}
-# Methods that run "flexq" under tuning settings not (yet) in the card's table (tuning.EXTRA_ENV):
+# Methods that run "flexq" under tuning settings beyond the card's table (tuning.EXTRA_ENV):
 # "flexq-cuda-gemv" = the pallas backend with the CUDA decode GEMV (flexq_jax/cuda/gemv.py) up to M = 8,
-# its quantizer-inside variant up to M = 2.
+# its quantizer-inside variant up to M = 2 (the h200 table turns on only the latter, at M = 1).
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8}}
 
 

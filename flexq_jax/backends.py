@@ -111,6 +111,14 @@ class Dequant(Backend):
                                    group_size=layer.group_size, out_dtype=out_dtype or x.dtype)
 
 
+def _has_nvcc() -> bool:
+  try:
+    bmma.find_nvcc()
+  except RuntimeError:
+    return False
+  return True
+
+
 class Pallas(Backend):
 
   def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
@@ -125,9 +133,12 @@ class Pallas(Backend):
     # The CUDA decode GEMV (flexq_jax/cuda/gemv.py) reads the same "pallas6" weights; a card's
     # table turns it on (cuda_gemv_max_m) once a benchmark there shows it faster.
     # cuda_gemv_xq_max_m: its variant with the activation quantizer inside (one kernel a linear).
+    # It is compiled on first use, so without nvcc the Triton kernels run instead (say why).
     if w_bits == 6 and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32)):
       for kernel, key in (("cuda_gemv_xq", "cuda_gemv_xq_max_m"), ("cuda_gemv", "cuda_gemv_max_m")):
         if m <= table.get(key, 0):
+          if not _has_nvcc():
+            return "triton", f"M={m}: the {card} table picks the CUDA GEMV, but there is no nvcc to build it"
           return kernel, f"M={m} <= {table[key]} ({card} table): the CUDA GEMV" + (
               ", quantizer inside" if kernel == "cuda_gemv_xq" else "")
     cc = getattr(device, "compute_capability", "")

@@ -116,6 +116,7 @@ def test_pallas_picks_its_kernel_by_m(monkeypatch):
 def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
   from flexq_jax import tuning
   pallas = backends.get("pallas")
+  monkeypatch.setattr(backends, "_has_nvcc", lambda: True)
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 512, "cuda_gemv_max_m": 4})
   assert pallas.kernel_for(1, GPU) == ("cuda_gemv", "M=1 <= 4 (h200 table): the CUDA GEMV")
   assert pallas.kernel_for(4, GPU, dtype=jnp.bfloat16)[0] == "cuda_gemv"
@@ -126,12 +127,16 @@ def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8})
   assert pallas.kernel_for(2, GPU) == ("cuda_gemv_xq", "M=2 <= 2 (h200 table): the CUDA GEMV, quantizer inside")
   assert pallas.kernel_for(3, GPU)[0] == "cuda_gemv"
+  monkeypatch.setattr(backends, "_has_nvcc", lambda: False)  # compiled on first use: no nvcc, no CUDA GEMV
+  assert pallas.kernel_for(1, GPU) == ("triton", "M=1: the h200 table picks the CUDA GEMV, but there is no nvcc "
+                                                 "to build it")
 
 
 def test_tuning_extra_from_the_environment(monkeypatch):
   """$FLEXQ_TUNING_EXTRA merges settings over the committed table (a benchmark tries one)."""
   from flexq_jax import tuning
   pallas = backends.get("pallas")
+  monkeypatch.setattr(backends, "_has_nvcc", lambda: True)
   monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_xq_max_m": 2}')
   assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq"
   assert tuning.load_table("no-such-card") == {"entries": [], "cuda_gemv_xq_max_m": 2}
@@ -141,20 +146,21 @@ def test_tuning_extra_from_the_environment(monkeypatch):
   monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_max_m": -1}')
   with pytest.raises(ValueError, match="non-negative integers"):
     tuning.load_table("h200")
-  monkeypatch.delenv(tuning.EXTRA_ENV)
-  assert pallas.kernel_for(1, GPU)[0] == "triton"
+  monkeypatch.delenv(tuning.EXTRA_ENV)  # the committed h200 table: the GEMV with its quantizer at M = 1 only
+  assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(2, GPU)[0] == "triton"
 
 
 def test_e2e_method_with_the_cuda_gemv_sets_and_restores_the_tuning(monkeypatch):
   from evaluation import e2e_bench
   from flexq_jax import tuning
   pallas = backends.get("pallas")
+  monkeypatch.setattr(backends, "_has_nvcc", lambda: True)
   monkeypatch.delenv(tuning.EXTRA_ENV, raising=False)
   with e2e_bench.method_tuning("flexq-cuda-gemv"):
-    assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(8, GPU)[0] == "cuda_gemv"
-  assert tuning.EXTRA_ENV not in __import__("os").environ and pallas.kernel_for(1, GPU)[0] == "triton"
-  with e2e_bench.method_tuning("flexq"):  # no settings: nothing changes
-    assert pallas.kernel_for(1, GPU)[0] == "triton"
+    assert pallas.kernel_for(2, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(8, GPU)[0] == "cuda_gemv"
+  assert tuning.EXTRA_ENV not in __import__("os").environ and pallas.kernel_for(8, GPU)[0] == "triton"
+  with e2e_bench.method_tuning("flexq"):  # no settings: the committed table (the GEMV at M = 1 only)
+    assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(2, GPU)[0] == "triton"
 
 
 @pytest.mark.parametrize("backend", ["reference", "dequant"])
