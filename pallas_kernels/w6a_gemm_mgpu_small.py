@@ -50,15 +50,15 @@ TILE16 = 16  # rows of one "pallas6" tile
 class SmallConfig:
   """Tiling of the small-M kernel (hashable: a static argument)."""
 
-  tile_t: int = 64  # tokens per CTA tile: the WGMMA's N (a multiple of 16, at most 128)
+  tile_t: int = 64  # tokens per CTA tile: the WGMMA's N (16, 32, 64 or 128: the quantizer's row blocks)
   max_concurrent_steps: int = 4  # TMA ring depth (one 128-group a step)
   schedule: str = "serial"  # "serial": each consumer waits for its WGMMA and scales; "pingpong": the
   #                           two consumers take turns on the tensor cores (see w6a_gemm_mgpu)
   num_sms: int | None = None
 
   def __post_init__(self):
-    if self.tile_t % 16 or not 16 <= self.tile_t <= 128:
-      raise ValueError(f"tile_t={self.tile_t} must be a multiple of 16 in [16, 128]")
+    if self.tile_t not in (16, 32, 64, 128):
+      raise ValueError(f"tile_t={self.tile_t} must be 16, 32, 64 or 128")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
     if self.schedule not in ("serial", "pingpong"):
@@ -70,23 +70,31 @@ class SmallConfig:
 
 
 def default_config(m: int) -> SmallConfig:
-  """The token tile: M rounded up to 16, at most 128 (larger M loops over token tiles)."""
-  return SmallConfig(tile_t=min(128, -(-m // 16) * 16))
+  """The token tile: M rounded up to a power of two >= 16, at most 128 (larger M: several tiles)."""
+  return SmallConfig(tile_t=min(128, max(16, 1 << (m - 1).bit_length())))
 
 
 _L8 = plgpu.Layout.WGMMA_8BIT  # the int8 WGMMA's A fragment: 4 consecutive bytes of a row a register
 
 
-@plgpu.inline_mgpu(arg_types=(_L8, _L8, _L8),
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
                    return_type=plgpu.ShapeDtypeStruct((ROWS, GROUP), jnp.int8, layout=_L8))
-def _unpack(ctx, lo01, lo23, hi):
-  """Three uint8 [64, 32] planes -> int8 [64, 128] u = q + 32, columns phase-major (32 p + t).
+def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
+  """The three "pallas6" planes of 64 weight rows (smem uint8 [4, 1, 1, 16, 32] each, as TMA
+  wrote them) -> int8 [64, 128] u = q + 32 in registers, columns phase-major (32 p + t), in the
+  layout of the int8 WGMMA's A operand.
 
   On whole 32-bit registers (4 weights each; Mosaic GPU shifts no 8-bit vectors):
   u_p = ((lo >> 4 (p % 2)) & 0x0F0F0F0F) | (((hi >> 2 p) & 0x03030303) << 4), byte-local."""
   del ctx
   i32 = ir.IntegerType.get_signless(32)
   const = lambda v: arith.constant(i32, v)
+
+  def load(ref):  # the plane as [64, 32], 4 consecutive bytes of a row per register
+    ref = mgpu_utils.memref_reshape(ref, (ROWS, 32))
+    return mgpu.FragmentedArray.load_untiled(ref, layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False, optimized=False)
+
+  lo01, lo23, hi = load(lo01_ref), load(lo23_ref), load(hi_ref)
 
   def phase(p):
     def word(lo, h):
@@ -176,9 +184,8 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         epilogue(run(acc))
 
       def step(_, qx_smem, p0_smem, p1_smem, p2_smem, sx_smem, xs_smem, sw_smem, carry):
-        planes = [s.reshape(cta_rows, 32).at[rows] for s in (p0_smem, p1_smem, p2_smem)]
-        lo01, lo23, hi = (plgpu.load(s, (), layout=_L8) for s in planes)
-        a = _unpack(lo01, lo23, hi)  # [64, 128] int8 in registers
+        mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
+        a = _unpack(p0_smem.at[mine], p1_smem.at[mine], p2_smem.at[mine])  # [64, 128] int8 in registers
         sw = plgpu.load(sw_smem.at[0, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
         sx = plgpu.load(sx_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
         xs = plgpu.load(xs_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
