@@ -19,6 +19,9 @@ Methods (every linear layer of every block; embeddings, norms, attention and the
   flexq        W6A6 with A8 on every down_proj (FlexQ's released rule; the sensitivity analysis
                needs real weights), 6-bit weights on the backend flexq_jax.placement picks per layer ("auto").
   flexq-bmma   the same on the CUDA BMMA kernel (optional: --methods).
+  flexq-cuda-gemv, flexq-mgpu-small
+               flexq with kernels the card's tuning table does not (yet) turn on: the CUDA decode
+               GEMV up to M = 8; the small-M Mosaic GPU GEMM from M = 2 to 255 (METHOD_TUNING).
 
 Projections: q/k/v and gate/up fused into one GEMM each, for every method (`--unfused` keeps
 them separate), as models.llama.fuse_projections serves a real model.
@@ -66,7 +69,7 @@ from models import config as model_configs
 from models import llama
 from pallas_kernels import core
 
-METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv")
+METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -76,7 +79,9 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # Methods that run "flexq" under tuning settings beyond the card's table (tuning.EXTRA_ENV):
 # "flexq-cuda-gemv" = the pallas backend with the CUDA decode GEMV (flexq_jax/cuda/gemv.py) up to M = 8,
 # its quantizer-inside variant up to M = 2 (the h200 table turns on only the latter, at M = 1).
-METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8}}
+# "flexq-mgpu-small" = the small-M Mosaic GPU GEMM (pallas_kernels/w6a_gemm_mgpu_small.py) from M = 2 to 255.
+METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
+                 "flexq-mgpu-small": {"mosaic_small_max_m": 255}}
 
 
 @contextlib.contextmanager

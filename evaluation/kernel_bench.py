@@ -47,6 +47,7 @@ from flexq_jax.cuda import bmma
 from flexq_jax.cuda import gemv as cuda_gemv
 from pallas_kernels import core
 from pallas_kernels import w6a_gemm_mgpu as mg
+from pallas_kernels import w6a_gemm_mgpu_small as mgs
 from pallas_kernels import w6a_matmul as wk
 
 SHAPES = {  # name -> (N, K) of the LLaMA-2 linear layers (70B first: the targets are set there)
@@ -669,6 +670,36 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   return rows
 
 
+def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """Small M (decode batches), W6A6 and W6A8, side by side in one run: the small-M Mosaic GPU
+  kernel (pallas_kernels/w6a_gemm_mgpu_small.py, weights unpacked in registers; its two
+  schedules), the Triton kernel the pallas backend runs at these M today, XLA's bf16 dot (cuBLAS)
+  and the HBM floor (weights at 6.125 bits over 4.3 TB/s). Whole ops, quantizer included."""
+  rows = []
+  for name, n, k, m, x, _, key in _sweep_cases(shapes, ms):
+    floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+    t_bf16 = bench_xla(x, n, k, key)[0] * 1e6
+    for a_bits in (6, 8):
+      row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor, bf16_us=t_bf16)
+      for label, op in (("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
+                        ("small", lambda x, p, s: mgs.w6a_gemm_small(x, p, s, a_bits=a_bits)),
+                        ("small_pingpong", lambda x, p, s: mgs.w6a_gemm_small(
+                            x, p, s, a_bits=a_bits,
+                            config=dataclasses.replace(mgs.default_config(m), schedule="pingpong")))):
+        try:
+          t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
+          row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
+        except Exception as e:  # report and go on: the kernel's first GPU run
+          log(f"  {label} failed: {type(e).__name__}: {str(e)[:600]}")
+          row[f"{label}_us"] = row[f"{label}_err"] = float("nan")
+      rows.append(row)
+      log(f"mgpu-small {name:11s} M={m:4d} A{a_bits}: floor {floor:6.1f} | bf16 {t_bf16:7.1f} | triton "
+          f"{row['triton_us']:7.1f} (err {row['triton_err']:.1e}) | small {row['small_us']:7.1f} (err "
+          f"{row['small_err']:.1e}) | pingpong {row['small_pingpong_us']:7.1f} (err {row['small_pingpong_err']:.1e}) "
+          f"| small x bf16 {t_bf16 / row['small_us']:.2f}, x triton {row['triton_us'] / row['small_us']:.2f}")
+  return rows
+
+
 def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
   lines = [f"# Decode GEMV, Pallas vs CUDA (flexq_jax/cuda/gemv.py): {card}, {date}", "",
            "Median device microseconds per call, whole ops (activation quantizer included), W6, against the "
@@ -721,6 +752,8 @@ def main(argv=None) -> None:
   ap.add_argument("--gemv-cuda", action="store_true",
                   help="decode M <= 8: the Pallas GEMV path against the CUDA GEMV (flexq_jax/cuda/gemv.py) in one run; "
                        "writes <card>-<date>-gemv-cuda.{md,json} to --out-dir")
+  ap.add_argument("--mgpu-small", action="store_true",
+                  help="the small-M Mosaic GPU kernel against the Triton kernel and bf16 (writes <card>-<date>-mgpu-small.json)")
   ap.add_argument("--sweep-mgpu", action="store_true",
                   help="time the Mosaic GPU GEMM's tilings (and its parts) against cuBLAS / XLA / Triton")
   ap.add_argument("--probe-mgpu", action="store_true",
@@ -775,6 +808,14 @@ def main(argv=None) -> None:
                                                          jax=jax.__version__, rows=rows), indent=1))
     stem.with_suffix(".md").write_text(gemv_cuda_markdown(rows, card, date))
     print(stem.with_suffix(".md").read_text())
+    return
+  if args.mgpu_small:
+    card, date = tuning.card_name(), datetime.date.today().isoformat()
+    stem = Path(args.out_dir) / f"{card}-{date}-mgpu-small"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = compare_mgpu_small(shapes, ms, log)
+    stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=jax.devices()[0].device_kind, date=date,
+                                                         jax=jax.__version__, rows=rows), indent=1))
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flexq_jax import numerics, tuning
 from flexq_jax.cuda import bmma
 from flexq_jax.cuda import gemv as cuda_gemv
-from pallas_kernels import w6a_gemm_mgpu, w6a_matmul
+from pallas_kernels import w6a_gemm_mgpu, w6a_gemm_mgpu_small, w6a_matmul
 from pallas_kernels.core import GROUP, TILE_ROWS
 
 ANY_PLATFORM = ("cpu", "gpu", "tpu")
@@ -123,7 +123,7 @@ class Pallas(Backend):
 
   def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
                  dtype=None) -> tuple[str, str]:
-    """("mosaic", "cuda_gemv" or "triton", why) for M activation rows of a layer with `w_bits`-bit
+    """("mosaic", "mosaic_small", "cuda_gemv(_xq)" or "triton", why) for M activation rows of a layer with `w_bits`-bit
     weights and activations of `dtype` on `device` (default: the first device)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
@@ -144,6 +144,11 @@ class Pallas(Backend):
     cc = getattr(device, "compute_capability", "")
     if cc != "9.0":
       return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
+    # The small-M Mosaic kernel (weights unpacked in registers, tokens as the WGMMA's N) for decode
+    # batches and short prompts: up to the table's mosaic_small_max_m, 6-bit weights only.
+    small_max = table.get("mosaic_small_max_m", 0)
+    if w_bits == 6 and m <= small_max:
+      return "mosaic_small", f"M={m} <= {small_max} ({card} table): the small-M Mosaic GPU GEMM"
     min_m = table.get("mosaic_min_m")
     if min_m is None:
       return "triton", f"no mosaic_min_m in a {card} tuning table"
@@ -166,6 +171,8 @@ class Pallas(Backend):
     kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype)[0]  # M is static under jit
     if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
+    if kernel == "mosaic_small":
+      return w6a_gemm_mgpu_small.w6a_gemm_small(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                 fused_quant=kernel == "cuda_gemv_xq")

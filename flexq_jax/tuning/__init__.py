@@ -5,7 +5,9 @@
 optionally "mosaic_min_m": the M from which the pallas backend runs its Mosaic GPU GEMM instead of
 the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`; absent: never),
 and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA decode GEMV
-(without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never).
+(without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never), and
+"mosaic_small_max_m": the M up to which it runs the small-M Mosaic GPU GEMM on sm_90
+(pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never).
 $FLEXQ_TUNING_EXTRA, a JSON object, is merged over the table (benchmarks: a setting tried before
 it is committed, e.g. '{"cuda_gemv_xq_max_m": 2}').
 It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):

@@ -132,6 +132,20 @@ def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
                                                  "to build it")
 
 
+def test_small_m_mosaic_kernel_only_where_a_table_turns_it_on(monkeypatch):
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.setattr(backends, "_has_nvcc", lambda: True)
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 256,
+                                                          "cuda_gemv_xq_max_m": 1, "mosaic_small_max_m": 255})
+  assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq"  # the GEMV first where both are on
+  assert pallas.kernel_for(2, GPU) == ("mosaic_small", "M=2 <= 255 (h200 table): the small-M Mosaic GPU GEMM")
+  assert pallas.kernel_for(255, GPU)[0] == "mosaic_small" and pallas.kernel_for(256, GPU)[0] == "mosaic"
+  assert pallas.kernel_for(16, GPU, w_bits=8)[0] == "triton"  # it reads "pallas6" only
+  kernel, why = pallas.kernel_for(16, _Device("gpu", "8.0", "NVIDIA A100-SXM4-80GB"))
+  assert kernel == "triton" and "needs sm_90" in why
+
+
 def test_tuning_extra_from_the_environment(monkeypatch):
   """$FLEXQ_TUNING_EXTRA merges settings over the committed table (a benchmark tries one)."""
   from flexq_jax import tuning

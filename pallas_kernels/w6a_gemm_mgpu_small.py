@@ -1,0 +1,281 @@
+"""W6A6 / W6A8 GEMM for Hopper at small M (decode batches, short prompts), Pallas Mosaic GPU.
+
+    y = w6a_gemm_small(x, w_packed, w_scales, a_bits=6)   # x [M, K] -> [M, N], sm_90 only
+
+The large-M kernel (pallas_kernels/w6a_gemm_mgpu.py) puts tokens on the WGMMA's M side and reads
+weights unpacked to int8 by a separate pass: at M <= 256 that pass's bytes (0.75 read + 1 written
++ 1 read again a weight) and its 128-token tiles cost more than the GEMM. This kernel swaps the
+operands: out^T = W q_x^T, so
+
+  - A (WGMMA M = 64 weight rows a consumer warpgroup) is the weight tile, unpacked from the
+    "pallas6" planes *in registers* (one TMA load of the packed bytes, 0.75 byte a weight from
+    HBM, nothing written back) and fed to the int8 WGMMA from registers;
+  - B (WGMMA N = the token tile, 16-128 rows of q_x) comes from shared memory by TMA, K-major
+    as int8 WGMMA requires;
+  - the unpacked u = q + 32 (0..63, a valid int8) meet q_x, so each group's exact sum is the
+    WGMMA's int32 result minus 32 * sum(q_x) of the token (the quantizer's third output), as the
+    Triton kernels do; then float(sum) * s_w[n, g] * s_x[m, g] into an fp32 carry.
+
+The output tile is [weight rows, tokens]; the kernel writes out^T [Np, Mp] and the op transposes
+it (M * N * 4 bytes at these M: a few percent of the weights' bytes).
+
+Numerics: the contract of flexq_jax/DESIGN.md (flexq_jax.numerics.reference_matmul), exact group
+sums. This module imports only jax, numpy and pallas_kernels (the kernel rule of flexq_jax/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
+import jax.experimental.mosaic.gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import w6a_matmul
+from pallas_kernels.core import GROUP, PALLAS6_OFFSET
+
+ROWS = 64  # weight rows per consumer warpgroup: the WGMMA's M
+TILE16 = 16  # rows of one "pallas6" tile
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmallConfig:
+  """Tiling of the small-M kernel (hashable: a static argument)."""
+
+  tile_t: int = 64  # tokens per CTA tile: the WGMMA's N (16, 32, 64 or 128: the quantizer's row blocks)
+  max_concurrent_steps: int = 4  # TMA ring depth (one 128-group a step)
+  schedule: str = "serial"  # "serial": each consumer waits for its WGMMA and scales; "pingpong": the
+  #                           two consumers take turns on the tensor cores (see w6a_gemm_mgpu)
+  num_sms: int | None = None
+
+  def __post_init__(self):
+    if self.tile_t not in (16, 32, 64, 128):
+      raise ValueError(f"tile_t={self.tile_t} must be 16, 32, 64 or 128")
+    if self.max_concurrent_steps < 2:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
+    if self.schedule not in ("serial", "pingpong"):
+      raise ValueError(f"schedule={self.schedule!r} must be 'serial' or 'pingpong'")
+
+  @property
+  def cta_rows(self) -> int:
+    return 2 * ROWS  # two consumer warpgroups
+
+
+def default_config(m: int) -> SmallConfig:
+  """The token tile: M rounded up to a power of two >= 16, at most 128 (larger M: several tiles)."""
+  return SmallConfig(tile_t=min(128, max(16, 1 << (m - 1).bit_length())))
+
+
+_L8 = plgpu.Layout.WGMMA_8BIT  # the int8 WGMMA's A fragment: 4 consecutive bytes of a row a register
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
+                   return_type=plgpu.ShapeDtypeStruct((ROWS, GROUP), jnp.int8, layout=_L8))
+def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
+  """The three "pallas6" planes of 64 weight rows (smem uint8 [4, 1, 1, 16, 32] each, as TMA
+  wrote them) -> int8 [64, 128] u = q + 32 in registers, columns phase-major (32 p + t), in the
+  layout of the int8 WGMMA's A operand.
+
+  On whole 32-bit registers (4 weights each; Mosaic GPU shifts no 8-bit vectors):
+  u_p = ((lo >> 4 (p % 2)) & 0x0F0F0F0F) | (((hi >> 2 p) & 0x03030303) << 4), byte-local."""
+  del ctx
+  i32 = ir.IntegerType.get_signless(32)
+  const = lambda v: arith.constant(i32, v)
+
+  def load(ref):  # the plane as [64, 32], 4 consecutive bytes of a row per register
+    ref = mgpu_utils.memref_reshape(ref, (ROWS, 32))
+    return mgpu.FragmentedArray.load_untiled(ref, layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False, optimized=False)
+
+  lo01, lo23, hi = load(lo01_ref), load(lo23_ref), load(hi_ref)
+
+  def phase(p):
+    def word(lo, h):
+      lo, h = mgpu_utils.bitcast(lo, i32), mgpu_utils.bitcast(h, i32)
+      if p % 2:
+        lo = arith.shrui(lo, const(4))
+      lo = arith.andi(lo, const(0x0F0F0F0F))
+      if p:
+        h = arith.shrui(h, const(2 * p))
+      h = arith.shli(arith.andi(h, const(0x03030303)), const(4))
+      return arith.ori(lo, h)
+    src = lo01 if p < 2 else lo23
+    regs = np.empty_like(src.registers)
+    for idx, (lo, h) in enumerate(zip(src.registers.flat, hi.registers.flat)):
+      regs.flat[idx] = mgpu_utils.bitcast(word(lo, h), lo.type)
+    return mgpu.FragmentedArray(_registers=regs, _layout=src.layout, _is_signed=True)
+
+  return mgpu.fragmented_array.concatenate([phase(p) for p in range(4)], axis=1)
+
+
+def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
+            w_gmem,  # "pallas6" [N/16, G, 3, 16, 32] uint8
+            sx_gmem,  # [G, Mp] f32
+            xs_gmem,  # [G, Mp] int32: sum(q_x) per token and group
+            sw_gmem,  # [G, Np] f32
+            out_gmem,  # [Np, Mp]: out^T
+            out_smem,  # [2, 64, tile_t]: one epilogue buffer per consumer
+            *, cfg: SmallConfig):
+  mp, kp = qx_gmem.shape
+  np_ = sw_gmem.shape[1]
+  tile_t, cta_rows = cfg.tile_t, cfg.cta_rows
+  tiles16 = cta_rows // TILE16
+  t_iters, n_iters, k_iters = mp // tile_t, np_ // cta_rows, kp // GROUP
+  swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
+  qx_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+
+  def plane_spec(j):  # one of the three planes of the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] = [128, 32]
+    return plgpu.BlockSpec((tiles16, 1, 1, TILE16, 32), lambda k, j=j: (0, k, j, 0, 0))
+
+  def pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_iters,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((tile_t, GROUP), lambda k: (0, k), transforms=qx_transforms),
+            plane_spec(0), plane_spec(1), plane_spec(2),
+            plgpu.BlockSpec((1, tile_t), lambda k: (k, 0)),
+            plgpu.BlockSpec((1, tile_t), lambda k: (k, 0)),
+            plgpu.BlockSpec((1, cta_rows), lambda k: (k, 0)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+  allocs = pipeline(ignore, ignore).get_allocations(qx_gmem, w_gmem, w_gmem, w_gmem, sx_gmem, xs_gmem, sw_gmem)
+
+  @functools.partial(pl.run_scoped, allocs=allocs,
+                     turns=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.schedule == "pingpong" else None,
+                     collective_axes="wg")
+  def _scope(allocs, turns):
+    wg = lax.axis_index("wg")
+    if cfg.schedule == "pingpong":
+      @pl.when(wg == 1)
+      def _first_turn():
+        plgpu.barrier_arrive(turns.at[0])
+
+    @plgpu.nd_loop((n_iters * t_iters,), collective_axes="sm")
+    def _tiles(info: plgpu.NDLoopInfo):
+      (lin,) = info.index
+      n_idx, t_idx = lin // t_iters, lin % t_iters  # token tiles minor: a weight tile's reads share L2
+      t_slice = pl.ds(t_idx * tile_t, tile_t)
+      rows = pl.ds(wg * ROWS, ROWS)
+
+      def epilogue(acc):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[wg] = acc.astype(out_gmem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                out_gmem.at[pl.ds(n_idx * cta_rows + wg * ROWS, ROWS), t_slice])
+
+      def compute_context(run):
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
+        epilogue(run(acc))
+
+      def step(_, qx_smem, p0_smem, p1_smem, p2_smem, sx_smem, xs_smem, sw_smem, carry):
+        mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
+        a = _unpack(p0_smem.at[mine], p1_smem.at[mine], p2_smem.at[mine])  # [64, 128] int8 in registers
+        sw = plgpu.load(sw_smem.at[0, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
+        sx = plgpu.load(sx_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
+        xs = plgpu.load(xs_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
+
+        def group_sum(acc_ref):
+          if cfg.schedule == "pingpong":
+            plgpu.barrier_wait(turns.at[wg])
+          plgpu.wgmma(acc_ref, a, qx_smem.T)
+          part = plgpu.wgmma_accumulator_load(acc_ref)
+          if cfg.schedule == "pingpong":
+            plgpu.barrier_arrive(turns.at[1 - wg])
+          return part
+
+        wg_layout = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pinned: Mosaic's layout search gives up otherwise
+        part = wg_layout(pl.run_scoped(group_sum, plgpu.ACC((ROWS, tile_t), jnp.int32)))
+        exact = wg_layout(part - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
+        scale = wg_layout(lax.broadcast_in_dim(sw, (ROWS, tile_t), (0,))) * wg_layout(
+            lax.broadcast_in_dim(sx, (ROWS, tile_t), (1,)))
+        return wg_layout(carry + wg_layout(exact.astype(jnp.float32)) * wg_layout(scale))
+
+      pipeline(step, compute_context)(
+          qx_gmem.at[t_slice], *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16)]] * 3,
+          sx_gmem.at[:, t_slice], xs_gmem.at[:, t_slice], sw_gmem.at[:, pl.ds(n_idx * cta_rows, cta_rows)],
+          allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def num_sms() -> int:
+  device = jax.devices()[0]
+  return getattr(device, "core_count", None) or 132
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
+def gemm_t(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, sw_t: jax.Array, *, out_dtype,
+           config: SmallConfig) -> jax.Array:
+  """out^T [Np, Mp] on prepared operands: q_x int8 [Mp, Kp] phase-major, s_x and sum(q_x) [G, Mp],
+  "pallas6" weights [Np/16, G, 3, 16, 32], s_w fp32 [G, Np] (Np a multiple of 128, Mp of tile_t)."""
+  mp, kp = qx.shape
+  groups = kp // GROUP
+  np_ = sw_t.shape[1]
+  if qx.dtype != jnp.int8 or kp % GROUP or mp % config.tile_t:
+    raise ValueError(f"qx must be int8 [Mp, Kp] with Mp a multiple of {config.tile_t} and Kp of {GROUP}; "
+                     f"got {qx.dtype} {qx.shape}")
+  if w_packed.dtype != jnp.uint8 or w_packed.shape != (np_ // TILE16, groups, 3, TILE16, 32) or np_ % (2 * ROWS):
+    raise ValueError(f"w_packed must be 'pallas6' uint8 [Np/16, {groups}, 3, 16, 32] with Np = {np_} a multiple "
+                     f"of {2 * ROWS}; got {w_packed.dtype} {w_packed.shape}")
+  if sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp) or sw_t.shape != (groups, np_):
+    raise ValueError(f"sx_t {sx_t.shape}, xs_t {xs_t.shape} must be [G, Mp] = {(groups, mp)} and sw_t "
+                     f"{sw_t.shape} [G, Np]")
+  out_swizzle = plgpu.find_swizzle(config.tile_t * jnp.dtype(out_dtype).itemsize * 8)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+                    plgpu.SwizzleTransform(out_swizzle))
+  tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t)
+  return plgpu.kernel(
+      functools.partial(_kernel, cfg=config),
+      out_type=jax.ShapeDtypeStruct((np_, mp), out_dtype),
+      scratch_types=dict(out_smem=plgpu.SMEM((2, ROWS, config.tile_t), out_dtype, transforms=out_transforms)),
+      grid=(min(config.num_sms or num_sms(), tiles),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )(qx, w_packed, sx_t, xs_t, sw_t)
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "config"))
+def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
+                   config: SmallConfig | None = None) -> jax.Array:
+  """Quantized linear y = x W^T by the numerics contract at small M on Hopper (sm_90).
+
+  Args:
+    x: [M, K] float activations; any M (token tiles of config.tile_t), any K.
+    w_packed: "pallas6" uint8 [N/16, Kp/128, 3, 16, 32] (6-bit weights only).
+    w_scales: fp16 [N, Kp / 128].
+    a_bits: 6 or 8.
+    config: tiling; default_config(M) when None.
+
+  Returns:
+    [M, N] in x.dtype.
+  """
+  m, k, n = w6a_matmul.check_operands(x, w_packed, w_scales, a_bits)
+  if w6a_matmul.weight_bits(w_packed) != 6:
+    raise ValueError("w6a_gemm_small takes 'pallas6' weights only (W8A8 runs the large-M Mosaic kernel)")
+  cfg = config or default_config(m)
+  qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
+  qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
+  np_ = -(-n // (2 * ROWS)) * 2 * ROWS
+  extra = np_ // TILE16 - w_packed.shape[0]  # zero row tiles up to whole CTA tiles (none at LLaMA widths)
+  w = jnp.pad(w_packed, ((0, extra), (0, 0), (0, 0), (0, 0), (0, 0))) if extra else w_packed
+  sw_t = jnp.pad(w_scales.astype(jnp.float32), ((0, np_ - n), (0, 0))).T
+  out_t = gemm_t(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
+  return out_t[:n, :m].T

@@ -1,0 +1,89 @@
+"""The small-M Mosaic GPU GEMM (pallas_kernels/w6a_gemm_mgpu_small.py): weights unpacked in registers.
+
+CPU: the tiling rules and the whole op lowered for CUDA against an abstract H200 (every trace- and
+lowering-time check of Mosaic GPU: layouts, the register-A WGMMA, the pipeline). GPU (marker
+`gpu`, sm_90): the kernel against the jnp reference at decode-batch sizes, ragged N and K, A6/A8.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.mesh import AbstractDevice
+
+from flexq_jax import formats, numerics
+from pallas_kernels import w6a_gemm_mgpu_small as ms
+from tests.helpers import fresh_rng as _rng
+from tests.helpers import has_gpu
+
+S = jax.ShapeDtypeStruct
+
+
+def test_config_rules():
+  assert [ms.default_config(m).tile_t for m in (1, 16, 17, 33, 64, 100, 128, 129, 4096)] == \
+      [16, 16, 32, 64, 64, 128, 128, 128, 128]
+  for bad in (8, 48, 256):
+    with pytest.raises(ValueError, match="tile_t"):
+      ms.SmallConfig(tile_t=bad)
+  with pytest.raises(ValueError, match="schedule"):
+    ms.SmallConfig(schedule="overlap")
+  with pytest.raises(ValueError, match="'pallas6' weights only"):
+    ms.w6a_gemm_small(jnp.zeros((4, 128)), jnp.zeros((1, 1, 16, 128), jnp.int8), jnp.zeros((16, 1), jnp.float16),
+                      a_bits=6)
+  with pytest.raises(ValueError, match="Mp a multiple of 16"):
+    ms.gemm_t(jnp.zeros((8, 128), jnp.int8), jnp.zeros((1, 8)), jnp.zeros((1, 8), jnp.int32),
+              jnp.zeros((8, 1, 3, 16, 32), jnp.uint8), jnp.zeros((1, 128)), out_dtype=jnp.bfloat16,
+              config=ms.SmallConfig(tile_t=16))
+
+
+_H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+    device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
+
+
+@pytest.mark.parametrize("m,schedule", [(1, "serial"), (17, "pingpong"), (100, "serial"), (300, "pingpong")])
+def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule):
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule)
+  with jax.sharding.use_abstract_mesh(_H200):
+    lowered = jax.jit(lambda x, w, s: ms.w6a_gemm_small(x, w, s, a_bits=6, config=cfg)).trace(
+        S((m, 600), jnp.bfloat16), S((13, 5, 3, 16, 32), jnp.uint8), S((208, 5), jnp.float16)).lower(
+            lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def _hopper() -> bool:
+  return has_gpu() and jax.devices()[0].compute_capability == "9.0"
+
+
+def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial"):
+  rng = _rng()
+  w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+  q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
+  packed = formats.pack(q, 6, "pallas6", k)
+  x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule)
+  out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
+  ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
+  assert out.shape == (m, n) and out.dtype == dtype
+  out = np.asarray(out, np.float32)
+  assert np.isfinite(out).all()
+  rtol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+  np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 100, 128, 300])
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (208, 600)])  # LLaMA-sized, and ragged N and K
+def test_gpu_against_reference(m, a_bits, n, k):
+  _check(m, n, k, a_bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [16, 100])
+def test_gpu_pingpong_and_fp32(m):
+  _check(m, 256, 640, 6, schedule="pingpong")
+  _check(m, 208, 384, 8, dtype=jnp.float32)
