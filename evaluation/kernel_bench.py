@@ -673,7 +673,7 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
 def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   """Small M (decode batches), W6A6 and W6A8, side by side in one run: the small-M Mosaic GPU
   kernel (pallas_kernels/w6a_gemm_mgpu_small.py, weights unpacked in registers; its two
-  schedules), the Triton kernel the pallas backend runs at these M today, XLA's bf16 dot (cuBLAS)
+  schedules and two epilogues), the Triton kernel the pallas backend runs at these M today, XLA's bf16 dot (cuBLAS)
   and the HBM floor (weights at 6.125 bits over 4.3 TB/s). Whole ops, quantizer included."""
   rows = []
   for name, n, k, m, x, _, key in _sweep_cases(shapes, ms):
@@ -685,7 +685,10 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
                         ("small", lambda x, p, s: mgs.w6a_gemm_small(x, p, s, a_bits=a_bits)),
                         ("small_pingpong", lambda x, p, s: mgs.w6a_gemm_small(
                             x, p, s, a_bits=a_bits,
-                            config=dataclasses.replace(mgs.default_config(m), schedule="pingpong")))):
+                            config=dataclasses.replace(mgs.default_config(m), schedule="pingpong"))),
+                        ("small_out_t", lambda x, p, s: mgs.w6a_gemm_small(
+                            x, p, s, a_bits=a_bits,
+                            config=dataclasses.replace(mgs.default_config(m), epilogue="out_t")))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -696,6 +699,7 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
       log(f"mgpu-small {name:11s} M={m:4d} A{a_bits}: floor {floor:6.1f} | bf16 {t_bf16:7.1f} | triton "
           f"{row['triton_us']:7.1f} (err {row['triton_err']:.1e}) | small {row['small_us']:7.1f} (err "
           f"{row['small_err']:.1e}) | pingpong {row['small_pingpong_us']:7.1f} (err {row['small_pingpong_err']:.1e}) "
+          f"| out_t {row['small_out_t_us']:7.1f} (err {row['small_out_t_err']:.1e}) "
           f"| small x bf16 {t_bf16 / row['small_us']:.2f}, x triton {row['triton_us'] / row['small_us']:.2f}")
   return rows
 

@@ -16,8 +16,9 @@ operands: out^T = W q_x^T, so
     WGMMA's int32 result minus 32 * sum(q_x) of the token (the quantizer's third output), as the
     Triton kernels do; then float(sum) * s_w[n, g] * s_x[m, g] into an fp32 carry.
 
-The output tile is [weight rows, tokens]; the kernel writes out^T [Np, Mp] and the op transposes
-it (M * N * 4 bytes at these M: a few percent of the weights' bytes).
+The output tile is [weight rows, tokens]: the epilogue stores it through a transposed view of a
+[tokens, 64] shared-memory buffer and TMA writes y [M, N] ("smem_transpose"), or (epilogue "out_t")
+writes y^T and the op transposes it in XLA (M * N * 4 bytes more traffic).
 
 Numerics: the contract of flexq_jax/DESIGN.md (flexq_jax.numerics.reference_matmul), exact group
 sums. This module imports only jax, numpy and pallas_kernels (the kernel rule of flexq_jax/DESIGN.md).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -54,9 +56,14 @@ class SmallConfig:
   max_concurrent_steps: int = 4  # TMA ring depth (one 128-group a step)
   schedule: str = "serial"  # "serial": each consumer waits for its WGMMA and scales; "pingpong": the
   #                           two consumers take turns on the tensor cores (see w6a_gemm_mgpu)
+  epilogue: str = "smem_transpose"  # "smem_transpose": each [64, tile_t] tile stored through a transposed view
+  #                                   of a [tile_t, 64] buffer, TMA to y [M, N]; "out_t": y^T [N, M] written,
+  #                                   the op transposes it (XLA; M * N * 4 bytes more traffic)
   num_sms: int | None = None
 
   def __post_init__(self):
+    if self.epilogue not in ("smem_transpose", "out_t"):
+      raise ValueError(f"epilogue={self.epilogue!r} must be 'smem_transpose' or 'out_t'")
     if self.tile_t not in (16, 32, 64, 128):
       raise ValueError(f"tile_t={self.tile_t} must be 16, 32, 64 or 128")
     if self.max_concurrent_steps < 2:
@@ -75,6 +82,31 @@ def default_config(m: int) -> SmallConfig:
 
 
 _L8 = plgpu.Layout.WGMMA_8BIT  # the int8 WGMMA's A fragment: 4 consecutive bytes of a row a register
+
+
+@dataclasses.dataclass(frozen=True)
+class _WordOps:
+  shr: Callable
+  shl: Callable
+  band: Callable
+  bor: Callable
+
+
+def phase_word(lo, hi, p: int, ops: _WordOps):
+  """Four weights of phase p (one 32-bit word: bytes t..t+3 of a row's lo and hi planes) -> their
+  u = q + 32 bytes: ((lo >> 4 (p % 2)) & 0x0F0F0F0F) | (((hi >> 2 p) & 0x03030303) << 4). Every
+  mask keeps each byte's bits inside it, so the word-wide shifts are byte-local. The kernel runs
+  it on MLIR values (inside _unpack), the tests on numpy words (NUMPY_OPS)."""
+  if p % 2:
+    lo = ops.shr(lo, 4)
+  lo = ops.band(lo, 0x0F0F0F0F)
+  if p:
+    hi = ops.shr(hi, 2 * p)
+  return ops.bor(lo, ops.shl(ops.band(hi, 0x03030303), 4))
+
+
+NUMPY_OPS = _WordOps(shr=lambda a, n: a >> np.uint32(n), shl=lambda a, n: a << np.uint32(n),
+                     band=lambda a, m: a & np.uint32(m), bor=lambda a, b: a | b)
 
 
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
@@ -96,16 +128,12 @@ def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
 
   lo01, lo23, hi = load(lo01_ref), load(lo23_ref), load(hi_ref)
 
+  ops = _WordOps(shr=lambda a, n: arith.shrui(a, const(n)), shl=lambda a, n: arith.shli(a, const(n)),
+                 band=lambda a, m: arith.andi(a, const(m)), bor=arith.ori)
+
   def phase(p):
     def word(lo, h):
-      lo, h = mgpu_utils.bitcast(lo, i32), mgpu_utils.bitcast(h, i32)
-      if p % 2:
-        lo = arith.shrui(lo, const(4))
-      lo = arith.andi(lo, const(0x0F0F0F0F))
-      if p:
-        h = arith.shrui(h, const(2 * p))
-      h = arith.shli(arith.andi(h, const(0x03030303)), const(4))
-      return arith.ori(lo, h)
+      return phase_word(mgpu_utils.bitcast(lo, i32), mgpu_utils.bitcast(h, i32), p, ops)
     src = lo01 if p < 2 else lo23
     regs = np.empty_like(src.registers)
     for idx, (lo, h) in enumerate(zip(src.registers.flat, hi.registers.flat)):
@@ -120,8 +148,8 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
             sx_gmem,  # [G, Mp] f32
             xs_gmem,  # [G, Mp] int32: sum(q_x) per token and group
             sw_gmem,  # [G, Np] f32
-            out_gmem,  # [Np, Mp]: out^T
-            out_smem,  # [2, 64, tile_t]: one epilogue buffer per consumer
+            out_gmem,  # [Mp, Np] (epilogue "out_t": [Np, Mp])
+            out_smem,  # [2, tile_t, 64] ("out_t": [2, 64, tile_t]): one epilogue buffer per consumer
             *, cfg: SmallConfig):
   mp, kp = qx_gmem.shape
   np_ = sw_gmem.shape[1]
@@ -174,10 +202,15 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
 
       def epilogue(acc):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        out_smem[wg] = acc.astype(out_gmem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                out_gmem.at[pl.ds(n_idx * cta_rows + wg * ROWS, ROWS), t_slice])
+        my_rows = pl.ds(n_idx * cta_rows + wg * ROWS, ROWS)
+        if cfg.epilogue == "out_t":
+          out_smem[wg] = acc.astype(out_gmem.dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[my_rows, t_slice])
+        else:
+          out_smem.at[wg].T[...] = acc.astype(out_gmem.dtype)  # [64, tile_t] into the [tile_t, 64] buffer
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[t_slice, my_rows])
 
       def compute_context(run):
         acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
@@ -220,10 +253,11 @@ def num_sms() -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
-def gemm_t(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, sw_t: jax.Array, *, out_dtype,
+def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, sw_t: jax.Array, *, out_dtype,
            config: SmallConfig) -> jax.Array:
-  """out^T [Np, Mp] on prepared operands: q_x int8 [Mp, Kp] phase-major, s_x and sum(q_x) [G, Mp],
-  "pallas6" weights [Np/16, G, 3, 16, 32], s_w fp32 [G, Np] (Np a multiple of 128, Mp of tile_t)."""
+  """y [Mp, Np] (epilogue "out_t": y^T [Np, Mp]) on prepared operands: q_x int8 [Mp, Kp] phase-major,
+  s_x and sum(q_x) [G, Mp], "pallas6" weights [Np/16, G, 3, 16, 32], s_w fp32 [G, Np] (Np a
+  multiple of 128, Mp of tile_t)."""
   mp, kp = qx.shape
   groups = kp // GROUP
   np_ = sw_t.shape[1]
@@ -236,14 +270,16 @@ def gemm_t(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array,
   if sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp) or sw_t.shape != (groups, np_):
     raise ValueError(f"sx_t {sx_t.shape}, xs_t {xs_t.shape} must be [G, Mp] = {(groups, mp)} and sw_t "
                      f"{sw_t.shape} [G, Np]")
-  out_swizzle = plgpu.find_swizzle(config.tile_t * jnp.dtype(out_dtype).itemsize * 8)
+  out_t = config.epilogue == "out_t"
+  tile = (ROWS, config.tile_t) if out_t else (config.tile_t, ROWS)
+  out_swizzle = plgpu.find_swizzle(tile[1] * jnp.dtype(out_dtype).itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
   tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t)
   return plgpu.kernel(
       functools.partial(_kernel, cfg=config),
-      out_type=jax.ShapeDtypeStruct((np_, mp), out_dtype),
-      scratch_types=dict(out_smem=plgpu.SMEM((2, ROWS, config.tile_t), out_dtype, transforms=out_transforms)),
+      out_type=jax.ShapeDtypeStruct((np_, mp) if out_t else (mp, np_), out_dtype),
+      scratch_types=dict(out_smem=plgpu.SMEM((2, *tile), out_dtype, transforms=out_transforms)),
       grid=(min(config.num_sms or num_sms(), tiles),),
       grid_names=("sm",),
       num_threads=3,
@@ -277,5 +313,5 @@ def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_
   extra = np_ // TILE16 - w_packed.shape[0]  # zero row tiles up to whole CTA tiles (none at LLaMA widths)
   w = jnp.pad(w_packed, ((0, extra), (0, 0), (0, 0), (0, 0), (0, 0))) if extra else w_packed
   sw_t = jnp.pad(w_scales.astype(jnp.float32), ((0, np_ - n), (0, 0))).T
-  out_t = gemm_t(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
-  return out_t[:n, :m].T
+  out = gemm(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
+  return out[:n, :m].T if cfg.epilogue == "out_t" else out[:m, :n]

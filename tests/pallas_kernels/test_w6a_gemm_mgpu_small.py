@@ -29,22 +29,43 @@ def test_config_rules():
       ms.SmallConfig(tile_t=bad)
   with pytest.raises(ValueError, match="schedule"):
     ms.SmallConfig(schedule="overlap")
+  with pytest.raises(ValueError, match="epilogue"):
+    ms.SmallConfig(epilogue="registers")
   with pytest.raises(ValueError, match="'pallas6' weights only"):
     ms.w6a_gemm_small(jnp.zeros((4, 128)), jnp.zeros((1, 1, 16, 128), jnp.int8), jnp.zeros((16, 1), jnp.float16),
                       a_bits=6)
   with pytest.raises(ValueError, match="Mp a multiple of 16"):
-    ms.gemm_t(jnp.zeros((8, 128), jnp.int8), jnp.zeros((1, 8)), jnp.zeros((1, 8), jnp.int32),
+    ms.gemm(jnp.zeros((8, 128), jnp.int8), jnp.zeros((1, 8)), jnp.zeros((1, 8), jnp.int32),
               jnp.zeros((8, 1, 3, 16, 32), jnp.uint8), jnp.zeros((1, 128)), out_dtype=jnp.bfloat16,
               config=ms.SmallConfig(tile_t=16))
+
+
+def test_the_word_unpack_gives_the_phase_major_weights():
+  """The kernel's unpack arithmetic (phase_word, run on numpy words: the planes' bytes 4 at a time,
+  little-endian as in a register) against flexq_jax.formats: every weight of random tiles, the
+  extremes included, equals q + 32 at its phase-major column."""
+  rng = _rng()
+  q = rng.integers(-32, 32, (32, 256)).astype(np.int8)
+  q[0, :2], q[1, :2] = -32, 31
+  packed = np.asarray(formats.pack(jnp.asarray(q), 6, "pallas6", 256))  # [2, 2, 3, 16, 32]
+  for tile in range(2):
+    for g in range(2):
+      words = packed[tile, g].view(np.uint32)  # [3, 16, 8]: plane, row, word
+      u = np.concatenate([ms.phase_word(words[p // 2], words[2], p, ms.NUMPY_OPS).view(np.uint8)
+                          for p in range(4)], axis=1)  # [16, 128], columns 32 p + t
+      want = q[16 * tile:16 * tile + 16, 128 * g:128 * g + 128].astype(np.int32) + 32
+      want = want.reshape(16, 32, 4).transpose(0, 2, 1).reshape(16, 128)  # k = 4 t + p at column 32 p + t
+      np.testing.assert_array_equal(u, want)
 
 
 _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("m,schedule", [(1, "serial"), (17, "pingpong"), (100, "serial"), (300, "pingpong")])
-def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule):
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule)
+@pytest.mark.parametrize("m,schedule,epilogue", [(1, "serial", "smem_transpose"), (17, "pingpong", "out_t"),
+                                                  (100, "serial", "out_t"), (300, "pingpong", "smem_transpose")])
+def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue):
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue)
   with jax.sharding.use_abstract_mesh(_H200):
     lowered = jax.jit(lambda x, w, s: ms.w6a_gemm_small(x, w, s, a_bits=6, config=cfg)).trace(
         S((m, 600), jnp.bfloat16), S((13, 5, 3, 16, 32), jnp.uint8), S((208, 5), jnp.float16)).lower(
@@ -56,13 +77,13 @@ def _hopper() -> bool:
   return has_gpu() and jax.devices()[0].compute_capability == "9.0"
 
 
-def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial"):
+def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose"):
   rng = _rng()
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
   q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
   packed = formats.pack(q, 6, "pallas6", k)
   x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule)
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue)
   out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
   ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
   assert out.shape == (m, n) and out.dtype == dtype
@@ -84,6 +105,7 @@ def test_gpu_against_reference(m, a_bits, n, k):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("m", [16, 100])
-def test_gpu_pingpong_and_fp32(m):
+def test_gpu_pingpong_out_t_and_fp32(m):
   _check(m, 256, 640, 6, schedule="pingpong")
+  _check(m, 384, 640, 8, epilogue="out_t")
   _check(m, 208, 384, 8, dtype=jnp.float32)
