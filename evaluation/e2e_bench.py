@@ -19,9 +19,10 @@ Methods (every linear layer of every block; embeddings, norms, attention and the
   flexq        W6A6 with A8 on every down_proj (FlexQ's released rule; the sensitivity analysis
                needs real weights), 6-bit weights on the backend flexq_jax.placement picks per layer ("auto").
   flexq-bmma   the same on the CUDA BMMA kernel (optional: --methods).
-  flexq-cuda-gemv, flexq-mgpu-small
+  flexq-cuda-gemv, flexq-mgpu-small, flexq-fused-norm
                flexq with kernels the card's tuning table does not (yet) turn on: the CUDA decode
-               GEMV up to M = 8; the small-M Mosaic GPU GEMM from M = 2 to 255 (METHOD_TUNING).
+               GEMV up to M = 8; the small-M Mosaic GPU GEMM from M = 2 to 255; the RMSNorms fused
+               with the activation quantization of the GEMMs that read them (METHOD_TUNING).
 
 Projections: q/k/v and gate/up fused into one GEMM each, for every method (`--unfused` keeps
 them separate), as models.llama.fuse_projections serves a real model.
@@ -69,7 +70,8 @@ from models import config as model_configs
 from models import llama
 from pallas_kernels import core
 
-METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small")
+METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
+           "flexq-fused-norm")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -80,8 +82,11 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-cuda-gemv" = the pallas backend with the CUDA decode GEMV (flexq_jax/cuda/gemv.py) up to M = 8,
 # its quantizer-inside variant up to M = 2 (the h200 table turns on only the latter, at M = 1).
 # "flexq-mgpu-small" = the small-M Mosaic GPU GEMM (pallas_kernels/w6a_gemm_mgpu_small.py) from M = 2 to 255.
+# "flexq-fused-norm" = the RMSNorms fused with the q/k/v and gate/up activation quantization where the Triton
+# GEMMs run (w6a_matmul.norm_quantize; backends.fused_norm_input).
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
-                 "flexq-mgpu-small": {"mosaic_small_max_m": 255}}
+                 "flexq-mgpu-small": {"mosaic_small_max_m": 255},
+                 "flexq-fused-norm": {"fuse_norm_quant": True}}
 
 
 @contextlib.contextmanager

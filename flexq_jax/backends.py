@@ -27,10 +27,12 @@ A new kernel is one more Backend subclass here, placed in REGISTRY by preference
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import flax
 import jax.numpy as jnp
 
 from flexq_jax import numerics, tuning
@@ -217,6 +219,72 @@ def get(name: str) -> Backend:
     if b.name == name:
       return b
   raise ValueError(f"unknown backend {name!r}; known: {', '.join(names())}")
+
+
+@flax.struct.dataclass
+class QuantizedActivation:
+  """Activations x [..., K] as the numerics contract quantizes them (q_x, s_x, sum(q_x) in the
+  layout of the kernel that will read them), made by the op that produced x
+  (fused_norm_input). `qx @ layer` runs that layer's GEMM on them; only the layer they
+  were made for (its backend, a_bits and tiling) can take them."""
+
+  qx: jax.Array  # int8 [Mp, Kp]
+  sx: jax.Array  # f32 [Mp, G]
+  xsum: jax.Array  # int32 [Mp, G]
+  lead: tuple[int, ...] = flax.struct.field(pytree_node=False)  # x.shape[:-1]
+  in_features: int = flax.struct.field(pytree_node=False)  # K
+  a_bits: int = flax.struct.field(pytree_node=False)
+  dtype: jnp.dtype = flax.struct.field(pytree_node=False)  # the dtype x would have had (the output's)
+  config: object = flax.struct.field(pytree_node=False)  # the kernel tiling they are laid out for
+
+  def __matmul__(self, layer: Any) -> jax.Array:
+    return prequantized_matmul(self, layer)
+
+
+def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
+  """rms_norm(h, weight, eps) quantized for `layer` by one fused kernel
+  (pallas_kernels.w6a_matmul.norm_quantize), as a QuantizedActivation; None where the
+  fusion does not apply: a backend other than pallas, weight-only layers, an M at which the pallas
+  backend runs another kernel than the Triton GEMMs, or a card whose tuning table does not set
+  "fuse_norm_quant" (no table does until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries it)."""
+  if layer.backend != PALLAS.name or layer.a_bits == 16 or h.shape[-1] != layer.in_features:
+    return None
+  if not PALLAS.can_run(layer, h.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
+    return None
+  device = jax.devices()[0]
+  table = tuning.load_table(tuning.card_name(device) if device.platform == "gpu" else device.platform) or {}
+  if not table.get("fuse_norm_quant"):
+    return None
+  m = math.prod(h.shape[:-1])
+  if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype)[0] != "triton":
+    return None
+  cfg = _triton_config(m, layer)
+  qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits, config=cfg,
+                                          interpret=jax.default_backend() != "gpu")
+  return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, lead=h.shape[:-1], in_features=layer.in_features,
+                                     a_bits=layer.a_bits, dtype=jnp.result_type(weight.dtype, h.dtype), config=cfg)
+
+
+def _triton_config(m: int, layer: Any):
+  """The Triton GEMM's tiling for M rows of `layer`, with the quantizer's phase order the GEMM reads
+  (w6a_matmul.w6a_matmul's choice)."""
+  w_bits = layer.w_bits
+  cfg = w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=w_bits)
+  return dataclasses.replace(cfg, join_phases=False) if cfg.gemv or w_bits == 8 else cfg
+
+
+def prequantized_matmul(qa: Any, layer: Any) -> jax.Array:
+  """qa (a QuantizedActivation made for `layer` by fused_norm_input) @ layer -> [..., N] in qa.dtype."""
+  m = math.prod(qa.lead)
+  if (layer.backend != PALLAS.name or qa.in_features != layer.in_features or qa.a_bits != layer.a_bits
+      or qa.config != _triton_config(m, layer)):
+    raise ValueError(f"these quantized activations were made for another layer (K={qa.in_features}, "
+                     f"A{qa.a_bits}, tiling {qa.config}), not this {layer.backend} layer (K={layer.in_features}, "
+                     f"A{layer.a_bits})")
+  gemm_cfg = w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=layer.w_bits)
+  y = w6a_matmul.gemm(qa.qx, qa.sx, qa.xsum, layer.packed, layer.scales, m=m, out_dtype=qa.dtype, config=gemm_cfg,
+                      interpret=jax.default_backend() != "gpu")
+  return y.reshape(*qa.lead, layer.out_features)
 
 
 def quantized_matmul(x: jax.Array, layer: Any, out_dtype=None) -> jax.Array:

@@ -1,4 +1,5 @@
-"""QuantizedLinear: a quantized weight leaf that applies itself (`x @ qlinear`)."""
+"""QuantizedLinear: a quantized weight leaf that applies itself (`x @ qlinear`, or `qa @ qlinear`
+for a backends.QuantizedActivation its producer quantized)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,10 @@ class QuantizedLinear:
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     return backends.quantized_matmul(x, self)
+
+  def norm_input(self, h: jax.Array, weight: jax.Array, eps: float) -> "backends.QuantizedActivation | None":
+    """The hook models.llama calls for this layer's input, rms_norm(h, weight, eps): the input
+    already quantized by a kernel that fuses the norm with the activation quantization, where the
+    backend and the card's tuning table say so (backends.fused_norm_input), else None (the model
+    runs rms_norm and `x @ self` as usual)."""
+    return backends.fused_norm_input(h, weight, eps, self)

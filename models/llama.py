@@ -348,6 +348,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight * x32.astype(x.dtype)
 
 
+def normed_input(h: jax.Array, weight: jax.Array, eps: float, consumer: Any) -> Any:
+  """rms_norm(h, weight, eps) as the input of the one projection that reads it (a fused q/k/v or
+  gate/up). A kernel leaf with a `norm_input(h, weight, eps)` method may return its input already
+  quantized by a kernel that fuses the norm with the quantization (flexq_jax's QuantizedLinear,
+  where its backend says so); otherwise, and for every other leaf, the plain rms_norm."""
+  hook = getattr(consumer, "norm_input", None)
+  fused = hook(h, weight, eps) if hook is not None else None
+  return rms_norm(h, weight, eps) if fused is None else fused
+
+
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """Inverse frequencies [hd/2] (fp64 numpy, a compile-time constant), with LLaMA-3 scaling."""
   hd = config.resolved_head_dim
@@ -441,10 +451,11 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   """
   b, t, _ = h.shape
   hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-  x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
   if "qkv_proj" in layer:  # fused (fuse_projections): one GEMM, its output split
+    x = normed_input(h, layer["input_layernorm"], config.rms_norm_eps, layer["qkv_proj"])
     q, k, v = jnp.split(linear(x, layer["qkv_proj"]), [hq * hd, (hq + hkv) * hd], axis=-1)
   else:
+    x = rms_norm(h, layer["input_layernorm"], config.rms_norm_eps)
     q, k, v = linear(x, layer["q_proj"]), linear(x, layer["k_proj"]), linear(x, layer["v_proj"])
   q = q.reshape(b, t, hq, hd)  # [B, T, Hq, hd]
   k = k.reshape(b, t, hkv, hd)  # [B, T, Hkv, hd]
@@ -457,10 +468,11 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
   a = attention(q, k, v, visible).reshape(b, t, hq * hd)
   h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
-  x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
   if "gate_up_proj" in layer:
+    x = normed_input(h, layer["post_attention_layernorm"], config.rms_norm_eps, layer["gate_up_proj"])
     gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
   else:
+    x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
     gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
   u = jax.nn.silu(gate) * up
   if config.down_proj_hadamard:  # a rotated model (flexq_jax/rotation.py): down_proj holds H^T W

@@ -490,6 +490,81 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   )(x)
 
 
+def _norm_quantize_kernel(h_ref,  # [M, K] float: the residual stream
+                          w_ref,  # [K] the RMSNorm weight
+                          q_ref,  # [Mp, Kp] int8
+                          s_ref,  # [Mp, G] f32
+                          sum_ref,  # [Mp, G] int32
+                          *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, eps: float,
+                          norm_dtype, out_dtype):
+  """quantize_activations(models.llama.rms_norm(h, w)) in one pass over h's rows (two reads of a
+  row block: the sum of squares, then normalize, scale, quantize each group); the normalized
+  activations never go to memory."""
+  m0 = pl.program_id(0) * block_m
+  rows_ok = (m0 + jnp.arange(block_m)) < m
+  groups = q_ref.shape[1] // GROUP
+
+  def load(g):
+    cols_ok = (g * GROUP + jnp.arange(GROUP)) < k
+    x = plgpu.load(h_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=rows_ok[:, None] & cols_ok[None, :],
+                   other=0)
+    return x.astype(jnp.float32), cols_ok
+
+  def squares(g, acc):
+    x, _ = load(g)
+    return acc + jnp.sum(x * x, axis=1)
+
+  inv = jax.lax.rsqrt(jax.lax.fori_loop(0, groups, squares, jnp.zeros((block_m,), jnp.float32)) / k + eps)
+
+  def group(g, carry):
+    x, cols_ok = load(g)
+    w = plgpu.load(w_ref.at[pl.ds(g * GROUP, GROUP)], mask=cols_ok, other=0)
+    # rms_norm's arithmetic as written: x32 * rsqrt(mean + eps), rounded to h's dtype, times the
+    # weight in the promoted dtype.
+    y = w.astype(out_dtype) * (x * inv[:, None]).astype(norm_dtype).astype(out_dtype)
+    q, s = core.quantize_groups(y.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
+    s_ref[pl.ds(m0, block_m), g] = s
+    sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
+    if phase_major:
+      q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
+    q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+    return carry
+
+  jax.lax.fori_loop(0, groups, group, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "a_bits", "config", "interpret"))
+def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, config: TileConfig,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """quantize_activations(rms_norm(h, weight, eps)) fused (issue 14's producer fusion for the
+  q/k/v and gate/up GEMMs): the same (q_x, s_x, sum(q_x)) arrays for the same `config`.
+
+  rms_norm is models.llama.rms_norm: weight * (h32 * rsqrt(mean(h32^2) + eps)).astype(h.dtype).
+  It computes rms_norm as written. The unfused program can differ in two ways: XLA adds the sum
+  of squares in its own order, and with its default xla_allow_excess_precision it may skip the
+  rounding to h's dtype before the weight multiply. Either can move a normalized value across a
+  rounding boundary, so q_x can differ by one step in a few elements and s_x by about one ulp of
+  h's dtype. tests/pallas_kernels/test_w6a_matmul.py bounds both.
+  """
+  m, k = h.shape
+  if weight.shape != (k,):
+    raise ValueError(f"the RMSNorm weight must be [{k}], got {weight.shape}")
+  kp = core.padded_k(k)
+  mp = pl.cdiv(m, config.block_m) * config.block_m
+  bq = min(config.quant_block_m, config.block_m)
+  out_dtype = jnp.result_type(weight.dtype, h.dtype)
+  return pl.pallas_call(
+      functools.partial(_norm_quantize_kernel, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1],
+                        phase_major=not config.join_phases, eps=float(eps), norm_dtype=h.dtype, out_dtype=out_dtype),
+      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, kp // GROUP), jnp.float32),
+                 jax.ShapeDtypeStruct((mp, kp // GROUP), jnp.int32)),
+      grid=(mp // bq,),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="w6a_norm_quantize",
+  )(h, weight)
+
+
 @functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
 def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                config: TileConfig | None = None, interpret: bool = False) -> jax.Array:

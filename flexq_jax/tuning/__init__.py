@@ -7,7 +7,10 @@ the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`
 and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA decode GEMV
 (without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never), and
 "mosaic_small_max_m": the M up to which it runs the small-M Mosaic GPU GEMM on sm_90
-(pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never).
+(pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never), and
+"fuse_norm_quant": true to fuse each RMSNorm with the activation quantization of the fused q/k/v or
+gate/up GEMM that reads it, where that GEMM is a Triton kernel (backends.fused_norm_input; the e2e
+method flexq-fused-norm measures it; absent: never).
 $FLEXQ_TUNING_EXTRA, a JSON object, is merged over the table (benchmarks: a setting tried before
 it is committed, e.g. '{"cuda_gemv_xq_max_m": 2}').
 It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):
@@ -67,7 +70,7 @@ def _load_table(card: str, extra: str | None) -> dict | None:
     except ValueError as e:
       raise ValueError(f"${EXTRA_ENV} is not JSON: {e}") from None
     if not isinstance(more, dict) or not all(isinstance(v, int) and v >= 0 for v in more.values()):
-      raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers, got {extra!r}")
+      raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers or booleans, got {extra!r}")
     table = {"entries": [], **(table or {}), **more}
   return table
 

@@ -257,3 +257,45 @@ def test_e2e_merge_of_saved_runs(tmp_path):
   other.write_text(json.dumps(dict(card="h100", device="H100", date="2026-11-27", rows=[])))
   with pytest.raises(SystemExit, match="different cards"):
     e2e_bench.main(["--merge", a, str(other), "--tag", "x", "--out-dir", str(tmp_path)])
+
+
+def test_rms_norm_fused_with_the_quantizer_where_the_table_says(tiny, monkeypatch):
+  """Issue 14's producer fusion on the pallas backend (CPU: interpret mode): with the card table's
+  "fuse_norm_quant" on, the fused q/k/v and gate/up GEMMs read q_x that one kernel made from the
+  residual stream (w6a_norm_quantize in the program, no rms_norm output in between). In fp32 the
+  logits equal the unfused program's; in bf16 each layer's output equals the unfused one on the
+  same stored residual (in a whole bf16 program XLA may keep the residual add feeding a norm in
+  fp32, which the kernel, reading the stored bf16 residual, does not: results/kernels/NOTES.md).
+  Off (every committed table today) or on another backend, nothing changes."""
+  from flexq_jax import backends
+  cfg, qparams, _ = tiny
+  placed = llama.fuse_projections(place(qparams, "pallas", dtype=jnp.float32)[0])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+  run = lambda p: jax.jit(lambda p: llama.forward(p, cfg, tokens)[0])(p)
+  program = lambda p: str(jax.make_jaxpr(lambda p: llama.forward(p, cfg, tokens)[0])(p))
+  monkeypatch.delenv(tuning.EXTRA_ENV, raising=False)
+  assert "w6a_norm_quantize" not in program(placed)
+  plain = np.asarray(run(placed), np.float32)
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_norm_quant": true}')
+  calls = []
+  kernel = backends.w6a_matmul.norm_quantize
+  monkeypatch.setattr(backends.w6a_matmul, "norm_quantize", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+  assert "w6a_norm_quantize" in program(placed)
+  assert len(calls) == 2 * cfg.num_layers  # the input and post-attention norms of every layer
+  fused = np.asarray(run(placed), np.float32)
+  assert np.isfinite(fused).all()
+  np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-5 * float(np.max(np.abs(plain))))
+  reference = llama.fuse_projections(place(qparams, "reference")[0])
+  assert "w6a_norm_quantize" not in program(reference)
+  # bf16, one layer on a stored residual: the fused input and the unfused one give the same outputs
+  bf = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), placed,
+                    is_leaf=lambda a: isinstance(a, QuantizedLinear))
+  layer = bf["layers"][0]
+  h = jnp.asarray(np.random.default_rng(1).standard_normal((2, 12, cfg.hidden_size)), jnp.bfloat16)
+  for name, norm in (("qkv_proj", "input_layernorm"), ("gate_up_proj", "post_attention_layernorm")):
+    qa = layer[name].norm_input(h, layer[norm], cfg.rms_norm_eps)
+    assert isinstance(qa, backends.QuantizedActivation) and qa.lead == (2, 12)
+    np.testing.assert_array_equal(np.asarray(qa @ layer[name], np.float32),
+                                  np.asarray(llama.rms_norm(h, layer[norm], cfg.rms_norm_eps) @ layer[name], np.float32))
+  with pytest.raises(ValueError, match="made for another layer"):
+    qa @ layer["down_proj"]  # K = intermediate size, not the hidden size these were made for

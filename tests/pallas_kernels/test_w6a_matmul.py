@@ -366,3 +366,40 @@ def test_kernel_quantizer_rounds_exact_ties_as_the_contract(a_bits):
   np.testing.assert_array_equal(np.asarray(q_x), np.asarray(rq))
   ties = np.asarray(rq, np.float32)[:, 1:128]
   assert np.all(ties % 2 == 0)  # every tie went to the even neighbour
+
+
+# ---- the RMSNorm fused with the activation quantization (issue 14's producer fusion) ----------------
+
+@pytest.mark.parametrize("dtype,w_dtype,m,k", [(jnp.float32, jnp.float32, 33, 256), (jnp.bfloat16, jnp.float32, 16, 640),
+                                               (jnp.bfloat16, jnp.bfloat16, 5, 300)])
+def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
+  """norm_quantize(h, w) against quantize_activations(models.llama.rms_norm(h, w)), same tiling: fp32
+  exactly; in bf16 the float norm may round differently (XLA's order of the sum of squares and its
+  excess precision), so at most one q_x step apart, in a few percent of the elements, and s_x within
+  about one bf16 ulp. Ragged M and K; A6 and A8; phase-major and K-order layouts."""
+  from models.llama import rms_norm
+  rng = _rng()
+  h = jnp.asarray(rng.standard_normal((m, k)) * 3, dtype)
+  w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, w_dtype)
+  for a_bits in (6, 8):
+    for cfg in (wk.default_config(m, 4096, k), wk.TileConfig(block_m=64, join_phases=True)):
+      fused = wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, interpret=True)
+      plain = wk.quantize_activations(rms_norm(h, w, 1e-5), a_bits=a_bits, config=cfg, interpret=True)
+      assert [a.shape for a in fused] == [a.shape for a in plain] and [a.dtype for a in fused] == [a.dtype for a in plain]
+      q1, s1, x1 = (np.asarray(a) for a in fused)
+      q2, s2, x2 = (np.asarray(a) for a in plain)
+      if dtype == jnp.float32:
+        np.testing.assert_array_equal(q1, q2)
+        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(x1, x2)
+        continue
+      steps = np.abs(q1.astype(np.int32) - q2.astype(np.int32))
+      assert steps.max() <= 1 and steps.mean() < 0.05, (steps.max(), steps.mean())
+      np.testing.assert_allclose(s1, s2, rtol=2 ** -7)
+      np.testing.assert_array_equal(x1, q1.reshape(*x1.shape, 128).astype(np.int32).sum(-1))
+
+
+def test_norm_quantize_refuses_a_wrong_weight():
+  with pytest.raises(ValueError, match=r"RMSNorm weight must be \[300\]"):
+    wk.norm_quantize(jnp.zeros((4, 300)), jnp.ones((256,)), 1e-5, a_bits=6, config=wk.default_config(4, 64, 300),
+                     interpret=True)
