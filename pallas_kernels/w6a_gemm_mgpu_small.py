@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import w6a_matmul
+from pallas_kernels.w6a_gemm_mgpu import num_sms
 from pallas_kernels.core import GROUP, PALLAS6_OFFSET
 
 ROWS = 64  # weight rows per consumer warpgroup: the WGMMA's M
@@ -245,11 +246,6 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
           allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-def num_sms() -> int:
-  device = jax.devices()[0]
-  return getattr(device, "core_count", None) or 132
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
