@@ -742,6 +742,18 @@ def rerender(json_path: str) -> None:
   print(md)
 
 
+def _write_rows(out_dir: str, name: str, rows: list[dict], markdown_fn=None) -> None:
+  """<card>-<date>-<name>.json of a side-by-side comparison (and its .md, printed, with markdown_fn)."""
+  card, date = tuning.card_name(), datetime.date.today().isoformat()
+  stem = Path(out_dir) / f"{card}-{date}-{name}"
+  stem.parent.mkdir(parents=True, exist_ok=True)
+  stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=jax.devices()[0].device_kind, date=date,
+                                                       jax=jax.__version__, rows=rows), indent=1))
+  if markdown_fn is not None:
+    stem.with_suffix(".md").write_text(markdown_fn(rows, card, date))
+    print(stem.with_suffix(".md").read_text())
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}, W6A6 only")
@@ -804,22 +816,10 @@ def main(argv=None) -> None:
       (Path(args.out_dir) / f"gemv-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.gemv_cuda:
-    card, date = tuning.card_name(), datetime.date.today().isoformat()
-    stem = Path(args.out_dir) / f"{card}-{date}-gemv-cuda"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    rows = compare_gemv_cuda(shapes, ms, log)
-    stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=jax.devices()[0].device_kind, date=date,
-                                                         jax=jax.__version__, rows=rows), indent=1))
-    stem.with_suffix(".md").write_text(gemv_cuda_markdown(rows, card, date))
-    print(stem.with_suffix(".md").read_text())
+    _write_rows(args.out_dir, "gemv-cuda", compare_gemv_cuda(shapes, ms, log), gemv_cuda_markdown)
     return
   if args.mgpu_small:
-    card, date = tuning.card_name(), datetime.date.today().isoformat()
-    stem = Path(args.out_dir) / f"{card}-{date}-mgpu-small"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    rows = compare_mgpu_small(shapes, ms, log)
-    stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=jax.devices()[0].device_kind, date=date,
-                                                         jax=jax.__version__, rows=rows), indent=1))
+    _write_rows(args.out_dir, "mgpu-small", compare_mgpu_small(shapes, ms, log))
     return
   if args.sweep:
     cands = [wk.TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns, unpack_asm=asm)

@@ -235,7 +235,7 @@ class QuantizedActivation:
   in_features: int = flax.struct.field(pytree_node=False)  # K
   a_bits: int = flax.struct.field(pytree_node=False)
   dtype: jnp.dtype = flax.struct.field(pytree_node=False)  # the dtype x would have had (the output's)
-  config: object = flax.struct.field(pytree_node=False)  # the kernel tiling they are laid out for
+  config: object = flax.struct.field(pytree_node=False)  # the tiling of the GEMM they are laid out for
 
   def __matmul__(self, layer: Any) -> jax.Array:
     return prequantized_matmul(self, layer)
@@ -252,37 +252,33 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   if not PALLAS.can_run(layer, h.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return None
   device = jax.devices()[0]
-  table = tuning.load_table(tuning.card_name(device) if device.platform == "gpu" else device.platform) or {}
-  if not table.get("fuse_norm_quant"):
+  if not (tuning.load_table(tuning.card_name(device)) or {}).get("fuse_norm_quant"):
     return None
   m = math.prod(h.shape[:-1])
   if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype)[0] != "triton":
     return None
-  cfg = _triton_config(m, layer)
-  qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits, config=cfg,
+  cfg = _gemm_config(m, layer)
+  qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,
+                                          config=w6a_matmul.quantizer_config(cfg, layer.w_bits),
                                           interpret=jax.default_backend() != "gpu")
   return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, lead=h.shape[:-1], in_features=layer.in_features,
                                      a_bits=layer.a_bits, dtype=jnp.result_type(weight.dtype, h.dtype), config=cfg)
 
 
-def _triton_config(m: int, layer: Any):
-  """The Triton GEMM's tiling for M rows of `layer`, with the quantizer's phase order the GEMM reads
-  (w6a_matmul.w6a_matmul's choice)."""
-  w_bits = layer.w_bits
-  cfg = w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=w_bits)
-  return dataclasses.replace(cfg, join_phases=False) if cfg.gemv or w_bits == 8 else cfg
+def _gemm_config(m: int, layer: Any):
+  """The Triton GEMM's tiling for M rows of `layer` (w6a_matmul.w6a_matmul's choice)."""
+  return w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=layer.w_bits)
 
 
 def prequantized_matmul(qa: Any, layer: Any) -> jax.Array:
   """qa (a QuantizedActivation made for `layer` by fused_norm_input) @ layer -> [..., N] in qa.dtype."""
   m = math.prod(qa.lead)
   if (layer.backend != PALLAS.name or qa.in_features != layer.in_features or qa.a_bits != layer.a_bits
-      or qa.config != _triton_config(m, layer)):
+      or qa.config != _gemm_config(m, layer)):
     raise ValueError(f"these quantized activations were made for another layer (K={qa.in_features}, "
                      f"A{qa.a_bits}, tiling {qa.config}), not this {layer.backend} layer (K={layer.in_features}, "
                      f"A{layer.a_bits})")
-  gemm_cfg = w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=layer.w_bits)
-  y = w6a_matmul.gemm(qa.qx, qa.sx, qa.xsum, layer.packed, layer.scales, m=m, out_dtype=qa.dtype, config=gemm_cfg,
+  y = w6a_matmul.gemm(qa.qx, qa.sx, qa.xsum, layer.packed, layer.scales, m=m, out_dtype=qa.dtype, config=qa.config,
                       interpret=jax.default_backend() != "gpu")
   return y.reshape(*qa.lead, layer.out_features)
 

@@ -45,6 +45,15 @@ def fake_quant_activation(x: jax.Array, bits: int, group_size: int | None) -> ja
   return (q.astype(jnp.float32).reshape(m, kp // g, g) * s[..., None]).reshape(m, kp)[:, :k]
 
 
+def _probe_parts(probe, x):
+  """What both probes compute from x [..., K]: x as fp32 [M, K], its lo_bits and hi_bits fake
+  quantizations, and the probe's dequantized kernel [K, N] fp32 (one layer at a time)."""
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  lo = fake_quant_activation(x2, probe.lo_bits, probe.group_size)
+  hi = fake_quant_activation(x2, probe.hi_bits, probe.group_size)
+  return x2, lo, hi, numerics.dequantize_weight(probe.q_w, probe.s_w, x2.shape[1]).T
+
+
 @flax.struct.dataclass
 class _SwitchProbe:
   q_w: jax.Array  # int8 [N, Kp]: the quantized weight (dequantized inside, one layer at a time)
@@ -55,14 +64,10 @@ class _SwitchProbe:
   group_size: int | None = flax.struct.field(pytree_node=False)
 
   def __rmatmul__(self, x):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    hi = fake_quant_activation(x2, self.hi_bits, self.group_size)
-    lo = fake_quant_activation(x2, self.lo_bits, self.group_size)
+    x2, lo, hi, kernel = _probe_parts(self, x)
     x_hi = x2 + jax.lax.stop_gradient(hi - x2)  # straight-through
     x_in = x_hi + self.t[:, None] * jax.lax.stop_gradient(lo - hi)
-    kernel = numerics.dequantize_weight(self.q_w, self.s_w, x2.shape[1]).T  # [K, N] fp32
-    return (x_in @ kernel).astype(x.dtype).reshape(*lead, -1)
+    return (x_in @ kernel).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +157,8 @@ class _MixProbe:
   group_size: int | None = flax.struct.field(pytree_node=False)
 
   def __rmatmul__(self, x):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    lo = fake_quant_activation(x2, self.lo_bits, self.group_size)
-    hi = fake_quant_activation(x2, self.hi_bits, self.group_size)
-    kernel = numerics.dequantize_weight(self.q_w, self.s_w, x2.shape[1]).T  # [K, N] fp32
-    return ((lo + self.t * (hi - lo)) @ kernel).astype(x.dtype).reshape(*lead, -1)
+    _, lo, hi, kernel = _probe_parts(self, x)
+    return ((lo + self.t * (hi - lo)) @ kernel).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def measured_switch_gains(

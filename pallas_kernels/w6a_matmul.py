@@ -565,6 +565,12 @@ def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, c
   )(h, weight)
 
 
+def quantizer_config(config: TileConfig, w_bits: int) -> TileConfig:
+  """The tiling whose q_x layout the GEMM of `config` reads: the gemv and every w8 kernel read
+  phase-major q_x (join_phases only concerns unpacking w6)."""
+  return dataclasses.replace(config, join_phases=False) if config.gemv or w_bits == 8 else config
+
+
 @functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
 def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
@@ -590,9 +596,7 @@ def w6a_matmul(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   cfg = config or default_config(m, n, k, w_bits=w_bits)
   if cfg.split_k > groups:
     raise ValueError(f"split_k={cfg.split_k} exceeds the {groups} K-groups")
-  # The gemv and every w8 kernel read phase-major q_x (join_phases only concerns unpacking w6).
-  qcfg = dataclasses.replace(cfg, join_phases=False) if cfg.gemv or w_bits == 8 else cfg
-  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=qcfg, interpret=interpret)
+  qx, sx, xsum = quantize_activations(x, a_bits=a_bits, config=quantizer_config(cfg, w_bits), interpret=interpret)
   return gemm(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg, interpret=interpret)
 
 
