@@ -53,7 +53,10 @@ TILE16 = 16  # rows of one "pallas6" tile
 class SmallConfig:
   """Tiling of the small-M kernel (hashable: a static argument)."""
 
-  tile_t: int = 64  # tokens per CTA tile: the WGMMA's N (16, 32, 64 or 128: the quantizer's row blocks)
+  tile_t: int = 64  # tokens per CTA tile: the WGMMA's N (32, 64 or 128: the quantizer's row blocks). Not 16:
+  #                   the TMA ring's slots of s_x and sum(q_x) are tile_t * 4 bytes, and TMA writes shared
+  #                   memory at 128-byte-aligned addresses only (at 16, slot 1 sits at byte 64: "misaligned
+  #                   shared address" in the memory warpgroup, seen on an H200 2026-12-01)
   max_concurrent_steps: int = 4  # TMA ring depth (one 128-group a step)
   schedule: str = "serial"  # "serial": each consumer waits for its WGMMA and scales; "pingpong": the
   #                           two consumers take turns on the tensor cores (see w6a_gemm_mgpu)
@@ -65,8 +68,8 @@ class SmallConfig:
   def __post_init__(self):
     if self.epilogue not in ("smem_transpose", "out_t"):
       raise ValueError(f"epilogue={self.epilogue!r} must be 'smem_transpose' or 'out_t'")
-    if self.tile_t not in (16, 32, 64, 128):
-      raise ValueError(f"tile_t={self.tile_t} must be 16, 32, 64 or 128")
+    if self.tile_t not in (32, 64, 128):
+      raise ValueError(f"tile_t={self.tile_t} must be 32, 64 or 128")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
     if self.schedule not in ("serial", "pingpong"):
@@ -78,8 +81,8 @@ class SmallConfig:
 
 
 def default_config(m: int) -> SmallConfig:
-  """The token tile: M rounded up to a power of two >= 16, at most 128 (larger M: several tiles)."""
-  return SmallConfig(tile_t=min(128, max(16, 1 << (m - 1).bit_length())))
+  """The token tile: M rounded up to a power of two >= 32, at most 128 (larger M: several tiles)."""
+  return SmallConfig(tile_t=min(128, max(32, 1 << (m - 1).bit_length())))
 
 
 _L8 = plgpu.Layout.WGMMA_8BIT  # the int8 WGMMA's A fragment: 4 consecutive bytes of a row a register

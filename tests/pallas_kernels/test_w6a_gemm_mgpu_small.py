@@ -23,8 +23,8 @@ S = jax.ShapeDtypeStruct
 
 def test_config_rules():
   assert [ms.default_config(m).tile_t for m in (1, 16, 17, 33, 64, 100, 128, 129, 4096)] == \
-      [16, 16, 32, 64, 64, 128, 128, 128, 128]
-  for bad in (8, 48, 256):
+      [32, 32, 32, 64, 64, 128, 128, 128, 128]
+  for bad in (8, 16, 48, 256):
     with pytest.raises(ValueError, match="tile_t"):
       ms.SmallConfig(tile_t=bad)
   with pytest.raises(ValueError, match="schedule"):
@@ -34,10 +34,10 @@ def test_config_rules():
   with pytest.raises(ValueError, match="'pallas6' weights only"):
     ms.w6a_gemm_small(jnp.zeros((4, 128)), jnp.zeros((1, 1, 16, 128), jnp.int8), jnp.zeros((16, 1), jnp.float16),
                       a_bits=6)
-  with pytest.raises(ValueError, match="Mp a multiple of 16"):
-    ms.gemm(jnp.zeros((8, 128), jnp.int8), jnp.zeros((1, 8)), jnp.zeros((1, 8), jnp.int32),
+  with pytest.raises(ValueError, match="Mp a multiple of 32"):
+    ms.gemm(jnp.zeros((16, 128), jnp.int8), jnp.zeros((1, 16)), jnp.zeros((1, 16), jnp.int32),
               jnp.zeros((8, 1, 3, 16, 32), jnp.uint8), jnp.zeros((1, 128)), out_dtype=jnp.bfloat16,
-              config=ms.SmallConfig(tile_t=16))
+              config=ms.SmallConfig(tile_t=32))
 
 
 def test_the_word_unpack_gives_the_phase_major_weights():

@@ -399,6 +399,25 @@ def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
       np.testing.assert_array_equal(x1, q1.reshape(*x1.shape, 128).astype(np.int32).sum(-1))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,m,k", [(jnp.float32, 33, 4096), (jnp.bfloat16, 16, 4096), (jnp.bfloat16, 1, 300)])
+def test_norm_quantize_compiled_equals_interpret(dtype, m, k):
+  """The compiled kernel (Triton on the GPU) against the same kernel in interpret mode: bit-equal
+  q_x and sum(q_x), s_x equal (fp32) or within one bf16 ulp, A6 and A8."""
+  rng = _rng()
+  h = jnp.asarray(rng.standard_normal((m, k)) * 3, dtype)
+  w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, dtype)
+  for a_bits in (6, 8):
+    cfg = wk.default_config(m, 4096, k)
+    got = [np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg)]
+    want = [np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, interpret=True)]
+    steps = np.abs(got[0].astype(np.int32) - want[0].astype(np.int32))
+    assert steps.max() <= (0 if dtype == jnp.float32 else 1), steps.max()
+    np.testing.assert_allclose(got[1], want[1], rtol=0 if dtype == jnp.float32 else 2 ** -7)
+    np.testing.assert_array_equal(got[2], got[0].reshape(*got[2].shape, 128).astype(np.int32).sum(-1))
+
+
 def test_norm_quantize_refuses_a_wrong_weight():
   with pytest.raises(ValueError, match=r"RMSNorm weight must be \[300\]"):
     wk.norm_quantize(jnp.zeros((4, 300)), jnp.ones((256,)), 1e-5, a_bits=6, config=wk.default_config(4, 64, 300),
