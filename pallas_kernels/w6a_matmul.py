@@ -490,52 +490,69 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   )(x)
 
 
+NORM_CHUNK = 1024  # columns of h a step of norm_quantize's sum of squares reads (4 steps at K = 4096)
+
+
 def _norm_quantize_kernel(h_ref,  # [M, K] float: the residual stream
                           w_ref,  # [K] the RMSNorm weight
                           q_ref,  # [Mp, Kp] int8
                           s_ref,  # [Mp, G] f32
                           sum_ref,  # [Mp, G] int32
-                          *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, eps: float,
-                          norm_dtype, out_dtype):
-  """quantize_activations(models.llama.rms_norm(h, w)) in one pass over h's rows (two reads of a
-  row block: the sum of squares, then normalize, scale, quantize each group); the normalized
-  activations never go to memory."""
+                          *, m: int, k: int, block_m: int, groups_per_program: int, qmax: int, phase_major: bool,
+                          eps: float, norm_dtype, out_dtype):
+  """quantize_activations(models.llama.rms_norm(h, w)) for one row block and `groups_per_program`
+  K-groups: the row block's sum of squares over the whole K (wide steps of NORM_CHUNK columns; the
+  programs of one row block each read it, from L2 after the first), then normalize, scale and
+  quantize this program's groups. The normalized activations never go to memory.
+
+  Spreading a row block over programs along K matters at decode sizes: one program a row block
+  (M = 16: a single program for the whole layer) took ~60 us on an H200 for K = 4096, two serial
+  passes of 32 dependent group loads (results/e2e/h200-2026-12-01-e2e-fused-norm.md)."""
   m0 = pl.program_id(0) * block_m
-  rows_ok = (m0 + jnp.arange(block_m)) < m
+  g0 = pl.program_id(1) * groups_per_program
   groups = q_ref.shape[1] // GROUP
+  rows_ok = (m0 + jnp.arange(block_m)) < m
 
-  def load(g):
-    cols_ok = (g * GROUP + jnp.arange(GROUP)) < k
-    x = plgpu.load(h_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=rows_ok[:, None] & cols_ok[None, :],
-                   other=0)
-    return x.astype(jnp.float32), cols_ok
-
-  def squares(g, acc):
-    x, _ = load(g)
+  def squares(c, acc):
+    cols = c * NORM_CHUNK + jnp.arange(NORM_CHUNK)
+    x = plgpu.load(h_ref.at[pl.ds(m0, block_m), pl.ds(c * NORM_CHUNK, NORM_CHUNK)],
+                   mask=rows_ok[:, None] & (cols < k)[None, :], other=0).astype(jnp.float32)
     return acc + jnp.sum(x * x, axis=1)
 
-  inv = jax.lax.rsqrt(jax.lax.fori_loop(0, groups, squares, jnp.zeros((block_m,), jnp.float32)) / k + eps)
+  total = jax.lax.fori_loop(0, pl.cdiv(k, NORM_CHUNK), squares, jnp.zeros((block_m,), jnp.float32))
+  inv = jax.lax.rsqrt(total / k + eps)
 
   def group(g, carry):
-    x, cols_ok = load(g)
-    w = plgpu.load(w_ref.at[pl.ds(g * GROUP, GROUP)], mask=cols_ok, other=0)
-    # rms_norm's arithmetic as written: x32 * rsqrt(mean + eps), rounded to h's dtype, times the
-    # weight in the promoted dtype.
-    y = w.astype(out_dtype) * (x * inv[:, None]).astype(norm_dtype).astype(out_dtype)
-    q, s = core.quantize_groups(y.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
-    s_ref[pl.ds(m0, block_m), g] = s
-    sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
-    if phase_major:
-      q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
-    q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+    @pl.when(g < groups)
+    def _():
+      cols_ok = (g * GROUP + jnp.arange(GROUP)) < k
+      x = plgpu.load(h_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)],
+                     mask=rows_ok[:, None] & cols_ok[None, :], other=0).astype(jnp.float32)
+      w = plgpu.load(w_ref.at[pl.ds(g * GROUP, GROUP)], mask=cols_ok, other=0)
+      # rms_norm's arithmetic as written: x32 * rsqrt(mean + eps), rounded to h's dtype, times the
+      # weight in the promoted dtype.
+      y = w.astype(out_dtype) * (x * inv[:, None]).astype(norm_dtype).astype(out_dtype)
+      q, s = core.quantize_groups(y.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
+      s_ref[pl.ds(m0, block_m), g] = s
+      sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
+      if phase_major:
+        q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
+      q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
     return carry
 
-  jax.lax.fori_loop(0, groups, group, 0)
+  jax.lax.fori_loop(g0, g0 + groups_per_program, group, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "a_bits", "config", "interpret"))
+def norm_groups_per_program(row_blocks: int, groups: int, target_programs: int = 512) -> int:
+  """K-groups a norm_quantize program quantizes: one while row blocks x groups stays within
+  ~4 programs an SM, more at larger M so the whole-row sums of squares are not re-read too often."""
+  return max(1, pl.cdiv(row_blocks * groups, target_programs))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "a_bits", "config", "groups_per_program", "interpret"))
 def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, config: TileConfig,
-                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  groups_per_program: int | None = None, interpret: bool = False
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """quantize_activations(rms_norm(h, weight, eps)) fused (issue 14's producer fusion for the
   q/k/v and gate/up GEMMs): the same (q_x, s_x, sum(q_x)) arrays for the same `config`.
 
@@ -553,13 +570,16 @@ def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, c
   mp = pl.cdiv(m, config.block_m) * config.block_m
   bq = min(config.quant_block_m, config.block_m)
   out_dtype = jnp.result_type(weight.dtype, h.dtype)
+  groups = kp // GROUP
+  gpp = groups_per_program or norm_groups_per_program(mp // bq, groups)
   return pl.pallas_call(
-      functools.partial(_norm_quantize_kernel, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1],
-                        phase_major=not config.join_phases, eps=float(eps), norm_dtype=h.dtype, out_dtype=out_dtype),
-      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, kp // GROUP), jnp.float32),
-                 jax.ShapeDtypeStruct((mp, kp // GROUP), jnp.int32)),
-      grid=(mp // bq,),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      functools.partial(_norm_quantize_kernel, m=m, k=k, block_m=bq, groups_per_program=gpp,
+                        qmax=core.qrange(a_bits)[1], phase_major=not config.join_phases, eps=float(eps),
+                        norm_dtype=h.dtype, out_dtype=out_dtype),
+      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
+                 jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
+      grid=(mp // bq, pl.cdiv(groups, gpp)),
+      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
       interpret=interpret,
       name="w6a_norm_quantize",
   )(h, weight)

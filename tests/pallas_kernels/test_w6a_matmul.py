@@ -371,7 +371,7 @@ def test_kernel_quantizer_rounds_exact_ties_as_the_contract(a_bits):
 # ---- the RMSNorm fused with the activation quantization (issue 14's producer fusion) ----------------
 
 @pytest.mark.parametrize("dtype,w_dtype,m,k", [(jnp.float32, jnp.float32, 33, 256), (jnp.bfloat16, jnp.float32, 16, 640),
-                                               (jnp.bfloat16, jnp.bfloat16, 5, 300)])
+                                               (jnp.bfloat16, jnp.bfloat16, 5, 300), (jnp.float32, jnp.float32, 3, 2200)])
 def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
   """norm_quantize(h, w) against quantize_activations(models.llama.rms_norm(h, w)), same tiling: fp32
   exactly; in bf16 the float norm may round differently (XLA's order of the sum of squares and its
@@ -382,8 +382,9 @@ def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
   h = jnp.asarray(rng.standard_normal((m, k)) * 3, dtype)
   w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, w_dtype)
   for a_bits in (6, 8):
-    for cfg in (wk.default_config(m, 4096, k), wk.TileConfig(block_m=64, join_phases=True)):
-      fused = wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, interpret=True)
+    for cfg, gpp in ((wk.default_config(m, 4096, k), None), (wk.TileConfig(block_m=64, join_phases=True), 2)):
+      # gpp: K-groups a program quantizes (2 at K = 300 or 640: a program whose second group is past K)
+      fused = wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, groups_per_program=gpp, interpret=True)
       plain = wk.quantize_activations(rms_norm(h, w, 1e-5), a_bits=a_bits, config=cfg, interpret=True)
       assert [a.shape for a in fused] == [a.shape for a in plain] and [a.dtype for a in fused] == [a.dtype for a in plain]
       q1, s1, x1 = (np.asarray(a) for a in fused)
