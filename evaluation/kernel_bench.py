@@ -685,7 +685,7 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
                         ("small", lambda x, p, s: mgs.w6a_gemm_small(x, p, s, a_bits=a_bits)),
                         ("small_pingpong", lambda x, p, s: mgs.w6a_gemm_small(
                             x, p, s, a_bits=a_bits,
-                            config=dataclasses.replace(mgs.default_config(m), schedule="pingpong"))),
+                            config=dataclasses.replace(mgs.default_config(m), schedule="pingpong", epilogue="out_t"))),
                         ("small_out_t", lambda x, p, s: mgs.w6a_gemm_small(
                             x, p, s, a_bits=a_bits,
                             config=dataclasses.replace(mgs.default_config(m), epilogue="out_t")))):

@@ -124,9 +124,9 @@ def _has_nvcc() -> bool:
 class Pallas(Backend):
 
   def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
-                 dtype=None) -> tuple[str, str]:
+                 dtype=None, n: int | None = None) -> tuple[str, str]:
     """("mosaic", "mosaic_small", "cuda_gemv(_xq)" or "triton", why) for M activation rows of a layer with `w_bits`-bit
-    weights and activations of `dtype` on `device` (default: the first device)."""
+    weights, N output features (None: not known) and activations of `dtype` on `device` (default: the first device)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
       return "triton", f"{device.platform}: the Triton kernels in interpret mode"
@@ -148,9 +148,14 @@ class Pallas(Backend):
       return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
     # The small-M Mosaic kernel (weights unpacked in registers, tokens as the WGMMA's N) for decode
     # batches and short prompts: up to the table's mosaic_small_max_m, 6-bit weights only.
-    small_max = table.get("mosaic_small_max_m", 0)
-    if w_bits == 6 and m <= small_max:
-      return "mosaic_small", f"M={m} <= {small_max} ({card} table): the small-M Mosaic GPU GEMM"
+    # Its CTAs each run the whole K (one per 128 weight rows), so a narrow layer leaves SMs idle:
+    # the table's mosaic_small_min_n keeps those on the Triton kernels, mosaic_small_min_m the M
+    # at which it starts to win.
+    small_min, small_max = table.get("mosaic_small_min_m", 1), table.get("mosaic_small_max_m", 0)
+    small_min_n = table.get("mosaic_small_min_n", 0)
+    if w_bits == 6 and small_min <= m <= small_max and (n or 0) >= small_min_n:
+      return "mosaic_small", (f"{small_min} <= M={m} <= {small_max}" + (f", N={n} >= {small_min_n}" if small_min_n else "")
+                              + f" ({card} table): the small-M Mosaic GPU GEMM")
     min_m = table.get("mosaic_min_m")
     if min_m is None:
       return "triton", f"no mosaic_min_m in a {card} tuning table"
@@ -170,7 +175,7 @@ class Pallas(Backend):
     # quantizes the fp32 value of every activation).
     if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
       return self.matmul(x.astype(out_dtype), layer).astype(out_dtype)
-    kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype)[0]  # M is static under jit
+    kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype, n=layer.out_features)[0]  # M static under jit
     if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel == "mosaic_small":
@@ -255,7 +260,8 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   if not (tuning.load_table(tuning.card_name(device)) or {}).get("fuse_norm_quant"):
     return None
   m = math.prod(h.shape[:-1])
-  if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype)[0] != "triton":
+  if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype,
+                                            n=layer.out_features)[0] != "triton":
     return None
   cfg = _gemm_config(m, layer)
   qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,

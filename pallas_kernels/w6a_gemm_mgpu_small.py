@@ -74,6 +74,12 @@ class SmallConfig:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
     if self.schedule not in ("serial", "pingpong"):
       raise ValueError(f"schedule={self.schedule!r} must be 'serial' or 'pingpong'")
+    if self.schedule == "pingpong" and self.epilogue == "smem_transpose":
+      # Lowers on the CPU machine, but compiling it on an H200 (jax 0.11.2, 2026-12-01) fails
+      # Mosaic GPU's layout inference ("Failed to infer a possible set of layouts"); pingpong with
+      # "out_t" compiled and was exact.
+      raise ValueError("schedule='pingpong' takes epilogue='out_t' only (Mosaic GPU cannot lay out the "
+                       "transposed store beside the turn barriers)")
 
   @property
   def cta_rows(self) -> int:

@@ -139,11 +139,18 @@ def test_small_m_mosaic_kernel_only_where_a_table_turns_it_on(monkeypatch):
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 256,
                                                           "cuda_gemv_xq_max_m": 1, "mosaic_small_max_m": 255})
   assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq"  # the GEMV first where both are on
-  assert pallas.kernel_for(2, GPU) == ("mosaic_small", "M=2 <= 255 (h200 table): the small-M Mosaic GPU GEMM")
+  assert pallas.kernel_for(2, GPU) == ("mosaic_small", "1 <= M=2 <= 255 (h200 table): the small-M Mosaic GPU GEMM")
   assert pallas.kernel_for(255, GPU)[0] == "mosaic_small" and pallas.kernel_for(256, GPU)[0] == "mosaic"
   assert pallas.kernel_for(16, GPU, w_bits=8)[0] == "triton"  # it reads "pallas6" only
   kernel, why = pallas.kernel_for(16, _Device("gpu", "8.0", "NVIDIA A100-SXM4-80GB"))
   assert kernel == "triton" and "needs sm_90" in why
+  # the h200 table's window: from M = 17, layers of N >= 8192 only (narrow layers leave SMs idle)
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_min_m": 256, "mosaic_small_min_m": 17,
+                                                          "mosaic_small_max_m": 255, "mosaic_small_min_n": 8192})
+  assert pallas.kernel_for(32, GPU, n=12288) == (
+      "mosaic_small", "17 <= M=32 <= 255, N=12288 >= 8192 (h200 table): the small-M Mosaic GPU GEMM")
+  assert [pallas.kernel_for(m, GPU, n=n)[0] for m, n in ((16, 12288), (32, 4096), (32, None), (256, 12288))] == \
+      ["triton", "triton", "triton", "mosaic"]
 
 
 def test_tuning_extra_from_the_environment(monkeypatch):

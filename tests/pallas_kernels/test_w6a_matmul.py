@@ -404,8 +404,10 @@ def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,m,k", [(jnp.float32, 33, 4096), (jnp.bfloat16, 16, 4096), (jnp.bfloat16, 1, 300)])
 def test_norm_quantize_compiled_equals_interpret(dtype, m, k):
-  """The compiled kernel (Triton on the GPU) against the same kernel in interpret mode: bit-equal
-  q_x and sum(q_x), s_x equal (fp32) or within one bf16 ulp, A6 and A8."""
+  """The compiled kernel (Triton on the GPU) against the same kernel in interpret mode: Triton adds
+  the sum of squares in its own order, so a normalized value may move by an ulp and cross a
+  rounding boundary (seen on an H200 in fp32: one s_x of 2048 one step of its grid apart): q_x at
+  most one step apart, s_x within 2^-12 (fp32) or one bf16 ulp; sum(q_x) exact to the q_x written."""
   rng = _rng()
   h = jnp.asarray(rng.standard_normal((m, k)) * 3, dtype)
   w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, dtype)
@@ -414,8 +416,8 @@ def test_norm_quantize_compiled_equals_interpret(dtype, m, k):
     got = [np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg)]
     want = [np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, interpret=True)]
     steps = np.abs(got[0].astype(np.int32) - want[0].astype(np.int32))
-    assert steps.max() <= (0 if dtype == jnp.float32 else 1), steps.max()
-    np.testing.assert_allclose(got[1], want[1], rtol=0 if dtype == jnp.float32 else 2 ** -7)
+    assert steps.max() <= 1 and steps.mean() < 0.01, (steps.max(), steps.mean())
+    np.testing.assert_allclose(got[1], want[1], rtol=2 ** -12 if dtype == jnp.float32 else 2 ** -7)
     np.testing.assert_array_equal(got[2], got[0].reshape(*got[2].shape, 128).astype(np.int32).sum(-1))
 
 
