@@ -448,7 +448,7 @@ def _sweep_cases(shapes: list[str], ms: tuple[int, ...]):
   """Yields (shape name, N, K, M, bf16 x [M, K], default tiling, key) for the sweeps."""
   key = jax.random.key(1)
   for name in shapes:
-    n, k = SHAPES[name]
+    n, k = {**SHAPES, **FUSED_SHAPES}[name]
     for m in ms:
       yield name, n, k, m, jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16), \
           wk.default_config(m, n, k), key
@@ -688,7 +688,10 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
                             config=dataclasses.replace(mgs.default_config(m), schedule="pingpong", epilogue="out_t"))),
                         ("small_out_t", lambda x, p, s: mgs.w6a_gemm_small(
                             x, p, s, a_bits=a_bits,
-                            config=dataclasses.replace(mgs.default_config(m), epilogue="out_t")))):
+                            config=dataclasses.replace(mgs.default_config(m), epilogue="out_t"))),
+                        ("small_split", lambda x, p, s: mgs.w6a_gemm_small(
+                            x, p, s, a_bits=a_bits, config=dataclasses.replace(mgs.default_config(m), epilogue="out_t", split_k=mgs.split_for(
+                                p.shape[1], -(-n // 128) * -(-m // mgs.default_config(m).tile_t), mgs.num_sms()))))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -700,6 +703,7 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
           f"{row['triton_us']:7.1f} (err {row['triton_err']:.1e}) | small {row['small_us']:7.1f} (err "
           f"{row['small_err']:.1e}) | pingpong {row['small_pingpong_us']:7.1f} (err {row['small_pingpong_err']:.1e}) "
           f"| out_t {row['small_out_t_us']:7.1f} (err {row['small_out_t_err']:.1e}) "
+          f"| split {row['small_split_us']:7.1f} (err {row['small_split_err']:.1e}) "
           f"| small x bf16 {t_bf16 / row['small_us']:.2f}, x triton {row['triton_us'] / row['small_us']:.2f}")
   return rows
 
@@ -803,9 +807,10 @@ def main(argv=None) -> None:
     shapes = [s for s in SHAPES if args.shapes == "all" or s.startswith(args.shapes + ".")]
   else:
     shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in SHAPES]
+    unknown = [s for s in shapes if s not in SHAPES and s not in FUSED_SHAPES]
     if unknown:
-      sys.exit(f"--shapes: unknown {', '.join(unknown)}; names are {', '.join(SHAPES)}, or one of 7b, 70b, all")
+      sys.exit(f"--shapes: unknown {', '.join(unknown)}; names are {', '.join([*SHAPES, *FUSED_SHAPES])}, "
+               "or one of 7b, 70b, all")
   ms = tuple(int(v) for v in args.m.split(",")) if args.m else (QUICK_M if args.quick else M_ALL)
   a_bits = tuple(int(v) for v in args.a_bits.split(",")) if args.a_bits else ((6,) if args.quick else (6, 8))
   log = lambda s: print(s, flush=True)

@@ -179,13 +179,26 @@ class Pallas(Backend):
     if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel == "mosaic_small":
-      return w6a_gemm_mgpu_small.w6a_gemm_small(x, layer.packed, layer.scales, a_bits=layer.a_bits)
+      return w6a_gemm_mgpu_small.w6a_gemm_small(x, layer.packed, layer.scales, a_bits=layer.a_bits,
+                                                config=_small_config(x.shape[0], layer))
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                 fused_quant=kernel == "cuda_gemv_xq")
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")
+
+
+def _small_config(m: int, layer: Any):
+  """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
+  "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM)."""
+  device = jax.devices()[0]
+  cfg = w6a_gemm_mgpu_small.default_config(m)
+  if not (tuning.load_table(tuning.card_name(device)) or {}).get("mosaic_small_split"):
+    return cfg
+  tiles = -(-layer.out_features // cfg.cta_rows) * -(-m // cfg.tile_t)
+  split = w6a_gemm_mgpu_small.split_for(layer.packed.shape[1], tiles, w6a_gemm_mgpu_small.num_sms())
+  return dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
 
 
 class Bmma(Backend):

@@ -63,9 +63,16 @@ class SmallConfig:
   epilogue: str = "smem_transpose"  # "smem_transpose": each [64, tile_t] tile stored through a transposed view
   #                                   of a [tile_t, 64] buffer, TMA to y [M, N]; "out_t": y^T [N, M] written,
   #                                   the op transposes it (XLA; M * N * 4 bytes more traffic)
+  split_k: int = 1  # CTAs sharing one output tile along K: each sums a contiguous 1/split_k of the groups into
+  #                  an fp32 partial [split_k, ...] that XLA adds (epilogue "out_t": fp32 values do not take the
+  #                  transposed store) (a narrow layer has fewer 128-row tiles than SMs,
+  #                  and each CTA's steps run one after another: 4096 x 4096 took ~19 us at M = 16-32 on an H200
+  #                  with 32 CTAs busy, as long as 12288 x 4096 with 96); must divide the K-groups
   num_sms: int | None = None
 
   def __post_init__(self):
+    if self.split_k < 1:
+      raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.epilogue not in ("smem_transpose", "out_t"):
       raise ValueError(f"epilogue={self.epilogue!r} must be 'smem_transpose' or 'out_t'")
     if self.tile_t not in (32, 64, 128):
@@ -158,7 +165,7 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
             sx_gmem,  # [G, Mp] f32
             xs_gmem,  # [G, Mp] int32: sum(q_x) per token and group
             sw_gmem,  # [G, Np] f32
-            out_gmem,  # [Mp, Np] (epilogue "out_t": [Np, Mp])
+            out_gmem,  # [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums
             out_smem,  # [2, tile_t, 64] ("out_t": [2, 64, tile_t]): one epilogue buffer per consumer
             *, cfg: SmallConfig):
   mp, kp = qx_gmem.shape
@@ -166,6 +173,8 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
   tile_t, cta_rows = cfg.tile_t, cfg.cta_rows
   tiles16 = cta_rows // TILE16
   t_iters, n_iters, k_iters = mp // tile_t, np_ // cta_rows, kp // GROUP
+  splits = cfg.split_k
+  k_iters //= splits  # the groups of one split (gemm checks that split_k divides them)
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
   qx_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
@@ -203,10 +212,13 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
       def _first_turn():
         plgpu.barrier_arrive(turns.at[0])
 
-    @plgpu.nd_loop((n_iters * t_iters,), collective_axes="sm")
+    @plgpu.nd_loop((n_iters * t_iters * splits,), collective_axes="sm")
     def _tiles(info: plgpu.NDLoopInfo):
       (lin,) = info.index
+      s_idx, lin = lin % splits, lin // splits
       n_idx, t_idx = lin // t_iters, lin % t_iters  # token tiles minor: a weight tile's reads share L2
+      out = out_gmem.at[s_idx] if splits > 1 else out_gmem
+      groups = pl.ds(s_idx * k_iters, k_iters)  # this split's K-groups
       t_slice = pl.ds(t_idx * tile_t, tile_t)
       rows = pl.ds(wg * ROWS, ROWS)
 
@@ -216,11 +228,11 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         if cfg.epilogue == "out_t":
           out_smem[wg] = acc.astype(out_gmem.dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[my_rows, t_slice])
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[my_rows, t_slice])
         else:
           out_smem.at[wg].T[...] = acc.astype(out_gmem.dtype)  # [64, tile_t] into the [tile_t, 64] buffer
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[t_slice, my_rows])
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out.at[t_slice, my_rows])
 
       def compute_context(run):
         acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
@@ -250,8 +262,10 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         return wg_layout(carry + wg_layout(exact.astype(jnp.float32)) * wg_layout(scale))
 
       pipeline(step, compute_context)(
-          qx_gmem.at[t_slice], *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16)]] * 3,
-          sx_gmem.at[:, t_slice], xs_gmem.at[:, t_slice], sw_gmem.at[:, pl.ds(n_idx * cta_rows, cta_rows)],
+          qx_gmem.at[t_slice, pl.ds(s_idx * k_iters * GROUP, k_iters * GROUP)],
+          *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * 3,
+          sx_gmem.at[groups, t_slice], xs_gmem.at[groups, t_slice],
+          sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)],
           allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -275,15 +289,25 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   if sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp) or sw_t.shape != (groups, np_):
     raise ValueError(f"sx_t {sx_t.shape}, xs_t {xs_t.shape} must be [G, Mp] = {(groups, mp)} and sw_t "
                      f"{sw_t.shape} [G, Np]")
+  if groups % config.split_k:
+    raise ValueError(f"split_k={config.split_k} must divide the {groups} K-groups")
   out_t = config.epilogue == "out_t"
+  splits = config.split_k
+  if splits > 1:  # fp32 partial sums, added below
+    out_dtype, final_dtype = jnp.float32, out_dtype
+  if out_t is False and jnp.dtype(out_dtype).itemsize != 2:
+    # Mosaic GPU (jax 0.11.2) finds no register layout for the transposed store of 4-byte values.
+    raise ValueError(f"epilogue='smem_transpose' writes 2-byte outputs only; the kernel writes {jnp.dtype(out_dtype).name}"
+                     + (" partial sums (split_k > 1)" if splits > 1 else "") + ": use epilogue='out_t'")
   tile = (ROWS, config.tile_t) if out_t else (config.tile_t, ROWS)
   out_swizzle = plgpu.find_swizzle(tile[1] * jnp.dtype(out_dtype).itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
-  tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t)
-  return plgpu.kernel(
+  tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t) * splits
+  shape = (np_, mp) if out_t else (mp, np_)
+  y = plgpu.kernel(
       functools.partial(_kernel, cfg=config),
-      out_type=jax.ShapeDtypeStruct((np_, mp) if out_t else (mp, np_), out_dtype),
+      out_type=jax.ShapeDtypeStruct((splits, *shape) if splits > 1 else shape, out_dtype),
       scratch_types=dict(out_smem=plgpu.SMEM((2, *tile), out_dtype, transforms=out_transforms)),
       grid=(min(config.num_sms or num_sms(), tiles),),
       grid_names=("sm",),
@@ -291,6 +315,18 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(qx, w_packed, sx_t, xs_t, sw_t)
+  return jnp.sum(y, axis=0).astype(final_dtype) if splits > 1 else y
+
+
+def split_for(groups: int, tiles: int, num_sms: int) -> int:
+  """The split_k that brings `tiles` CTA tiles closest to filling `num_sms` SMs without going past
+  them: the largest divisor d of the K-groups with tiles * d <= num_sms (1 when tiles fill them), and
+  each split keeping at least 4 groups."""
+  best = 1
+  for d in range(1, groups + 1):
+    if groups % d == 0 and tiles * d <= num_sms and groups // d >= 4:
+      best = d
+  return best
 
 
 @functools.partial(jax.jit, static_argnames=("a_bits", "config"))
@@ -312,6 +348,8 @@ def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_
   if w6a_matmul.weight_bits(w_packed) != 6:
     raise ValueError("w6a_gemm_small takes 'pallas6' weights only (W8A8 runs the large-M Mosaic kernel)")
   cfg = config or default_config(m)
+  if config is None and jnp.dtype(x.dtype).itemsize != 2:  # fp32 out: the transposed store takes 2 bytes only
+    cfg = dataclasses.replace(cfg, epilogue="out_t")
   qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
   qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
   np_ = -(-n // (2 * ROWS)) * 2 * ROWS

@@ -153,6 +153,19 @@ def test_small_m_mosaic_kernel_only_where_a_table_turns_it_on(monkeypatch):
       ["triton", "triton", "triton", "mosaic"]
 
 
+def test_small_m_split_only_where_a_table_sets_it(monkeypatch):
+  """The small-M Mosaic GEMM splits K (fp32 partials, out_t epilogue) only where the table says so:
+  4096 x 4096 at M = 32 has 32 CTA tiles, so 4 splits fill 128 of 132 SMs."""
+  import types
+  from flexq_jax import tuning
+  layer = types.SimpleNamespace(out_features=4096, packed=jnp.zeros((256, 32, 3, 16, 32), jnp.uint8))
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": []})
+  assert backends._small_config(32, layer).split_k == 1
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_small_split": True})
+  cfg = backends._small_config(32, layer)
+  assert (cfg.split_k, cfg.epilogue, cfg.tile_t) == (4, "out_t", 32)
+
+
 def test_tuning_extra_from_the_environment(monkeypatch):
   """$FLEXQ_TUNING_EXTRA merges settings over the committed table (a benchmark tries one)."""
   from flexq_jax import tuning

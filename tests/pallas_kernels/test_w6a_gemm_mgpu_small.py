@@ -64,10 +64,11 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("m,schedule,epilogue", [(1, "serial", "smem_transpose"), (17, "pingpong", "out_t"),
-                                                  (100, "serial", "out_t"), (300, "pingpong", "out_t")])
-def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue):
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue)
+@pytest.mark.parametrize("m,schedule,epilogue,split_k", [(1, "serial", "smem_transpose", 1), (17, "pingpong", "out_t", 1),
+                                                          (100, "serial", "out_t", 5), (300, "pingpong", "out_t", 1),
+                                                          (32, "serial", "out_t", 5)])
+def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k):
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k)
   with jax.sharding.use_abstract_mesh(_H200):
     lowered = jax.jit(lambda x, w, s: ms.w6a_gemm_small(x, w, s, a_bits=6, config=cfg)).trace(
         S((m, 600), jnp.bfloat16), S((13, 5, 3, 16, 32), jnp.uint8), S((208, 5), jnp.float16)).lower(
@@ -75,17 +76,33 @@ def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+def test_split_rules():
+  """split_for fills the SMs with CTAs without passing them, on divisors of the K-groups, >= 4 groups each."""
+  assert ms.split_for(32, 32, 132) == 4  # 4096 x 4096: 32 tiles -> 128 CTAs
+  assert ms.split_for(86, 32, 132) == 2  # K = 11008: 86 = 2 x 43 groups
+  assert ms.split_for(32, 96, 132) == 1 and ms.split_for(32, 200, 132) == 1
+  assert ms.split_for(8, 4, 132) == 2  # at least 4 groups a split
+  with pytest.raises(ValueError, match="2-byte outputs only.*partial sums"):
+    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
+            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
+            config=ms.SmallConfig(tile_t=32, split_k=5))
+  with pytest.raises(ValueError, match="split_k=3 must divide the 5 K-groups"):
+    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
+            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
+            config=ms.SmallConfig(tile_t=32, split_k=3))
+
+
 def _hopper() -> bool:
   return has_gpu() and jax.devices()[0].compute_capability == "9.0"
 
 
-def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose"):
+def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose", split_k=1):
   rng = _rng()
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
   q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
   packed = formats.pack(q, 6, "pallas6", k)
   x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue)
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k)
   out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
   ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
   assert out.shape == (m, n) and out.dtype == dtype
@@ -110,4 +127,13 @@ def test_gpu_against_reference(m, a_bits, n, k):
 def test_gpu_pingpong_out_t_and_fp32(m):
   _check(m, 256, 640, 6, schedule="pingpong", epilogue="out_t")
   _check(m, 384, 640, 8, epilogue="out_t")
-  _check(m, 208, 384, 8, dtype=jnp.float32)
+  _check(m, 208, 384, 8, dtype=jnp.float32, epilogue="out_t")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [16, 100])
+def test_gpu_split_k(m):
+  _check(m, 256, 640, 6, split_k=5, epilogue="out_t")
+  _check(m, 4096, 4096, 8, split_k=4, epilogue="out_t")
+  _check(m, 208, 384, 6, dtype=jnp.float32, split_k=3, epilogue="out_t")
