@@ -50,6 +50,8 @@ ROWS: tuple[tuple[str, QuantConfig | None, bool], ...] = (
     ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ) = flexq-jax default",
      QuantConfig(a8_selection="sensitivity", **GPTQ), True),
     ("W6A6 + measured A8 (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="measured", **GPTQ), True),
+    ("W6A16 (Hadamard rotation + sequential GPTQ)",
+     QuantConfig(a_bits=16, a8_selection="none", gptq_sequential=True, **GPTQ), True),
     ("W6A16 (Hadamard rotation + GPTQ + learned clipping)",
      QuantConfig(a_bits=16, a8_selection="none", weight_clipping="learned", **GPTQ), True),
     ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ + learned clipping)",

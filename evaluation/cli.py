@@ -147,6 +147,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                  help="'learned': per-group clipping of the weight scales learned with Adam on the calibration "
                       "statistics (OmniQuant's LWC; flexq_jax/clipping.py), before GPTQ or rounding; "
                       "default none (max|w| / 31)")
+  p.add_argument("--gptq-calibration", choices=("float", "sequential"), default="float",
+                 help="GPTQ's calibration statistics: 'float': one pass of the float model for every layer "
+                      "(default); 'sequential': block by block on the hidden states of the blocks before it "
+                      "as already quantized (GPTQ's own practice)")
   p.add_argument("--clipping-steps", type=int, default=100,
                  help="Adam steps per layer of --weight-clipping learned (default 100)")
   p.add_argument("--a8-budget", type=float, default=None,
@@ -202,7 +206,8 @@ def _quant_config(args):
     raise ValueError(f"--clipping-steps {args.clipping_steps} must be >= 1")
   return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
                      a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha,
-                     weight_clipping=args.weight_clipping, clipping_steps=args.clipping_steps)
+                     weight_clipping=args.weight_clipping, clipping_steps=args.clipping_steps,
+                     gptq_sequential=args.gptq_calibration == "sequential")
 
 
 def _check_options(args) -> None:

@@ -94,3 +94,23 @@ def collect_input_stats(
     recorder._last_input = None
     forward_fn(probed, jnp.asarray(calib_batch[start:start + batch_rows]))
   return recorder.stats
+
+
+def collect_block_stats(layer: dict, projections: dict[str, str],
+                        chunks: list[tuple[Callable[[dict, jax.Array], jax.Array], jax.Array]]) -> dict[str, InputStats]:
+  """The statistics of one decoder block's projections on given block inputs (sequential
+  calibration: the inputs come from the blocks before it as already quantized).
+
+  Args:
+    layer: the block's weights; projections {name in layer: path} are probed.
+    chunks: (run, h) a calibration chunk: run(layer, h) -> h one block (models.llama.block_runner),
+      h the block's input hidden states [B, T, D].
+  """
+  recorder = _Recorder()
+  for run, h in chunks:
+    probed = dict(layer)
+    for name, path in projections.items():
+      probed[name] = _Probe(layer[name], path, recorder)
+    recorder._last_input = None
+    run(probed, h)
+  return recorder.stats

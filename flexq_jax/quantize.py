@@ -116,7 +116,13 @@ def quantize(
 
   stats = None
   learned_clipping = config.weight_clipping == "learned"
-  if config.weight_method == "gptq" or config.smooth_alpha is not None or learned_clipping:
+  sequential = config.gptq_sequential and (config.weight_method == "gptq" or learned_clipping)
+  if sequential and config.smooth_alpha is not None:
+    raise ValueError("gptq_sequential=True does not combine with smooth_alpha (smoothing needs every layer's "
+                     "float statistics first); use one or the other")
+  if sequential:
+    pass  # statistics block by block, inside the weight loop below
+  elif config.weight_method == "gptq" or config.smooth_alpha is not None or learned_clipping:
     say("calibration statistics (one forward pass)")
     t0 = time.perf_counter()
     stats = input_stats.collect_input_stats(params, paths, forward, calib_batch)
@@ -139,7 +145,10 @@ def quantize(
   t0 = time.perf_counter()
   quantized = {}
   clip_errors = []
+  block_inputs = _SequentialInputs(params, model_config, calib_batch) if sequential else None
   for path, idx in paths.items():
+    if block_inputs is not None and block_inputs.block != idx[1]:  # a new block: its inputs' statistics
+      stats = block_inputs.enter(idx[1], quantized)
     w = jnp.asarray(get_at(params, idx)).T  # [N, K]
     group = config.group_size or core.padded_k(w.shape[1])
     h = scales = None
@@ -188,6 +197,42 @@ def quantize(
     layers.append(LayerReport(path, k, n, config.w_bits, a_bits[path], why[path], scores.get(path), 2 * k * n,
                               layer.nbytes))
   return qparams, QuantReport(config.to_dict(), layers, config.unmatched_rules(paths), seconds)
+
+
+class _SequentialInputs:
+  """Sequential calibration (GPTQ's own practice): block i's statistics are taken on the hidden
+  states that blocks 0..i-1 produce with their weights already quantized (dequantized, float
+  activations), so each block's error compensation also sees the error of the blocks before it.
+  One eager pass per block over its probes plus one jitted pass to move the hidden states on: about
+  the cost of the single float pass it replaces."""
+
+  def __init__(self, params: dict, model_config: LlamaConfig, calib_batch: np.ndarray, rows: int = 4):
+    self.params, self.block = params, None
+    self.chunks = []  # [run, h] a calibration chunk
+    for start in range(0, calib_batch.shape[0], rows):
+      h, run = llama.block_runner(params, model_config, jnp.asarray(calib_batch[start:start + rows]))
+      self.chunks.append([run, h])
+    self._jitted = {}
+
+  def enter(self, block: int, quantized: dict) -> dict:
+    """Moves the hidden states through the blocks before `block` (quantized) and returns the
+    statistics of `block`'s projections on them."""
+    if self.block is not None:
+      layer = dict(self.params["layers"][self.block])
+      for proj in llama.PROJECTIONS:
+        q, s = quantized[f"layers/{self.block}/{proj}"]
+        w = layer[proj]
+        layer[proj] = numerics.dequantize_weight(q, s, w.shape[0]).T.astype(w.dtype)
+      for chunk in self.chunks:
+        run, h = chunk
+        fn = self._jitted.setdefault(id(run), jax.jit(run))
+        chunk[1] = fn(layer, h)
+    if block != (0 if self.block is None else self.block + 1):
+      raise ValueError(f"sequential calibration visits blocks in order; got block {block} after {self.block}")
+    self.block = block
+    layer = self.params["layers"][block]
+    return input_stats.collect_block_stats(layer, {p: f"layers/{block}/{p}" for p in llama.PROJECTIONS},
+                                           [tuple(c) for c in self.chunks])
 
 
 def _choose_activation_bits(params, paths, quantized, config, model_config, calib_batch, say, seconds,

@@ -618,6 +618,22 @@ def forward(
   return logits, KVCache(k=new_k, v=new_v, valid=key_valid, length=cache.length + t)
 
 
+def block_runner(params: Params, config: LlamaConfig, tokens: jax.Array):
+  """The cache-less causal forward one decoder block at a time, for calibration passes that change
+  the weights between blocks (flexq_jax/quantize.py, sequential GPTQ): returns (h, run) with h the
+  embeddings [B, T, D] of `tokens` (all real) and run(layer, h) -> h one block as `forward` runs it.
+  List-form params only."""
+  _check_inputs(config, tokens, None)
+  if is_stacked(params):
+    raise ValueError("block_runner takes list (unstacked) params")
+  t = tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+  visible = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (tokens.shape[0], t, t))
+  inv_freq = rope_inv_freq(config)
+  h = jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+  return h, lambda layer, h: _decoder_block(layer, h, config, positions, inv_freq, visible, None)[0]
+
+
 def lm_head(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
   """Logits [..., V] float32 of final (normed) hidden states h [..., D]: params["lm_head"] when
   present (untied, or a quantized copy of tied embeddings, flexq_jax/lm_head.py), else the tied

@@ -268,3 +268,45 @@ def test_measured_gains_are_the_kl_changes_of_the_deployed_model():
   assert gains[""] == pytest.approx(base, rel=1e-3)
   for c in cands:
     assert gains[c] == pytest.approx(base - kl(c), rel=1e-2, abs=1e-4 * base)
+
+
+def test_sequential_gptq_takes_each_block_s_statistics_after_the_quantized_blocks_before_it():
+  """gptq_sequential: block 0 sees the embeddings either way, so its weights equal the float-
+  statistics run's; block 1's statistics come from block 0 as quantized, so its weights differ,
+  and they equal GPTQ run on the Hessians of exactly those inputs (block 0 dequantized)."""
+  cfg = QuantConfig(a_bits=16, a8_selection="none", smooth_alpha=None)
+  plain, _ = quantize(PARAMS, CALIB, cfg, model_config=CONFIG)
+  seq, report = quantize(PARAMS, CALIB, dataclasses.replace(cfg, gptq_sequential=True), model_config=CONFIG)
+  assert report.config["gptq_sequential"] is True
+  for proj in llama.PROJECTIONS:
+    np.testing.assert_array_equal(np.asarray(seq["layers"][0][proj].packed), np.asarray(plain["layers"][0][proj].packed))
+  assert any(not np.array_equal(np.asarray(seq["layers"][1][p].packed), np.asarray(plain["layers"][1][p].packed))
+             for p in llama.PROJECTIONS)
+  # block 1 by hand: the hidden states after block 0 with its dequantized weights, then GPTQ
+  layer0 = dict(PARAMS["layers"][0])
+  for proj in llama.PROJECTIONS:
+    q = seq["layers"][0][proj]
+    layer0[proj] = numerics.dequantize_weight(*_int_weights(q), PARAMS["layers"][0][proj].shape[0]).T
+  h, run = llama.block_runner(PARAMS, CONFIG, jnp.asarray(CALIB))
+  st = input_stats.collect_block_stats(PARAMS["layers"][1], {"down_proj": "d"}, [(run, run(layer0, h))])["d"]
+  w = jnp.asarray(PARAMS["layers"][1]["down_proj"]).T
+  q_want, s_want = gptq.gptq_quantize(w, st.hessian / st.count, bits=6, group=128)
+  q_got, s_got = _int_weights(seq["layers"][1]["down_proj"])
+  q_plain = _int_weights(plain["layers"][1]["down_proj"])[0]
+  # GPTQ's error feedback turns summation-order differences (jit vs eager) into a few flipped roundings
+  same = np.mean(np.asarray(q_got) == np.asarray(q_want))
+  assert same > 0.995 and same > np.mean(np.asarray(q_got) == np.asarray(q_plain)) + 0.02, (
+      same, np.mean(np.asarray(q_got) == np.asarray(q_plain)))
+  np.testing.assert_allclose(np.asarray(s_got, np.float32), np.asarray(s_want, np.float32), rtol=1e-3)
+
+
+def _int_weights(layer: QuantizedLinear):
+  from flexq_jax import formats
+  return formats.unpack(layer.packed, layer.w_bits, layer.layout, layer.in_features), layer.scales
+
+
+def test_sequential_gptq_refuses_smoothing():
+  with pytest.raises(ValueError, match="gptq_sequential=True does not combine with smooth_alpha"):
+    quantize(PARAMS, CALIB, QuantConfig(gptq_sequential=True, smooth_alpha=0.5), model_config=CONFIG)
+  with pytest.raises(ValueError, match="gptq_sequential must be True or False"):
+    QuantConfig(gptq_sequential=1)
