@@ -7,7 +7,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from models import llama
 RTN = dict(weight_method="rtn", smooth_alpha=None)
 GPTQ = dict(weight_method="gptq", smooth_alpha=None)
 GPTQ_SQ = dict(weight_method="gptq", smooth_alpha=0.5)
+GPTQ_D01 = dict(weight_method="gptq", smooth_alpha=None, gptq_damp=0.01)  # the default damping until 2026-12-01
 
 # (row label, QuantConfig or None for the float model, rotate first: flexq_jax/rotation.py). Every W6
 # row uses g = 128 for weights and activations; the budget of A8 layers is FlexQ's (one in seven:
@@ -44,18 +45,27 @@ ROWS: tuple[tuple[str, QuantConfig | None, bool], ...] = (
     ("W6A6 + sensitivity-chosen A8 (GPTQ + smoothing 0.5)", QuantConfig(a8_selection="sensitivity", **GPTQ_SQ),
      False),
     ("W6A16 (Hadamard rotation + GPTQ)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ), True),
-    ("W6A6 everywhere (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="none", **GPTQ), True),
-    ("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ),
-     True),
     ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ) = flexq-jax default",
      QuantConfig(a8_selection="sensitivity", **GPTQ), True),
+    ("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ),
+     True),
+    ("W6A6 everywhere (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="none", **GPTQ), True),
     ("W6A6 + measured A8 (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="measured", **GPTQ), True),
-    ("W6A16 (Hadamard rotation + sequential GPTQ)",
-     QuantConfig(a_bits=16, a8_selection="none", gptq_sequential=True, **GPTQ), True),
-    ("W6A16 (Hadamard rotation + GPTQ + learned clipping)",
-     QuantConfig(a_bits=16, a8_selection="none", weight_clipping="learned", **GPTQ), True),
-    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ + learned clipping)",
-     QuantConfig(a8_selection="sensitivity", weight_clipping="learned", **GPTQ), True),
+    # GPTQ damping 0.01 (the default until 2026-12-01; the rows below were measured then)
+    ("W6A16 (Hadamard rotation + GPTQ damp 0.01)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ_D01), True),
+    ("W6A6 everywhere (Hadamard rotation + GPTQ damp 0.01)", QuantConfig(a8_selection="none", **GPTQ_D01), True),
+    ("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ damp 0.01)",
+     QuantConfig(a8_selection="down_proj", **GPTQ_D01), True),
+    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ damp 0.01)",
+     QuantConfig(a8_selection="sensitivity", **GPTQ_D01), True),
+    ("W6A6 + measured A8 (Hadamard rotation + GPTQ damp 0.01)", QuantConfig(a8_selection="measured", **GPTQ_D01),
+     True),
+    ("W6A16 (Hadamard rotation + sequential GPTQ damp 0.01)",
+     QuantConfig(a_bits=16, a8_selection="none", gptq_sequential=True, **GPTQ_D01), True),
+    ("W6A16 (Hadamard rotation + GPTQ damp 0.01 + learned clipping)",
+     QuantConfig(a_bits=16, a8_selection="none", weight_clipping="learned", **GPTQ_D01), True),
+    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ damp 0.01 + learned clipping)",
+     QuantConfig(a8_selection="sensitivity", weight_clipping="learned", **GPTQ_D01), True),
 )
 
 
@@ -74,7 +84,8 @@ class Row:
 def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
               rows=ROWS, backend: str = "dequant", log: Callable[[str], None] = print,
               on_row: Callable[[Row], None] | None = None, done: dict[str, Row] | None = None,
-              heldout_windows: np.ndarray | None = None) -> list[Row]:
+              heldout_windows: np.ndarray | None = None,
+              sample: Callable[[str, Any, Any], None] | None = None) -> list[Row]:
   """Evaluates every row on the same windows (and heldout_windows, when given); the float row must
   come first.
 
@@ -110,6 +121,8 @@ def run_table(config, params, windows: np.ndarray, calib_batch: np.ndarray, *,
       p = place(p, backend)[0]
       a8 = sum(1 for l in report.layers if l.a_bits == qcfg.sensitive_a_bits and l.a_bits != qcfg.a_bits)
     tq = time.perf_counter() - t0
+    if sample is not None:  # e.g. evaluation/screen.py's chat answer, from the model as evaluated
+      sample(label, cfg, p)
     logits = functools.partial(llama.logits_fn(cfg), p)
     res = perplexity.perplexity(logits, windows, progress=False)
     base = base if base is not None else res.ppl

@@ -147,6 +147,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                  help="'learned': per-group clipping of the weight scales learned with Adam on the calibration "
                       "statistics (OmniQuant's LWC; flexq_jax/clipping.py), before GPTQ or rounding; "
                       "default none (max|w| / 31)")
+  p.add_argument("--gptq-damp", type=float, default=0.1,
+                 help="GPTQ's diagonal damping, a fraction of the Hessian's mean diagonal (default 0.1; GPTQ's "
+                      "usual 0.01 overfits 8 x 512 calibration tokens: results/raw/gptq-damping-2026-12-01.md)")
   p.add_argument("--gptq-calibration", choices=("float", "sequential"), default="float",
                  help="GPTQ's calibration statistics: 'float': one pass of the float model for every layer "
                       "(default); 'sequential': block by block on the hidden states of the blocks before it "
@@ -204,10 +207,12 @@ def _quant_config(args):
     raise ValueError(f"--smooth-alpha {args.smooth_alpha} must be in [0, 1] or 'none'")
   if args.clipping_steps < 1:
     raise ValueError(f"--clipping-steps {args.clipping_steps} must be >= 1")
+  if not (args.gptq_damp > 0 and math.isfinite(args.gptq_damp)):
+    raise ValueError(f"--gptq-damp {args.gptq_damp} must be a positive finite number")
   return QuantConfig(weight_method=args.weight_method, a8_selection=args.a8_selection, a8_budget=budget,
                      a_bits=args.a_bits, rules=tuple(rules), smooth_alpha=args.smooth_alpha,
                      weight_clipping=args.weight_clipping, clipping_steps=args.clipping_steps,
-                     gptq_sequential=args.gptq_calibration == "sequential")
+                     gptq_sequential=args.gptq_calibration == "sequential", gptq_damp=args.gptq_damp)
 
 
 def _check_options(args) -> None:

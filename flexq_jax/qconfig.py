@@ -39,7 +39,12 @@ class QuantConfig:
   # overrides the selection. Rules that match nothing are listed in the report.
   rules: tuple[tuple[str, int], ...] = ()
   weight_method: str = "gptq"  # "rtn" (round to nearest) or "gptq" (error compensation)
-  gptq_damp: float = 0.01  # GPTQ diagonal damping (fraction of mean diag(H))
+  # GPTQ diagonal damping (fraction of mean diag(H)). 0.1, not GPTQ's usual 0.01: with 8 x 512
+  # calibration tokens 0.01 overfits the calibration text (SmolLM2-135M, rotation, W6A16 on 2 x 2048
+  # tokens: +0.84% / +1.11% held-out at 0.01, +0.69 / +0.54 at 0.03, +0.61 / +0.50 at 0.1, +0.63 /
+  # +0.51 at 0.3, +1.08 / +0.64 at 1.0; results/raw/gptq-damping-2026-12-01.md), and it broke
+  # the chat answers (the main job's "capital of France" sample).
+  gptq_damp: float = 0.1
   gptq_act_order: bool = True  # GPTQ visits the most active input channels first
   # GPTQ's statistics of block i taken on the hidden states of blocks 0..i-1 already quantized
   # (sequential calibration) instead of the float model's (False: one float pass for all layers)
@@ -55,6 +60,8 @@ class QuantConfig:
   layout: str = "bitplanes"  # packed weight layout (flexq_jax.formats)
 
   def __post_init__(self):
+    if not (isinstance(self.gptq_damp, (int, float)) and 0 < self.gptq_damp < float("inf")):
+      raise ValueError(f"gptq_damp must be a positive finite number, got {self.gptq_damp!r}")
     if not isinstance(self.gptq_sequential, bool):
       raise ValueError(f"gptq_sequential must be True or False, got {self.gptq_sequential!r}")
     if not 2 <= self.w_bits <= 8:

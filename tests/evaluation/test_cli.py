@@ -74,3 +74,19 @@ def test_weight_clipping_and_measured_selection_options():
     parse("--clipping-steps", "0")
   with pytest.raises(SystemExit):
     cli.build_parser().parse_args(["quantize", "--weight-clipping", "magic"])
+  assert (parse().gptq_damp, parse().gptq_sequential) == (0.1, False)
+  cfg = parse("--gptq-damp", "0.03", "--gptq-calibration", "sequential")
+  assert (cfg.gptq_damp, cfg.gptq_sequential) == (0.03, True)
+  for bad in ("0", "nan", "-1"):
+    with pytest.raises(ValueError, match=f"--gptq-damp {float(bad)} must be a positive finite number"):
+      parse("--gptq-damp", bad)
+
+
+def test_screen_rows_are_checked_before_any_loading():
+  from evaluation import screen
+  label, cfg = screen.parse_row('damp={"a_bits": 16, "gptq_damp": 0.3}')
+  assert (label, cfg.a_bits, cfg.gptq_damp, cfg.smooth_alpha) == ("damp", 16, 0.3, None)
+  for bad, msg in (("nolabel", "LABEL=JSON"), ("x={1", "not JSON"), ("x=[1]", "object of QuantConfig"),
+                   ('x={"bogus": 1}', "bogus"), ('x={"gptq_damp": -1}', "gptq_damp must be a positive")):
+    with pytest.raises(ValueError, match=msg):
+      screen.parse_row(bad)

@@ -290,7 +290,7 @@ def test_sequential_gptq_takes_each_block_s_statistics_after_the_quantized_block
   h, run = llama.block_runner(PARAMS, CONFIG, jnp.asarray(CALIB))
   st = input_stats.collect_block_stats(PARAMS["layers"][1], {"down_proj": "d"}, [(run, run(layer0, h))])["d"]
   w = jnp.asarray(PARAMS["layers"][1]["down_proj"]).T
-  q_want, s_want = gptq.gptq_quantize(w, st.hessian / st.count, bits=6, group=128)
+  q_want, s_want = gptq.gptq_quantize(w, st.hessian / st.count, bits=6, group=128, damp=cfg.gptq_damp)
   q_got, s_got = _int_weights(seq["layers"][1]["down_proj"])
   q_plain = _int_weights(plain["layers"][1]["down_proj"])[0]
   # GPTQ's error feedback turns summation-order differences (jit vs eager) into a few flipped roundings
