@@ -11,24 +11,34 @@ def test_table_rows_are_what_the_issue_asks_for():
   assert len(set(labels)) == len(labels)
   configs = {label: c for label, c, _ in accuracy.ROWS}
   rotated = {label for label, _, rot in accuracy.ROWS if rot}
-  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 7
+  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 13
   w8a8 = next(c for l, c in configs.items() if l.startswith("W8A8"))
   assert (w8a8.w_bits, w8a8.a_bits, w8a8.group_size, w8a8.smooth_alpha) == (8, 8, None, 0.5)
   paper = [(l, c) for l, c in configs.items() if "paper rule" in l]
   ours = [(l, c) for l, c in configs.items() if "sensitivity-chosen" in l and "clipping" not in l]
-  assert len(paper) == len(ours) == 4  # RTN, GPTQ, GPTQ + smoothing, rotation: pairs differ only in the selection
+  # RTN, GPTQ, GPTQ + smoothing, rotation, rotation with damping 0.01: pairs differ only in the selection
+  assert len(paper) == len(ours) == 5
   for (lp, p), (lo, o) in zip(paper, ours):
-    assert (p.weight_method, p.smooth_alpha, lp in rotated) == (o.weight_method, o.smooth_alpha, lo in rotated)
+    assert dataclasses.replace(p, a8_selection="sensitivity") == o and (lp in rotated) == (lo in rotated)
     assert (p.a8_selection, o.a8_selection) == ("down_proj", "sensitivity")
   measured = [c for l, c in configs.items() if "measured A8" in l]
-  assert len(measured) == 1 and dataclasses.replace(measured[0], a8_selection="down_proj") == paper[-1][1]
-  # Learned clipping: the rotated W6A16 and default rows again, with only the clipping added.
-  clipped = {l: c for l, c in configs.items() if "learned clipping" in l}
-  assert len(clipped) == 2 and set(clipped) <= rotated
-  for label, c in clipped.items():
-    twin = configs[label.replace(" + learned clipping", "") + (" = flexq-jax default" if "A8" in label else "")]
-    assert c.weight_clipping == "learned" and twin.weight_clipping == "none"
-    assert dataclasses.replace(c, weight_clipping="none") == twin
+  assert [dataclasses.replace(c, a8_selection="down_proj") for c in measured] == [paper[-2][1], paper[-1][1]]
+  # The default row is the library's default method (rotation aside, which the row applies).
+  default = next(c for l, c in configs.items() if l.endswith("= flexq-jax default"))
+  assert dataclasses.replace(default, smooth_alpha=0.5) == type(default)()
+  # Rows labelled "damp 0.01": the rotated rows again, GPTQ's damping at its earlier default.
+  for label, c in configs.items():
+    if "damp 0.01" in label and "learned clipping" not in label and "sequential" not in label:
+      twin = label.replace(" damp 0.01", "") + (" = flexq-jax default" if "sensitivity" in label else "")
+      assert c.gptq_damp == 0.01 and configs[twin].gptq_damp == 0.1
+      assert dataclasses.replace(c, gptq_damp=0.1) == configs[twin]
+  # Learned clipping and sequential calibration: a damping-0.01 row again with only that added.
+  for key, field, value in (("learned clipping", "weight_clipping", "learned"), ("sequential", "gptq_sequential", True)):
+    rows = {l: c for l, c in configs.items() if key in l}
+    assert len(rows) == (2 if key == "learned clipping" else 1) and set(rows) <= rotated
+    for label, c in rows.items():
+      twin = configs[label.replace(" + learned clipping", "").replace("sequential GPTQ", "GPTQ")]
+      assert getattr(c, field) == value and dataclasses.replace(c, **{field: getattr(twin, field)}) == twin
 
 
 def test_markdown_and_resume(tmp_path):
