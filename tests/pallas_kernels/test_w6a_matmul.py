@@ -373,10 +373,12 @@ def test_kernel_quantizer_rounds_exact_ties_as_the_contract(a_bits):
 @pytest.mark.parametrize("dtype,w_dtype,m,k", [(jnp.float32, jnp.float32, 33, 256), (jnp.bfloat16, jnp.float32, 16, 640),
                                                (jnp.bfloat16, jnp.bfloat16, 5, 300), (jnp.float32, jnp.float32, 3, 2200)])
 def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
-  """norm_quantize(h, w) against quantize_activations(models.llama.rms_norm(h, w)), same tiling: fp32
-  exactly; in bf16 the float norm may round differently (XLA's order of the sum of squares and its
-  excess precision), so at most one q_x step apart, in a few percent of the elements, and s_x within
-  about one bf16 ulp. Ragged M and K; A6 and A8; phase-major and K-order layouts."""
+  """norm_quantize(h, w) against quantize_activations(models.llama.rms_norm(h, w)), same tiling. The
+  kernel adds the sum of squares in its own order (1024-column steps), so a normalized value may move
+  by an ulp and cross a rounding boundary: in fp32 q_x at most one step apart in under 1% of the
+  elements and s_x within one step of its grid (seen: 1 of 288 at K = 2200); in bf16 (XLA's excess
+  precision too) at most one q_x step in a few percent, s_x within about one bf16 ulp. sum(q_x) is
+  always exactly the written q_x's. Ragged M and K; A6 and A8; phase-major and K-order layouts."""
   from models.llama import rms_norm
   rng = _rng()
   h = jnp.asarray(rng.standard_normal((m, k)) * 3, dtype)
@@ -389,14 +391,10 @@ def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
       assert [a.shape for a in fused] == [a.shape for a in plain] and [a.dtype for a in fused] == [a.dtype for a in plain]
       q1, s1, x1 = (np.asarray(a) for a in fused)
       q2, s2, x2 = (np.asarray(a) for a in plain)
-      if dtype == jnp.float32:
-        np.testing.assert_array_equal(q1, q2)
-        np.testing.assert_array_equal(s1, s2)
-        np.testing.assert_array_equal(x1, x2)
-        continue
+      fp32 = dtype == jnp.float32
       steps = np.abs(q1.astype(np.int32) - q2.astype(np.int32))
-      assert steps.max() <= 1 and steps.mean() < 0.05, (steps.max(), steps.mean())
-      np.testing.assert_allclose(s1, s2, rtol=2 ** -7)
+      assert steps.max() <= 1 and steps.mean() < (0.01 if fp32 else 0.05), (steps.max(), steps.mean())
+      np.testing.assert_allclose(s1, s2, rtol=2 ** -12 if fp32 else 2 ** -7)
       np.testing.assert_array_equal(x1, q1.reshape(*x1.shape, 128).astype(np.int32).sum(-1))
 
 
