@@ -690,8 +690,7 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
                             x, p, s, a_bits=a_bits,
                             config=dataclasses.replace(mgs.default_config(m), epilogue="out_t"))),
                         ("small_split", lambda x, p, s: mgs.w6a_gemm_small(
-                            x, p, s, a_bits=a_bits, config=dataclasses.replace(mgs.default_config(m), epilogue="out_t", split_k=mgs.split_for(
-                                p.shape[1], -(-n // 128) * -(-m // mgs.default_config(m).tile_t), mgs.num_sms()))))):
+                            x, p, s, a_bits=a_bits, config=mgs.split_config(m, n, p.shape[1])))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err

@@ -192,13 +192,9 @@ class Pallas(Backend):
 def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
   "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM)."""
-  device = jax.devices()[0]
-  cfg = w6a_gemm_mgpu_small.default_config(m)
-  if not (tuning.load_table(tuning.card_name(device)) or {}).get("mosaic_small_split"):
-    return cfg
-  tiles = -(-layer.out_features // cfg.cta_rows) * -(-m // cfg.tile_t)
-  split = w6a_gemm_mgpu_small.split_for(layer.packed.shape[1], tiles, w6a_gemm_mgpu_small.num_sms())
-  return dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
+  if not (tuning.load_table(tuning.card_name(jax.devices()[0])) or {}).get("mosaic_small_split"):
+    return w6a_gemm_mgpu_small.default_config(m)
+  return w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1])
 
 
 class Bmma(Backend):

@@ -120,9 +120,8 @@ def quantize(
   if sequential and config.smooth_alpha is not None:
     raise ValueError("gptq_sequential=True does not combine with smooth_alpha (smoothing needs every layer's "
                      "float statistics first); use one or the other")
-  if sequential:
-    pass  # statistics block by block, inside the weight loop below
-  elif config.weight_method == "gptq" or config.smooth_alpha is not None or learned_clipping:
+  # Sequential calibration takes its statistics block by block, inside the weight loop below.
+  if not sequential and (config.weight_method == "gptq" or config.smooth_alpha is not None or learned_clipping):
     say("calibration statistics (one forward pass)")
     t0 = time.perf_counter()
     stats = input_stats.collect_input_stats(params, paths, forward, calib_batch)

@@ -329,6 +329,15 @@ def split_for(groups: int, tiles: int, num_sms: int) -> int:
   return best
 
 
+def split_config(m: int, n: int, groups: int) -> SmallConfig:
+  """default_config(m) split along K by split_for until every SM has a CTA (the out_t epilogue where
+  it splits: fp32 partials)."""
+  cfg = default_config(m)
+  tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
+  split = split_for(groups, tiles, num_sms())
+  return dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
+
+
 @functools.partial(jax.jit, static_argnames=("a_bits", "config"))
 def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
                    config: SmallConfig | None = None) -> jax.Array:
