@@ -707,6 +707,77 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
   return rows
 
 
+def small_candidates(m: int, n: int, groups: int) -> list[tuple[str, "mgs.SmallConfig"]]:
+  """Tilings of the small-M kernel worth timing at (M, N, K-groups): unsplit and split along K by
+  split_for, each with 1, 2 and 4 groups a ring slot (where they divide a split's groups), ring depth
+  4 or the deepest that fits below it. (Deeper rings than 4 gained nothing at 1 group a slot, H200
+  2026-12-02: the step is bound by the consumer's instruction chain, not by memory latency.)"""
+  out = []
+  for split_cfg in (mgs.default_config(m), mgs.split_config(m, n, groups)):
+    if out and split_cfg.split_k == 1:
+      break  # split_for keeps 1: nothing new
+    size = 4 if split_cfg.split_k > 1 or split_cfg.epilogue == "out_t" else 2
+    for gps in (1, 2, 4):
+      if (groups // split_cfg.split_k) % gps:
+        continue
+      ring = min(4, mgs.max_ring(split_cfg.tile_t, size, gps))
+      if ring < 2:
+        continue
+      cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps)
+      out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{cfg.split_k}", cfg))
+  return out
+
+
+def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """The small-M kernel's tilings (small_candidates) against the Triton kernel and XLA's bf16 dot,
+  W6A6, whole ops, side by side per shape and M."""
+  rows = []
+  for name, n, k, m, x, _, key in _sweep_cases(shapes, ms):
+    floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+    row = dict(shape=name, n=n, k=k, m=m, a_bits=6, floor_us=floor, bf16_us=bench_xla(x, n, k, key)[0] * 1e6)
+    ops = [("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=6))]
+    ops += [(label, lambda x, p, s, cfg=cfg: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=cfg))
+            for label, cfg in small_candidates(m, n, -(-k // 128))]
+    for label, op in ops:
+      try:
+        t, err = _bench_w6(op, x, n, k, 6, key, "pallas6", check=True)
+        row[label] = dict(us=t * 1e6, err=err)
+      except Exception as e:  # report and go on
+        log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
+        row[label] = dict(us=float("nan"), err=float("nan"))
+    rows.append(row)
+    log(f"small-sweep {name:12s} M={m:4d}: floor {floor:5.1f} bf16 {row['bf16_us']:6.1f} | " + " | ".join(
+        f"{lab} {row[lab]['us']:6.1f} ({row['bf16_us'] / row[lab]['us']:.2f}x, err {row[lab]['err']:.0e})"
+        for lab, _ in ops))
+  return rows
+
+
+def probe_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """Where the small-M kernel's time goes: its default tiling (split along K where split_for splits)
+  timed whole and under each SmallConfig.probe (the TMA ring alone, no unpack, no scaling; the
+  probes' results are wrong, so unchecked), with the weights' wide (256-byte) and narrow (32-byte)
+  TMA rows, W6A6."""
+  rows = []
+  for name, n, k, m, x, _, key in _sweep_cases(shapes, ms):
+    cfg = mgs.split_config(m, n, -(-k // 128))
+    row = dict(shape=name, n=n, k=k, m=m, config=str(cfg))
+    labels = []
+    for wide in (True, False):
+      for probe in ("", "tma_only", "no_unpack", "no_scale"):
+        label = (probe or "whole") + ("" if wide else "/narrow")
+        c = dataclasses.replace(cfg, probe=probe, wide_tma=wide)
+        op = lambda x, p, s, c=c: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=c)
+        try:
+          row[label] = _bench_w6(op, x, n, k, 6, key, "pallas6", check=not probe)[0] * 1e6
+        except Exception as e:  # report and go on
+          log(f"  probe {label} failed: {type(e).__name__}: {str(e)[:400]}")
+          row[label] = float("nan")
+        labels.append(label)
+    rows.append(row)
+    log(f"small-probe {name:12s} M={m:4d} split {cfg.split_k}: " + " | ".join(f"{p} {row[p]:6.1f}" for p in labels))
+  return rows
+
+
 def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
   lines = [f"# Decode GEMV, Pallas vs CUDA (flexq_jax/cuda/gemv.py): {card}, {date}", "",
            "Median device microseconds per call, whole ops (activation quantizer included), W6, against the "
@@ -773,6 +844,10 @@ def main(argv=None) -> None:
                        "writes <card>-<date>-gemv-cuda.{md,json} to --out-dir")
   ap.add_argument("--mgpu-small", action="store_true",
                   help="the small-M Mosaic GPU kernel against the Triton kernel and bf16 (writes <card>-<date>-mgpu-small.json)")
+  ap.add_argument("--sweep-mgpu-small", action="store_true",
+                  help="time the small-M Mosaic kernel's tilings (ring depth, split-K) against Triton and bf16, W6A6")
+  ap.add_argument("--probe-mgpu-small", action="store_true",
+                  help="time the small-M Mosaic kernel whole and under its probes (TMA ring alone, no unpack, no scaling)")
   ap.add_argument("--sweep-mgpu", action="store_true",
                   help="time the Mosaic GPU GEMM's tilings (and its parts) against cuBLAS / XLA / Triton")
   ap.add_argument("--probe-mgpu", action="store_true",
@@ -821,6 +896,16 @@ def main(argv=None) -> None:
     return
   if args.gemv_cuda:
     _write_rows(args.out_dir, "gemv-cuda", compare_gemv_cuda(shapes, ms, log), gemv_cuda_markdown)
+    return
+  if args.probe_mgpu_small:
+    rows = probe_mgpu_small(shapes, ms, log)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"mgpu-small-probe-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    return
+  if args.sweep_mgpu_small:
+    rows = sweep_mgpu_small(shapes, ms, log)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"mgpu-small-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
     return
   if args.mgpu_small:
     _write_rows(args.out_dir, "mgpu-small", compare_mgpu_small(shapes, ms, log))

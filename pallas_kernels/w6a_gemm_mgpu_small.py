@@ -63,14 +63,30 @@ class SmallConfig:
   epilogue: str = "smem_transpose"  # "smem_transpose": each [64, tile_t] tile stored through a transposed view
   #                                   of a [tile_t, 64] buffer, TMA to y [M, N]; "out_t": y^T [N, M] written,
   #                                   the op transposes it (XLA; M * N * 4 bytes more traffic)
+  groups_per_step: int = 1  # 128-groups in one ring slot (1, 2 or 4): each group's WGMMA is issued as soon as its
+  #                           weights are unpacked, and a group is scaled while the next ones run on the tensor
+  #                           cores (wgmma_wait(n)); fewer ring handshakes a group. Must divide a split's groups
   split_k: int = 1  # CTAs sharing one output tile along K: each sums a contiguous 1/split_k of the groups into
   #                  an fp32 partial [split_k, ...] that XLA adds (epilogue "out_t": fp32 values do not take the
   #                  transposed store) (a narrow layer has fewer 128-row tiles than SMs,
   #                  and each CTA's steps run one after another: 4096 x 4096 took ~19 us at M = 16-32 on an H200
   #                  with 32 CTAs busy, as long as 12288 x 4096 with 96); must divide the K-groups
   num_sms: int | None = None
+  wide_tma: bool = True  # the weight planes' TMA boxes read as [.., 2, 256] (256-byte rows) instead of their stored
+  #                        [.., 16, 32] (32-byte rows; same bytes, same shared-memory image): with 32-byte rows the TMA
+  #                        ring alone took ~19 us on 12288 x 4096 at M = 16 (H200, 2026-12-02, probe "tma_only"),
+  #                        about the whole kernel's time
+  probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
+  #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
+  #                  "no_scale" (the int32 sums added unscaled)
 
   def __post_init__(self):
+    if self.probe not in ("", "tma_only", "no_unpack", "no_scale"):
+      raise ValueError(f"probe={self.probe!r} must be '', 'tma_only', 'no_unpack' or 'no_scale'")
+    if self.groups_per_step not in (1, 2, 4):
+      raise ValueError(f"groups_per_step={self.groups_per_step} must be 1, 2 or 4")
+    if self.groups_per_step > 1 and self.schedule == "pingpong":
+      raise ValueError("schedule='pingpong' takes groups_per_step=1 only")
     if self.split_k < 1:
       raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.epilogue not in ("smem_transpose", "out_t"):
@@ -91,6 +107,20 @@ class SmallConfig:
   @property
   def cta_rows(self) -> int:
     return 2 * ROWS  # two consumer warpgroups
+
+
+SMEM_BUDGET = 200 * 1024  # of the H100 / H200's 227 KB of shared memory a CTA, with room for barriers
+
+
+def stage_bytes(tile_t: int, groups_per_step: int = 1) -> int:
+  """Shared memory of one TMA ring slot, per group: q_x [tile_t, 128] int8, three planes of 128 weight
+  rows (128 x 32 bytes each), s_x and sum(q_x) [tile_t] 4 bytes each, s_w [128] fp32."""
+  return groups_per_step * (tile_t * GROUP + 3 * 2 * ROWS * 32 + 2 * tile_t * 4 + 2 * ROWS * 4)
+
+
+def max_ring(tile_t: int, out_itemsize: int = 4, groups_per_step: int = 1) -> int:
+  """The deepest TMA ring that fits SMEM_BUDGET beside the two epilogue buffers (2 x tile_t x 64 outputs)."""
+  return (SMEM_BUDGET - 2 * tile_t * ROWS * out_itemsize) // stage_bytes(tile_t, groups_per_step)
 
 
 def default_config(m: int) -> SmallConfig:
@@ -129,8 +159,8 @@ NUMPY_OPS = _WordOps(shr=lambda a, n: a >> np.uint32(n), shl=lambda a, n: a << n
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
                    return_type=plgpu.ShapeDtypeStruct((ROWS, GROUP), jnp.int8, layout=_L8))
 def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
-  """The three "pallas6" planes of 64 weight rows (smem uint8 [4, 1, 1, 16, 32] each, as TMA
-  wrote them) -> int8 [64, 128] u = q + 32 in registers, columns phase-major (32 p + t), in the
+  """The three "pallas6" planes of 64 weight rows (smem uint8 [4, 1, 1, 16, 32] each, or the same
+  bytes as [4, 1, 1, 2, 256], as TMA wrote them) -> int8 [64, 128] u = q + 32 in registers, columns phase-major (32 p + t), in the
   layout of the int8 WGMMA's A operand.
 
   On whole 32-bit registers (4 weights each; Mosaic GPU shifts no 8-bit vectors):
@@ -161,7 +191,7 @@ def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
 
 
 def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
-            w_gmem,  # "pallas6" [N/16, G, 3, 16, 32] uint8
+            w_gmem,  # "pallas6" [N/16, G, 3, 16, 32] uint8 (wide_tma: viewed as [N/16, G, 3, 2, 256])
             sx_gmem,  # [G, Mp] f32
             xs_gmem,  # [G, Mp] int32: sum(q_x) per token and group
             sw_gmem,  # [G, Np] f32
@@ -173,25 +203,26 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
   tile_t, cta_rows = cfg.tile_t, cfg.cta_rows
   tiles16 = cta_rows // TILE16
   t_iters, n_iters, k_iters = mp // tile_t, np_ // cta_rows, kp // GROUP
-  splits = cfg.split_k
+  splits, gps = cfg.split_k, cfg.groups_per_step
   k_iters //= splits  # the groups of one split (gemm checks that split_k divides them)
+  k_steps = k_iters // gps  # ring slots of one split (gemm checks that groups_per_step divides them)
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
   qx_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
-  def plane_spec(j):  # one of the three planes of the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] = [128, 32]
-    return plgpu.BlockSpec((tiles16, 1, 1, TILE16, 32), lambda k, j=j: (0, k, j, 0, 0))
+  def plane_spec(i, j):  # plane j of group i of the step, the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] = [128, 32]
+    return plgpu.BlockSpec((tiles16, 1, 1, *w_gmem.shape[3:]), lambda k, i=i, j=j: (0, k * gps + i, j, 0, 0))
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body,
-        grid=(k_iters,),
+        grid=(k_steps,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((tile_t, GROUP), lambda k: (0, k), transforms=qx_transforms),
-            plane_spec(0), plane_spec(1), plane_spec(2),
-            plgpu.BlockSpec((1, tile_t), lambda k: (k, 0)),
-            plgpu.BlockSpec((1, tile_t), lambda k: (k, 0)),
-            plgpu.BlockSpec((1, cta_rows), lambda k: (k, 0)),
+            plgpu.BlockSpec((tile_t, gps * GROUP), lambda k: (0, k), transforms=qx_transforms),
+            *[plane_spec(i, j) for i in range(gps) for j in range(3)],
+            plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0)),
+            plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0)),
+            plgpu.BlockSpec((gps, cta_rows), lambda k: (k, 0)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -200,7 +231,7 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
     )
 
   ignore = lambda *_, **__: None
-  allocs = pipeline(ignore, ignore).get_allocations(qx_gmem, w_gmem, w_gmem, w_gmem, sx_gmem, xs_gmem, sw_gmem)
+  allocs = pipeline(ignore, ignore).get_allocations(qx_gmem, *[w_gmem] * (3 * gps), sx_gmem, xs_gmem, sw_gmem)
 
   @functools.partial(pl.run_scoped, allocs=allocs,
                      turns=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.schedule == "pingpong" else None,
@@ -238,32 +269,48 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
         epilogue(run(acc))
 
-      def step(_, qx_smem, p0_smem, p1_smem, p2_smem, sx_smem, xs_smem, sw_smem, carry):
+      def step(_, qx_smem, *refs):
+        *planes, sx_smem, xs_smem, sw_smem, carry = refs
         mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
-        a = _unpack(p0_smem.at[mine], p1_smem.at[mine], p2_smem.at[mine])  # [64, 128] int8 in registers
-        sw = plgpu.load(sw_smem.at[0, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
-        sx = plgpu.load(sx_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
-        xs = plgpu.load(xs_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
-
-        def group_sum(acc_ref):
-          if cfg.schedule == "pingpong":
-            plgpu.barrier_wait(turns.at[wg])
-          plgpu.wgmma(acc_ref, a, qx_smem.T)
-          part = plgpu.wgmma_accumulator_load(acc_ref)
-          if cfg.schedule == "pingpong":
-            plgpu.barrier_arrive(turns.at[1 - wg])
-          return part
-
         wg_layout = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pinned: Mosaic's layout search gives up otherwise
-        part = wg_layout(pl.run_scoped(group_sum, plgpu.ACC((ROWS, tile_t), jnp.int32)))
-        exact = wg_layout(part - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
-        scale = wg_layout(lax.broadcast_in_dim(sw, (ROWS, tile_t), (0,))) * wg_layout(
-            lax.broadcast_in_dim(sx, (ROWS, tile_t), (1,)))
-        return wg_layout(carry + wg_layout(exact.astype(jnp.float32)) * wg_layout(scale))
+
+        def scaled(part, i):  # group i's exact sums (int32 WGMMA result - 32 sum(q_x)) * s_w[n] * s_x[m]
+          if cfg.probe == "no_scale":
+            return wg_layout(wg_layout(part).astype(jnp.float32))
+          sw = plgpu.load(sw_smem.at[i, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
+          sx = plgpu.load(sx_smem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
+          xs = plgpu.load(xs_smem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
+          exact = wg_layout(wg_layout(part) - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
+          scale = wg_layout(lax.broadcast_in_dim(sw, (ROWS, tile_t), (0,))) * wg_layout(
+              lax.broadcast_in_dim(sx, (ROWS, tile_t), (1,)))
+          return wg_layout(wg_layout(exact.astype(jnp.float32)) * wg_layout(scale))
+
+        def group_sums(*acc_refs):
+          for i, acc_ref in enumerate(acc_refs):  # issue every group's WGMMA as soon as its weights are unpacked
+            if cfg.probe == "no_unpack":
+              a = plgpu.layout_cast(jnp.full((ROWS, GROUP), 1, jnp.int8), _L8)
+            else:
+              a = _unpack(*[planes[3 * i + j].at[mine] for j in range(3)])  # [64, 128] int8 in registers
+            b = qx_smem.T if gps == 1 else qx_smem.at[:, pl.ds(i * GROUP, GROUP)].T
+            if cfg.schedule == "pingpong":
+              plgpu.barrier_wait(turns.at[wg])
+            plgpu.wgmma(acc_ref, a, b)
+          if cfg.schedule == "pingpong":
+            part = plgpu.wgmma_accumulator_load(acc_refs[0])
+            plgpu.barrier_arrive(turns.at[1 - wg])
+            return carry + scaled(part, 0)
+          acc = carry
+          for i, acc_ref in enumerate(acc_refs):  # group i scaled while the later groups' WGMMAs run
+            acc = wg_layout(acc + scaled(plgpu.wgmma_accumulator_load(acc_ref, wait_n=gps - 1 - i), i))
+          return acc
+
+        if cfg.probe == "tma_only":
+          return carry
+        return pl.run_scoped(group_sums, *[plgpu.ACC((ROWS, tile_t), jnp.int32)] * gps)
 
       pipeline(step, compute_context)(
           qx_gmem.at[t_slice, pl.ds(s_idx * k_iters * GROUP, k_iters * GROUP)],
-          *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * 3,
+          *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * (3 * gps),
           sx_gmem.at[groups, t_slice], xs_gmem.at[groups, t_slice],
           sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)],
           allocations=allocs)
@@ -291,14 +338,24 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
                      f"{sw_t.shape} [G, Np]")
   if groups % config.split_k:
     raise ValueError(f"split_k={config.split_k} must divide the {groups} K-groups")
+  if (groups // config.split_k) % config.groups_per_step:
+    raise ValueError(f"groups_per_step={config.groups_per_step} must divide the {groups // config.split_k} K-groups "
+                     f"of a split (split_k={config.split_k})")
   out_t = config.epilogue == "out_t"
   splits = config.split_k
+  smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + 2 * config.tile_t * ROWS * (
+      4 if splits > 1 else jnp.dtype(out_dtype).itemsize)
+  if smem > 227 * 1024:
+    raise ValueError(f"{config}: the TMA ring and epilogue buffers need {smem} bytes of shared memory, more than a Hopper "
+                     f"CTA's 227 KB: fewer max_concurrent_steps (max_ring gives the deepest that fits) or groups_per_step")
   if splits > 1:  # fp32 partial sums, added below
     out_dtype, final_dtype = jnp.float32, out_dtype
   if out_t is False and jnp.dtype(out_dtype).itemsize != 2:
     # Mosaic GPU (jax 0.11.2) finds no register layout for the transposed store of 4-byte values.
     raise ValueError(f"epilogue='smem_transpose' writes 2-byte outputs only; the kernel writes {jnp.dtype(out_dtype).name}"
                      + (" partial sums (split_k > 1)" if splits > 1 else "") + ": use epilogue='out_t'")
+  if config.wide_tma:  # the same bytes, 256-byte TMA rows (a free reshape: each plane's 16 x 32 bytes are contiguous)
+    w_packed = w_packed.reshape(*w_packed.shape[:3], 2, TILE16 * 32 // 2)
   tile = (ROWS, config.tile_t) if out_t else (config.tile_t, ROWS)
   out_swizzle = plgpu.find_swizzle(tile[1] * jnp.dtype(out_dtype).itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),

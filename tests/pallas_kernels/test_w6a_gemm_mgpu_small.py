@@ -64,14 +64,18 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("m,schedule,epilogue,split_k", [(1, "serial", "smem_transpose", 1), (17, "pingpong", "out_t", 1),
-                                                          (100, "serial", "out_t", 5), (300, "pingpong", "out_t", 1),
-                                                          (32, "serial", "out_t", 5)])
-def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k):
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k)
+@pytest.mark.parametrize("m,schedule,epilogue,split_k,gps,k", [
+    (1, "serial", "smem_transpose", 1, 1, 600), (17, "pingpong", "out_t", 1, 1, 600), (100, "serial", "out_t", 5, 1, 600),
+    (300, "pingpong", "out_t", 1, 1, 600), (32, "serial", "out_t", 5, 1, 600), (16, "serial", "smem_transpose", 1, 2, 1024),
+    (64, "serial", "out_t", 2, 4, 1024)])
+def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gps, k):
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
+                            groups_per_step=gps)
+  cfg = dataclasses.replace(cfg, max_concurrent_steps=min(4, ms.max_ring(cfg.tile_t, 4, gps)))
+  g = -(-k // 128)
   with jax.sharding.use_abstract_mesh(_H200):
     lowered = jax.jit(lambda x, w, s: ms.w6a_gemm_small(x, w, s, a_bits=6, config=cfg)).trace(
-        S((m, 600), jnp.bfloat16), S((13, 5, 3, 16, 32), jnp.uint8), S((208, 5), jnp.float16)).lower(
+        S((m, k), jnp.bfloat16), S((13, g, 3, 16, 32), jnp.uint8), S((208, g), jnp.float16)).lower(
             lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 
@@ -90,19 +94,32 @@ def test_split_rules():
     ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
             jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
             config=ms.SmallConfig(tile_t=32, split_k=3))
+  with pytest.raises(ValueError, match="groups_per_step=2 must divide the 5 K-groups"):
+    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
+            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
+            config=ms.SmallConfig(tile_t=32, groups_per_step=2))
+  with pytest.raises(ValueError, match="more than a Hopper CTA's 227 KB"):
+    ms.gemm(jnp.zeros((128, 1024), jnp.int8), jnp.zeros((8, 128)), jnp.zeros((8, 128), jnp.int32),
+            jnp.zeros((8, 8, 3, 16, 32), jnp.uint8), jnp.zeros((8, 128)), out_dtype=jnp.bfloat16,
+            config=ms.SmallConfig(tile_t=128, groups_per_step=4))
+  with pytest.raises(ValueError, match="pingpong' takes groups_per_step=1"):
+    ms.SmallConfig(schedule="pingpong", epilogue="out_t", groups_per_step=2)
 
 
 def _hopper() -> bool:
   return has_gpu() and jax.devices()[0].compute_capability == "9.0"
 
 
-def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose", split_k=1):
+def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose", split_k=1, gps=1):
   rng = _rng()
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
   q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
   packed = formats.pack(q, 6, "pallas6", k)
   x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
-  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k)
+  cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
+                            groups_per_step=gps)
+  size = 4 if split_k > 1 or dtype == jnp.float32 else 2
+  cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, ms.max_ring(cfg.tile_t, size, gps)))
   out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
   ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
   assert out.shape == (m, n) and out.dtype == dtype
@@ -137,3 +154,22 @@ def test_gpu_split_k(m):
   _check(m, 256, 640, 6, split_k=5, epilogue="out_t")
   _check(m, 4096, 4096, 8, split_k=4, epilogue="out_t")
   _check(m, 208, 384, 6, dtype=jnp.float32, split_k=3, epilogue="out_t")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m,gps", [(16, 2), (100, 2), (16, 4), (64, 4)])  # (4 groups of 128 tokens do not fit)
+def test_gpu_groups_per_step(m, gps):
+  _check(m, 4096, 4096, 6, gps=gps)
+  _check(m, 256, 1024, 8, split_k=2, gps=gps, epilogue="out_t")
+  _check(m, 208, 1000, 6, gps=gps)  # ragged N and K: 8 groups, the last zero-padded
+
+
+@pytest.mark.parametrize("tile_t", [32, 64, 128])
+def test_the_deepest_ring_fits_shared_memory(tile_t):
+  """max_ring: the ring and both epilogue buffers stay inside the budget, which leaves room under
+  the 227 KB a Hopper CTA may use; one slot more would not fit."""
+  for size in (2, 4):
+    ring = ms.max_ring(tile_t, size)
+    used = ring * ms.stage_bytes(tile_t) + 2 * tile_t * ms.ROWS * size
+    assert ring >= 4 and used <= ms.SMEM_BUDGET < used + ms.stage_bytes(tile_t) and ms.SMEM_BUDGET < 227 * 1024
