@@ -50,6 +50,8 @@ ROWS: tuple[tuple[str, QuantConfig | None, bool], ...] = (
     ("W6A6 + down_proj A8, paper rule (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="down_proj", **GPTQ),
      True),
     ("W6A6 everywhere (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="none", **GPTQ), True),
+    # The ceiling of any A8 selection: every layer at 8 bits (what the 30 chosen layers can at most recover)
+    ("W6A8 everywhere (Hadamard rotation + GPTQ)", QuantConfig(a_bits=8, a8_selection="none", **GPTQ), True),
     ("W6A6 + measured A8 (Hadamard rotation + GPTQ)", QuantConfig(a8_selection="measured", **GPTQ), True),
     # GPTQ damping 0.01 (the default until 2026-12-01; the rows below were measured then)
     ("W6A16 (Hadamard rotation + GPTQ damp 0.01)", QuantConfig(a_bits=16, a8_selection="none", **GPTQ_D01), True),

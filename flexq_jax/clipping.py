@@ -93,3 +93,37 @@ def learn_clipping(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: in
   learned = (jax.nn.sigmoid(theta) * amax / qmax).astype(jnp.float16)
   e_plain, e_learned = error(plain), error(learned)
   return jnp.where(e_learned < e_plain, learned, plain), e_plain, jnp.minimum(e_learned, e_plain)
+
+
+MSE_GRID = tuple(1.0 - 0.02 * i for i in range(16))  # clipping factors tried: 1.0, 0.98, ..., 0.70
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "grid"))
+def mse_clipping(w: jax.Array, hessian: jax.Array | None = None, *, bits: int = 6, group: int = 128,
+                 grid: tuple[float, ...] = MSE_GRID) -> jax.Array:
+  """Group scales by grid search: for each (row, K-group) the factor gamma in `grid` whose scale
+  gamma * max|w_group| / qmax rounds the group with the least error sum_j d_j (w_j - Q(w_j))^2,
+  d = diag(hessian) (each input channel weighted by its mean square activation; None: 1). Unlike
+  learn_clipping it sees the calibration data only through that diagonal, a per-channel energy,
+  so it cannot fit the calibration text's cross-channel structure.
+
+  Returns fp16 scales [N, Kp / group] (gamma = 1.0, the plain max|w| / qmax, is in the grid, so no
+  group's weighted error grows)."""
+  n, k = w.shape
+  kp = core.padded_k(k)
+  qmin, qmax = core.qrange(bits)
+  wg = pad_k(w.astype(jnp.float32), kp).reshape(n, kp // group, group)
+  d = jnp.ones((kp,), jnp.float32) if hessian is None else jnp.zeros((kp,), jnp.float32).at[:k].set(
+      jnp.diag(hessian).astype(jnp.float32))
+  d = d.reshape(kp // group, group)
+  amax = jnp.max(jnp.abs(wg), axis=-1)
+
+  def error(gamma):  # [N, G]: the weighted error of each group at this factor, fp16 scales as stored
+    s = (gamma * amax / qmax).astype(jnp.float16).astype(jnp.float32)
+    s_safe = jnp.where(s > 0, s, 1.0)[..., None]
+    e = wg - jnp.clip(jnp.round(wg / s_safe), qmin, qmax) * s_safe
+    return jnp.sum(d * e * e, axis=-1)
+
+  errors = jnp.stack([error(g) for g in grid])  # [len(grid), N, G]
+  best = jnp.asarray(grid, jnp.float32)[jnp.argmin(errors, axis=0)]  # first minimum: the least clipping wins ties
+  return (best * amax / qmax).astype(jnp.float16)

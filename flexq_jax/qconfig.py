@@ -8,7 +8,7 @@ import re
 from flexq_jax import formats
 
 WEIGHT_METHODS = ("rtn", "gptq")
-WEIGHT_CLIPPINGS = ("none", "learned")
+WEIGHT_CLIPPINGS = ("none", "learned", "mse")
 A8_SELECTIONS = ("sensitivity", "measured", "down_proj", "none")
 
 
@@ -50,7 +50,9 @@ class QuantConfig:
   # (sequential calibration) instead of the float model's (False: one float pass for all layers)
   gptq_sequential: bool = False
   # "learned": per-group clipping of the weight scales learned on the calibration statistics
-  # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "none": max|w| / qmax.
+  # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "mse": a grid search per group
+  # for the clipping factor with the least rounding error weighted by diag(H) (clipping.mse_clipping);
+  # "none": max|w| / qmax.
   # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but
   # from +0.88% to +1.06% on held-out news (results/raw/weight-clipping-2026-12-01.md).
   weight_clipping: str = "none"

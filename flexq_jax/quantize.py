@@ -161,6 +161,8 @@ def quantize(
       scales, e_plain, e_clip = clipping.learn_clipping(w, h, bits=config.w_bits, group=group,
                                                         steps=config.clipping_steps, lr=config.clipping_lr)
       clip_errors.append((float(e_plain), float(e_clip)))
+    if config.weight_clipping == "mse":
+      scales = clipping.mse_clipping(w, h, bits=config.w_bits, group=group)
     if config.weight_method == "gptq":
       q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=group, damp=config.gptq_damp,
                                 act_order=config.gptq_act_order, scales=scales)

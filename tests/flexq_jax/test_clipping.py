@@ -59,3 +59,23 @@ def test_clipping_options_are_checked():
     QuantConfig(measure_candidates=0)
   with pytest.raises(ValueError, match="measure_rows must be"):
     QuantConfig(measure_rows=True)
+
+
+def test_mse_clipping_never_raises_a_groups_weighted_error():
+  w, x = _layer(2)
+  h = x.T @ x
+  d = np.diag(np.asarray(h)).reshape(2, 128)
+  plain_q, plain_s = numerics.quantize_weight(w, 6, 128)
+  scales = clipping.mse_clipping(w, h)
+  assert scales.dtype == jnp.float16 and scales.shape == plain_s.shape
+  assert np.all(np.asarray(scales, np.float32) <= np.asarray(plain_s, np.float32))
+  q, s = numerics.quantize_weight(w, 6, 128, scales=scales)
+
+  def group_errors(q, s):  # [N, G]: sum_j d_j (w_j - Q(w_j))^2 per group
+    e = np.asarray(w - numerics.dequantize_weight(q, s, w.shape[1]), np.float64).reshape(64, 2, 128)
+    return np.sum(d * e * e, axis=-1)
+
+  before, after = group_errors(plain_q, plain_s), group_errors(q, s)
+  assert np.all(after <= before * (1 + 1e-6)) and after.sum() < 0.95 * before.sum()  # heavy tails: clipping pays
+  assert np.any(np.asarray(scales) != np.asarray(plain_s))
+  QuantConfig(weight_clipping="mse")  # accepted

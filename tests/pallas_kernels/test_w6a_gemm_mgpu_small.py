@@ -86,22 +86,19 @@ def test_split_rules():
   assert ms.split_for(86, 32, 132) == 2  # K = 11008: 86 = 2 x 43 groups
   assert ms.split_for(32, 96, 132) == 1 and ms.split_for(32, 200, 132) == 1
   assert ms.split_for(8, 4, 132) == 2  # at least 4 groups a split
+  def gemm_on_zeros(config, m=32, groups=5):  # prepared operands of zeros: only the checks run
+    return ms.gemm(jnp.zeros((m, groups * 128), jnp.int8), jnp.zeros((groups, m)), jnp.zeros((groups, m), jnp.int32),
+                   jnp.zeros((8, groups, 3, 16, 32), jnp.uint8), jnp.zeros((groups, 128)), out_dtype=jnp.bfloat16,
+                   config=config)
+
   with pytest.raises(ValueError, match="2-byte outputs only.*partial sums"):
-    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
-            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
-            config=ms.SmallConfig(tile_t=32, split_k=5))
+    gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=5))
   with pytest.raises(ValueError, match="split_k=3 must divide the 5 K-groups"):
-    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
-            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
-            config=ms.SmallConfig(tile_t=32, split_k=3))
+    gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=3))
   with pytest.raises(ValueError, match="groups_per_step=2 must divide the 5 K-groups"):
-    ms.gemm(jnp.zeros((32, 640), jnp.int8), jnp.zeros((5, 32)), jnp.zeros((5, 32), jnp.int32),
-            jnp.zeros((8, 5, 3, 16, 32), jnp.uint8), jnp.zeros((5, 128)), out_dtype=jnp.bfloat16,
-            config=ms.SmallConfig(tile_t=32, groups_per_step=2))
+    gemm_on_zeros(ms.SmallConfig(tile_t=32, groups_per_step=2))
   with pytest.raises(ValueError, match="more than a Hopper CTA's 227 KB"):
-    ms.gemm(jnp.zeros((128, 1024), jnp.int8), jnp.zeros((8, 128)), jnp.zeros((8, 128), jnp.int32),
-            jnp.zeros((8, 8, 3, 16, 32), jnp.uint8), jnp.zeros((8, 128)), out_dtype=jnp.bfloat16,
-            config=ms.SmallConfig(tile_t=128, groups_per_step=4))
+    gemm_on_zeros(ms.SmallConfig(tile_t=128, groups_per_step=4), m=128, groups=8)
   with pytest.raises(ValueError, match="pingpong' takes groups_per_step=1"):
     ms.SmallConfig(schedule="pingpong", epilogue="out_t", groups_per_step=2)
 
