@@ -28,6 +28,9 @@ class QuantConfig:
   # 0.30 points better than "high" and 0.52 better than the down_proj rule (SmolLM2, 8 x 2048
   # Wikipedia tokens, default method: results/raw/sensitivity-from-2026-12-01.md).
   sensitivity_from: str = "low"
+  # The A8 budget chosen in this many passes (sensitivity_from="low" only): each pass runs the layers
+  # already chosen at sensitive_a_bits and re-scores the rest, so the choice sees how switches interact.
+  sensitivity_rounds: int = 1
   # a8_selection="measured": the sensitivity analysis names measure_candidates layers (None = twice
   # the budget), each is measured switched alone to sensitive_a_bits (KL divergence from the float
   # model on the first measure_rows calibration rows), and the budget goes to the largest gains.
@@ -87,6 +90,11 @@ class QuantConfig:
       raise ValueError(f"clipping_lr must be a positive finite number, got {self.clipping_lr!r}")
     if self.sensitivity_from not in ("high", "low"):
       raise ValueError(f"sensitivity_from must be 'high' or 'low', got {self.sensitivity_from!r}")
+    r = self.sensitivity_rounds
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+      raise ValueError(f"sensitivity_rounds must be an integer >= 1, got {r!r}")
+    if r > 1 and self.sensitivity_from != "low":
+      raise ValueError("sensitivity_rounds > 1 needs sensitivity_from='low' (rounds switch layers up from a_bits)")
     if self.a8_selection not in A8_SELECTIONS:
       raise ValueError(f"a8_selection must be one of {A8_SELECTIONS}, got {self.a8_selection!r}")
     if self.layout not in formats.LAYOUTS:

@@ -267,12 +267,22 @@ def _choose_activation_bits(params, paths, quantized, config, model_config, cali
     lo, hi = config.a_bits, config.sensitive_a_bits
     if config.sensitivity_from == "low":
       lo, hi = hi, lo
-    sens = sensitivity.activation_sensitivity(
-        params, kernels, {p: paths[p] for p in free}, _summed_nll(model_config), calib_batch,
-        lo_bits=lo, hi_bits=hi, group_size=config.group_size)
+    # In rounds (sensitivity_rounds > 1): each round's pass runs the layers chosen so far at
+    # sensitive_a_bits, scores the rest, and takes its share of the budget; a layer keeps the score of
+    # the round that scored it last.
+    rounds = config.sensitivity_rounds if config.a8_selection == "sensitivity" else 1
+    chosen: list[str] = []
+    for r in range(rounds):
+      if r:
+        say(f"sensitivity analysis, round {r + 1} of {rounds} ({len(chosen)} layers at A{config.sensitive_a_bits})")
+      sens = sensitivity.activation_sensitivity(
+          params, kernels, {p: paths[p] for p in free}, _summed_nll(model_config), calib_batch,
+          lo_bits=lo, hi_bits=hi, group_size=config.group_size, switched=frozenset(chosen))
+      scores.update({p: s.fisher for p, s in sens.items() if p not in chosen})
+      rest = sorted((p for p in free if p not in chosen), key=lambda p: -scores[p])
+      chosen += rest[:-(-(budget - len(chosen)) // (rounds - r))]
     seconds["sensitivity"] = time.perf_counter() - t0
-    scores = {p: s.fisher for p, s in sens.items()}
-    ranked = sorted(free, key=lambda p: -scores[p])
+    ranked = chosen + sorted((p for p in free if p not in chosen), key=lambda p: -scores[p])
     reason = "sensitivity"
     if config.a8_selection == "measured":
       candidates = ranked[:config.measure_candidates or 2 * budget]

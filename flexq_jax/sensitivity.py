@@ -59,14 +59,16 @@ class _SwitchProbe:
   q_w: jax.Array  # int8 [N, Kp]: the quantized weight (dequantized inside, one layer at a time)
   s_w: jax.Array  # fp16 [N, Kp / group]
   t: jax.Array  # [tokens] zeros: d loss / d t is the sensitivity signal
+  flip: jax.Array  # scalar 0 or 1: 1 = this layer already switched (its base is lo_bits; its own score is moot)
   lo_bits: int = flax.struct.field(pytree_node=False)
   hi_bits: int = flax.struct.field(pytree_node=False)
   group_size: int | None = flax.struct.field(pytree_node=False)
 
   def __rmatmul__(self, x):
     x2, lo, hi, kernel = _probe_parts(self, x)
-    x_hi = x2 + jax.lax.stop_gradient(hi - x2)  # straight-through
-    x_in = x_hi + self.t[:, None] * jax.lax.stop_gradient(lo - hi)
+    base = hi + self.flip * (lo - hi)  # an array, not a branch: stacked layers share one scanned body
+    x_base = x2 + jax.lax.stop_gradient(base - x2)  # straight-through
+    x_in = x_base + self.t[:, None] * jax.lax.stop_gradient(lo + hi - 2 * base)  # toward the other width
     return (x_in @ kernel).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -88,6 +90,7 @@ def activation_sensitivity(
     hi_bits: int = 8,
     group_size: int | None = 128,
     batch_rows: int = 1,
+    switched: frozenset[str] = frozenset(),
 ) -> dict[str, LayerSensitivity]:
   """Scores every layer in `kernels` by the estimated loss increase of going hi_bits -> lo_bits.
 
@@ -102,6 +105,8 @@ def activation_sensitivity(
     lo_bits, hi_bits: the two activation widths compared.
     group_size: activation group size.
     batch_rows: rows per forward/backward (bounds memory); scores add up over chunks.
+    switched: layers already moved to lo_bits (their activations run at lo_bits in the pass; their
+      own scores are returned but mean the way back).
 
   Returns:
     {path: LayerSensitivity}.
@@ -111,18 +116,18 @@ def activation_sensitivity(
   first = {p: 0.0 for p in kernels}
   for start in range(0, b, batch_rows):
     tokens = jnp.asarray(calib_batch[start:start + batch_rows])
-    grads = _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size)
+    grads = _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size, switched)
     for p, g in grads.items():
       fisher[p] += 0.5 * float(jnp.sum(g * g))
       first[p] += float(jnp.sum(g))
   return {p: LayerSensitivity(p, fisher[p], first[p]) for p in kernels}
 
 
-def _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size):
+def _grads(params, kernels, paths, loss_fn, tokens, lo_bits, hi_bits, group_size, switched=frozenset()):
   n_tok = tokens.size
   ts = {p: jnp.zeros((n_tok,), jnp.float32) for p in kernels}
   return _grad_fn(loss_fn, tuple(paths[p] for p in kernels), tuple(kernels), lo_bits, hi_bits, group_size)(
-      params, [tuple(kernels[p]) for p in kernels], ts, tokens)
+      params, [(*kernels[p], jnp.float32(p in switched)) for p in kernels], ts, tokens)
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,8 +135,8 @@ def _grad_fn(loss_fn, index_paths, names, lo_bits, hi_bits, group_size):
 
   def with_probes(params, kernels, ts):
     out = copy_containers(params)
-    for idx, name, (q_w, s_w) in zip(index_paths, names, kernels):
-      set_at(out, idx, _SwitchProbe(q_w, s_w, ts[name], lo_bits, hi_bits, group_size))
+    for idx, name, (q_w, s_w, flip) in zip(index_paths, names, kernels):
+      set_at(out, idx, _SwitchProbe(q_w, s_w, ts[name], flip, lo_bits, hi_bits, group_size))
     # One scanned block instead of every layer unrolled: the backward of the unrolled model took
     # ~8 GB to compile on CPU for the default model. Layers whose trees differ (a rule took some
     # projections out of the analysis) stay unrolled.

@@ -229,6 +229,38 @@ def test_sensitivity_scores_the_same_scanned_or_unrolled(monkeypatch):
     assert scanned[p].fisher == pytest.approx(unrolled[p].fisher, rel=1e-3, abs=1e-9)
 
 
+def test_a_switched_layer_runs_at_the_other_width():
+  """`switched` moves a layer's base to lo_bits and its probe toward hi_bits: every layer switched is
+  the same analysis as the widths swapped (exactly), and quantize() in rounds spends the whole budget
+  on distinct layers, the outlier layer first."""
+  from flexq_jax import sensitivity
+  from flexq_jax.quantize import _summed_nll
+  paths = linear_paths(PARAMS)
+  kernels = {p: numerics.quantize_weight(jnp.asarray(PARAMS["layers"][i][proj]).T, 6, 128)
+             for p, (_, i, proj) in paths.items()}
+  swapped = sensitivity.activation_sensitivity(PARAMS, kernels, paths, _summed_nll(CONFIG), CALIB[:1], lo_bits=8,
+                                               hi_bits=6)
+  switched = sensitivity.activation_sensitivity(PARAMS, kernels, paths, _summed_nll(CONFIG), CALIB[:1], lo_bits=6,
+                                                hi_bits=8, switched=frozenset(paths))
+  plain = sensitivity.activation_sensitivity(PARAMS, kernels, paths, _summed_nll(CONFIG), CALIB[:1], lo_bits=6,
+                                             hi_bits=8)
+  for p in paths:
+    assert switched[p].fisher == pytest.approx(swapped[p].fisher, rel=1e-5, abs=1e-12)
+  assert any(switched[p].fisher != pytest.approx(plain[p].fisher, rel=1e-3) for p in paths)
+  params = jax.tree.map(lambda a: a, PARAMS)
+  boost = jnp.ones((384,)).at[jnp.arange(0, 384, 16)].set(1000.0)
+  params["layers"][1]["up_proj"] = params["layers"][1]["up_proj"] * boost[None, :]
+  params["layers"][1]["down_proj"] = params["layers"][1]["down_proj"] / boost[:, None]
+  cfg = QuantConfig(weight_method="rtn", smooth_alpha=None, a8_budget=3, sensitivity_rounds=2)
+  _, report = quantize(params, CALIB, cfg, model_config=CONFIG)
+  a8 = [l.path for l in report.layers if l.a_bits == 8]
+  assert len(a8) == 3 and "layers/1/down_proj" in a8
+  with pytest.raises(ValueError, match="sensitivity_rounds must be an integer >= 1"):
+    QuantConfig(sensitivity_rounds=0)
+  with pytest.raises(ValueError, match="needs sensitivity_from='low'"):
+    QuantConfig(sensitivity_rounds=2, sensitivity_from="high")
+
+
 def test_measured_selection_confirms_the_layer_6_bit_activations_break():
   params = jax.tree.map(lambda a: a, PARAMS)
   layer = params["layers"][1]
