@@ -143,9 +143,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                       "analysis names twice the budget of candidates and each is measured switched alone (KL "
                       "divergence from the float model on 2 calibration rows), the largest gains win; FlexQ's "
                       "released rule (every down_proj); or none")
-  p.add_argument("--weight-clipping", choices=("none", "learned"), default="none",
+  p.add_argument("--weight-clipping", choices=("none", "learned", "mse"), default="none",
                  help="'learned': per-group clipping of the weight scales learned with Adam on the calibration "
-                      "statistics (OmniQuant's LWC; flexq_jax/clipping.py), before GPTQ or rounding; "
+                      "statistics (OmniQuant's LWC; flexq_jax/clipping.py), before GPTQ or rounding; 'mse': the "
+                      "clipping factor of least diag(H)-weighted rounding error, by grid search; "
                       "default none (max|w| / 31)")
   p.add_argument("--gptq-damp", type=float, default=0.1,
                  help="GPTQ's diagonal damping, a fraction of the Hessian's mean diagonal (default 0.1; GPTQ's "

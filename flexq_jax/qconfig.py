@@ -30,6 +30,8 @@ class QuantConfig:
   sensitivity_from: str = "low"
   # The A8 budget chosen in this many passes (sensitivity_from="low" only): each pass runs the layers
   # already chosen at sensitive_a_bits and re-scores the rest, so the choice sees how switches interact.
+  # 1 by default: 3 rounds screened worse than one pass (+1.95% / +1.82% vs +1.72% / +1.27% on 2 x 2048
+  # tokens of each text; results/raw/screens-2026-12-02.md).
   sensitivity_rounds: int = 1
   # a8_selection="measured": the sensitivity analysis names measure_candidates layers (None = twice
   # the budget), each is measured switched alone to sensitive_a_bits (KL divergence from the float
@@ -54,7 +56,8 @@ class QuantConfig:
   gptq_sequential: bool = False
   # "learned": per-group clipping of the weight scales learned on the calibration statistics
   # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "mse": a grid search per group
-  # for the clipping factor with the least rounding error weighted by diag(H) (clipping.mse_clipping);
+  # for the clipping factor with the least rounding error weighted by diag(H) (clipping.mse_clipping;
+  # W6A16 +0.91% / +1.20% vs none's +0.61% / +0.50% on 2 x 2048 tokens, results/raw/screens-2026-12-02.md);
   # "none": max|w| / qmax.
   # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but
   # from +0.88% to +1.06% on held-out news (results/raw/weight-clipping-2026-12-01.md).
