@@ -66,9 +66,10 @@ class _SwitchProbe:
 
   def __rmatmul__(self, x):
     x2, lo, hi, kernel = _probe_parts(self, x)
-    base = hi + self.flip * (lo - hi)  # an array, not a branch: stacked layers share one scanned body
+    # Arrays, not a branch: stacked layers share one scanned body (flip = 0: exactly hi and lo).
+    base, other = hi + self.flip * (lo - hi), lo + self.flip * (hi - lo)
     x_base = x2 + jax.lax.stop_gradient(base - x2)  # straight-through
-    x_in = x_base + self.t[:, None] * jax.lax.stop_gradient(lo + hi - 2 * base)  # toward the other width
+    x_in = x_base + self.t[:, None] * jax.lax.stop_gradient(other - base)  # toward the other width
     return (x_in @ kernel).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 

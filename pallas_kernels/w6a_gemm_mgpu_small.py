@@ -209,7 +209,7 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
   qx_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
-  def plane_spec(i, j):  # plane j of group i of the step, the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] = [128, 32]
+  def plane_spec(i, j):  # plane j of group i of the step, the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] (wide: [.., 2, 256])
     return plgpu.BlockSpec((tiles16, 1, 1, *w_gmem.shape[3:]), lambda k, i=i, j=j: (0, k * gps + i, j, 0, 0))
 
   def pipeline(body, compute_context):
