@@ -11,7 +11,7 @@ def test_table_rows_are_what_the_issue_asks_for():
   assert len(set(labels)) == len(labels)
   configs = {label: c for label, c, _ in accuracy.ROWS}
   rotated = {label for label, _, rot in accuracy.ROWS if rot}
-  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 13
+  assert rotated == {label for label in labels if "rotation" in label} and len(rotated) == 14
   w8a8 = next(c for l, c in configs.items() if l.startswith("W8A8"))
   assert (w8a8.w_bits, w8a8.a_bits, w8a8.group_size, w8a8.smooth_alpha) == (8, 8, None, 0.5)
   paper = [(l, c) for l, c in configs.items() if "paper rule" in l]
@@ -23,6 +23,9 @@ def test_table_rows_are_what_the_issue_asks_for():
     assert (p.a8_selection, o.a8_selection) == ("down_proj", "sensitivity")
   measured = [c for l, c in configs.items() if "measured A8" in l]
   assert [dataclasses.replace(c, a8_selection="down_proj") for c in measured] == [paper[-2][1], paper[-1][1]]
+  # The ceiling of any A8 choice: the default's weights with every layer at 8 bits.
+  ceiling = configs["W6A8 everywhere (Hadamard rotation + GPTQ)"]
+  assert (ceiling.a_bits, ceiling.a8_selection, ceiling.weight_method) == (8, "none", "gptq")
   # The default row is the library's default method (rotation aside, which the row applies).
   default = next(c for l, c in configs.items() if l.endswith("= flexq-jax default"))
   assert dataclasses.replace(default, smooth_alpha=0.5) == type(default)()
