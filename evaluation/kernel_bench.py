@@ -670,6 +670,17 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   return rows
 
 
+def _timed_or_nan(label: str, op, x, n: int, k: int, a_bits: int, key, log, check: bool = True) -> tuple[float, float]:
+  """(us per call, relative error) of op on "pallas6" weights, or (nan, nan) with the failure logged:
+  a kernel variant that fails to compile or run is reported and the comparison goes on."""
+  try:
+    t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=check)
+    return t * 1e6, err
+  except Exception as e:  # report and go on
+    log(f"  {label} failed: {type(e).__name__}: {str(e)[:600]}")
+    return float("nan"), float("nan")
+
+
 def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   """Small M (decode batches), W6A6 and W6A8, side by side in one run: the small-M Mosaic GPU
   kernel (pallas_kernels/w6a_gemm_mgpu_small.py, weights unpacked in registers; its two
@@ -691,12 +702,7 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
                             config=dataclasses.replace(mgs.default_config(m), epilogue="out_t"))),
                         ("small_split", lambda x, p, s: mgs.w6a_gemm_small(
                             x, p, s, a_bits=a_bits, config=mgs.split_config(m, n, p.shape[1])))):
-        try:
-          t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
-          row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
-        except Exception as e:  # report and go on: the kernel's first GPU run
-          log(f"  {label} failed: {type(e).__name__}: {str(e)[:600]}")
-          row[f"{label}_us"] = row[f"{label}_err"] = float("nan")
+        row[f"{label}_us"], row[f"{label}_err"] = _timed_or_nan(label, op, x, n, k, a_bits, key, log)
       rows.append(row)
       log(f"mgpu-small {name:11s} M={m:4d} A{a_bits}: floor {floor:6.1f} | bf16 {t_bf16:7.1f} | triton "
           f"{row['triton_us']:7.1f} (err {row['triton_err']:.1e}) | small {row['small_us']:7.1f} (err "
@@ -711,16 +717,16 @@ def small_candidates(m: int, n: int, groups: int) -> list[tuple[str, "mgs.SmallC
   """Tilings of the small-M kernel worth timing at (M, N, K-groups): unsplit and split along K by
   split_for, each with 1, 2 and 4 groups a ring slot (where they divide a split's groups), ring depth
   4 or the deepest that fits below it. (Deeper rings than 4 gained nothing at 1 group a slot, H200
-  2026-12-02: the step is bound by the consumer's instruction chain, not by memory latency.)"""
+  2026-12-02: a step is not waiting on memory latency; the probes put most of its time in the TMA
+  ring's own cost, results/kernels/NOTES.md.)"""
   out = []
   for split_cfg in (mgs.default_config(m), mgs.split_config(m, n, groups)):
     if out and split_cfg.split_k == 1:
       break  # split_for keeps 1: nothing new
-    size = 4 if split_cfg.split_k > 1 or split_cfg.epilogue == "out_t" else 2
     for gps in (1, 2, 4):
       if (groups // split_cfg.split_k) % gps:
         continue
-      ring = min(4, mgs.max_ring(split_cfg.tile_t, size, gps))
+      ring = min(4, mgs.max_ring(split_cfg.tile_t, mgs.out_itemsize(split_cfg, jnp.bfloat16), gps))
       if ring < 2:
         continue
       cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps)
@@ -739,12 +745,8 @@ def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[
     ops += [(label, lambda x, p, s, cfg=cfg: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=cfg))
             for label, cfg in small_candidates(m, n, -(-k // 128))]
     for label, op in ops:
-      try:
-        t, err = _bench_w6(op, x, n, k, 6, key, "pallas6", check=True)
-        row[label] = dict(us=t * 1e6, err=err)
-      except Exception as e:  # report and go on
-        log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
-        row[label] = dict(us=float("nan"), err=float("nan"))
+      us, err = _timed_or_nan(label, op, x, n, k, 6, key, log)
+      row[label] = dict(us=us, err=err)
     rows.append(row)
     log(f"small-sweep {name:12s} M={m:4d}: floor {floor:5.1f} bf16 {row['bf16_us']:6.1f} | " + " | ".join(
         f"{lab} {row[lab]['us']:6.1f} ({row['bf16_us'] / row[lab]['us']:.2f}x, err {row[lab]['err']:.0e})"
@@ -767,11 +769,7 @@ def probe_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[
         label = (probe or "whole") + ("" if wide else "/narrow")
         c = dataclasses.replace(cfg, probe=probe, wide_tma=wide)
         op = lambda x, p, s, c=c: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=c)
-        try:
-          row[label] = _bench_w6(op, x, n, k, 6, key, "pallas6", check=not probe)[0] * 1e6
-        except Exception as e:  # report and go on
-          log(f"  probe {label} failed: {type(e).__name__}: {str(e)[:400]}")
-          row[label] = float("nan")
+        row[label] = _timed_or_nan(f"probe {label}", op, x, n, k, 6, key, log, check=not probe)[0]
         labels.append(label)
     rows.append(row)
     log(f"small-probe {name:12s} M={m:4d} split {cfg.split_k}: " + " | ".join(f"{p} {row[p]:6.1f}" for p in labels))
@@ -898,14 +896,10 @@ def main(argv=None) -> None:
     _write_rows(args.out_dir, "gemv-cuda", compare_gemv_cuda(shapes, ms, log), gemv_cuda_markdown)
     return
   if args.probe_mgpu_small:
-    rows = probe_mgpu_small(shapes, ms, log)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.out_dir) / f"mgpu-small-probe-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    _write_rows(args.out_dir, "mgpu-small-probe", probe_mgpu_small(shapes, ms, log))
     return
   if args.sweep_mgpu_small:
-    rows = sweep_mgpu_small(shapes, ms, log)
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.out_dir) / f"mgpu-small-sweep-{tuning.card_name()}.json").write_text(json.dumps(rows, indent=1))
+    _write_rows(args.out_dir, "mgpu-small-sweep", sweep_mgpu_small(shapes, ms, log))
     return
   if args.mgpu_small:
     _write_rows(args.out_dir, "mgpu-small", compare_mgpu_small(shapes, ms, log))

@@ -56,7 +56,8 @@ class QuantConfig:
   gptq_sequential: bool = False
   # "learned": per-group clipping of the weight scales learned on the calibration statistics
   # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "mse": a grid search per group
-  # for the clipping factor with the least rounding error weighted by diag(H) (clipping.mse_clipping;
+  # for the clipping factor with the least rounding error weighted by diag(H) (unweighted under RTN
+  # without smoothing, which collects no statistics) (clipping.mse_clipping;
   # W6A16 +0.91% / +1.20% vs none's +0.61% / +0.50% on 2 x 2048 tokens, results/raw/screens-2026-12-02.md);
   # "none": max|w| / qmax.
   # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but

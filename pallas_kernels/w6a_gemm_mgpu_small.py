@@ -109,7 +109,8 @@ class SmallConfig:
     return 2 * ROWS  # two consumer warpgroups
 
 
-SMEM_BUDGET = 200 * 1024  # of the H100 / H200's 227 KB of shared memory a CTA, with room for barriers
+SMEM_LIMIT = 227 * 1024  # shared memory a Hopper CTA may use
+SMEM_BUDGET = 200 * 1024  # what max_ring fills of it, with room for barriers
 
 
 def stage_bytes(tile_t: int, groups_per_step: int = 1) -> int:
@@ -118,9 +119,19 @@ def stage_bytes(tile_t: int, groups_per_step: int = 1) -> int:
   return groups_per_step * (tile_t * GROUP + 3 * 2 * ROWS * 32 + 2 * tile_t * 4 + 2 * ROWS * 4)
 
 
+def epilogue_bytes(tile_t: int, out_itemsize: int) -> int:
+  """The two consumers' epilogue buffers: [tile_t, 64] outputs each."""
+  return 2 * tile_t * ROWS * out_itemsize
+
+
+def out_itemsize(config: "SmallConfig", out_dtype) -> int:
+  """Bytes of one value the kernel writes: fp32 partial sums where it splits K, else out_dtype."""
+  return 4 if config.split_k > 1 else jnp.dtype(out_dtype).itemsize
+
+
 def max_ring(tile_t: int, out_itemsize: int = 4, groups_per_step: int = 1) -> int:
-  """The deepest TMA ring that fits SMEM_BUDGET beside the two epilogue buffers (2 x tile_t x 64 outputs)."""
-  return (SMEM_BUDGET - 2 * tile_t * ROWS * out_itemsize) // stage_bytes(tile_t, groups_per_step)
+  """The deepest TMA ring that fits SMEM_BUDGET beside the two epilogue buffers."""
+  return (SMEM_BUDGET - epilogue_bytes(tile_t, out_itemsize)) // stage_bytes(tile_t, groups_per_step)
 
 
 def default_config(m: int) -> SmallConfig:
@@ -343,9 +354,9 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
                      f"of a split (split_k={config.split_k})")
   out_t = config.epilogue == "out_t"
   splits = config.split_k
-  smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + 2 * config.tile_t * ROWS * (
-      4 if splits > 1 else jnp.dtype(out_dtype).itemsize)
-  if smem > 227 * 1024:
+  smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + epilogue_bytes(
+      config.tile_t, out_itemsize(config, out_dtype))
+  if smem > SMEM_LIMIT:
     raise ValueError(f"{config}: the TMA ring and epilogue buffers need {smem} bytes of shared memory, more than a Hopper "
                      f"CTA's 227 KB: fewer max_concurrent_steps (max_ring gives the deepest that fits) or groups_per_step")
   if splits > 1:  # fp32 partial sums, added below

@@ -115,8 +115,8 @@ def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="sme
   x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
   cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
                             groups_per_step=gps)
-  size = 4 if split_k > 1 or dtype == jnp.float32 else 2
-  cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, ms.max_ring(cfg.tile_t, size, gps)))
+  ring = ms.max_ring(cfg.tile_t, ms.out_itemsize(cfg, dtype), gps)
+  cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, ring))
   out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
   ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
   assert out.shape == (m, n) and out.dtype == dtype
