@@ -71,7 +71,7 @@ from models import llama
 from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
-           "flexq-mgpu-small-split", "flexq-fused-norm")
+           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -82,15 +82,18 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-cuda-gemv" = the pallas backend with the CUDA decode GEMV (flexq_jax/cuda/gemv.py) up to M = 8,
 # its quantizer-inside variant up to M = 2 (the h200 table turns on only the latter, at M = 1).
 # "flexq-mgpu-small" = the small-M Mosaic GPU GEMM (pallas_kernels/w6a_gemm_mgpu_small.py) from M = 2 to 255 in every
-# layer (the h200 table uses it from M = 17 and only on layers of N >= 8192); "flexq-mgpu-small-split" the same
+# layer (the h200 table uses it from M = 16 on every layer); "flexq-mgpu-small-split" the same
 # split along K until every SM has a CTA (SmallConfig.split_k, w6a_gemm_mgpu_small.split_for).
 # "flexq-fused-norm" = the RMSNorms fused with the q/k/v and gate/up activation quantization where the Triton
 # GEMMs run (w6a_matmul.norm_quantize; backends.fused_norm_input).
+# "flexq-triton-m16" = the table with the small-M Mosaic GEMM from M = 17, as before 2026-12-02: batch-16 decode on
+# the Triton kernels, beside "flexq" (the table: from M = 16) in one run.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
                                             "mosaic_small_split": True},
-                 "flexq-fused-norm": {"fuse_norm_quant": True}}
+                 "flexq-fused-norm": {"fuse_norm_quant": True},
+                 "flexq-triton-m16": {"mosaic_small_min_m": 17}}
 
 
 @contextlib.contextmanager

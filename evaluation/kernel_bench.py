@@ -33,6 +33,7 @@ import math
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from evaluation import baselines
 from evaluation.tables import cell
-from flexq_jax import formats, numerics, tuning
+from flexq_jax import backends, formats, numerics, tuning
 from flexq_jax.cuda import bmma
 from flexq_jax.cuda import gemv as cuda_gemv
 from pallas_kernels import core
@@ -713,28 +714,80 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
   return rows
 
 
-def small_candidates(m: int, n: int, groups: int) -> list[tuple[str, "mgs.SmallConfig"]]:
+def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=print) -> list[dict]:
+  """Issue 13's ratios side by side, whole ops (activation quantization included): what the pallas
+  backend runs for W6A6 and W6A8 at each M (the card's table: the small-M Mosaic kernel, the large-M
+  Mosaic kernel or the Triton kernels) against our own W8A8 on "pallas8" weights (the Triton kernel,
+  and the large-M Mosaic kernel), cuBLAS bf16 (torch), cuBLASLt int8 (torch._int_mm, no quantization)
+  and XLA's bf16 and int8 dots."""
+  rows = []
+  key = jax.random.key(5)
+  pallas = backends.PALLAS
+  for name, n, k, m, x, (t_bf16, t_i8, t_cb, t_ci8) in _cases_with_baselines(shapes, ms, key, use_torch):
+    row = dict(shape=name, n=n, k=k, m=m, xla_bf16_us=t_bf16 * 1e6, xla_w8a8_us=t_i8 * 1e6,
+               cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
+               kernel=pallas.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0])
+    for label, layout, a_bits, op in (
+        ("w6a6", "pallas6", 6, lambda x, p, s: _dispatch(x, p, s, 6)),
+        ("w6a8", "pallas6", 8, lambda x, p, s: _dispatch(x, p, s, 8)),
+        ("w8a8_triton", "pallas8", 8, lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=8)),
+        ("w8a8_mosaic", "pallas8", 8, lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=8))):
+      try:
+        t, err = _bench_w6(op, x, n, k, a_bits, key, layout, check=True)
+        row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
+      except Exception as e:  # report and go on
+        log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
+        row[f"{label}_us"] = row[f"{label}_err"] = float("nan")
+    own = min(row["w8a8_triton_us"], row["w8a8_mosaic_us"])
+    rows.append(row)
+    log(f"w8a8-cmp {name:11s} M={m:5d} [{row['kernel']}]: W6A6 {row['w6a6_us']:8.1f} (err {row['w6a6_err']:.0e}) "
+        f"W6A8 {row['w6a8_us']:8.1f} | own W8A8 triton {row['w8a8_triton_us']:8.1f} mosaic {row['w8a8_mosaic_us']:8.1f} "
+        f"| cuBLAS bf16 {row['cublas_bf16_us']:8.1f} cuBLASLt i8 {row['cublaslt_i8_us']:8.1f} xla bf16 "
+        f"{row['xla_bf16_us']:8.1f} | W6A6 x cuBLAS {row['cublas_bf16_us'] / row['w6a6_us']:.2f} W6A8 x cuBLAS "
+        f"{row['cublas_bf16_us'] / row['w6a8_us']:.2f} W6A6 x own W8A8 {own / row['w6a6_us']:.2f}")
+  return rows
+
+
+def _dispatch(x, p, s, a_bits):
+  """The pallas backend's kernel choice for this M (its table), on a stand-in layer of "pallas6" weights."""
+  layer = types.SimpleNamespace(packed=p, scales=s, a_bits=a_bits, w_bits=6, out_features=s.shape[0],
+                                in_features=x.shape[1])
+  return backends.PALLAS.matmul(x, layer)
+
+
+def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (False,),
+                     extra_splits: tuple[int, ...] = (), persistent: bool = False) -> list[tuple[str, "mgs.SmallConfig"]]:
   """Tilings of the small-M kernel worth timing at (M, N, K-groups): unsplit and split along K by
-  split_for, each with 1, 2 and 4 groups a ring slot (where they divide a split's groups), ring depth
-  4 or the deepest that fits below it. (Deeper rings than 4 gained nothing at 1 group a slot, H200
-  2026-12-02: a step is not waiting on memory latency; the probes put most of its time in the TMA
-  ring's own cost, results/kernels/NOTES.md.)"""
+  split_for (and by each of extra_splits that divides the groups), each with 1, 2 and 4 groups a ring
+  slot (where they divide a split's groups), ring depth 4 or the deepest that fits below it, with the
+  TMAs of a slot separate and/or fused (SmallConfig.fused_tma; label suffix "/f"), and with `persistent` each
+  fused tiling also with one ring across a CTA's tiles where its depth divides the slots
+  (SmallConfig.persistent, suffix "/p"). (Deeper rings than 4
+  gained nothing at 1 group a slot, H200 2026-12-02: a step is not waiting on memory latency; the probes
+  put most of its time in the TMA ring's own cost, results/kernels/NOTES.md.)"""
+  base = mgs.default_config(m)
+  splits = [1, mgs.split_config(m, n, groups).split_k, *extra_splits]
+  splits = [s for i, s in enumerate(splits) if s not in splits[:i] and groups % s == 0 and groups // s >= 4]
   out = []
-  for split_cfg in (mgs.default_config(m), mgs.split_config(m, n, groups)):
-    if out and split_cfg.split_k == 1:
-      break  # split_for keeps 1: nothing new
-    for gps in (1, 2, 4):
-      if (groups // split_cfg.split_k) % gps:
-        continue
-      ring = min(4, mgs.max_ring(split_cfg.tile_t, mgs.out_itemsize(split_cfg, jnp.bfloat16), gps))
-      if ring < 2:
-        continue
-      cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps)
-      out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{cfg.split_k}", cfg))
+  for split in splits:
+    split_cfg = dataclasses.replace(base, split_k=split, epilogue="out_t" if split > 1 else base.epilogue)
+    for f in fused:
+      for gps in (1, 2, 4) if f or fused == (False,) else (1,):  # beside fused slots: the separate TMAs at 1 only
+        if (groups // split) % gps:
+          continue
+        ring = min(4, mgs.max_ring(split_cfg.tile_t, mgs.out_itemsize(split_cfg, jnp.bfloat16), gps))
+        if ring < 2:
+          continue
+        cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps, fused_tma=f)
+        out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{split}" + ("/f" if f else ""), cfg))
+        slots = groups // split // gps
+        if persistent and f and slots % min(ring, slots) == 0:
+          out.append((out[-1][0] + "/p", dataclasses.replace(cfg, persistent=True)))
   return out
 
 
-def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print, fused: tuple[bool, ...] = (False,),
+                     extra_splits: tuple[int, ...] = (), persistent: bool = False) -> list[dict]:
   """The small-M kernel's tilings (small_candidates) against the Triton kernel and XLA's bf16 dot,
   W6A6, whole ops, side by side per shape and M."""
   rows = []
@@ -743,7 +796,7 @@ def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[
     row = dict(shape=name, n=n, k=k, m=m, a_bits=6, floor_us=floor, bf16_us=bench_xla(x, n, k, key)[0] * 1e6)
     ops = [("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=6))]
     ops += [(label, lambda x, p, s, cfg=cfg: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=cfg))
-            for label, cfg in small_candidates(m, n, -(-k // 128))]
+            for label, cfg in small_candidates(m, n, -(-k // 128), fused, extra_splits, persistent)]
     for label, op in ops:
       us, err = _timed_or_nan(label, op, x, n, k, 6, key, log)
       row[label] = dict(us=us, err=err)
@@ -757,17 +810,19 @@ def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[
 def probe_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
   """Where the small-M kernel's time goes: its default tiling (split along K where split_for splits)
   timed whole and under each SmallConfig.probe (the TMA ring alone, no unpack, no scaling; the
-  probes' results are wrong, so unchecked), with the weights' wide (256-byte) and narrow (32-byte)
-  TMA rows, W6A6."""
+  probes' results are wrong, so unchecked), with each slot's TMAs separate and fused
+  (SmallConfig.fused_tma, label suffix "/f"), at 1 and 2 groups a slot ("/g2"), W6A6."""
   rows = []
   for name, n, k, m, x, _, key in _sweep_cases(shapes, ms):
     cfg = mgs.split_config(m, n, -(-k // 128))
     row = dict(shape=name, n=n, k=k, m=m, config=str(cfg))
     labels = []
-    for wide in (True, False):
+    for fused, gps in ((False, 1), (True, 1), (True, 2)):
+      if (-(-k // 128) // cfg.split_k) % gps:
+        continue
       for probe in ("", "tma_only", "no_unpack", "no_scale"):
-        label = (probe or "whole") + ("" if wide else "/narrow")
-        c = dataclasses.replace(cfg, probe=probe, wide_tma=wide)
+        label = (probe or "whole") + ("/f" if fused else "") + ("/g2" if gps == 2 else "")
+        c = dataclasses.replace(cfg, probe=probe, fused_tma=fused, groups_per_step=gps)
         op = lambda x, p, s, c=c: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=c)
         row[label] = _timed_or_nan(f"probe {label}", op, x, n, k, 6, key, log, check=not probe)[0]
         labels.append(label)
@@ -844,6 +899,14 @@ def main(argv=None) -> None:
                   help="the small-M Mosaic GPU kernel against the Triton kernel and bf16 (writes <card>-<date>-mgpu-small.json)")
   ap.add_argument("--sweep-mgpu-small", action="store_true",
                   help="time the small-M Mosaic kernel's tilings (ring depth, split-K) against Triton and bf16, W6A6")
+  ap.add_argument("--w8a8-cmp", action="store_true",
+                  help="W6A6 / W6A8 as the pallas backend dispatches them against our own W8A8 kernels, cuBLAS, cuBLASLt")
+  ap.add_argument("--small-fused", default="off", choices=("off", "on", "both"),
+                  help="--sweep-mgpu-small: the slot's TMAs separate (off), fused (on; SmallConfig.fused_tma) or both")
+  ap.add_argument("--small-persistent", action="store_true",
+                  help="--sweep-mgpu-small: each fused tiling also with one TMA ring across a CTA's tiles")
+  ap.add_argument("--small-splits", default="", help="--sweep-mgpu-small: comma list of split_k timed besides 1 and "
+                  "split_for's")
   ap.add_argument("--probe-mgpu-small", action="store_true",
                   help="time the small-M Mosaic kernel whole and under its probes (TMA ring alone, no unpack, no scaling)")
   ap.add_argument("--sweep-mgpu", action="store_true",
@@ -899,7 +962,13 @@ def main(argv=None) -> None:
     _write_rows(args.out_dir, "mgpu-small-probe", probe_mgpu_small(shapes, ms, log))
     return
   if args.sweep_mgpu_small:
-    _write_rows(args.out_dir, "mgpu-small-sweep", sweep_mgpu_small(shapes, ms, log))
+    fused = dict(off=(False,), on=(True,), both=(False, True))[args.small_fused]
+    extra = tuple(int(v) for v in args.small_splits.split(",") if v)
+    _write_rows(args.out_dir, "mgpu-small-sweep", sweep_mgpu_small(shapes, ms, log, fused, extra,
+                                                                     args.small_persistent))
+    return
+  if args.w8a8_cmp:
+    _write_rows(args.out_dir, "w8a8-cmp", compare_w8a8(shapes, ms, not args.no_torch and torch_available(), log))
     return
   if args.mgpu_small:
     _write_rows(args.out_dir, "mgpu-small", compare_mgpu_small(shapes, ms, log))

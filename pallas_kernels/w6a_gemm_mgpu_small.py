@@ -76,6 +76,17 @@ class SmallConfig:
   #                        [.., 16, 32] (32-byte rows; same bytes, same shared-memory image): with 32-byte rows the TMA
   #                        ring alone took ~19 us on 12288 x 4096 at M = 16 (H200, 2026-12-02, probe "tma_only"),
   #                        about the whole kernel's time
+  fused_tma: bool = True  # fewer TMAs a ring slot: the three weight planes of all the slot's groups in one box
+  #                         [8, groups_per_step, 3, ...] (the stored order: a row tile's planes are adjacent, so a
+  #                         consumer reads each plane as 4 row tiles 3 * groups_per_step * 512 bytes apart), and
+  #                         s_x with sum(q_x) (exact in fp32: |sum| <= 128 * 127) as one [G, 2, Mp] array: 4 TMAs a
+  #                         slot instead of 4 + 3 * groups_per_step. Alone it changed nothing (H200, 2026-12-02: the
+  #                         cost is not per TMA); with 2 groups a slot it is the fastest tiling measured (NOTES.md)
+  persistent: bool = False  # one TMA ring across a CTA's output tiles (Pallas' pipeline of pipelines: the first
+  #                          tile's pipeline START, the later ones STEADY), so the producer loads the next tile's
+  #                          first groups while the consumers finish the current one, instead of draining and
+  #                          refilling the ring per tile; matters where a CTA runs several tiles (split-K). Needs
+  #                          the ring depth to divide a split's ring slots
   probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
   #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
   #                  "no_scale" (the int32 sums added unscaled)
@@ -181,6 +192,11 @@ def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
   const = lambda v: arith.constant(i32, v)
 
   def load(ref):  # the plane as [64, 32], 4 consecutive bytes of a row per register
+    if len(ir.MemRefType(ref.type).shape) == 3:  # fused_tma: [4 row tiles, 16, 32] (or [4, 2, 256]), the tiles
+      #                                           strided: read as a (16, 32)-tiled [64, 32]
+      ref = mgpu_utils.memref_unfold(mgpu_utils.memref_fold(ref, 1, 2), 1, (1, TILE16, 32))  # [4, 1, 16, 32]
+      return mgpu.FragmentedArray.load_tiled(ref, swizzle=16, layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False,
+                                             optimized=False)
     ref = mgpu_utils.memref_reshape(ref, (ROWS, 32))
     return mgpu.FragmentedArray.load_untiled(ref, layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False, optimized=False)
 
@@ -201,14 +217,15 @@ def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
   return mgpu.fragmented_array.concatenate([phase(p) for p in range(4)], axis=1)
 
 
-def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
-            w_gmem,  # "pallas6" [N/16, G, 3, 16, 32] uint8 (wide_tma: viewed as [N/16, G, 3, 2, 256])
-            sx_gmem,  # [G, Mp] f32
-            xs_gmem,  # [G, Mp] int32: sum(q_x) per token and group
-            sw_gmem,  # [G, Np] f32
-            out_gmem,  # [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums
-            out_smem,  # [2, tile_t, 64] ("out_t": [2, 64, tile_t]): one epilogue buffer per consumer
-            *, cfg: SmallConfig):
+def _kernel(*refs, out_smem, cfg: SmallConfig):
+  """refs, in order:
+    qx_gmem: [Mp, Kp] int8, phase-major groups;
+    w_gmem: "pallas6" [N/16, G, 3, 16, 32] uint8 (wide_tma: viewed as [N/16, G, 3, 2, 256]);
+    the activation scales: s_x [G, Mp] f32 and sum(q_x) [G, Mp] int32, or (fused_tma) both as one [G, 2, Mp] f32;
+    sw_gmem: [G, Np] f32;
+    out_gmem: [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums.
+  out_smem: [2, tile_t, 64] ("out_t": [2, 64, tile_t]), one epilogue buffer per consumer."""
+  qx_gmem, w_gmem, *act_gmem, sw_gmem, out_gmem = refs
   mp, kp = qx_gmem.shape
   np_ = sw_gmem.shape[1]
   tile_t, cta_rows = cfg.tile_t, cfg.cta_rows
@@ -223,26 +240,34 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
   def plane_spec(i, j):  # plane j of group i of the step, the CTA's 8 row tiles: smem [8, 1, 1, 16, 32] (wide: [.., 2, 256])
     return plgpu.BlockSpec((tiles16, 1, 1, *w_gmem.shape[3:]), lambda k, i=i, j=j: (0, k * gps + i, j, 0, 0))
 
-  def pipeline(body, compute_context):
+  if cfg.fused_tma:  # one box of every plane and group of the slot; s_x and sum(q_x) together
+    w_specs = [plgpu.BlockSpec((tiles16, gps, 3, *w_gmem.shape[3:]), lambda k: (0, k, 0, 0, 0))]
+    act_specs = [plgpu.BlockSpec((gps, 2, tile_t), lambda k: (k, 0, 0))]
+  else:
+    w_specs = [plane_spec(i, j) for i in range(gps) for j in range(3)]
+    act_specs = [plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0))] * 2
+  n_w, n_act = len(w_specs), len(act_specs)
+
+  def pipeline(body, compute_context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(k_steps,),
         memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((tile_t, gps * GROUP), lambda k: (0, k), transforms=qx_transforms),
-            *[plane_spec(i, j) for i in range(gps) for j in range(3)],
-            plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0)),
-            plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0)),
+            *w_specs,
+            *act_specs,
             plgpu.BlockSpec((gps, cta_rows), lambda k: (k, 0)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=cfg.max_concurrent_steps,
         compute_context=compute_context,
+        pipeline_state=state,
     )
 
   ignore = lambda *_, **__: None
-  allocs = pipeline(ignore, ignore).get_allocations(qx_gmem, *[w_gmem] * (3 * gps), sx_gmem, xs_gmem, sw_gmem)
+  allocs = pipeline(ignore, ignore).get_allocations(qx_gmem, *[w_gmem] * n_w, *act_gmem, sw_gmem)
 
   @functools.partial(pl.run_scoped, allocs=allocs,
                      turns=plgpu.Barrier(num_arrivals=1, num_barriers=2) if cfg.schedule == "pingpong" else None,
@@ -281,7 +306,7 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
         epilogue(run(acc))
 
       def step(_, qx_smem, *refs):
-        *planes, sx_smem, xs_smem, sw_smem, carry = refs
+        planes, act_smem, (sw_smem, carry) = refs[:n_w], refs[n_w:n_w + n_act], refs[n_w + n_act:]
         mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
         wg_layout = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pinned: Mosaic's layout search gives up otherwise
 
@@ -289,19 +314,26 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
           if cfg.probe == "no_scale":
             return wg_layout(wg_layout(part).astype(jnp.float32))
           sw = plgpu.load(sw_smem.at[i, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
-          sx = plgpu.load(sx_smem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
-          xs = plgpu.load(xs_smem.at[i], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
-          exact = wg_layout(wg_layout(part) - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
+          tokens = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
+          if cfg.fused_tma:  # sum(q_x) as fp32: the difference of two integers below 2^24 is exact
+            sx, xs = tokens(act_smem[0].at[i, 0]), tokens(act_smem[0].at[i, 1])
+            exact = wg_layout(wg_layout(wg_layout(part).astype(jnp.float32))
+                              - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
+          else:
+            sx, xs = tokens(act_smem[0].at[i]), tokens(act_smem[1].at[i])
+            exact = wg_layout(wg_layout(part) - wg_layout(PALLAS6_OFFSET * lax.broadcast_in_dim(xs, (ROWS, tile_t), (1,))))
+            exact = wg_layout(exact.astype(jnp.float32))
           scale = wg_layout(lax.broadcast_in_dim(sw, (ROWS, tile_t), (0,))) * wg_layout(
               lax.broadcast_in_dim(sx, (ROWS, tile_t), (1,)))
-          return wg_layout(wg_layout(exact.astype(jnp.float32)) * wg_layout(scale))
+          return wg_layout(exact * wg_layout(scale))
 
         def group_sums(*acc_refs):
           for i, acc_ref in enumerate(acc_refs):  # issue every group's WGMMA as soon as its weights are unpacked
             if cfg.probe == "no_unpack":
               a = plgpu.layout_cast(jnp.full((ROWS, GROUP), 1, jnp.int8), _L8)
             else:
-              a = _unpack(*[planes[3 * i + j].at[mine] for j in range(3)])  # [64, 128] int8 in registers
+              a = _unpack(*[planes[0].at[mine, i, j] if cfg.fused_tma else planes[3 * i + j].at[mine]
+                            for j in range(3)])  # [64, 128] int8 in registers
             b = qx_smem.T if gps == 1 else qx_smem.at[:, pl.ds(i * GROUP, GROUP)].T
             if cfg.schedule == "pingpong":
               plgpu.barrier_wait(turns.at[wg])
@@ -319,12 +351,23 @@ def _kernel(qx_gmem,  # [Mp, Kp] int8, phase-major groups
           return carry
         return pl.run_scoped(group_sums, *[plgpu.ACC((ROWS, tile_t), jnp.int32)] * gps)
 
-      pipeline(step, compute_context)(
-          qx_gmem.at[t_slice, pl.ds(s_idx * k_iters * GROUP, k_iters * GROUP)],
-          *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * (3 * gps),
-          sx_gmem.at[groups, t_slice], xs_gmem.at[groups, t_slice],
-          sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)],
-          allocations=allocs)
+      operands = (qx_gmem.at[t_slice, pl.ds(s_idx * k_iters * GROUP, k_iters * GROUP)],
+                  *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * n_w,
+                  *[ref.at[groups, :, t_slice] if cfg.fused_tma else ref.at[groups, t_slice] for ref in act_gmem],
+                  sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)])
+      if not cfg.persistent:
+        pipeline(step, compute_context)(*operands, allocations=allocs)
+        return
+      # One ring over the CTA's tiles: the first tile's pipeline fills it (START), the later ones keep the
+      # producer running ahead across tile boundaries (STEADY). None is STOP: the producer's final wait for
+      # the consumers only tidies barriers, and the kernel ends with its tiles.
+      @pl.when(info.local_index == 0)
+      def _first():
+        pipeline(step, compute_context, plgpu.PipelinePipeline.START)(*operands, allocations=allocs)
+
+      @pl.when(info.local_index != 0)
+      def _later():
+        pipeline(step, compute_context, plgpu.PipelinePipeline.STEADY)(*operands, allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -352,6 +395,10 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   if (groups // config.split_k) % config.groups_per_step:
     raise ValueError(f"groups_per_step={config.groups_per_step} must divide the {groups // config.split_k} K-groups "
                      f"of a split (split_k={config.split_k})")
+  slots = groups // config.split_k // config.groups_per_step
+  if config.persistent and slots % min(config.max_concurrent_steps, slots):
+    raise ValueError(f"persistent=True needs the ring depth {config.max_concurrent_steps} to divide a split's {slots} "
+                     "ring slots (Pallas' pipeline of pipelines)")
   out_t = config.epilogue == "out_t"
   splits = config.split_k
   smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + epilogue_bytes(
@@ -372,6 +419,7 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
   tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t) * splits
+  acts = (jnp.stack([sx_t, xs_t.astype(jnp.float32)], axis=1),) if config.fused_tma else (sx_t, xs_t)
   shape = (np_, mp) if out_t else (mp, np_)
   y = plgpu.kernel(
       functools.partial(_kernel, cfg=config),
@@ -382,7 +430,7 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(qx, w_packed, sx_t, xs_t, sw_t)
+  )(qx, w_packed, *acts, sw_t)
   return jnp.sum(y, axis=0).astype(final_dtype) if splits > 1 else y
 
 
@@ -399,11 +447,17 @@ def split_for(groups: int, tiles: int, num_sms: int) -> int:
 
 def split_config(m: int, n: int, groups: int) -> SmallConfig:
   """default_config(m) split along K by split_for until every SM has a CTA (the out_t epilogue where
-  it splits: fp32 partials)."""
+  it splits: fp32 partials), with 2 groups a ring slot where they divide a split's groups and the token
+  tile is at most 64 (the fastest measured at M = 16 and 64 on the LLaMA-2-7B layers, H200 2026-12-02,
+  results/kernels/h200-2026-12-02-mgpu-small-fused.md; 128-token tiles were not timed with it)."""
   cfg = default_config(m)
   tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
   split = split_for(groups, tiles, num_sms())
-  return dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
+  cfg = dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
+  if cfg.tile_t <= 64 and (groups // split) % 2 == 0:
+    ring = min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, out_itemsize(cfg, jnp.bfloat16), 2))
+    cfg = dataclasses.replace(cfg, groups_per_step=2, max_concurrent_steps=ring)
+  return cfg
 
 
 @functools.partial(jax.jit, static_argnames=("a_bits", "config"))

@@ -64,13 +64,16 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
 
 
-@pytest.mark.parametrize("m,schedule,epilogue,split_k,gps,k", [
-    (1, "serial", "smem_transpose", 1, 1, 600), (17, "pingpong", "out_t", 1, 1, 600), (100, "serial", "out_t", 5, 1, 600),
-    (300, "pingpong", "out_t", 1, 1, 600), (32, "serial", "out_t", 5, 1, 600), (16, "serial", "smem_transpose", 1, 2, 1024),
-    (64, "serial", "out_t", 2, 4, 1024)])
-def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gps, k):
+@pytest.mark.parametrize("m,schedule,epilogue,split_k,gps,k,fused", [
+    (1, "serial", "smem_transpose", 1, 1, 600, False), (17, "pingpong", "out_t", 1, 1, 600, False),
+    (100, "serial", "out_t", 5, 1, 600, False), (300, "pingpong", "out_t", 1, 1, 600, False),
+    (32, "serial", "out_t", 5, 1, 600, False), (16, "serial", "smem_transpose", 1, 2, 1024, False),
+    (64, "serial", "out_t", 2, 4, 1024, False), (1, "serial", "smem_transpose", 1, 1, 600, True),
+    (17, "pingpong", "out_t", 1, 1, 600, True), (64, "serial", "out_t", 2, 4, 1024, True),
+    (16, "serial", "out_t", 4, 2, 1024, "persistent")])
+def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gps, k, fused):
   cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
-                            groups_per_step=gps)
+                            groups_per_step=gps, fused_tma=bool(fused), persistent=fused == "persistent")
   cfg = dataclasses.replace(cfg, max_concurrent_steps=min(4, ms.max_ring(cfg.tile_t, 4, gps)))
   g = -(-k // 128)
   with jax.sharding.use_abstract_mesh(_H200):
@@ -107,14 +110,15 @@ def _hopper() -> bool:
   return has_gpu() and jax.devices()[0].compute_capability == "9.0"
 
 
-def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose", split_k=1, gps=1):
+def _check(m, n, k, a_bits, dtype=jnp.bfloat16, schedule="serial", epilogue="smem_transpose", split_k=1, gps=1,
+           **more):
   rng = _rng()
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
   q, s = numerics.quantize_weight(jnp.asarray(w), 6, 128)
   packed = formats.pack(q, 6, "pallas6", k)
   x = jnp.asarray(rng.standard_normal((m, k)) * 2, dtype)
   cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
-                            groups_per_step=gps)
+                            groups_per_step=gps, **more)
   ring = ms.max_ring(cfg.tile_t, ms.out_itemsize(cfg, dtype), gps)
   cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, ring))
   out = ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg)
@@ -160,6 +164,28 @@ def test_gpu_groups_per_step(m, gps):
   _check(m, 4096, 4096, 6, gps=gps)
   _check(m, 256, 1024, 8, split_k=2, gps=gps, epilogue="out_t")
   _check(m, 208, 1000, 6, gps=gps)  # ragged N and K: 8 groups, the last zero-padded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m,gps", [(1, 1), (16, 2), (64, 4), (100, 1), (128, 2)])
+def test_gpu_fused_tma(m, gps):
+  """One TMA of all planes and groups of a slot (the consumer reads each plane's 4 row tiles strided),
+  s_x and sum(q_x) as one fp32 array: wide and narrow TMA rows, split, ragged N and K, A6 and A8."""
+  _check(m, 4096, 4096, 6, gps=gps, fused_tma=True)
+  _check(m, 4096, 4096, 8, gps=gps, fused_tma=True, wide_tma=False)
+  _check(m, 256, 1024, 6, split_k=2, gps=gps, epilogue="out_t", fused_tma=True)
+  _check(m, 208, 1000, 8, gps=gps if gps < 4 else 2, fused_tma=True)  # 8 groups, the last zero-padded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [16, 100])
+def test_gpu_persistent_ring(m):
+  """One TMA ring across a CTA's tiles (several tiles a CTA: split-K, token tiles, ragged N)."""
+  _check(m, 4096, 4096, 6, split_k=4, gps=2, epilogue="out_t", persistent=True)
+  _check(m, 256, 1024, 8, split_k=2, gps=2, epilogue="out_t", persistent=True, num_sms=3)
+  _check(m, 208, 1024, 6, persistent=True, num_sms=1)  # one CTA runs every tile
 
 
 @pytest.mark.parametrize("tile_t", [32, 64, 128])
