@@ -71,7 +71,8 @@ from models import llama
 from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
-           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16")
+           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16",
+           "flexq-cuda-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -88,12 +89,14 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # GEMMs run (w6a_matmul.norm_quantize; backends.fused_norm_input).
 # "flexq-triton-m16" = the table with the small-M Mosaic GEMM from M = 17, as before 2026-12-02: batch-16 decode on
 # the Triton kernels, beside "flexq" (the table: from M = 16) in one run.
+# "flexq-cuda-small" = the small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py) at M = 2-64.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
                                             "mosaic_small_split": True},
                  "flexq-fused-norm": {"fuse_norm_quant": True},
-                 "flexq-triton-m16": {"mosaic_small_min_m": 17}}
+                 "flexq-triton-m16": {"mosaic_small_min_m": 17},
+                 "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64}}
 
 
 @contextlib.contextmanager

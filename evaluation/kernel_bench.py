@@ -45,6 +45,7 @@ from evaluation import baselines
 from evaluation.tables import cell
 from flexq_jax import backends, formats, numerics, tuning
 from flexq_jax.cuda import bmma
+from flexq_jax.cuda import gemm_small as cuda_small
 from flexq_jax.cuda import gemv as cuda_gemv
 from pallas_kernels import core
 from pallas_kernels import w6a_gemm_mgpu as mg
@@ -748,6 +749,32 @@ def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=pr
   return rows
 
 
+def compare_cuda_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
+  """The small-M CUDA GEMM (flexq_jax/cuda/gemm_small.py: mma.sync on "pallas6" weights) at each of its
+  tiles-per-block settings, against what the pallas backend runs there now (the card's table), the
+  Triton kernel, XLA's bf16 dot and the HBM floor, W6A6 and W6A8, whole ops (quantizer included),
+  side by side."""
+  rows = []
+  for name, n, k, m, x, _, key in _sweep_cases(shapes, tuple(v for v in ms if v <= cuda_small.MAX_M)):
+    floor = floor_bytes(m, n, k) / 4.3e12 * 1e6
+    t_bf16 = bench_xla(x, n, k, key)[0] * 1e6
+    for a_bits in (6, 8):
+      row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor, bf16_us=t_bf16,
+                 table_kernel=backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0])
+      ops = [("table", lambda x, p, s: _dispatch(x, p, s, a_bits)),
+             ("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits))]
+      ops += [(f"cuda_kt{kt}", lambda x, p, s, kt=kt: cuda_small.w6a_gemm_small_cuda(x, p, s, a_bits=a_bits,
+                                                                                      tiles_per_block=kt))
+              for kt in (1, 2, 4) if kt <= cuda_small.max_tiles_per_block(m) and (n // 16) % kt == 0]
+      for label, op in ops:
+        row[f"{label}_us"], row[f"{label}_err"] = _timed_or_nan(label, op, x, n, k, a_bits, key, log)
+      rows.append(row)
+      log(f"cuda-small {name:11s} M={m:3d} A{a_bits}: floor {floor:5.1f} bf16 {t_bf16:6.1f} | " + " | ".join(
+          f"{lab} {row[lab + '_us']:6.1f} ({t_bf16 / row[lab + '_us']:.2f}x bf16, {100 * floor / row[lab + '_us']:.0f}% "
+          f"floor, err {row[lab + '_err']:.0e})" for lab, _ in ops) + f" [table: {row['table_kernel']}]")
+  return rows
+
+
 def _dispatch(x, p, s, a_bits):
   """The pallas backend's kernel choice for this M (its table), on a stand-in layer of "pallas6" weights."""
   layer = types.SimpleNamespace(packed=p, scales=s, a_bits=a_bits, w_bits=6, out_features=s.shape[0],
@@ -899,6 +926,8 @@ def main(argv=None) -> None:
                   help="the small-M Mosaic GPU kernel against the Triton kernel and bf16 (writes <card>-<date>-mgpu-small.json)")
   ap.add_argument("--sweep-mgpu-small", action="store_true",
                   help="time the small-M Mosaic kernel's tilings (ring depth, split-K) against Triton and bf16, W6A6")
+  ap.add_argument("--cuda-small", action="store_true",
+                  help="the small-M CUDA GEMM (mma.sync) against the table's kernel, Triton and bf16, M <= 64")
   ap.add_argument("--w8a8-cmp", action="store_true",
                   help="W6A6 / W6A8 as the pallas backend dispatches them against our own W8A8 kernels, cuBLAS, cuBLASLt")
   ap.add_argument("--small-fused", default="off", choices=("off", "on", "both"),
@@ -966,6 +995,9 @@ def main(argv=None) -> None:
     extra = tuple(int(v) for v in args.small_splits.split(",") if v)
     _write_rows(args.out_dir, "mgpu-small-sweep", sweep_mgpu_small(shapes, ms, log, fused, extra,
                                                                      args.small_persistent))
+    return
+  if args.cuda_small:
+    _write_rows(args.out_dir, "cuda-small", compare_cuda_small(shapes, ms, log))
     return
   if args.w8a8_cmp:
     _write_rows(args.out_dir, "w8a8-cmp", compare_w8a8(shapes, ms, not args.no_torch and torch_available(), log))

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flexq_jax import numerics, tuning
 from flexq_jax.cuda import bmma
 from flexq_jax.cuda import gemv as cuda_gemv
+from flexq_jax.cuda import gemm_small
 from pallas_kernels import w6a_gemm_mgpu, w6a_gemm_mgpu_small, w6a_matmul
 from pallas_kernels.core import GROUP, TILE_ROWS
 
@@ -125,7 +126,7 @@ class Pallas(Backend):
 
   def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
                  dtype=None, n: int | None = None) -> tuple[str, str]:
-    """("mosaic", "mosaic_small", "cuda_gemv(_xq)" or "triton", why) for M activation rows of a layer with `w_bits`-bit
+    """("mosaic", "mosaic_small", "cuda_gemv(_xq)", "cuda_small" or "triton", why) for M activation rows of a layer with `w_bits`-bit
     weights, N output features (None: not known) and activations of `dtype` on `device` (default: the first device)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
@@ -143,6 +144,13 @@ class Pallas(Backend):
             return "triton", f"M={m}: the {card} table picks the CUDA GEMV, but there is no nvcc to build it"
           return kernel, f"M={m} <= {table[key]} ({card} table): the CUDA GEMV" + (
               ", quantizer inside" if kernel == "cuda_gemv_xq" else "")
+      # The small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py), M <= 64: off until a
+      # card's table sets cuda_small_max_m from a benchmark there (kernel_bench --cuda-small).
+      small_lo, small_hi = table.get("cuda_small_min_m", 1), min(table.get("cuda_small_max_m", 0), gemm_small.MAX_M)
+      if small_lo <= m <= small_hi:
+        if not _has_nvcc():
+          return "triton", f"M={m}: the {card} table picks the small-M CUDA GEMM, but there is no nvcc to build it"
+        return "cuda_small", f"{small_lo} <= M={m} <= {small_hi} ({card} table): the small-M CUDA GEMM (mma.sync)"
     cc = getattr(device, "compute_capability", "")
     if cc != "9.0":
       return "triton", f"the Mosaic GPU GEMM needs sm_90 (Hopper), this GPU is sm_{cc.replace('.', '')}"
@@ -181,6 +189,8 @@ class Pallas(Backend):
     if kernel == "mosaic_small":
       return w6a_gemm_mgpu_small.w6a_gemm_small(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                                 config=_small_config(x.shape[0], layer))
+    if kernel == "cuda_small":
+      return gemm_small.w6a_gemm_small_cuda(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                 fused_quant=kernel == "cuda_gemv_xq")

@@ -127,9 +127,17 @@ def test_cuda_gemv_only_where_a_table_turns_it_on(monkeypatch):
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8})
   assert pallas.kernel_for(2, GPU) == ("cuda_gemv_xq", "M=2 <= 2 (h200 table): the CUDA GEMV, quantizer inside")
   assert pallas.kernel_for(3, GPU)[0] == "cuda_gemv"
+  # the small-M CUDA GEMM (mma.sync), where a table sets its window; the GEMV keeps the M it has
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "cuda_gemv_xq_max_m": 1, "cuda_small_min_m": 2,
+                                                          "cuda_small_max_m": 100, "mosaic_small_max_m": 255})
+  assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq"
+  assert pallas.kernel_for(2, GPU) == ("cuda_small", "2 <= M=2 <= 64 (h200 table): the small-M CUDA GEMM (mma.sync)")
+  assert [pallas.kernel_for(m, GPU)[0] for m in (64, 65)] == ["cuda_small", "mosaic_small"]  # it takes M <= 64
+  assert pallas.kernel_for(16, GPU, w_bits=8)[0] == "triton"
   monkeypatch.setattr(backends, "_has_nvcc", lambda: False)  # compiled on first use: no nvcc, no CUDA GEMV
   assert pallas.kernel_for(1, GPU) == ("triton", "M=1: the h200 table picks the CUDA GEMV, but there is no nvcc "
                                                  "to build it")
+  assert pallas.kernel_for(16, GPU)[0] == "triton"
 
 
 def test_small_m_mosaic_kernel_only_where_a_table_turns_it_on(monkeypatch):

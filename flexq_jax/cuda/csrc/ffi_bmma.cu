@@ -10,6 +10,8 @@
 //   flexq_gemv_pallas6_{bf16,f32}: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
 //                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
 //   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype
+// and the small-M tensor-core GEMM on the same operands (gemm_small_pallas6.cuh), M <= 64:
+//   flexq_gemm_small_pallas6_{bf16,f32}: q_x, s_x, sum(q_x), w, w_scales -> y [M, N]; attribute tiles_per_block
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +21,7 @@
 #include "bmma_gemm.cuh"
 #include "configs.h"
 #include "gemv_pallas6.cuh"
+#include "gemm_small_pallas6.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -192,6 +195,45 @@ ffi::Error GemvXqF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U
 }
 
 }  // namespace
+template <ffi::DataType kOut>
+ffi::Error GemmSmallImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ffi::F32> sx,
+                         ffi::Buffer<ffi::S32> xsum, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
+                         ffi::ResultBuffer<kOut> y, int32_t tiles_per_block) {
+  if (qx.dimensions().size() != 2) return ffi::Error::InvalidArgument("q_x must be [Mp, Kp], got " + dims_str(qx.dimensions()));
+  if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
+  if (y->dimensions().size() != 2) return ffi::Error::InvalidArgument("y must be [M, N], got " + dims_str(y->dimensions()));
+  const int64_t mp = qx.dimensions()[0], kp = qx.dimensions()[1];
+  const int64_t tiles = w.dimensions()[0], groups = w.dimensions()[1];
+  const int64_t n = tiles * kGemvTileRows, m = y->dimensions()[0];
+  if (kp != groups * kGemvGroup) return ffi::Error::InvalidArgument("q_x has " + std::to_string(kp) + " columns, the weights " + std::to_string(groups) + " groups of 128");
+  if (auto e = expect_dims("weights", w.dimensions(), {tiles, groups, 3, kGemvTileRows, kGemvPlaneBytes}); e.failure()) return e;
+  if (auto e = expect_dims("activation scales", sx.dimensions(), {mp, groups}); e.failure()) return e;
+  if (auto e = expect_dims("activation sums", xsum.dimensions(), {mp, groups}); e.failure()) return e;
+  if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
+  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  if (m > kSmallMaxM) return ffi::Error::InvalidArgument("the small-M GEMM takes M <= 64 rows, got " + std::to_string(m));
+  // The kernel reads rows 0 .. 8 kNT - 1 of the activations (M rounded up to 8, 16, 32 or 64).
+  const int64_t m_read = 8 * small_token_tiles(static_cast<int>(m));
+  if (mp < m_read) return ffi::Error::InvalidArgument("q_x has " + std::to_string(mp) + " rows; M = " + std::to_string(m) + " needs " + std::to_string(m_read) + " (zero rows past M)");
+  const int kt = tiles_per_block;
+  if ((kt != 1 && kt != 2 && kt != 4) || kt > small_max_tiles_per_block(static_cast<int>(m)) || tiles % kt)
+    return ffi::Error::InvalidArgument("tiles_per_block=" + std::to_string(kt) + " must be 1, 2 or 4, at most " + std::to_string(small_max_tiles_per_block(static_cast<int>(m))) + " at M = " + std::to_string(m) + ", and divide the " + std::to_string(tiles) + " row tiles");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  launch_gemm_small_pallas6(stream, qx.typed_data(), sx.typed_data(), xsum.typed_data(), w.typed_data(),
+                            reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<typename GemvOut<kOut>::T*>(y->typed_data()),
+                            static_cast<int>(m), static_cast<int>(n), static_cast<int>(groups), static_cast<int>(kp), kt);
+  return last_cuda_error("flexq_gemm_small_pallas6 launch");
+}
+
+ffi::Error GemmSmallBf16(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> c,
+                         ffi::Buffer<ffi::U8> d, ffi::Buffer<ffi::F16> e, ffi::ResultBuffer<ffi::BF16> y, int32_t kt) {
+  return GemmSmallImpl<ffi::BF16>(s, a, b, c, d, e, y, kt);
+}
+ffi::Error GemmSmallF32(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> c,
+                        ffi::Buffer<ffi::U8> d, ffi::Buffer<ffi::F16> e, ffi::ResultBuffer<ffi::F32> y, int32_t kt) {
+  return GemmSmallImpl<ffi::F32>(s, a, b, c, d, e, y, kt);
+}
+
 }  // namespace flexq
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaActQuant, flexq::ActQuantImpl,
@@ -250,3 +292,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
                                   .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemmSmallPallas6Bf16, flexq::GemmSmallBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // q_x [Mp, Kp], phase-major within groups
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s_x [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sum(q_x) [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
+                                  .Attr<int32_t>("tiles_per_block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemmSmallPallas6F32, flexq::GemmSmallF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // q_x [Mp, Kp], phase-major within groups
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s_x [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sum(q_x) [Mp, G]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
+                                  .Attr<int32_t>("tiles_per_block"));
