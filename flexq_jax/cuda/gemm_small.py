@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexq_jax.cuda import bmma
+from flexq_jax.cuda import bmma, gemv
 from pallas_kernels import core
 from pallas_kernels import w6a_matmul as wk
 from pallas_kernels.core import GROUP, TILE_ROWS
@@ -44,20 +44,9 @@ def max_tiles_per_block(m: int) -> int:
 
 def check_operands(qx, sx, xsum, w_packed, w_scales, m: int, tiles_per_block: int) -> tuple[int, int]:
   """(N, groups); a ValueError naming the operand or option for anything the kernel cannot take."""
-  if wk.weight_bits(w_packed) != 6:
-    raise ValueError("the small-M CUDA GEMM reads 6-bit 'pallas6' weights only")
-  tiles, groups = w_packed.shape[:2]
-  n = tiles * TILE_ROWS
-  if not 1 <= m <= MAX_M:
-    raise ValueError(f"the small-M CUDA GEMM takes 1 <= M <= {MAX_M} rows, got M={m}")
-  rows = 8 * token_tiles(m)
-  if qx.dtype != jnp.int8 or qx.ndim != 2 or qx.shape[1] != groups * GROUP or qx.shape[0] < rows:
-    raise ValueError(f"q_x must be int8 [Mp >= {rows}, {groups * GROUP}], got {qx.dtype} {qx.shape}")
-  for name, a, dtype in (("s_x", sx, jnp.float32), ("sum(q_x)", xsum, jnp.int32)):
-    if a.dtype != dtype or a.shape != (qx.shape[0], groups):
-      raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {(qx.shape[0], groups)}, got {a.dtype} {a.shape}")
-  if w_scales.dtype != jnp.float16 or w_scales.shape != (n, groups):
-    raise ValueError(f"w_scales must be float16 {(n, groups)}, got {w_scales.dtype} {w_scales.shape}")
+  n, groups = gemv.check_pallas6_operands("the small-M CUDA GEMM", qx, sx, xsum, w_packed, w_scales, m, MAX_M,
+                                          8 * token_tiles(m))
+  tiles = n // TILE_ROWS
   if tiles_per_block not in (1, 2, 4) or tiles_per_block > max_tiles_per_block(m) or tiles % tiles_per_block:
     raise ValueError(f"tiles_per_block={tiles_per_block} must be 1, 2 or 4, at most {max_tiles_per_block(m)} at M={m}, "
                      f"and divide the {tiles} row tiles of 16")

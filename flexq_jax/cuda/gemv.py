@@ -38,14 +38,22 @@ def rows_read(m: int) -> int:
 
 def check_operands(qx, sx, xsum, w_packed, w_scales, m: int) -> tuple[int, int]:
   """(N, groups); a ValueError naming the operand for anything the kernel cannot take."""
+  return check_pallas6_operands("the CUDA GEMV", qx, sx, xsum, w_packed, w_scales, m, MAX_M, rows_read(m))
+
+
+def check_pallas6_operands(kernel: str, qx, sx, xsum, w_packed, w_scales, m: int, max_m: int,
+                           rows: int) -> tuple[int, int]:
+  """(N, groups) of the operands the CUDA kernels on "pallas6" weights share (this GEMV and
+  gemm_small.py): quantize_activations' q_x / s_x / sum(q_x) with at least `rows` rows, the packed
+  weights and fp16 scales, 1 <= m <= max_m; a ValueError naming the operand otherwise."""
   if wk.weight_bits(w_packed) != 6:
-    raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
+    raise ValueError(f"{kernel} reads 6-bit 'pallas6' weights only")
   tiles, groups = w_packed.shape[:2]
   n = tiles * TILE_ROWS
-  if not 1 <= m <= MAX_M:
-    raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
-  if qx.dtype != jnp.int8 or qx.ndim != 2 or qx.shape[1] != groups * GROUP or qx.shape[0] < rows_read(m):
-    raise ValueError(f"q_x must be int8 [Mp >= {rows_read(m)}, {groups * GROUP}], got {qx.dtype} {qx.shape}")
+  if not 1 <= m <= max_m:
+    raise ValueError(f"{kernel} takes 1 <= M <= {max_m} rows, got M={m}")
+  if qx.dtype != jnp.int8 or qx.ndim != 2 or qx.shape[1] != groups * GROUP or qx.shape[0] < rows:
+    raise ValueError(f"q_x must be int8 [Mp >= {rows}, {groups * GROUP}], got {qx.dtype} {qx.shape}")
   for name, a, dtype in (("s_x", sx, jnp.float32), ("sum(q_x)", xsum, jnp.int32)):
     if a.dtype != dtype or a.shape != (qx.shape[0], groups):
       raise ValueError(f"{name} must be {jnp.dtype(dtype).name} {(qx.shape[0], groups)}, got {a.dtype} {a.shape}")

@@ -129,9 +129,14 @@ template <ffi::DataType kOut> struct GemvOut;
 template <> struct GemvOut<ffi::BF16> { using T = __nv_bfloat16; };
 template <> struct GemvOut<ffi::F32> { using T = float; };
 
+// The operands the GEMV and the small-M GEMM share: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
+// "pallas6" weights [N/16, G, 3, 16, 32], w_scales f16 [N, G], y [M, N] with M <= max_m; the kernel reads
+// rows 0 .. m_read(M) - 1 of the activations.
 template <ffi::DataType kOut>
-ffi::Error GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::S32> xsum,
-                    ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw, ffi::ResultBuffer<kOut> y) {
+ffi::Error check_pallas6_operands(const char* kernel, const ffi::Buffer<ffi::S8>& qx, const ffi::Buffer<ffi::F32>& sx,
+                                  const ffi::Buffer<ffi::S32>& xsum, const ffi::Buffer<ffi::U8>& w,
+                                  const ffi::Buffer<ffi::F16>& sw, const ffi::ResultBuffer<kOut>& y, int64_t max_m,
+                                  int64_t (*m_read)(int64_t)) {
   if (qx.dimensions().size() != 2) return ffi::Error::InvalidArgument("q_x must be [Mp, Kp], got " + dims_str(qx.dimensions()));
   if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
   if (y->dimensions().size() != 2) return ffi::Error::InvalidArgument("y must be [M, N], got " + dims_str(y->dimensions()));
@@ -144,10 +149,19 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ff
   if (auto e = expect_dims("activation sums", xsum.dimensions(), {mp, groups}); e.failure()) return e;
   if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
   if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  if (m > max_m) return ffi::Error::InvalidArgument(std::string(kernel) + " takes M <= " + std::to_string(max_m) + " rows, got " + std::to_string(m));
+  if (mp < m_read(m)) return ffi::Error::InvalidArgument("q_x has " + std::to_string(mp) + " rows; M = " + std::to_string(m) + " needs " + std::to_string(m_read(m)) + " (zero rows past M)");
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType kOut>
+ffi::Error GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::S32> xsum,
+                    ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw, ffi::ResultBuffer<kOut> y) {
   // The kernel reads rows 0 .. M' - 1 of the activations, M' = M rounded up to 1, 2, 4 or 8.
-  const int64_t m_read = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8;
-  if (m > kGemvMaxM) return ffi::Error::InvalidArgument("the GEMV takes M <= 8 rows, got " + std::to_string(m));
-  if (mp < m_read) return ffi::Error::InvalidArgument("q_x has " + std::to_string(mp) + " rows; M = " + std::to_string(m) + " needs " + std::to_string(m_read) + " (zero rows past M)");
+  auto m_read = [](int64_t m) -> int64_t { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; };
+  if (auto e = check_pallas6_operands("the GEMV", qx, sx, xsum, w, sw, y, kGemvMaxM, m_read); e.failure()) return e;
+  const int64_t kp = qx.dimensions()[1], groups = w.dimensions()[1];
+  const int64_t n = w.dimensions()[0] * kGemvTileRows, m = y->dimensions()[0];
   if (m == 0 || n == 0) return ffi::Error::Success();
   launch_gemv_pallas6(stream, qx.typed_data(), sx.typed_data(), xsum.typed_data(), w.typed_data(),
                       reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<typename GemvOut<kOut>::T*>(y->typed_data()),
@@ -199,22 +213,11 @@ template <ffi::DataType kOut>
 ffi::Error GemmSmallImpl(cudaStream_t stream, ffi::Buffer<ffi::S8> qx, ffi::Buffer<ffi::F32> sx,
                          ffi::Buffer<ffi::S32> xsum, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
                          ffi::ResultBuffer<kOut> y, int32_t tiles_per_block) {
-  if (qx.dimensions().size() != 2) return ffi::Error::InvalidArgument("q_x must be [Mp, Kp], got " + dims_str(qx.dimensions()));
-  if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
-  if (y->dimensions().size() != 2) return ffi::Error::InvalidArgument("y must be [M, N], got " + dims_str(y->dimensions()));
-  const int64_t mp = qx.dimensions()[0], kp = qx.dimensions()[1];
-  const int64_t tiles = w.dimensions()[0], groups = w.dimensions()[1];
-  const int64_t n = tiles * kGemvTileRows, m = y->dimensions()[0];
-  if (kp != groups * kGemvGroup) return ffi::Error::InvalidArgument("q_x has " + std::to_string(kp) + " columns, the weights " + std::to_string(groups) + " groups of 128");
-  if (auto e = expect_dims("weights", w.dimensions(), {tiles, groups, 3, kGemvTileRows, kGemvPlaneBytes}); e.failure()) return e;
-  if (auto e = expect_dims("activation scales", sx.dimensions(), {mp, groups}); e.failure()) return e;
-  if (auto e = expect_dims("activation sums", xsum.dimensions(), {mp, groups}); e.failure()) return e;
-  if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
-  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
-  if (m > kSmallMaxM) return ffi::Error::InvalidArgument("the small-M GEMM takes M <= 64 rows, got " + std::to_string(m));
   // The kernel reads rows 0 .. 8 kNT - 1 of the activations (M rounded up to 8, 16, 32 or 64).
-  const int64_t m_read = 8 * small_token_tiles(static_cast<int>(m));
-  if (mp < m_read) return ffi::Error::InvalidArgument("q_x has " + std::to_string(mp) + " rows; M = " + std::to_string(m) + " needs " + std::to_string(m_read) + " (zero rows past M)");
+  auto m_read = [](int64_t m) -> int64_t { return 8 * small_token_tiles(static_cast<int>(m)); };
+  if (auto e = check_pallas6_operands("the small-M GEMM", qx, sx, xsum, w, sw, y, kSmallMaxM, m_read); e.failure()) return e;
+  const int64_t kp = qx.dimensions()[1], tiles = w.dimensions()[0], groups = w.dimensions()[1];
+  const int64_t n = tiles * kGemvTileRows, m = y->dimensions()[0];
   const int kt = tiles_per_block;
   if ((kt != 1 && kt != 2 && kt != 4) || kt > small_max_tiles_per_block(static_cast<int>(m)) || tiles % kt)
     return ffi::Error::InvalidArgument("tiles_per_block=" + std::to_string(kt) + " must be 1, 2 or 4, at most " + std::to_string(small_max_tiles_per_block(static_cast<int>(m))) + " at M = " + std::to_string(m) + ", and divide the " + std::to_string(tiles) + " row tiles");
