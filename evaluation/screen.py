@@ -47,6 +47,8 @@ def main(argv=None) -> int:
   ap.add_argument("--row", action="append", default=[], help="LABEL=JSON of QuantConfig fields (repeatable)")
   ap.add_argument("--windows", type=int, default=2, help="2048-token windows of each text (default 2)")
   ap.add_argument("--calib-batch", type=int, default=8, help="calibration crops of 512 tokens (default 8)")
+  ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration crops' starts (default 0, as "
+                  "`flexq accuracy`): other seeds measure how much the draw of crops moves a row")
   ap.add_argument("--sample", action="store_true", help=f"also the greedy chat answer to {PROMPT!r}")
   args = ap.parse_args(argv)
   try:
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
   corpus, held = corpora.load_corpus("wiki-excerpt"), corpora.load_corpus("lee-news")
   windows = perplexity.eval_windows(calibration.tokenize_corpus(tok, corpus.eval_text), 2048, args.windows)
   held_windows = perplexity.eval_windows(calibration.tokenize_corpus(tok, held.eval_text), 2048, args.windows)
-  calib = calibration.calibration_batch(calibration.tokenize_corpus(tok, corpus.calib_text), args.calib_batch, 512, 0)
+  calib = calibration.calibration_batch(calibration.tokenize_corpus(tok, corpus.calib_text), args.calib_batch, 512,
+                                       args.calib_seed)
   table = [("FP32", None, False)] + [(label, cfg, True) for label, cfg in rows]
   samples = {}
 
