@@ -672,11 +672,12 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   return rows
 
 
-def _timed_or_nan(label: str, op, x, n: int, k: int, a_bits: int, key, log, check: bool = True) -> tuple[float, float]:
-  """(us per call, relative error) of op on "pallas6" weights, or (nan, nan) with the failure logged:
+def _timed_or_nan(label: str, op, x, n: int, k: int, a_bits: int, key, log, check: bool = True,
+                  layout: str = "pallas6") -> tuple[float, float]:
+  """(us per call, relative error) of op on weights in `layout`, or (nan, nan) with the failure logged:
   a kernel variant that fails to compile or run is reported and the comparison goes on."""
   try:
-    t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=check)
+    t, err = _bench_w6(op, x, n, k, a_bits, key, layout, check=check)
     return t * 1e6, err
   except Exception as e:  # report and go on
     log(f"  {label} failed: {type(e).__name__}: {str(e)[:600]}")
@@ -733,12 +734,7 @@ def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=pr
         ("w6a8", "pallas6", 8, lambda x, p, s: _dispatch(x, p, s, 8)),
         ("w8a8_triton", "pallas8", 8, lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=8)),
         ("w8a8_mosaic", "pallas8", 8, lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=8))):
-      try:
-        t, err = _bench_w6(op, x, n, k, a_bits, key, layout, check=True)
-        row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
-      except Exception as e:  # report and go on
-        log(f"  {label} failed: {type(e).__name__}: {str(e)[:400]}")
-        row[f"{label}_us"] = row[f"{label}_err"] = float("nan")
+      row[f"{label}_us"], row[f"{label}_err"] = _timed_or_nan(label, op, x, n, k, a_bits, key, log, layout=layout)
     own = min(row["w8a8_triton_us"], row["w8a8_mosaic_us"])
     rows.append(row)
     log(f"w8a8-cmp {name:11s} M={m:5d} [{row['kernel']}]: W6A6 {row['w6a6_us']:8.1f} (err {row['w6a6_err']:.0e}) "
@@ -807,8 +803,7 @@ def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (Fal
           continue
         cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps, fused_tma=f)
         out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{split}" + ("/f" if f else ""), cfg))
-        slots = groups // split // gps
-        if persistent and f and slots % min(ring, slots) == 0:
+        if persistent and f and mgs.persistent_fits(cfg, groups):
           out.append((out[-1][0] + "/p", dataclasses.replace(cfg, persistent=True)))
   return out
 

@@ -396,10 +396,9 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   if (groups // config.split_k) % config.groups_per_step:
     raise ValueError(f"groups_per_step={config.groups_per_step} must divide the {groups // config.split_k} K-groups "
                      f"of a split (split_k={config.split_k})")
-  slots = groups // config.split_k // config.groups_per_step
-  if config.persistent and slots % min(config.max_concurrent_steps, slots):
-    raise ValueError(f"persistent=True needs the ring depth {config.max_concurrent_steps} to divide a split's {slots} "
-                     "ring slots (Pallas' pipeline of pipelines)")
+  if config.persistent and not persistent_fits(config, groups):
+    raise ValueError(f"persistent=True needs the ring depth {config.max_concurrent_steps} to divide a split's "
+                     f"{groups // config.split_k // config.groups_per_step} ring slots (Pallas' pipeline of pipelines)")
   out_t = config.epilogue == "out_t"
   splits = config.split_k
   smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + epilogue_bytes(
@@ -433,6 +432,13 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(qx, w_packed, *acts, sw_t)
   return jnp.sum(y, axis=0).astype(final_dtype) if splits > 1 else y
+
+
+def persistent_fits(config: SmallConfig, groups: int) -> bool:
+  """Whether one ring can run across a CTA's tiles (SmallConfig.persistent): Pallas' pipeline of pipelines
+  needs the ring depth (at most a split's slots) to divide a split's ring slots."""
+  slots = groups // config.split_k // config.groups_per_step
+  return slots % min(config.max_concurrent_steps, slots) == 0
 
 
 def split_for(groups: int, tiles: int, num_sms: int) -> int:

@@ -60,13 +60,7 @@ gemm_small_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict
   const int gid = lane >> 2, c = lane & 3;
   const int tile0 = blockIdx.x * kT;
 
-  float acc[kT][kNT][4];
-#pragma unroll
-  for (int t = 0; t < kT; ++t)
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][j][e] = 0.f;
+  float acc[kT][kNT][4] = {};
 
   // This lane's bytes of a tile-group: plane pl, row gid + 8h, bytes 8c .. 8c + 7.
   const uint8_t* w_lane = w + static_cast<long>(tile0) * groups * kGemvTileGroupBytes + gid * kGemvPlaneBytes + 8 * c;
@@ -84,13 +78,7 @@ gemm_small_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict
               w_lane + t * tile_stride + static_cast<long>(g) * kGemvTileGroupBytes + pl * kGemvPlaneTileBytes +
               h * 8 * kGemvPlaneBytes));
 
-    int32_t sums[kT][kNT][4];
-#pragma unroll
-    for (int t = 0; t < kT; ++t)
-#pragma unroll
-      for (int j = 0; j < kNT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sums[t][j][e] = 0;
+    int32_t sums[kT][kNT][4] = {};
 
     const int8_t* xg = qx + static_cast<long>(g) * kGemvGroup + 8 * c;
 #pragma unroll
