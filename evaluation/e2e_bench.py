@@ -53,6 +53,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import gzip
 import json
 import os
 import time
@@ -71,7 +72,7 @@ from models import llama
 from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
-           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16",
+           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit",
            "flexq-cuda-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
@@ -90,13 +91,15 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-triton-m16" = the table with the small-M Mosaic GEMM from M = 17, as before 2026-12-02: batch-16 decode on
 # the Triton kernels, beside "flexq" (the table: from M = 16) in one run.
 # "flexq-cuda-small" = the small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py) at M = 2-64.
+# "flexq-nosplit" = the small-M Mosaic GEMM unsplit (no fp32 partials, no transposed output) on every layer.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
                                             "mosaic_small_split": True},
                  "flexq-fused-norm": {"fuse_norm_quant": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
-                 "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64}}
+                 "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
+                 "flexq-nosplit": {"mosaic_small_split": False}}
 
 
 @contextlib.contextmanager
@@ -324,15 +327,20 @@ def _category(name: str) -> str:
 
 
 def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int, steps: int = 16,
-                   log=print, plan: sharding.TPPlan | None = None) -> dict:
+                   log=print, plan: sharding.TPPlan | None = None, top_n: int = 20,
+                   hlo_path: Path | None = None) -> dict:
   """Device time of one decode step by kernel category (jax.profiler), against its wall time
-  (with a plan: the kernels of every GPU of the mesh, summed)."""
+  (with a plan: the kernels of every GPU of the mesh, summed). With hlo_path, the compiled decode
+  program's HLO text goes there (gzip): the profiler's kernel names are its fusions' names."""
   tokens = jax.random.randint(jax.random.key(1), (batch, prompt), 0, cfg.vocab_size, jnp.int32)
   prefill = jax.jit(functools.partial(_prefill, cfg=cfg, max_len=prompt + steps, plan=plan))
   decode = jax.jit(functools.partial(_decode, cfg=cfg, steps=steps, plan=plan), donate_argnums=(1,))
   tok, cache = prefill(params, tokens)
   jax.block_until_ready(decode(params, cache, tok))
   tok, cache = jax.block_until_ready(prefill(params, tokens))
+  if hlo_path is not None:
+    hlo_path.write_bytes(gzip.compress(decode.lower(params, cache, tok).compile().as_text().encode()))
+    log(f"profile {model} {method}: decode HLO in {hlo_path}")
   timing = {}
 
   def run():  # timed inside the trace, as the kernels are
@@ -348,12 +356,17 @@ def profile_decode(model: str, method: str, cfg, params, batch: int, prompt: int
     cats.setdefault(_category(name), []).extend(durations)
   per_step = {c: dict(us=sum(v) / steps, launches=len(v) / steps) for c, v in cats.items()}
   busy = sum(v["us"] for v in per_step.values())
+  # The kernels that take most of a step, by name (what a kind's total is made of).
+  top = sorted(((name, sum(d) / steps, len(d) / steps) for name, d in events.items()), key=lambda t: -t[1])[:top_n]
   out = dict(model=model, method=method, batch=batch, prompt=prompt, tp=1 if plan is None else plan.tp,
              steps=steps, wall_us_per_step=1e6 * wall / steps,
-             device_busy_us_per_step=busy, kernels=per_step)
+             device_busy_us_per_step=busy, kernels=per_step,
+             top_kernels=[dict(name=n[:160], us=u, launches=k) for n, u, k in top])
   log(f"profile {model} {method} B={batch} P={prompt}: step {out['wall_us_per_step']:.0f} us wall, "
       f"{busy:.0f} us of kernels: " + ", ".join(f"{c} {v['us']:.0f} us / {v['launches']:.0f}" for c, v in
                                                sorted(per_step.items(), key=lambda kv: -kv[1]["us"])))
+  for t in out["top_kernels"]:
+    log(f"  {t['us']:8.1f} us / {t['launches']:5.1f}  {_category(t['name']):30s} {t['name'][:120]}")
   return out
 
 
@@ -554,6 +567,9 @@ def main(argv=None) -> int:
                   help="start no new configuration after this many seconds (what finished is written)")
   ap.add_argument("--profile", action="store_true",
                   help="also profile one decode step of every method at the first batch and prompt (jax.profiler)")
+  ap.add_argument("--dump-hlo", action="store_true",
+                  help="with --profile: also write each profiled method's compiled decode program (HLO text, gzip) "
+                       "beside the outputs, to read which operations a profiled kernel (fusion) holds")
   ap.add_argument("--tp", default="1",
                   help="comma list of tensor-parallel sizes: the model split over that many GPUs of a mesh "
                        "(flexq_jax/sharding.py), e.g. 1,2,4 (default 1: one GPU); w8a8-xla runs at TP=1 only")
@@ -617,8 +633,9 @@ def main(argv=None) -> int:
       for method in tp_methods:
         try:
           with method_tuning(method):
+            hlo = stem.parent / f"{stem.name}-{model}-{method}-decode-hlo.txt.gz" if args.dump_hlo else None
             profiles.append(params.run(method, lambda w: profile_decode(model, method, cfg, w, order[0][0],
-                                                                        order[0][1], plan=plan)))
+                                                                        order[0][1], plan=plan, hlo_path=hlo)))
         except Exception as e:  # a diagnostic: report and go on
           print(f"profile {model} {method} TP={tp}: FAILED {type(e).__name__}: {str(e)[:300]}")
         write()

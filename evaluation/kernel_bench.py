@@ -308,16 +308,18 @@ def bench_torch(m: int, n: int, k: int) -> tuple[float, float]:
 
 
 def profile_ours(name: str, m: int, log=print) -> list[dict]:
-  """Per-kernel device times of the op (quantization, GEMM, split-K sum) by the profiler."""
-  n, k = SHAPES[name]
+  """Per-kernel device times (quantization, GEMM, split-K sum) of the op the pallas backend runs at this
+  M (the card's table: Triton, Mosaic or CUDA), W6A6, by the profiler."""
+  n, k = {**SHAPES, **FUSED_SHAPES}[name]
   key = jax.random.key(2)
   x = jax.random.normal(key, (m, k), jnp.bfloat16)
   bufs = [b[:2] for b in _our_weights(key, n, k, 2)]
   rows = []
+  table_kernel = backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0]
   try:
-    for kname, count, us in kernel_times(lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=6), x, bufs)[:5]:
-      log(f"  profile {name} M={m}: {us:9.2f} us x {count:4d}  {kname[:80]}")
-      rows.append(dict(shape=name, m=m, kernel=kname, launches=count, mean_us=us))
+    for kname, count, us in kernel_times(lambda x, p, s: _dispatch(x, p, s, 6), x, bufs)[:5]:
+      log(f"  profile {name} M={m} [{table_kernel}]: {us:9.2f} us x {count:4d}  {kname[:80]}")
+      rows.append(dict(shape=name, m=m, table_kernel=table_kernel, kernel=kname, launches=count, mean_us=us))
   except Exception as e:  # a diagnostic: report and go on
     log(f"  profile failed: {type(e).__name__}: {str(e)[:200]}")
   return rows

@@ -226,6 +226,22 @@ def test_stacked_kv_cache_decoding_equals_list_decoding():
   assert_logits_close(jnp.where(mask[..., None], got, 0), jnp.where(mask[..., None], full, 0))
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_kv_cache_writes_are_pinned_row_major(stacked):
+  """Every cache write carries a row-major layout constraint (llama._row_major): without it XLA carried
+  a GPU decode loop's value cache sequence-minor, 2.6x slower attention (results/e2e/NOTES.md)."""
+  params = small_params()
+  params = llama.stack_layers(params) if stacked else params
+  tokens = jnp.zeros((2, 1), jnp.int32)
+  cache = llama.init_cache(SMALL, 2, 8, jnp.float32, stacked=stacked)
+  text = jax.jit(llama.forward, static_argnums=1).lower(params, SMALL, tokens, None, cache).as_text()
+  pins = [line for line in text.splitlines() if "@LayoutConstraint" in line]
+  rank = 5 if stacked else 4
+  row_major = f"result_layouts = [dense<[{', '.join(str(d) for d in reversed(range(rank)))}]>"
+  writes = 2 if stacked else 2 * SMALL.num_layers  # k and v: once a scan step, or once a layer
+  assert len(pins) == writes and all(row_major in line for line in pins), pins
+
+
 def test_cache_form_must_match_params_form():
   params = small_params()
   stacked = llama.stack_layers(params)
