@@ -72,7 +72,7 @@ from models import llama
 from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
-           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit",
+           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16",
            "flexq-cuda-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
@@ -92,6 +92,7 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # the Triton kernels, beside "flexq" (the table: from M = 16) in one run.
 # "flexq-cuda-small" = the small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py) at M = 2-64.
 # "flexq-nosplit" = the small-M Mosaic GEMM unsplit (no fp32 partials, no transposed output) on every layer.
+# "flexq-sw16" = the small-M Mosaic GEMM reading the stored fp16 weight scales (SmallConfig.sw_f16; no fp32 copy a step).
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
@@ -99,7 +100,8 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-fused-norm": {"fuse_norm_quant": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
-                 "flexq-nosplit": {"mosaic_small_split": False}}
+                 "flexq-nosplit": {"mosaic_small_split": False},
+                 "flexq-sw16": {"mosaic_small_sw_f16": True}}
 
 
 @contextlib.contextmanager

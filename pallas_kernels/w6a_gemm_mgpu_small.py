@@ -88,6 +88,11 @@ class SmallConfig:
   #                          refilling the ring per tile; matters where a CTA runs several tiles (split-K). Needs
   #                          the ring depth to divide a split's ring slots. Exact, and 1-4% faster on 7b.o at M = 16
   #                          (H200, 2026-12-02: noise), so off
+  sw_f16: bool = False  # the weight scales read as the stored fp16 [N, G] (transposed to [G, N]: in a decode loop XLA
+  #                      keeps the loop's copy column-major, so that is free) and widened in registers, instead of
+  #                      an fp32 copy the op makes every call: in the decode loop that conversion was 4 XLA kernels
+  #                      a layer, ~280 us a step of LLaMA-2-7B at batch 64 (H200, 2026-12-02; XLA does not hoist a
+  #                      convert that doubles the bytes). Same numbers (fp16 -> fp32 is exact). Not yet run on a GPU
   probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
   #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
   #                  "no_scale" (the int32 sums added unscaled)
@@ -223,7 +228,7 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
     qx_gmem: [Mp, Kp] int8, phase-major groups;
     w_gmem: "pallas6" [N/16, G, 3, 16, 32] uint8 (wide_tma: viewed as [N/16, G, 3, 2, 256]);
     the activation scales: s_x [G, Mp] f32 and sum(q_x) [G, Mp] int32, or (fused_tma) both as one [G, 2, Mp] f32;
-    sw_gmem: [G, Np] f32;
+    sw_gmem: [G, Np] f32 (sw_f16: f16);
     out_gmem: [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums.
   out_smem: [2, tile_t, 64] ("out_t": [2, 64, tile_t]), one epilogue buffer per consumer."""
   qx_gmem, w_gmem, *act_gmem, sw_gmem, out_gmem = refs
@@ -315,6 +320,8 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
           if cfg.probe == "no_scale":
             return wg_layout(wg_layout(part).astype(jnp.float32))
           sw = plgpu.load(sw_smem.at[i, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
+          if sw.dtype != jnp.float32:  # sw_f16: widened here (exact)
+            sw = sw.astype(jnp.float32)
           tokens = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
           if cfg.fused_tma:  # sum(q_x) as fp32: the difference of two integers below 2^24 is exact
             sx, xs = tokens(act_smem[0].at[i, 0]), tokens(act_smem[0].at[i, 1])
@@ -388,6 +395,9 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   if w_packed.dtype != jnp.uint8 or w_packed.shape != (np_ // TILE16, groups, 3, TILE16, 32) or np_ % (2 * ROWS):
     raise ValueError(f"w_packed must be 'pallas6' uint8 [Np/16, {groups}, 3, 16, 32] with Np = {np_} a multiple "
                      f"of {2 * ROWS}; got {w_packed.dtype} {w_packed.shape}")
+  sw_dtype = jnp.float16 if config.sw_f16 else jnp.float32
+  if sw_t.dtype != sw_dtype:
+    raise ValueError(f"sw_t must be {jnp.dtype(sw_dtype).name} (sw_f16={config.sw_f16}), got {sw_t.dtype}")
   if sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp) or sw_t.shape != (groups, np_):
     raise ValueError(f"sx_t {sx_t.shape}, xs_t {xs_t.shape} must be [G, Mp] = {(groups, mp)} and sw_t "
                      f"{sw_t.shape} [G, Np]")
@@ -493,6 +503,6 @@ def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_
   np_ = -(-n // (2 * ROWS)) * 2 * ROWS
   extra = np_ // TILE16 - w_packed.shape[0]  # zero row tiles up to whole CTA tiles (none at LLaMA widths)
   w = jnp.pad(w_packed, ((0, extra), (0, 0), (0, 0), (0, 0), (0, 0))) if extra else w_packed
-  sw_t = jnp.pad(w_scales.astype(jnp.float32), ((0, np_ - n), (0, 0))).T
+  sw_t = jnp.pad(w_scales.astype(jnp.float16 if cfg.sw_f16 else jnp.float32), ((0, np_ - n), (0, 0))).T
   out = gemm(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
   return out[:n, :m].T if cfg.epilogue == "out_t" else out[:m, :n]

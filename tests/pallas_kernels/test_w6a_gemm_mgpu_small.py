@@ -83,6 +83,26 @@ def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gp
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("m,split_k,gps,epilogue", [(1, 1, 1, "smem_transpose"), (16, 1, 2, "smem_transpose"),
+                                                     (64, 2, 2, "out_t"), (100, 4, 1, "out_t")])
+def test_fp16_weight_scales_lower_for_cuda_without_a_gpu(m, split_k, gps, epilogue):
+  """SmallConfig.sw_f16: the kernel takes the stored fp16 scales (no fp32 copy in the program)."""
+  cfg = dataclasses.replace(ms.default_config(m), split_k=split_k, groups_per_step=gps, epilogue=epilogue, sw_f16=True)
+  cfg = dataclasses.replace(cfg, max_concurrent_steps=min(4, ms.max_ring(cfg.tile_t, 4, gps)))
+  g = 8
+  with jax.sharding.use_abstract_mesh(_H200):
+    lowered = jax.jit(lambda x, w, s: ms.w6a_gemm_small(x, w, s, a_bits=6, config=cfg)).trace(
+        S((m, 1000), jnp.bfloat16), S((13, g, 3, 16, 32), jnp.uint8), S((208, g), jnp.float16)).lower(
+            lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text
+  assert "tensor<8x256xf32>" not in text and "tensor<8x256xf16>" in text  # s_w [G, Np] handed over as fp16
+  with pytest.raises(ValueError, match="sw_t must be float16"):
+    ms.gemm(jnp.zeros((64, 1024), jnp.int8), jnp.zeros((8, 64)), jnp.zeros((8, 64), jnp.int32),
+            jnp.zeros((8, 8, 3, 16, 32), jnp.uint8), jnp.zeros((8, 128), jnp.float32), out_dtype=jnp.bfloat16,
+            config=dataclasses.replace(ms.default_config(64), sw_f16=True, fused_tma=False))
+
+
 def test_split_rules():
   """split_for fills the SMs with CTAs without passing them, on divisors of the K-groups, >= 4 groups each."""
   assert ms.split_for(32, 32, 132) == 4  # 4096 x 4096: 32 tiles -> 128 CTAs
@@ -176,6 +196,16 @@ def test_gpu_fused_tma(m, gps):
   _check(m, 4096, 4096, 8, gps=gps, fused_tma=True, wide_tma=False)
   _check(m, 256, 1024, 6, split_k=2, gps=gps, epilogue="out_t", fused_tma=True)
   _check(m, 208, 1000, 8, gps=gps if gps < 4 else 2, fused_tma=True)  # 8 groups, the last zero-padded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m,gps", [(1, 1), (16, 2), (64, 2), (100, 1)])
+def test_gpu_fp16_weight_scales(m, gps):
+  """SmallConfig.sw_f16 (the stored fp16 scales widened in registers): unsplit, split, ragged, A6 and A8."""
+  _check(m, 4096, 4096, 6, gps=gps, sw_f16=True)
+  _check(m, 256, 1024, 8, split_k=2, gps=gps, epilogue="out_t", sw_f16=True)
+  _check(m, 208, 1000, 6, gps=gps, sw_f16=True)  # 8 groups, the last zero-padded
 
 
 @pytest.mark.gpu
