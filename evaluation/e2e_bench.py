@@ -72,7 +72,7 @@ from models import llama
 from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
-           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16",
+           "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
            "flexq-cuda-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
@@ -93,6 +93,8 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-cuda-small" = the small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py) at M = 2-64.
 # "flexq-nosplit" = the small-M Mosaic GEMM unsplit (no fp32 partials, no transposed output) on every layer.
 # "flexq-sw16" = the small-M Mosaic GEMM reading the stored fp16 weight scales (SmallConfig.sw_f16; no fp32 copy a step).
+# "flexq-glue" = that and its quantizer writing the fused TMA's [G, 2, M] operand (SmallConfig.quant_t; no transposes
+# and stack between the kernels).
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
@@ -101,7 +103,8 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
                  "flexq-nosplit": {"mosaic_small_split": False},
-                 "flexq-sw16": {"mosaic_small_sw_f16": True}}
+                 "flexq-sw16": {"mosaic_small_sw_f16": True},
+                 "flexq-glue": {"mosaic_small_sw_f16": True, "mosaic_small_quant_t": True}}
 
 
 @contextlib.contextmanager

@@ -202,13 +202,15 @@ class Pallas(Backend):
 def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
   "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM), reading the fp16
-  weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16)."""
+  weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16), and with the quantizer writing
+  the fused TMA's [G, 2, M] operand where it sets "mosaic_small_quant_t" (SmallConfig.quant_t)."""
   table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
   if not table.get("mosaic_small_split"):
     cfg = w6a_gemm_mgpu_small.default_config(m)
   else:
     cfg = w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1])
-  return dataclasses.replace(cfg, sw_f16=True) if table.get("mosaic_small_sw_f16") else cfg
+  return dataclasses.replace(cfg, sw_f16=bool(table.get("mosaic_small_sw_f16")),
+                             quant_t=bool(table.get("mosaic_small_quant_t")) and cfg.fused_tma)
 
 
 class Bmma(Backend):

@@ -93,11 +93,17 @@ class SmallConfig:
   #                      an fp32 copy the op makes every call: in the decode loop that conversion was 4 XLA kernels
   #                      a layer, ~280 us a step of LLaMA-2-7B at batch 64 (H200, 2026-12-02; XLA does not hoist a
   #                      convert that doubles the bytes). Same numbers (fp16 -> fp32 is exact). Not yet run on a GPU
+  quant_t: bool = False  # (fused_tma only) the quantizer writes s_x and sum(q_x) as the [G, 2, Mp] array the fused TMA
+  #                       reads (w6a_matmul.quantize_activations_t) instead of [Mp, G] arrays that XLA transposes and
+  #                       stacks: 3 XLA kernels a layer fewer in the decode loop (~110 us a step of LLaMA-2-7B at
+  #                       batch 16, H200 2026-12-02). Same numbers. Not yet run on a GPU
   probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
   #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
   #                  "no_scale" (the int32 sums added unscaled)
 
   def __post_init__(self):
+    if self.quant_t and not self.fused_tma:
+      raise ValueError("quant_t=True writes the fused TMA's [G, 2, Mp] operand: it needs fused_tma=True")
     if self.probe not in ("", "tma_only", "no_unpack", "no_scale"):
       raise ValueError(f"probe={self.probe!r} must be '', 'tma_only', 'no_unpack' or 'no_scale'")
     if self.groups_per_step not in (1, 2, 4):
@@ -381,11 +387,12 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
-def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, sw_t: jax.Array, *, out_dtype,
-           config: SmallConfig) -> jax.Array:
+def gemm(qx: jax.Array, sx_t: jax.Array | None, xs_t: jax.Array | None, w_packed: jax.Array, sw_t: jax.Array, *,
+         out_dtype, config: SmallConfig, act: jax.Array | None = None) -> jax.Array:
   """y [Mp, Np] (epilogue "out_t": y^T [Np, Mp]) on prepared operands: q_x int8 [Mp, Kp] phase-major,
-  s_x and sum(q_x) [G, Mp], "pallas6" weights [Np/16, G, 3, 16, 32], s_w fp32 [G, Np] (Np a
-  multiple of 128, Mp of tile_t)."""
+  s_x and sum(q_x) [G, Mp] (or, fused_tma, `act`: both as one fp32 [G, 2, Mp], sx_t and xs_t None),
+  "pallas6" weights [Np/16, G, 3, 16, 32], s_w fp32 [G, Np] (sw_f16: fp16) (Np a multiple of 128, Mp
+  of tile_t)."""
   mp, kp = qx.shape
   groups = kp // GROUP
   np_ = sw_t.shape[1]
@@ -398,9 +405,17 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   sw_dtype = jnp.float16 if config.sw_f16 else jnp.float32
   if sw_t.dtype != sw_dtype:
     raise ValueError(f"sw_t must be {jnp.dtype(sw_dtype).name} (sw_f16={config.sw_f16}), got {sw_t.dtype}")
-  if sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp) or sw_t.shape != (groups, np_):
-    raise ValueError(f"sx_t {sx_t.shape}, xs_t {xs_t.shape} must be [G, Mp] = {(groups, mp)} and sw_t "
-                     f"{sw_t.shape} [G, Np]")
+  if act is not None:
+    if not config.fused_tma or sx_t is not None or xs_t is not None:
+      raise ValueError("act (s_x and sum(q_x) as one [G, 2, Mp] array) is the fused TMA's operand: fused_tma=True, "
+                       "and sx_t, xs_t None")
+    if act.shape != (groups, 2, mp) or act.dtype != jnp.float32:
+      raise ValueError(f"act must be float32 [G, 2, Mp] = {(groups, 2, mp)}; got {act.dtype} {act.shape}")
+  elif sx_t is None or xs_t is None or sx_t.shape != (groups, mp) or xs_t.shape != (groups, mp):
+    raise ValueError(f"sx_t {getattr(sx_t, 'shape', None)}, xs_t {getattr(xs_t, 'shape', None)} must be [G, Mp] = "
+                     f"{(groups, mp)} (or act given)")
+  if sw_t.shape != (groups, np_):
+    raise ValueError(f"sw_t {sw_t.shape} must be [G, Np] = {(groups, np_)}")
   if groups % config.split_k:
     raise ValueError(f"split_k={config.split_k} must divide the {groups} K-groups")
   if (groups // config.split_k) % config.groups_per_step:
@@ -429,7 +444,10 @@ def gemm(qx: jax.Array, sx_t: jax.Array, xs_t: jax.Array, w_packed: jax.Array, s
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
   tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t) * splits
-  acts = (jnp.stack([sx_t, xs_t.astype(jnp.float32)], axis=1),) if config.fused_tma else (sx_t, xs_t)
+  if act is not None:
+    acts = (act,)
+  else:
+    acts = (jnp.stack([sx_t, xs_t.astype(jnp.float32)], axis=1),) if config.fused_tma else (sx_t, xs_t)
   shape = (np_, mp) if out_t else (mp, np_)
   y = plgpu.kernel(
       functools.partial(_kernel, cfg=config),
@@ -498,11 +516,17 @@ def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_
   cfg = config or default_config(m)
   if config is None and jnp.dtype(x.dtype).itemsize != 2:  # fp32 out: the transposed store takes 2 bytes only
     cfg = dataclasses.replace(cfg, epilogue="out_t")
-  qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
-  qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
+  if cfg.quant_t:  # s_x and sum(q_x) written as the fused TMA reads them
+    qx, act = w6a_matmul.quantize_activations_t(x, a_bits=a_bits, block_m=cfg.tile_t)
+  else:
+    qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
+    qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
   np_ = -(-n // (2 * ROWS)) * 2 * ROWS
   extra = np_ // TILE16 - w_packed.shape[0]  # zero row tiles up to whole CTA tiles (none at LLaMA widths)
   w = jnp.pad(w_packed, ((0, extra), (0, 0), (0, 0), (0, 0), (0, 0))) if extra else w_packed
   sw_t = jnp.pad(w_scales.astype(jnp.float16 if cfg.sw_f16 else jnp.float32), ((0, np_ - n), (0, 0))).T
-  out = gemm(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
+  if cfg.quant_t:
+    out = gemm(qx, None, None, w, sw_t, out_dtype=x.dtype, config=cfg, act=act)
+  else:
+    out = gemm(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
   return out[:n, :m].T if cfg.epilogue == "out_t" else out[:m, :n]

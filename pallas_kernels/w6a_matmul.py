@@ -192,6 +192,23 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
   q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
 
 
+def _quantize_kernel_t(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
+                       q_ref,  # [Mp, Kp] int8, phase-major groups
+                       act_ref,  # [G, 2, Mp] f32: s_x, then sum(q_x) (exact in fp32: |sum| <= 128 * 127)
+                       *, m: int, k: int, block_m: int, qmax: int):
+  """_quantize_kernel with s_x and sum(q_x) written transposed and stacked, as the small-M Mosaic
+  GEMM's fused TMA reads them (pallas_kernels/w6a_gemm_mgpu_small.py, SmallConfig.fused_tma)."""
+  pid_m, g = pl.program_id(0), pl.program_id(1)
+  m0 = pid_m * block_m
+  mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
+  x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
+  q, s = core.quantize_groups(x.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
+  act_ref[g, 0, pl.ds(m0, block_m)] = s
+  act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
+  q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)  # column 32p + t <- k = 4t + p
+  q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+
+
 def _unpack_phase(lo: jax.Array, hi: jax.Array, phase: int, use_asm: bool) -> jax.Array:
   """uint8 [bn, 32] lo / hi plane tiles -> int8 [bn, 32] u = q + 32 at k = 4t + phase."""
   if use_asm:
@@ -487,6 +504,30 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="w6a_quantize_activations",
+  )(x)
+
+
+def quantize_activations_t(x: jax.Array, *, a_bits: int, block_m: int,
+                           interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """quantize_activations (phase-major q_x) with s_x and sum(q_x) as one fp32 [G, 2, Mp] array
+  (act[g, 0] = s_x[:, g], act[g, 1] = sum(q_x)[:, g]), the layout the small-M Mosaic GEMM's fused TMA
+  takes: no transposes and no stack between the two kernels.
+
+  Returns:
+    (q_x int8 [Mp, Kp], act fp32 [G, 2, Mp]), Mp = M rounded up to block_m; rows >= M are zeros.
+  """
+  m, k = x.shape
+  kp = core.padded_k(k)
+  groups = kp // GROUP
+  mp = pl.cdiv(m, block_m) * block_m
+  bq = min(TileConfig().quant_block_m, block_m)
+  return pl.pallas_call(
+      functools.partial(_quantize_kernel_t, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1]),
+      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((groups, 2, mp), jnp.float32)),
+      grid=(mp // bq, groups),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="w6a_quantize_activations_t",
   )(x)
 
 

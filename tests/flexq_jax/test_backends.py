@@ -176,7 +176,9 @@ def test_small_m_split_only_where_a_table_sets_it(monkeypatch):
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_small_split": True,
                                                            "mosaic_small_sw_f16": True})
   cfg = backends._small_config(32, layer)
-  assert (cfg.split_k, cfg.sw_f16) == (4, True)  # the fp16 weight scales, only where a table says so
+  assert (cfg.split_k, cfg.sw_f16, cfg.quant_t) == (4, True, False)  # the fp16 weight scales, only where a table says so
+  monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_small_quant_t": True})
+  assert backends._small_config(32, layer).quant_t  # the fused-TMA operand from the quantizer
 
 
 def test_tuning_extra_from_the_environment(monkeypatch):

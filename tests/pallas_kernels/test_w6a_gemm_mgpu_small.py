@@ -85,9 +85,12 @@ def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gp
 
 @pytest.mark.parametrize("m,split_k,gps,epilogue", [(1, 1, 1, "smem_transpose"), (16, 1, 2, "smem_transpose"),
                                                      (64, 2, 2, "out_t"), (100, 4, 1, "out_t")])
-def test_fp16_weight_scales_lower_for_cuda_without_a_gpu(m, split_k, gps, epilogue):
-  """SmallConfig.sw_f16: the kernel takes the stored fp16 scales (no fp32 copy in the program)."""
-  cfg = dataclasses.replace(ms.default_config(m), split_k=split_k, groups_per_step=gps, epilogue=epilogue, sw_f16=True)
+@pytest.mark.parametrize("quant_t", [False, True])
+def test_fp16_weight_scales_lower_for_cuda_without_a_gpu(m, split_k, gps, epilogue, quant_t):
+  """SmallConfig.sw_f16: the kernel takes the stored fp16 scales (no fp32 copy in the program); with
+  quant_t the quantizer's own [G, 2, Mp] output goes to the kernel (no stack between them)."""
+  cfg = dataclasses.replace(ms.default_config(m), split_k=split_k, groups_per_step=gps, epilogue=epilogue, sw_f16=True,
+                            quant_t=quant_t)
   cfg = dataclasses.replace(cfg, max_concurrent_steps=min(4, ms.max_ring(cfg.tile_t, 4, gps)))
   g = 8
   with jax.sharding.use_abstract_mesh(_H200):
@@ -97,6 +100,7 @@ def test_fp16_weight_scales_lower_for_cuda_without_a_gpu(m, split_k, gps, epilog
   text = lowered.as_text()
   assert "mosaic_gpu" in text
   assert "tensor<8x256xf32>" not in text and "tensor<8x256xf16>" in text  # s_w [G, Np] handed over as fp16
+  assert ("w6a_quantize_activations_t" in text) == quant_t and ("concatenate" in text) != quant_t
   with pytest.raises(ValueError, match="sw_t must be float16"):
     ms.gemm(jnp.zeros((64, 1024), jnp.int8), jnp.zeros((8, 64)), jnp.zeros((8, 64), jnp.int32),
             jnp.zeros((8, 8, 3, 16, 32), jnp.uint8), jnp.zeros((8, 128), jnp.float32), out_dtype=jnp.bfloat16,
@@ -202,10 +206,14 @@ def test_gpu_fused_tma(m, gps):
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("m,gps", [(1, 1), (16, 2), (64, 2), (100, 1)])
 def test_gpu_fp16_weight_scales(m, gps):
-  """SmallConfig.sw_f16 (the stored fp16 scales widened in registers): unsplit, split, ragged, A6 and A8."""
+  """SmallConfig.sw_f16 (the stored fp16 scales widened in registers) and quant_t (the quantizer writes the
+  fused TMA's operand): unsplit, split, ragged, A6 and A8."""
   _check(m, 4096, 4096, 6, gps=gps, sw_f16=True)
   _check(m, 256, 1024, 8, split_k=2, gps=gps, epilogue="out_t", sw_f16=True)
   _check(m, 208, 1000, 6, gps=gps, sw_f16=True)  # 8 groups, the last zero-padded
+  _check(m, 4096, 4096, 8, gps=gps, sw_f16=True, quant_t=True)
+  _check(m, 256, 1024, 6, split_k=2, gps=gps, epilogue="out_t", quant_t=True)
+  _check(m, 208, 1000, 8, gps=gps, quant_t=True)
 
 
 @pytest.mark.gpu

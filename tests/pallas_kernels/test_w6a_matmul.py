@@ -263,6 +263,20 @@ class _W6AMatmulCases:
     np.testing.assert_array_equal(s_x[:19], rs)
     np.testing.assert_array_equal(sums[:19], np.asarray(q_x[:19], np.int32).reshape(19, 3, 128).sum(-1))
 
+  @pytest.mark.parametrize("a_bits", [6, 8])
+  def test_quantize_activations_t(self, a_bits):
+    """The small-M Mosaic GEMM's quantizer: the same q_x, with s_x and sum(q_x) stacked and transposed."""
+    rng = _rng()
+    x = jnp.asarray(rng.standard_normal((19, 300)) * 3, jnp.bfloat16)
+    q_x, s_x, sums = wk.quantize_activations(x, a_bits=a_bits, config=wk.TileConfig(block_m=32, join_phases=False),
+                                             interpret=self.INTERPRET)
+    q_t, act = wk.quantize_activations_t(x, a_bits=a_bits, block_m=32, interpret=self.INTERPRET)
+    assert q_t.shape == (32, 384) and act.shape == (3, 2, 32) and act.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(q_t), np.asarray(q_x))
+    np.testing.assert_array_equal(np.asarray(act[:, 0]).T, np.asarray(s_x))
+    np.testing.assert_array_equal(np.asarray(act[:, 1]).T, np.asarray(sums, np.float32))
+    assert not np.asarray(act[:, :, 19:]).any()
+
 
   # ---- 8-bit weights ("pallas8"): the same contract, no offset, phase-major int8 tiles ----
 
