@@ -315,7 +315,7 @@ def profile_ours(name: str, m: int, log=print) -> list[dict]:
   x = jax.random.normal(key, (m, k), jnp.bfloat16)
   bufs = [b[:2] for b in _our_weights(key, n, k, 2)]
   rows = []
-  table_kernel = backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0]
+  table_kernel = backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n, k=k)[0]
   try:
     for kname, count, us in kernel_times(lambda x, p, s: _dispatch(x, p, s, 6), x, bufs)[:5]:
       log(f"  profile {name} M={m} [{table_kernel}]: {us:9.2f} us x {count:4d}  {kname[:80]}")
@@ -730,7 +730,7 @@ def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=pr
   for name, n, k, m, x, (t_bf16, t_i8, t_cb, t_ci8) in _cases_with_baselines(shapes, ms, key, use_torch):
     row = dict(shape=name, n=n, k=k, m=m, xla_bf16_us=t_bf16 * 1e6, xla_w8a8_us=t_i8 * 1e6,
                cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
-               kernel=pallas.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0])
+               kernel=pallas.kernel_for(m, w_bits=6, dtype=x.dtype, n=n, k=k)[0])
     for label, layout, a_bits, op in (
         ("w6a6", "pallas6", 6, lambda x, p, s: _dispatch(x, p, s, 6)),
         ("w6a8", "pallas6", 8, lambda x, p, s: _dispatch(x, p, s, 8)),
@@ -758,7 +758,7 @@ def compare_cuda_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
     t_bf16 = bench_xla(x, n, k, key)[0] * 1e6
     for a_bits in (6, 8):
       row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor, bf16_us=t_bf16,
-                 table_kernel=backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n)[0])
+                 table_kernel=backends.PALLAS.kernel_for(m, w_bits=6, dtype=x.dtype, n=n, k=k)[0])
       ops = [("table", lambda x, p, s: _dispatch(x, p, s, a_bits)),
              ("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits))]
       ops += [(f"cuda_kt{kt}", lambda x, p, s, kt=kt: cuda_small.w6a_gemm_small_cuda(x, p, s, a_bits=a_bits,

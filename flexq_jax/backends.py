@@ -125,9 +125,10 @@ def _has_nvcc() -> bool:
 class Pallas(Backend):
 
   def kernel_for(self, m: int, device: jax.Device | None = None, *, w_bits: int = 6,
-                 dtype=None, n: int | None = None) -> tuple[str, str]:
+                 dtype=None, n: int | None = None, k: int | None = None) -> tuple[str, str]:
     """("mosaic", "mosaic_small", "cuda_gemv(_xq)", "cuda_small" or "triton", why) for M activation rows of a layer with `w_bits`-bit
-    weights, N output features (None: not known) and activations of `dtype` on `device` (default: the first device)."""
+    weights, N output and K input features (None: not known) and activations of `dtype` on `device` (default: the first
+    device)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
       return "triton", f"{device.platform}: the Triton kernels in interpret mode"
@@ -161,6 +162,11 @@ class Pallas(Backend):
     # at which it starts to win.
     small_min, small_max = table.get("mosaic_small_min_m", 1), table.get("mosaic_small_max_m", 0)
     small_min_n = table.get("mosaic_small_min_n", 0)
+    # "mosaic_small_skip": [[N, K, max M], ...]: layer shapes on which the Triton kernels beat it up to that M
+    # (measured side by side in kernel_bench --cuda-small / --sweep-mgpu-small).
+    skip = next((mm for nn, kk, mm in table.get("mosaic_small_skip", ()) if (nn, kk) == (n, k) and m <= mm), None)
+    if skip is not None and w_bits == 6 and small_min <= m <= small_max:
+      return "triton", f"M={m} <= {skip} on {n} x {k} ({card} table's mosaic_small_skip): the Triton kernels"
     if w_bits == 6 and small_min <= m <= small_max and (n or 0) >= small_min_n:
       return "mosaic_small", (f"{small_min} <= M={m} <= {small_max}" + (f", N={n} >= {small_min_n}" if small_min_n else "")
                               + f" ({card} table): the small-M Mosaic GPU GEMM")
@@ -183,7 +189,8 @@ class Pallas(Backend):
     # quantizes the fp32 value of every activation).
     if out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
       return self.matmul(x.astype(out_dtype), layer).astype(out_dtype)
-    kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype, n=layer.out_features)[0]  # M static under jit
+    kernel = self.kernel_for(x.shape[0], w_bits=layer.w_bits, dtype=x.dtype, n=layer.out_features,
+                             k=layer.in_features)[0]  # M static under jit
     if kernel == "mosaic":
       return w6a_gemm_mgpu.w6a_gemm(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel == "mosaic_small":
@@ -286,7 +293,7 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
     return None
   m = math.prod(h.shape[:-1])
   if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype,
-                                            n=layer.out_features)[0] != "triton":
+                                 n=layer.out_features, k=layer.in_features)[0] != "triton":
     return None
   cfg = _gemm_config(m, layer)
   qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,

@@ -11,7 +11,8 @@ and the least N (default 0) of the layers on which it runs the small-M Mosaic GP
 (pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never;
 "mosaic_small_split": true splits its K until every SM has a CTA, and "mosaic_small_sw_f16": true has it read the
 stored fp16 weight scales (SmallConfig.sw_f16; not yet measured), and "mosaic_small_quant_t": true has its
-quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t; not yet measured), backends._small_config; these keys
+quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t; not yet measured), backends._small_config;
+"mosaic_small_skip": [[N, K, max M], ...] keeps those layer shapes on the Triton kernels up to max M; these keys
 and the CUDA GEMV's are set by hand from the benchmarks, `main` below writes the entries and
 mosaic_min_m only), and
 "fuse_norm_quant": true to fuse each RMSNorm with the activation quantization of the fused q/k/v or

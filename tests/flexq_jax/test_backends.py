@@ -161,6 +161,20 @@ def test_small_m_mosaic_kernel_only_where_a_table_turns_it_on(monkeypatch):
       ["triton", "triton", "triton", "mosaic"]
 
 
+def test_small_m_skip_list_sends_a_shape_to_triton(monkeypatch):
+  """A table's mosaic_small_skip ([N, K, max M]) keeps that layer shape on the Triton kernels up to its M."""
+  from flexq_jax import tuning
+  pallas = backends.get("pallas")
+  monkeypatch.setattr(tuning, "load_table", lambda card: {
+      "entries": [], "mosaic_min_m": 256, "mosaic_small_min_m": 16, "mosaic_small_max_m": 255,
+      "mosaic_small_skip": [[4096, 11008, 16]]})
+  kernel, why = pallas.kernel_for(16, GPU, n=4096, k=11008)
+  assert kernel == "triton" and "mosaic_small_skip" in why
+  assert pallas.kernel_for(17, GPU, n=4096, k=11008)[0] == "mosaic_small"
+  assert pallas.kernel_for(16, GPU, n=4096, k=4096)[0] == "mosaic_small"
+  assert pallas.kernel_for(16, GPU, n=4096)[0] == "mosaic_small"  # K unknown: no match
+
+
 def test_small_m_split_only_where_a_table_sets_it(monkeypatch):
   """The small-M Mosaic GEMM splits K (fp32 partials, out_t epilogue) only where the table says so:
   4096 x 4096 at M = 32 has 32 CTA tiles, so 4 splits fill 128 of 132 SMs."""
