@@ -68,6 +68,14 @@ ROWS: tuple[tuple[str, QuantConfig | None, bool], ...] = (
      QuantConfig(a_bits=16, a8_selection="none", weight_clipping="learned", **GPTQ_D01), True),
     ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + GPTQ damp 0.01 + learned clipping)",
      QuantConfig(a8_selection="sensitivity", weight_clipping="learned", **GPTQ_D01), True),
+    # Sequential GPTQ calibration (each block's statistics on the quantized blocks before it) at the default
+    # damping: not the default, it won on one draw of calibration crops of three (results/raw/screens-2026-12-02.md)
+    ("W6A16 (Hadamard rotation + sequential GPTQ)",
+     QuantConfig(a_bits=16, a8_selection="none", gptq_sequential=True, **GPTQ), True),
+    ("W6A6 + sensitivity-chosen A8 (Hadamard rotation + sequential GPTQ)",
+     QuantConfig(a8_selection="sensitivity", gptq_sequential=True, **GPTQ), True),
+    ("W6A6 + down_proj A8, paper rule (Hadamard rotation + sequential GPTQ)",
+     QuantConfig(a8_selection="down_proj", gptq_sequential=True, **GPTQ), True),
 )
 
 
