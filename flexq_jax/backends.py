@@ -164,10 +164,11 @@ class Pallas(Backend):
     small_min_n = table.get("mosaic_small_min_n", 0)
     # "mosaic_small_skip": [[N, K, max M], ...]: layer shapes on which the Triton kernels beat it up to that M
     # (measured side by side in kernel_bench --cuda-small / --sweep-mgpu-small).
+    small = w_bits == 6 and small_min <= m <= small_max
     skip = next((mm for nn, kk, mm in table.get("mosaic_small_skip", ()) if (nn, kk) == (n, k) and m <= mm), None)
-    if skip is not None and w_bits == 6 and small_min <= m <= small_max:
+    if small and skip is not None:
       return "triton", f"M={m} <= {skip} on {n} x {k} ({card} table's mosaic_small_skip): the Triton kernels"
-    if w_bits == 6 and small_min <= m <= small_max and (n or 0) >= small_min_n:
+    if small and (n or 0) >= small_min_n:
       return "mosaic_small", (f"{small_min} <= M={m} <= {small_max}" + (f", N={n} >= {small_min_n}" if small_min_n else "")
                               + f" ({card} table): the small-M Mosaic GPU GEMM")
     min_m = table.get("mosaic_min_m")

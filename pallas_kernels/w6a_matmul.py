@@ -178,18 +178,24 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
                      s_ref,  # [Mp, G] f32
                      sum_ref,  # [Mp, G] int32
                      *, m: int, k: int, block_m: int, qmax: int, phase_major: bool):
-  pid_m, g = pl.program_id(0), pl.program_id(1)
-  m0 = pid_m * block_m
-  mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
-  x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
-  x = x.astype(jnp.float32)  # [block_m, 128]
-  # The contract's s_x and q_x, by the one definition (pallas_kernels/core.py) the reference calls too.
-  q, s = core.quantize_groups(x, qmax)  # [block_m, 128], [block_m]
+  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax)
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
     q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
   q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+
+
+def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int):
+  """(m0, g, q, s) of this program's row block and K-group: x masked to its M rows and K columns, then
+  the contract's q_x [block_m, 128] and s_x [block_m] by the one definition (pallas_kernels/core.py)
+  the reference calls too."""
+  pid_m, g = pl.program_id(0), pl.program_id(1)
+  m0 = pid_m * block_m
+  mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
+  x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
+  q, s = core.quantize_groups(x.astype(jnp.float32), qmax)
+  return m0, g, q, s
 
 
 def _quantize_kernel_t(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
@@ -198,11 +204,7 @@ def _quantize_kernel_t(x_ref,  # [M, K] float (whole array; rows >= M and column
                        *, m: int, k: int, block_m: int, qmax: int):
   """_quantize_kernel with s_x and sum(q_x) written transposed and stacked, as the small-M Mosaic
   GEMM's fused TMA reads them (pallas_kernels/w6a_gemm_mgpu_small.py, SmallConfig.fused_tma)."""
-  pid_m, g = pl.program_id(0), pl.program_id(1)
-  m0 = pid_m * block_m
-  mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
-  x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
-  q, s = core.quantize_groups(x.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
+  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax)
   act_ref[g, 0, pl.ds(m0, block_m)] = s
   act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
   q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)  # column 32p + t <- k = 4t + p
