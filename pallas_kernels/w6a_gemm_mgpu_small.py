@@ -92,11 +92,14 @@ class SmallConfig:
   #                      keeps the loop's copy column-major, so that is free) and widened in registers, instead of
   #                      an fp32 copy the op makes every call: in the decode loop that conversion was 4 XLA kernels
   #                      a layer, ~280 us a step of LLaMA-2-7B at batch 64 (H200, 2026-12-02; XLA does not hoist a
-  #                      convert that doubles the bytes). Same numbers (fp16 -> fp32 is exact). Not yet run on a GPU
+  #                      convert that doubles the bytes). Same numbers (fp16 -> fp32 is exact): exact in
+  #                      the GPU tests, decode 5% faster at batch 16 and 3% at 64 (H200,
+  #                      2026-12-02, results/e2e/h200-2026-12-02-e2e-glue.md)
   quant_t: bool = False  # (fused_tma only) the quantizer writes s_x and sum(q_x) as the [G, 2, Mp] array the fused TMA
   #                       reads (w6a_matmul.quantize_activations_t) instead of [Mp, G] arrays that XLA transposes and
   #                       stacks: 3 XLA kernels a layer fewer in the decode loop (~110 us a step of LLaMA-2-7B at
-  #                       batch 16, H200 2026-12-02). Same numbers. Not yet run on a GPU
+  #                       batch 16, H200 2026-12-02). Same numbers: exact in the GPU tests; with sw_f16, decode 1% (batch 16) to 2% (64)
+  #                       faster again (same file)
   probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
   #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
   #                  "no_scale" (the int32 sums added unscaled)

@@ -10,8 +10,8 @@ and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA
 and the least N (default 0) of the layers on which it runs the small-M Mosaic GPU GEMM on sm_90
 (pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never;
 "mosaic_small_split": true splits its K until every SM has a CTA, and "mosaic_small_sw_f16": true has it read the
-stored fp16 weight scales (SmallConfig.sw_f16; not yet measured), and "mosaic_small_quant_t": true has its
-quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t; not yet measured), backends._small_config;
+stored fp16 weight scales (SmallConfig.sw_f16), and "mosaic_small_quant_t": true has its
+quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t), backends._small_config;
 "mosaic_small_skip": [[N, K, max M], ...] keeps those layer shapes on the Triton kernels up to max M; these keys
 and the CUDA GEMV's are set by hand from the benchmarks, `main` below writes the entries and
 mosaic_min_m only), and
