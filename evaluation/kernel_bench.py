@@ -643,7 +643,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   """Decode (M <= 8), W6A6 and W6A8, side by side in one run: the Pallas path (quantizer + Triton
   GEMV + split-K sum), the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
   inside a block) and the CUDA GEMV with the quantizer inside (one kernel), each whole op against
-  the contract, the CUDA GEMV alone on a quantized x, and the HBM floor (bytes at 6.125
+  the contract (the last also with 2 and 4 groups' loads in flight a warp: unroll), the CUDA GEMV alone on
+  a quantized x, and the HBM floor (bytes at 6.125
   bits/weight over 4.3 TB/s)."""
   rows = []
   for name, n, k, m, x, cfg, key in _sweep_cases(shapes, tuple(v for v in ms if v <= cuda_gemv.MAX_M)):
@@ -652,7 +653,11 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       row = dict(shape=name, n=n, k=k, m=m, a_bits=a_bits, floor_us=floor)
       for label, op in (("pallas", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
                         ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits)),
-                        ("cuda_xq", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True))):
+                        ("cuda_xq", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True)),
+                        ("cuda_xq_u2", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
+                                                                          unroll=2)),
+                        ("cuda_xq_u4", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
+                                                                          unroll=4))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -670,7 +675,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       log(f"gemv-cuda {name:11s} M={m} A{a_bits}: floor {floor:6.1f} us | pallas {row['pallas_us']:7.1f} us "
           f"(err {row['pallas_err']:.1e}) | cuda {row['cuda_us']:7.1f} us (err {row['cuda_err']:.1e}) | cuda gemv "
           f"alone {row['cuda_gemv_alone_us']:7.1f} us | cuda, quantizer inside {row['cuda_xq_us']:7.1f} us "
-          f"(err {row['cuda_xq_err']:.1e})")
+          f"(err {row['cuda_xq_err']:.1e}) | unroll 2 {row['cuda_xq_u2_us']:7.1f} us (err {row['cuda_xq_u2_err']:.1e}) "
+          f"| unroll 4 {row['cuda_xq_u4_us']:7.1f} us (err {row['cuda_xq_u4_err']:.1e})")
   return rows
 
 
@@ -783,27 +789,32 @@ def _dispatch(x, p, s, a_bits):
 def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (False,),
                      extra_splits: tuple[int, ...] = (), persistent: bool = False) -> list[tuple[str, "mgs.SmallConfig"]]:
   """Tilings of the small-M kernel worth timing at (M, N, K-groups): unsplit and split along K by
-  split_for (and by each of extra_splits that divides the groups), each with 1, 2 and 4 groups a ring
-  slot (where they divide a split's groups), ring depth 4 or the deepest that fits below it, with the
-  TMAs of a slot separate and/or fused (SmallConfig.fused_tma; label suffix "/f"), and with `persistent` each
+  split_for, by split_ragged's model (split_config(ragged=True)) and by each of extra_splits (any count: the
+  kernel takes splits that do not divide the slots), each with 1, 2 and 4 groups a ring
+  slot (where they divide the groups), ring depth 4 or the deepest that fits below it, with the
+  TMAs of a slot separate and/or fused (SmallConfig.fused_tma; label suffix "/f"; fused tilings also read the fp16
+  weight scales and take the quantizer's [G, 2, M] operand, SmallConfig.sw_f16 and quant_t, as the H200 table
+  runs them since 2026-12-02), and with `persistent` each
   fused tiling also with one ring across a CTA's tiles where its depth divides the slots
   (SmallConfig.persistent, suffix "/p"). (Deeper rings than 4
   gained nothing at 1 group a slot, H200 2026-12-02: a step is not waiting on memory latency; the probes
   put most of its time in the TMA ring's own cost, results/kernels/NOTES.md.)"""
   base = mgs.default_config(m)
-  splits = [1, mgs.split_config(m, n, groups).split_k, *extra_splits]
-  splits = [s for i, s in enumerate(splits) if s not in splits[:i] and groups % s == 0 and groups // s >= 4]
+  splits = [1, mgs.split_config(m, n, groups).split_k, mgs.split_config(m, n, groups, ragged=True).split_k,
+            *extra_splits]
+  splits = [s for i, s in enumerate(splits) if s not in splits[:i] and s <= groups]
   out = []
   for split in splits:
     split_cfg = dataclasses.replace(base, split_k=split, epilogue="out_t" if split > 1 else base.epilogue)
     for f in fused:
       for gps in (1, 2, 4) if f or fused == (False,) else (1,):  # beside fused slots: the separate TMAs at 1 only
-        if (groups // split) % gps:
+        if groups % gps or groups // gps < split:
           continue
         ring = min(4, mgs.max_ring(split_cfg.tile_t, mgs.out_itemsize(split_cfg, jnp.bfloat16), gps))
         if ring < 2:
           continue
-        cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps, fused_tma=f)
+        cfg = dataclasses.replace(split_cfg, max_concurrent_steps=ring, groups_per_step=gps, fused_tma=f, sw_f16=f,
+                                  quant_t=f)
         out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{split}" + ("/f" if f else ""), cfg))
         if persistent and f and mgs.persistent_fits(cfg, groups):
           out.append((out[-1][0] + "/p", dataclasses.replace(cfg, persistent=True)))
@@ -861,9 +872,9 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
            "contract (rel err); floor = bytes at 6.125 bits/weight + bf16 activations and outputs over 4.3 TB/s.", "",
            "| layer | N x K | M | A | floor us | Pallas us | Pallas % floor | CUDA us | CUDA % floor | CUDA x Pallas | "
            "CUDA GEMV alone us | CUDA quantizer inside us | its % floor | its x Pallas | Pallas err | CUDA err | "
-           "CUDA quantizer inside err |",
+           "CUDA quantizer inside err | its unroll 2 us | unroll 4 us |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: |"]
+           "| ---: | ---: | ---: |"]
   for r in rows:
     lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['a_bits']} | {cell(r['floor_us'], '.1f')} | "
                  f"{cell(r['pallas_us'], '.1f')} | {cell(100 * r['floor_us'] / r['pallas_us'], '.0f')} | "
@@ -873,7 +884,8 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
                  f"{cell(100 * r['floor_us'] / r.get('cuda_xq_us', float('nan')), '.0f')} | "
                  f"{cell(r['pallas_us'] / r.get('cuda_xq_us', float('nan')), '.2f')} | "
                  f"{cell(r['pallas_err'], '.1e')} | {cell(r['cuda_err'], '.1e')} | "
-                 f"{cell(r.get('cuda_xq_err', float('nan')), '.1e')} |")
+                 f"{cell(r.get('cuda_xq_err', float('nan')), '.1e')} | {cell(r.get('cuda_xq_u2_us', float('nan')), '.1f')} | "
+                 f"{cell(r.get('cuda_xq_u4_us', float('nan')), '.1f')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -200,8 +200,9 @@ class Pallas(Backend):
     if kernel == "cuda_small":
       return gemm_small.w6a_gemm_small_cuda(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
+      table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
-                                fused_quant=kernel == "cuda_gemv_xq")
+                                fused_quant=kernel == "cuda_gemv_xq", unroll=int(table.get("cuda_gemv_unroll", 1)))
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")
@@ -209,14 +210,16 @@ class Pallas(Backend):
 
 def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
-  "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM), reading the fp16
+  "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM; with "mosaic_small_ragged"
+  split_ragged's cost model, any split count), reading the fp16
   weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16), and with the quantizer writing
   the fused TMA's [G, 2, M] operand where it sets "mosaic_small_quant_t" (SmallConfig.quant_t)."""
   table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
   if not table.get("mosaic_small_split"):
     cfg = w6a_gemm_mgpu_small.default_config(m)
   else:
-    cfg = w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1])
+    cfg = w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1],
+                                           ragged=bool(table.get("mosaic_small_ragged")))
   return dataclasses.replace(cfg, sw_f16=bool(table.get("mosaic_small_sw_f16")),
                              quant_t=bool(table.get("mosaic_small_quant_t")) and cfg.fused_tma)
 

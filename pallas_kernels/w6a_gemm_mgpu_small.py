@@ -70,7 +70,9 @@ class SmallConfig:
   #                  an fp32 partial [split_k, ...] that XLA adds (epilogue "out_t": fp32 values do not take the
   #                  transposed store) (a narrow layer has fewer 128-row tiles than SMs,
   #                  and each CTA's steps run one after another: 4096 x 4096 took ~19 us at M = 16-32 on an H200
-  #                  with 32 CTAs busy, as long as 12288 x 4096 with 96); must divide the K-groups
+  #                  with 32 CTAs busy, as long as 12288 x 4096 with 96); any count up to the ring slots: where
+  #                  it does not divide them, the first splits take one slot more and each shorter split runs one
+  #                  slot of its predecessor's with that slot's weight scales zeroed (one wasted slot, no bad sums)
   num_sms: int | None = None
   wide_tma: bool = True  # the weight planes' TMA boxes read as [.., 2, 256] (256-byte rows) instead of their stored
   #                        [.., 16, 32] (32-byte rows; same bytes, same shared-memory image): with 32-byte rows the TMA
@@ -247,8 +249,12 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
   tiles16 = cta_rows // TILE16
   t_iters, n_iters, k_iters = mp // tile_t, np_ // cta_rows, kp // GROUP
   splits, gps = cfg.split_k, cfg.groups_per_step
-  k_iters //= splits  # the groups of one split (gemm checks that split_k divides them)
-  k_steps = k_iters // gps  # ring slots of one split (gemm checks that groups_per_step divides them)
+  # Ring slots (gps groups each; gemm checks that gps divides the groups) shared out over the splits: the
+  # first `extra` splits take one slot more. Every split runs k_steps slots, ending at its own last slot; a
+  # shorter split's first slot is its predecessor's last, loaded and counted zero (`skip_first` below).
+  base, extra = divmod(k_iters // gps, splits)
+  k_steps = base + (extra > 0)  # ring slots of one split's pipeline
+  k_iters = k_steps * gps  # the groups one split's pipeline reads
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
   qx_transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
@@ -300,7 +306,10 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
       s_idx, lin = lin % splits, lin // splits
       n_idx, t_idx = lin // t_iters, lin % t_iters  # token tiles minor: a weight tile's reads share L2
       out = out_gmem.at[s_idx] if splits > 1 else out_gmem
-      groups = pl.ds(s_idx * k_iters, k_iters)  # this split's K-groups
+      end_slot = (s_idx + 1) * base + jnp.minimum(s_idx + 1, extra)
+      first = (end_slot - k_steps) * gps  # this split's first K-group (its predecessor's last slot if skip_first)
+      skip_first = s_idx >= extra if extra else None  # a shorter split: its first slot is not its own
+      groups = pl.ds(first, k_iters)
       t_slice = pl.ds(t_idx * tile_t, tile_t)
       rows = pl.ds(wg * ROWS, ROWS)
 
@@ -320,8 +329,10 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
         acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
         epilogue(run(acc))
 
-      def step(_, qx_smem, *refs):
+      def step(indices, qx_smem, *refs):
         planes, act_smem, (sw_smem, carry) = refs[:n_w], refs[n_w:n_w + n_act], refs[n_w + n_act:]
+        # 0 for a shorter split's borrowed first slot (its s_w zeroed: the slot's sums count nothing), else 1
+        keep = None if skip_first is None else jnp.where(skip_first & (indices[0] == 0), 0.0, 1.0)
         mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
         wg_layout = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pinned: Mosaic's layout search gives up otherwise
 
@@ -331,6 +342,8 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
           sw = plgpu.load(sw_smem.at[i, rows], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [64]
           if sw.dtype != jnp.float32:  # sw_f16: widened here (exact)
             sw = sw.astype(jnp.float32)
+          if keep is not None:
+            sw = sw * keep
           tokens = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # [tile_t]
           if cfg.fused_tma:  # sum(q_x) as fp32: the difference of two integers below 2^24 is exact
             sx, xs = tokens(act_smem[0].at[i, 0]), tokens(act_smem[0].at[i, 1])
@@ -368,7 +381,7 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
           return carry
         return pl.run_scoped(group_sums, *[plgpu.ACC((ROWS, tile_t), jnp.int32)] * gps)
 
-      operands = (qx_gmem.at[t_slice, pl.ds(s_idx * k_iters * GROUP, k_iters * GROUP)],
+      operands = (qx_gmem.at[t_slice, pl.ds(first * GROUP, k_iters * GROUP)],
                   *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * n_w,
                   *[ref.at[groups, :, t_slice] if cfg.fused_tma else ref.at[groups, t_slice] for ref in act_gmem],
                   sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)])
@@ -419,14 +432,14 @@ def gemm(qx: jax.Array, sx_t: jax.Array | None, xs_t: jax.Array | None, w_packed
                      f"{(groups, mp)} (or act given)")
   if sw_t.shape != (groups, np_):
     raise ValueError(f"sw_t {sw_t.shape} must be [G, Np] = {(groups, np_)}")
-  if groups % config.split_k:
-    raise ValueError(f"split_k={config.split_k} must divide the {groups} K-groups")
-  if (groups // config.split_k) % config.groups_per_step:
-    raise ValueError(f"groups_per_step={config.groups_per_step} must divide the {groups // config.split_k} K-groups "
-                     f"of a split (split_k={config.split_k})")
+  if groups % config.groups_per_step:
+    raise ValueError(f"groups_per_step={config.groups_per_step} must divide the {groups} K-groups")
+  if config.split_k > groups // config.groups_per_step:
+    raise ValueError(f"split_k={config.split_k} is more than the {groups // config.groups_per_step} ring slots of "
+                     f"{config.groups_per_step} K-groups: each split needs one")
   if config.persistent and not persistent_fits(config, groups):
     raise ValueError(f"persistent=True needs the ring depth {config.max_concurrent_steps} to divide a split's "
-                     f"{groups // config.split_k // config.groups_per_step} ring slots (Pallas' pipeline of pipelines)")
+                     f"{split_slots(config, groups)} ring slots (Pallas' pipeline of pipelines)")
   out_t = config.epilogue == "out_t"
   splits = config.split_k
   smem = config.max_concurrent_steps * stage_bytes(config.tile_t, config.groups_per_step) + epilogue_bytes(
@@ -465,17 +478,23 @@ def gemm(qx: jax.Array, sx_t: jax.Array | None, xs_t: jax.Array | None, w_packed
   return jnp.sum(y, axis=0).astype(final_dtype) if splits > 1 else y
 
 
+def split_slots(config: SmallConfig, groups: int) -> int:
+  """Ring slots one split's pipeline runs: the slots (groups_per_step groups each) shared out over split_k,
+  rounded up (the kernel's shorter splits borrow their predecessor's last slot and count it zero)."""
+  return -(-(groups // config.groups_per_step) // config.split_k)
+
+
 def persistent_fits(config: SmallConfig, groups: int) -> bool:
   """Whether one ring can run across a CTA's tiles (SmallConfig.persistent): Pallas' pipeline of pipelines
   needs the ring depth (at most a split's slots) to divide a split's ring slots."""
-  slots = groups // config.split_k // config.groups_per_step
+  slots = split_slots(config, groups)
   return slots % min(config.max_concurrent_steps, slots) == 0
 
 
 def split_for(groups: int, tiles: int, num_sms: int) -> int:
   """The split_k that brings `tiles` CTA tiles closest to filling `num_sms` SMs without going past
   them: the largest divisor d of the K-groups with tiles * d <= num_sms (1 when tiles fill them), and
-  each split keeping at least 4 groups."""
+  each split keeping at least 4 groups. (The rule before ragged splits; split_ragged is the model.)"""
   best = 1
   for d in range(1, groups + 1):
     if groups % d == 0 and tiles * d <= num_sms and groups // d >= 4:
@@ -483,18 +502,49 @@ def split_for(groups: int, tiles: int, num_sms: int) -> int:
   return best
 
 
-def split_config(m: int, n: int, groups: int) -> SmallConfig:
+# split_ragged's cost model of one CTA tile, fitted to the H200's kernel times at M = 16 (2026-12-02,
+# results/kernels/NOTES.md "ragged splits"): ~0.35 us a K-group streamed with 2 groups a slot, ~2 us a
+# tile to fill the ring and store; fp32 partials written and summed at ~3 TB/s.
+SLOT_US_PER_GROUP, TILE_US, PARTIAL_BYTES_PER_US = 0.35, 2.0, 3.0e6
+
+
+def split_cost(split: int, groups: int, gps: int, tiles: int, num_sms: int, n: int, mp: int) -> float:
+  """Modelled microseconds of the op at split_k = split: rounds of CTAs (the persistent grid takes the
+  tiles num_sms at a time) x one tile's slots, plus the fp32 partials' traffic where it splits."""
+  slots = -(-(groups // gps) // split)
+  rounds = -(-(tiles * split) // num_sms)
+  partials = 2 * split * n * mp * 4 / PARTIAL_BYTES_PER_US if split > 1 else 0.0
+  return rounds * (slots * gps * SLOT_US_PER_GROUP + TILE_US) + partials
+
+
+def split_ragged(groups: int, gps: int, tiles: int, num_sms: int, n: int, mp: int, most: int = 16) -> int:
+  """The split_k (any count up to `most` and the ring slots, not only divisors) that split_cost
+  models fastest; the fewest splits on a tie."""
+  slots = groups // gps
+  return min(range(1, min(most, slots) + 1), key=lambda d: (split_cost(d, groups, gps, tiles, num_sms, n, mp), d))
+
+
+def split_config(m: int, n: int, groups: int, ragged: bool = False) -> SmallConfig:
   """default_config(m) split along K by split_for until every SM has a CTA (the out_t epilogue where
   it splits: fp32 partials), with 2 groups a ring slot where they divide a split's groups and the token
   tile is at most 64 (the fastest measured at M = 16 and 64 on the LLaMA-2-7B layers, H200 2026-12-02,
-  results/kernels/h200-2026-12-02-mgpu-small-fused.md; 128-token tiles were not timed with it)."""
+  results/kernels/h200-2026-12-02-mgpu-small-fused.md; 128-token tiles were not timed with it).
+
+  ragged: 2 groups a slot wherever they divide the groups (token tile <= 64), and the split by
+  split_ragged's cost model, any count (not only divisors of the groups)."""
   cfg = default_config(m)
   tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
-  split = split_for(groups, tiles, num_sms())
+  if ragged:
+    gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
+    mp = -(-m // cfg.tile_t) * cfg.tile_t
+    split = split_ragged(groups, gps, tiles, num_sms(), -(-n // cfg.cta_rows) * cfg.cta_rows, mp)
+  else:
+    split = split_for(groups, tiles, num_sms())
+    gps = 2 if cfg.tile_t <= 64 and (groups // split) % 2 == 0 else 1
   cfg = dataclasses.replace(cfg, split_k=split, epilogue="out_t" if split > 1 else cfg.epilogue)
-  if cfg.tile_t <= 64 and (groups // split) % 2 == 0:
-    ring = min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, out_itemsize(cfg, jnp.bfloat16), 2))
-    cfg = dataclasses.replace(cfg, groups_per_step=2, max_concurrent_steps=ring)
+  if gps > 1:
+    ring = min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, out_itemsize(cfg, jnp.bfloat16), gps))
+    cfg = dataclasses.replace(cfg, groups_per_step=gps, max_concurrent_steps=ring)
   return cfg
 
 

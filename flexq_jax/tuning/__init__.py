@@ -9,7 +9,8 @@ and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA
 "mosaic_small_min_m" / "mosaic_small_max_m" / "mosaic_small_min_n": the M window (default from 1)
 and the least N (default 0) of the layers on which it runs the small-M Mosaic GPU GEMM on sm_90
 (pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never;
-"mosaic_small_split": true splits its K until every SM has a CTA, and "mosaic_small_sw_f16": true has it read the
+"mosaic_small_split": true splits its K until every SM has a CTA ("mosaic_small_ragged": true by the cost model of
+w6a_gemm_mgpu_small.split_ragged, any split count), and "mosaic_small_sw_f16": true has it read the
 stored fp16 weight scales (SmallConfig.sw_f16), and "mosaic_small_quant_t": true has its
 quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t), backends._small_config;
 "mosaic_small_skip": [[N, K, max M], ...] keeps those layer shapes on the Triton kernels up to max M; these keys
@@ -63,6 +64,14 @@ def load_table(card: str) -> dict | None:
   return _load_table(card, extra)
 
 
+def _setting(key: str, value) -> bool:
+  """Whether `value` is a valid $FLEXQ_TUNING_EXTRA setting for `key`."""
+  count = lambda v: isinstance(v, int) and v >= 0
+  if key == "mosaic_small_skip":
+    return isinstance(value, list) and all(isinstance(t, list) and len(t) == 3 and all(map(count, t)) for t in value)
+  return count(value)
+
+
 @functools.cache
 def _load_table(card: str, extra: str | None) -> dict | None:
   path = TUNING_DIR / f"{card}.json"
@@ -76,8 +85,9 @@ def _load_table(card: str, extra: str | None) -> dict | None:
       more = json.loads(extra)
     except ValueError as e:
       raise ValueError(f"${EXTRA_ENV} is not JSON: {e}") from None
-    if not isinstance(more, dict) or not all(isinstance(v, int) and v >= 0 for v in more.values()):
-      raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers or booleans, got {extra!r}")
+    if not isinstance(more, dict) or not all(_setting(k, v) for k, v in more.items()):
+      raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers or booleans (and, for "
+                       f"mosaic_small_skip, a list of [N, K, max M] triples), got {extra!r}")
     table = {"entries": [], **(table or {}), **more}
   return table
 

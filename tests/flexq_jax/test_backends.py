@@ -209,8 +209,26 @@ def test_tuning_extra_from_the_environment(monkeypatch):
   monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_max_m": -1}')
   with pytest.raises(ValueError, match="non-negative integers"):
     tuning.load_table("h200")
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"mosaic_small_skip": [[4096, 11008]]}')
+  with pytest.raises(ValueError, match=r"\[N, K, max M\] triples"):
+    tuning.load_table("h200")
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"mosaic_small_skip": [[4096, 11008, 16]], "mosaic_small_ragged": true}')
+  assert tuning.load_table("h200")["mosaic_small_skip"] == [[4096, 11008, 16]]
   monkeypatch.delenv(tuning.EXTRA_ENV)  # the committed h200 table: the GEMV with its quantizer at M = 1 only
   assert pallas.kernel_for(1, GPU)[0] == "cuda_gemv_xq" and pallas.kernel_for(2, GPU)[0] == "triton"
+
+
+def test_every_e2e_method_tuning_loads(monkeypatch):
+  """Each e2e method's settings pass $FLEXQ_TUNING_EXTRA's checks over the committed tables (a method whose
+  settings fail them would only show as a failed row on the GPU machine)."""
+  from evaluation import e2e_bench
+  from flexq_jax import tuning
+  monkeypatch.delenv(tuning.EXTRA_ENV, raising=False)
+  for method, settings in e2e_bench.METHOD_TUNING.items():
+    with e2e_bench.method_tuning(method):
+      for card in ("h200", "h100"):
+        table = tuning.load_table(card)
+        assert all(table[k] == v for k, v in settings.items()), (method, card)
 
 
 def test_e2e_method_with_the_cuda_gemv_sets_and_restores_the_tuning(monkeypatch):

@@ -122,14 +122,16 @@ def test_gpu_gemv_equals_its_plan_and_the_contract(a_bits, m, n, k):
 @pytest.mark.parametrize("a_bits", [6, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 4096, jnp.bfloat16), (32, 200, jnp.float32)])
-def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype):
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype, unroll):
   """One kernel: the same q_x as the Pallas quantizer (the contract's rule is one number
-  everywhere), so the same plan."""
+  everywhere), so the same plan; with 1, 2 or 4 groups' loads in flight a warp (7 groups at K = 840:
+  a partial step)."""
   x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
   x = x.astype(dtype)
   qx, sx, xsum = _quantized(x, packed, a_bits, interpret=False)
   plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
-  y = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits",))(x, packed, s_w, a_bits=a_bits)
+  y = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits", "unroll"))(x, packed, s_w, a_bits=a_bits, unroll=unroll)
   assert y.shape == (m, n) and y.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 2**-7
   np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())

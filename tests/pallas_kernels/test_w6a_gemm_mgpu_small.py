@@ -70,7 +70,9 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     (32, "serial", "out_t", 5, 1, 600, False), (16, "serial", "smem_transpose", 1, 2, 1024, False),
     (64, "serial", "out_t", 2, 4, 1024, False), (1, "serial", "smem_transpose", 1, 1, 600, True),
     (17, "pingpong", "out_t", 1, 1, 600, True), (64, "serial", "out_t", 2, 4, 1024, True),
-    (16, "serial", "out_t", 4, 2, 1024, "persistent")])
+    (16, "serial", "out_t", 4, 2, 1024, "persistent"),
+    (16, "serial", "out_t", 3, 2, 1024, True), (64, "pingpong", "out_t", 3, 1, 1000, True),
+    (100, "serial", "out_t", 5, 1, 1024, False)])  # the last three ragged: split_k does not divide the slots
 def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gps, k, fused):
   cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
                             groups_per_step=gps, fused_tma=bool(fused), persistent=fused == "persistent")
@@ -120,14 +122,31 @@ def test_split_rules():
 
   with pytest.raises(ValueError, match="2-byte outputs only.*partial sums"):
     gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=5))
-  with pytest.raises(ValueError, match="split_k=3 must divide the 5 K-groups"):
-    gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=3))
+  with pytest.raises(ValueError, match="split_k=6 is more than the 5 ring slots"):
+    gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=6, epilogue="out_t"))
+  with pytest.raises(ValueError, match="split_k=3 is more than the 2 ring slots of 2 K-groups"):
+    gemm_on_zeros(ms.SmallConfig(tile_t=32, split_k=3, groups_per_step=2, epilogue="out_t"), groups=4)
   with pytest.raises(ValueError, match="groups_per_step=2 must divide the 5 K-groups"):
     gemm_on_zeros(ms.SmallConfig(tile_t=32, groups_per_step=2))
   with pytest.raises(ValueError, match="more than a Hopper CTA's 227 KB"):
     gemm_on_zeros(ms.SmallConfig(tile_t=128, groups_per_step=4), m=128, groups=8)
   with pytest.raises(ValueError, match="pingpong' takes groups_per_step=1"):
     ms.SmallConfig(schedule="pingpong", epilogue="out_t", groups_per_step=2)
+
+
+def test_ragged_split_rules():
+  """split_ragged: any split count, by the cost model; each split's pipeline runs split_slots slots."""
+  assert ms.split_ragged(86, 2, 32, 132, 4096, 32) == 4  # LLaMA-2-7B down_proj: 43 slots -> 11, 11, 11, 10
+  assert ms.split_ragged(32, 2, 96, 132, 12288, 32) == 1  # q/k/v: 96 tiles; splitting costs more than it fills
+  assert ms.split_ragged(32, 2, 32, 132, 4096, 32) == 4  # o_proj: as split_for
+  assert ms.split_ragged(8, 2, 1, 132, 128, 32) == 4  # one tile, 4 slots: one slot a split
+  cfg = ms.split_config(16, 4096, 86, ragged=True)
+  assert (cfg.split_k, cfg.groups_per_step, cfg.epilogue) == (4, 2, "out_t")
+  assert ms.split_slots(cfg, 86) == 11
+  assert ms.split_config(16, 4096, 86).split_k == 2  # the divisor rule
+  # the model: more splits fill more SMs but each tile pays the ring's fill and the partials their bytes
+  assert ms.split_cost(4, 86, 2, 32, 132, 4096, 32) < ms.split_cost(2, 86, 2, 32, 132, 4096, 32)
+  assert ms.split_cost(8, 86, 2, 32, 132, 4096, 32) > ms.split_cost(4, 86, 2, 32, 132, 4096, 32)
 
 
 def _hopper() -> bool:
@@ -214,6 +233,20 @@ def test_gpu_fp16_weight_scales(m, gps):
   _check(m, 4096, 4096, 8, gps=gps, sw_f16=True, quant_t=True)
   _check(m, 256, 1024, 6, split_k=2, gps=gps, epilogue="out_t", quant_t=True)
   _check(m, 208, 1000, 8, gps=gps, quant_t=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m,gps", [(16, 2), (64, 2), (100, 1)])
+def test_gpu_ragged_split(m, gps):
+  """split_k that does not divide the ring slots: the shorter splits' borrowed first slot counts zero.
+  LLaMA-2-7B's down_proj as the table splits it (86 groups, 43 slots in 4 splits), a 1-slot split, ragged
+  N and K, A6 and A8, fp16 and fp32 scales, pingpong."""
+  _check(m, 4096, 11008, 8, gps=gps, split_k=4, epilogue="out_t", fused_tma=True, sw_f16=True, quant_t=True)
+  _check(m, 256, 1024, 6, gps=gps, split_k=3, epilogue="out_t", fused_tma=True)
+  _check(m, 208, 1000, 6, gps=1, split_k=5, epilogue="out_t", fused_tma=gps == 2)  # 8 groups: 2, 2, 2, 1, 1
+  _check(m, 256, 640, 8, split_k=4 // gps, epilogue="out_t", schedule="pingpong")  # 5 groups
+  _check(m, 256, 1024, 6, gps=gps, split_k=8 // gps, epilogue="out_t")  # one slot a split
 
 
 @pytest.mark.gpu

@@ -171,10 +171,13 @@ void launch_gemv_pallas6(cudaStream_t stream, const int8_t* qx, const float* sx,
 __device__ __forceinline__ float gemv_load_x(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ float gemv_load_x(const float* p) { return *p; }
 
-template <int kM, int kABits, typename InT, typename OutT>
+template <int kM, int kABits, int kUnroll, typename InT, typename OutT>
 __global__ void __launch_bounds__(32 * kGemvWarps)
 gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
                        OutT* __restrict__ y, int m, int n, int k, int groups) {
+  // kUnroll: groups a warp has in flight. Each step issues the weight loads and the x loads of its
+  // kUnroll groups (g0, g0 + kWarps, ...) first, then quantizes and dots them in turn: the same groups
+  // per warp, in the same order, as kUnroll = 1 (same sums), with fewer dependent memory round trips.
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -188,79 +191,105 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
   for (int i = 0; i < kM; ++i) acc[i] = 0.f;
 
   const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
-  for (int g = warp; g < groups; g += kGemvWarps) {
-    uint4 planes[3];
-    const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
+  for (int g0 = warp; g0 < groups; g0 += kGemvWarps * kUnroll) {
+    uint4 planes[kUnroll][3];
+    float v[kUnroll][kM][4];
 #pragma unroll
-    for (int pl = 0; pl < 3; ++pl) planes[pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
-    // Quantize this group of every row while the weight loads are in flight.
-    float s_x[kM];
-    int q_sum[kM];
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the step first: bytes in flight
+      const int g = g0 + u * kGemvWarps;
+      if (g < groups) {
+        const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
 #pragma unroll
-    for (int i = 0; i < kM; ++i) {
-      float v[4];
-      float amax = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
-        const int kk = g * kGemvGroup + 4 * lane + e;
-        v[e] = (i < m && kk < k) ? gemv_load_x(x + static_cast<long>(i) * k + kk) : 0.f;
-        amax = fmaxf(amax, fabsf(v[e]));
+        for (int pl = 0; pl < 3; ++pl) planes[u][pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
       }
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      const float s = contract_scale<kQMax>(amax);
-      const float sb = s > 0.f ? s : 1.f;
-      const float inv = 1.0f / sb;
-      int sum = 0;
+      for (int i = 0; i < kM; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = contract_round<kQMax>(v[e], s, sb, inv);
-        sum += qi;
-        xq[warp][i][32 * e + lane] = static_cast<int8_t>(qi);
+        for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
+          const int kk = g * kGemvGroup + 4 * lane + e;
+          v[u][i][e] = (g < groups && i < m && kk < k) ? gemv_load_x(x + static_cast<long>(i) * k + kk) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int g = g0 + u * kGemvWarps;
+      if (g >= groups) break;  // warp-uniform
+      // Quantize this group of every row (the contract's rule, act_quant.cuh).
+      float s_x[kM];
+      int q_sum[kM];
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(v[u][i][e]));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float s = contract_scale<kQMax>(amax);
+        const float sb = s > 0.f ? s : 1.f;
+        const float inv = 1.0f / sb;
+        int sum = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = contract_round<kQMax>(v[u][i][e], s, sb, inv);
+          sum += qi;
+          xq[warp][i][32 * e + lane] = static_cast<int8_t>(qi);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        s_x[i] = s;
+        q_sum[i] = sum;
       }
+      __syncwarp();
+      uint32_t uw[4][4];
+      gemv_unpack_planes(planes[u], uw);
+      const float s_w = __half2float(sw[row_n * groups + g]);
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      s_x[i] = s;
-      q_sum[i] = sum;
+      for (int i = 0; i < kM; ++i) {
+        const int dot = gemv_group_dot(uw, &xq[warp][i][16 * h]);
+        const int exact = dot - kGemvOffset * q_sum[i];
+        acc[i] += static_cast<float>(exact) * (s_x[i] * s_w);
+      }
+      __syncwarp();  // the group's q_x is read by every lane before the next group overwrites it
     }
-    __syncwarp();
-    uint32_t uw[4][4];
-    gemv_unpack_planes(planes, uw);
-    const float s_w = __half2float(sw[row_n * groups + g]);
-#pragma unroll
-    for (int i = 0; i < kM; ++i) {
-      const int dot = gemv_group_dot(uw, &xq[warp][i][16 * h]);
-      const int exact = dot - kGemvOffset * q_sum[i];
-      acc[i] += static_cast<float>(exact) * (s_x[i] * s_w);
-    }
-    __syncwarp();  // the group's q_x is read by every lane before the next group overwrites it
   }
 
   gemv_reduce_store<kM>(acc, y, m, n, tile);
 }
 
-template <int kABits, typename InT, typename OutT>
-void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                 int m, int n, int k, int groups) {
+template <int kABits, int kUnroll, typename InT, typename OutT>
+void launch_gemv_pallas6_xq_unrolled(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                     int m, int n, int k, int groups) {
   const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
   if (m <= 1) {
-    gemv_pallas6_xq_kernel<1, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    gemv_pallas6_xq_kernel<1, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
   } else if (m <= 2) {
-    gemv_pallas6_xq_kernel<2, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    gemv_pallas6_xq_kernel<2, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
   } else if (m <= 4) {
-    gemv_pallas6_xq_kernel<4, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    gemv_pallas6_xq_kernel<4, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
   } else {
-    gemv_pallas6_xq_kernel<8, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    gemv_pallas6_xq_kernel<8, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+  }
+}
+
+template <int kABits, typename InT, typename OutT>
+void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                 int m, int n, int k, int groups, int unroll) {
+  if (unroll == 4) {
+    launch_gemv_pallas6_xq_unrolled<kABits, 4>(stream, x, w, sw, y, m, n, k, groups);
+  } else if (unroll == 2) {
+    launch_gemv_pallas6_xq_unrolled<kABits, 2>(stream, x, w, sw, y, m, n, k, groups);
+  } else {
+    launch_gemv_pallas6_xq_unrolled<kABits, 1>(stream, x, w, sw, y, m, n, k, groups);
   }
 }
 
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
-                            int n, int k, int groups, int a_bits) {
+                            int n, int k, int groups, int a_bits, int unroll) {
   if (a_bits == 6) {
-    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups, unroll);
   } else {
-    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups, unroll);
   }
 }
 
