@@ -503,8 +503,9 @@ def split_for(groups: int, tiles: int, num_sms: int) -> int:
 
 
 # split_ragged's cost model of one CTA tile, fitted to the H200's kernel times at M = 16 (2026-12-02,
-# results/kernels/NOTES.md "ragged splits"): ~0.35 us a K-group streamed with 2 groups a slot, ~2 us a
-# tile to fill the ring and store; fp32 partials written and summed at ~3 TB/s.
+# results/kernels/NOTES.md "Small-M Mosaic GEMM: glue, ragged splits"): ~0.35 us a K-group streamed
+# with 2 groups a slot, ~2 us a tile to fill the ring and store; fp32 partials written and summed at
+# ~3 TB/s.
 SLOT_US_PER_GROUP, TILE_US, PARTIAL_BYTES_PER_US = 0.35, 2.0, 3.0e6
 
 
