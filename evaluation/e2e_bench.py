@@ -73,7 +73,8 @@ from pallas_kernels import core
 
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
            "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
-           "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4")
+           "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
+           "flexq-gemv-pdl")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -99,6 +100,8 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # on every layer from M = 16, LLaMA-2-7B's down_proj at M = 16 included (no mosaic_small_skip): the h200 table since
 # 2026-12-02 afternoon; "flexq-divisor" = the table before it (split_for's divisor splits, down_proj at M = 16 on Triton).
 # "flexq-gemv-u2" / "-u4" = the CUDA decode GEMV (quantizer inside) with 2 / 4 groups' loads in flight a warp.
+# "flexq-gemv-pdl" = that GEMV launched with programmatic dependent launch (its weight loads start before the
+# previous kernel has finished).
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
@@ -111,7 +114,8 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-glue": {"mosaic_small_sw_f16": True, "mosaic_small_quant_t": True},
                  "flexq-ragged": {"mosaic_small_ragged": True, "mosaic_small_skip": []},
                  "flexq-divisor": {"mosaic_small_ragged": False, "mosaic_small_skip": [[4096, 11008, 16]]},
-                 "flexq-gemv-u2": {"cuda_gemv_unroll": 2}, "flexq-gemv-u4": {"cuda_gemv_unroll": 4}}
+                 "flexq-gemv-u2": {"cuda_gemv_unroll": 2}, "flexq-gemv-u4": {"cuda_gemv_unroll": 4},
+                 "flexq-gemv-pdl": {"cuda_gemv_pdl": True}}
 
 
 @contextlib.contextmanager

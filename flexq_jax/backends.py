@@ -202,7 +202,8 @@ class Pallas(Backend):
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
       table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
-                                fused_quant=kernel == "cuda_gemv_xq", unroll=int(table.get("cuda_gemv_unroll", 1)))
+                                fused_quant=kernel == "cuda_gemv_xq", unroll=int(table.get("cuda_gemv_unroll", 1)),
+                                pdl=bool(table.get("cuda_gemv_pdl")))
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")

@@ -127,3 +127,20 @@ def mse_clipping(w: jax.Array, hessian: jax.Array | None = None, *, bits: int = 
   errors = jnp.stack([error(g) for g in grid])  # [len(grid), N, G]
   best = jnp.asarray(grid, jnp.float32)[jnp.argmin(errors, axis=0)]  # first minimum: the least clipping wins ties
   return (best * amax / qmax).astype(jnp.float16)
+
+
+def full_range_scales(w: jax.Array, *, bits: int = 6, group: int = 128) -> jax.Array:
+  """Group scales that use both ends of the signed range: s = max(max(w) / qmax, -min(w) / -qmin)
+  (6 bits: max(w) / 31 or -min(w) / 32), so a group whose largest magnitude is negative maps it to
+  -32 instead of -31 and gets a 31/32 finer step. fp16 [N, Kp / group]; all-zero groups 0."""
+  n, k = w.shape
+  kp = core.padded_k(k)
+  qmin, qmax = core.qrange(bits)
+  wg = pad_k(w.astype(jnp.float32), kp).reshape(n, kp // group, group)
+  s = jnp.maximum(jnp.max(wg, axis=-1) / qmax, jnp.min(wg, axis=-1) / qmin)
+  s16 = s.astype(jnp.float16)
+  # fp16 rounding down may push the extreme a hair past the range: such a group keeps max|w| / qmax
+  over = (jnp.max(wg, axis=-1) > qmax * s16.astype(jnp.float32)) | (jnp.min(wg, axis=-1) < qmin * s16.astype(jnp.float32))
+  safe = (jnp.max(jnp.abs(wg), axis=-1) / qmax).astype(jnp.float16)
+  return jnp.where(over, safe, s16)
+

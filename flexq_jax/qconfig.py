@@ -8,7 +8,7 @@ import re
 from flexq_jax import formats
 
 WEIGHT_METHODS = ("rtn", "gptq")
-WEIGHT_CLIPPINGS = ("none", "learned", "mse")
+WEIGHT_CLIPPINGS = ("none", "learned", "mse", "full_range")
 A8_SELECTIONS = ("sensitivity", "measured", "down_proj", "none")
 
 
@@ -59,6 +59,7 @@ class QuantConfig:
   # for the clipping factor with the least rounding error weighted by diag(H) (unweighted under RTN
   # without smoothing, which collects no statistics) (clipping.mse_clipping;
   # W6A16 +0.91% / +1.20% vs none's +0.61% / +0.50% on 2 x 2048 tokens, results/raw/screens-2026-12-02.md);
+  # "full_range": max(max(w) / qmax, -min(w) / -qmin), both ends of the signed range (clipping.full_range_scales);
   # "none": max|w| / qmax.
   # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but
   # from +0.88% to +1.06% on held-out news (results/raw/weight-clipping-2026-12-01.md).

@@ -163,6 +163,8 @@ def quantize(
       clip_errors.append((float(e_plain), float(e_clip)))
     if config.weight_clipping == "mse":
       scales = clipping.mse_clipping(w, h, bits=config.w_bits, group=group)
+    if config.weight_clipping == "full_range":
+      scales = clipping.full_range_scales(w, bits=config.w_bits, group=group)
     if config.weight_method == "gptq":
       q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=group, damp=config.gptq_damp,
                                 act_order=config.gptq_act_order, scales=scales)

@@ -75,11 +75,13 @@ def gemv_pallas6(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Ar
 
 
 def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
-                    unroll: int = 1) -> jax.Array:
+                    unroll: int = 1, pdl: bool = False) -> jax.Array:
   """The variant with the activation quantizer inside the kernel: x bf16 or fp32 [M <= 8, K] ->
   y [M, N] of x's dtype, one kernel (each warp quantizes the groups it takes by the contract's
   rule; every block does so again). unroll (1, 2, 4): groups whose weight and x loads a warp issues
-  before it quantizes and dots the first of them (same groups, same order, same sums)."""
+  before it quantizes and dots the first of them (same groups, same order, same sums). pdl: launched
+  with programmatic dependent launch (sm_90): its blocks may start while the previous kernel in the
+  stream drains and load their first weights, then wait for that kernel before reading x or writing y."""
   if unroll not in (1, 2, 4):
     raise ValueError(f"unroll must be 1, 2 or 4, got {unroll}")
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
@@ -95,15 +97,17 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
   target = bmma.GEMV_XQ_TARGETS[x.dtype.name][0]
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), x.dtype))(x, w_packed, w_scales,
                                                                          a_bits=np.int32(a_bits),
-                                                                         unroll=np.int32(unroll))
+                                                                         unroll=np.int32(unroll),
+                                                                         pdl=np.int32(bool(pdl)))
 
 
 def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None,
-             fused_quant: bool = False, unroll: int = 1) -> jax.Array:
+             fused_quant: bool = False, unroll: int = 1, pdl: bool = False) -> jax.Array:
   """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this
-  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq, `unroll` its)."""
+  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq; `unroll` and `pdl`
+  its)."""
   if fused_quant:
-    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll)
+    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll, pdl=pdl)
     return y if out_dtype is None else y.astype(out_dtype)
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
   cfg = wk.default_config(m, n, k)  # its quantizer tiling: phase-major q_x, rows padded to >= 16

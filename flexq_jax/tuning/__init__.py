@@ -5,7 +5,8 @@
 optionally "mosaic_min_m": the M from which the pallas backend runs its Mosaic GPU GEMM instead of
 the Triton kernels (measured by `python -m evaluation.kernel_bench --sweep-mgpu`; absent: never),
 and "cuda_gemv_max_m" / "cuda_gemv_xq_max_m": the M up to which it runs the CUDA decode GEMV
-(without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never), and
+(without / with the quantizer inside; `kernel_bench --gemv-cuda`; absent: never; "cuda_gemv_unroll" (1, 2, 4)
+and "cuda_gemv_pdl" (programmatic dependent launch) tune the latter), and
 "mosaic_small_min_m" / "mosaic_small_max_m" / "mosaic_small_min_n": the M window (default from 1)
 and the least N (default 0) of the layers on which it runs the small-M Mosaic GPU GEMM on sm_90
 (pallas_kernels/w6a_gemm_mgpu_small.py; `kernel_bench --mgpu-small`; absent: never;

@@ -135,3 +135,31 @@ def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype, unroll):
   assert y.shape == (m, n) and y.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 2**-7
   np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+def test_gpu_gemv_with_programmatic_dependent_launch(a_bits):
+  """pdl=True: the GEMV's blocks may start before the kernel that produces x has finished; they wait for
+  it before reading x. A chain of producer -> GEMV -> consumer -> GEMV in one program must give the
+  same numbers as without PDL and as the plan."""
+  m, n, k = 1, 4096, 4096
+  x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
+  x = x.astype(jnp.bfloat16)
+
+  def chain(x, pdl):
+    h = jnp.tanh(x * 1.5) + x  # an XLA fusion writes the GEMV's input just before it
+    y = gemv.gemv_pallas6_xq(h, packed, s_w, a_bits=a_bits, pdl=pdl)
+    z = (y.astype(jnp.float32) * 0.01).astype(jnp.bfloat16)[:, :k]  # and reads its output just after
+    return y, gemv.gemv_pallas6_xq(z, packed, s_w, a_bits=a_bits, pdl=pdl)
+
+  with_pdl = jax.jit(lambda x: chain(x, True))(x)
+  without = jax.jit(lambda x: chain(x, False))(x)
+  for a, b in zip(with_pdl, without):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  h = jnp.tanh(x * 1.5) + x
+  qx, sx, xsum = _quantized(h, packed, a_bits, interpret=False)
+  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  np.testing.assert_allclose(np.asarray(with_pdl[0], np.float32), plan, rtol=2**-7, atol=2**-7 * np.abs(plan).max())
+

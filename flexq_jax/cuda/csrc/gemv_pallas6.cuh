@@ -50,6 +50,16 @@ __device__ __forceinline__ uint32_t gemv_unpack(uint32_t lo, uint32_t hi, int p)
   return lo4 | hi2;
 }
 
+// Programmatic dependent launch (sm_90): wait until the grids this one depends on have finished and
+// their writes are visible. A no-op when the kernel was launched without the PDL attribute (or when
+// they have already finished), so the kernel always calls it before its first read of x and its first
+// write of y; with PDL its blocks start while the previous kernel drains and load weights meanwhile.
+__device__ __forceinline__ void gemv_wait_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void gemv_store(float v, __nv_bfloat16* p) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void gemv_store(float v, float* p) { *p = v; }
 
@@ -191,6 +201,7 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
   for (int i = 0; i < kM; ++i) acc[i] = 0.f;
 
   const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
+  bool waited = false;
   for (int g0 = warp; g0 < groups; g0 += kGemvWarps * kUnroll) {
     uint4 planes[kUnroll][3];
     float v[kUnroll][kM][4];
@@ -202,6 +213,14 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
 #pragma unroll
         for (int pl = 0; pl < 3; ++pl) planes[u][pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
       }
+    }
+    if (!waited) {  // the weights are parameters; x is the previous kernel's output
+      gemv_wait_prerequisites();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int g = g0 + u * kGemvWarps;
 #pragma unroll
       for (int i = 0; i < kM; ++i)
 #pragma unroll
@@ -253,43 +272,61 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
     }
   }
 
+  if (!waited) gemv_wait_prerequisites();  // a warp without groups: y may be memory the previous kernel reads
   gemv_reduce_store<kM>(acc, y, m, n, tile);
 }
 
+// One GEMV launch, with programmatic dependent launch (pdl: the blocks may start before the previous
+// kernel in the stream has finished; the kernel waits for it before reading x, see above) or without.
+template <int kM, int kABits, int kUnroll, typename InT, typename OutT>
+void launch_gemv_pallas6_xq_one(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w, const __half* sw,
+                                OutT* y, int m, int n, int k, int groups) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(n / kGemvTileRows);
+  config.blockDim = dim3(32 * kGemvWarps);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&config, gemv_pallas6_xq_kernel<kM, kABits, kUnroll, InT, OutT>, x, w, sw, y, m, n, k, groups);
+}
+
 template <int kABits, int kUnroll, typename InT, typename OutT>
-void launch_gemv_pallas6_xq_unrolled(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                     int m, int n, int k, int groups) {
-  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
+void launch_gemv_pallas6_xq_unrolled(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w, const __half* sw,
+                                     OutT* y, int m, int n, int k, int groups) {
   if (m <= 1) {
-    gemv_pallas6_xq_kernel<1, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<1, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (m <= 2) {
-    gemv_pallas6_xq_kernel<2, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<2, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (m <= 4) {
-    gemv_pallas6_xq_kernel<4, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<4, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else {
-    gemv_pallas6_xq_kernel<8, kABits, kUnroll, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<8, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
   }
 }
 
 template <int kABits, typename InT, typename OutT>
 void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                 int m, int n, int k, int groups, int unroll) {
+                                 int m, int n, int k, int groups, int unroll, bool pdl) {
   if (unroll == 4) {
-    launch_gemv_pallas6_xq_unrolled<kABits, 4>(stream, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_unrolled<kABits, 4>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (unroll == 2) {
-    launch_gemv_pallas6_xq_unrolled<kABits, 2>(stream, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_unrolled<kABits, 2>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else {
-    launch_gemv_pallas6_xq_unrolled<kABits, 1>(stream, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_unrolled<kABits, 1>(stream, pdl, x, w, sw, y, m, n, k, groups);
   }
 }
 
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
-                            int n, int k, int groups, int a_bits, int unroll) {
+                            int n, int k, int groups, int a_bits, int unroll, bool pdl) {
   if (a_bits == 6) {
-    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups, unroll);
+    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups, unroll, pdl);
   } else {
-    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups, unroll);
+    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups, unroll, pdl);
   }
 }
 
