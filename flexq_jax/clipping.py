@@ -139,8 +139,6 @@ def full_range_scales(w: jax.Array, *, bits: int = 6, group: int = 128) -> jax.A
   wg = pad_k(w.astype(jnp.float32), kp).reshape(n, kp // group, group)
   s = jnp.maximum(jnp.max(wg, axis=-1) / qmax, jnp.min(wg, axis=-1) / qmin)
   s16 = s.astype(jnp.float16)
-  # fp16 rounding down may push the extreme a hair past the range: such a group keeps max|w| / qmax
-  over = (jnp.max(wg, axis=-1) > qmax * s16.astype(jnp.float32)) | (jnp.min(wg, axis=-1) < qmin * s16.astype(jnp.float32))
-  safe = (jnp.max(jnp.abs(wg), axis=-1) / qmax).astype(jnp.float16)
-  return jnp.where(over, safe, s16)
+  # rounded up to the next fp16 where rounding went down, so the extremes stay inside the range
+  return jnp.where(s16.astype(jnp.float32) < s, jnp.nextafter(s16, jnp.float16(jnp.inf)), s16)
 

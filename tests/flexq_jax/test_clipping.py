@@ -79,3 +79,21 @@ def test_mse_clipping_never_raises_a_groups_weighted_error():
   assert np.all(after <= before * (1 + 1e-6)) and after.sum() < 0.95 * before.sum()  # heavy tails: clipping pays
   assert np.any(np.asarray(scales) != np.asarray(plain_s))
   QuantConfig(weight_clipping="mse")  # accepted
+
+
+def test_full_range_scales_use_both_ends_of_the_range():
+  """A group whose largest magnitude is negative maps it to -32 (a 31/32 finer step than max|w| / 31);
+  every q stays in [-32, 31]; a group whose largest magnitude is positive keeps max(w) / 31."""
+  w = np.zeros((3, 256), np.float32)
+  w[0, :128] = np.linspace(-3.2, 1.0, 128)  # negative extreme
+  w[1, :128] = np.linspace(-1.0, 3.1, 128)  # positive extreme
+  w[2] = np.random.default_rng(0).standard_normal(256)
+  s = clipping.full_range_scales(jnp.asarray(w), bits=6, group=128)
+  assert s.dtype == jnp.float16 and s.shape == (3, 2)
+  np.testing.assert_allclose(float(s[0, 0]), 3.2 / 32, rtol=1e-3)
+  np.testing.assert_allclose(float(s[1, 0]), 3.1 / 31, rtol=1e-3)
+  assert float(s[0, 1]) == 0.0  # an all-zero group
+  q, s2 = numerics.quantize_weight(jnp.asarray(w), 6, 128, scales=s)
+  assert int(q.min()) == -32 and int(q.max()) <= 31
+  err = lambda q, s: float(jnp.sum((numerics.dequantize_weight(q, s, 256) - w) ** 2))
+  assert err(q, s2) < err(*numerics.quantize_weight(jnp.asarray(w), 6, 128))
