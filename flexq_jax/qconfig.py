@@ -59,7 +59,8 @@ class QuantConfig:
   # for the clipping factor with the least rounding error weighted by diag(H) (unweighted under RTN
   # without smoothing, which collects no statistics) (clipping.mse_clipping;
   # W6A16 +0.91% / +1.20% vs none's +0.61% / +0.50% on 2 x 2048 tokens, results/raw/screens-2026-12-02.md);
-  # "full_range": max(max(w) / qmax, -min(w) / -qmin), both ends of the signed range (clipping.full_range_scales);
+  # "full_range": max(max(w) / qmax, -min(w) / -qmin), both ends of the signed range (clipping.full_range_scales;
+  # W6A16 +0.92% / +0.93% vs none's +0.71% / +0.49% on the table's 8 windows, results/raw/screens-2026-12-02.md);
   # "none": max|w| / qmax.
   # Off by default: on the rotated SmolLM2 it took W6A16 from +0.94% to +0.69% on Wikipedia but
   # from +0.88% to +1.06% on held-out news (results/raw/weight-clipping-2026-12-01.md).
