@@ -281,6 +281,11 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
 template <int kM, int kABits, int kUnroll, typename InT, typename OutT>
 void launch_gemv_pallas6_xq_one(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w, const __half* sw,
                                 OutT* y, int m, int n, int k, int groups) {
+  if (!pdl) {  // the plain launch (what ran before PDL existed)
+    gemv_pallas6_xq_kernel<kM, kABits, kUnroll, InT, OutT>
+        <<<dim3(n / kGemvTileRows), dim3(32 * kGemvWarps), 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    return;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(n / kGemvTileRows);
   config.blockDim = dim3(32 * kGemvWarps);
@@ -290,7 +295,7 @@ void launch_gemv_pallas6_xq_one(cudaStream_t stream, bool pdl, const InT* x, con
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
+  config.numAttrs = 1;
   cudaLaunchKernelEx(&config, gemv_pallas6_xq_kernel<kM, kABits, kUnroll, InT, OutT>, x, w, sw, y, m, n, k, groups);
 }
 
