@@ -200,7 +200,7 @@ class Pallas(Backend):
     if kernel == "cuda_small":
       return gemm_small.w6a_gemm_small_cuda(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
-      table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
+      table = _card_table()
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                 fused_quant=kernel == "cuda_gemv_xq", unroll=int(table.get("cuda_gemv_unroll", 1)),
                                 pdl=bool(table.get("cuda_gemv_pdl")))
@@ -209,13 +209,18 @@ class Pallas(Backend):
                                  interpret=jax.default_backend() != "gpu")
 
 
+def _card_table(device: Any = None) -> dict:
+  """The tuning table of `device`'s card (default: the first device), {} where there is none."""
+  return tuning.load_table(tuning.card_name(device or jax.devices()[0])) or {}
+
+
 def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
   "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM; with "mosaic_small_ragged"
   split_ragged's cost model, any split count), reading the fp16
   weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16), and with the quantizer writing
   the fused TMA's [G, 2, M] operand where it sets "mosaic_small_quant_t" (SmallConfig.quant_t)."""
-  table = tuning.load_table(tuning.card_name(jax.devices()[0])) or {}
+  table = _card_table()
   if not table.get("mosaic_small_split"):
     cfg = w6a_gemm_mgpu_small.default_config(m)
   else:
@@ -294,7 +299,7 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   if not PALLAS.can_run(layer, h.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return None
   device = jax.devices()[0]
-  if not (tuning.load_table(tuning.card_name(device)) or {}).get("fuse_norm_quant"):
+  if not _card_table(device).get("fuse_norm_quant"):
     return None
   m = math.prod(h.shape[:-1])
   if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype,
