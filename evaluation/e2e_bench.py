@@ -74,7 +74,7 @@ from pallas_kernels import core
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
            "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
-           "flexq-gemv-pdl")
+           "flexq-gemv-pdl", "flexq-qhead")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -102,6 +102,8 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-gemv-u2" / "-u4" = the CUDA decode GEMV (quantizer inside) with 2 / 4 groups' loads in flight a warp.
 # "flexq-gemv-pdl" = that GEMV launched with programmatic dependent launch (its weight loads start before the
 # previous kernel has finished).
+# "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
+# at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
                  "flexq-mgpu-small": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0},
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
@@ -224,7 +226,11 @@ def random_params(cfg, method: str, seed: int = 0, layers: str = "list", fused: 
   embed = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d), jnp.float32)).astype(jnp.bfloat16)
   params = {"embed_tokens": put("embed_tokens", embed), "layers": blocks,
             "norm": put("norm", jnp.ones((d,), jnp.bfloat16))}
-  if not cfg.tie_word_embeddings:
+  if method == "flexq-qhead":  # issue 14's quantized lm_head: W6A8 (flexq_jax/lm_head.py's "w6a8"), a copy when tied
+    if plan is not None:
+      raise ValueError("flexq-qhead runs at --tp 1 only (the quantized lm_head is not split by flexq_jax/sharding.py)")
+    params["lm_head"] = jax.tree.map(lambda a: a[0], random_linear(method, next(keys), 1, d, cfg.vocab_size, 8))
+  elif not cfg.tie_word_embeddings:
     vocab = cfg.vocab_size // plan.tp if plan is not None and plan.vocab_sharded else cfg.vocab_size  # a shard's
     head = (0.02 * jax.random.normal(next(keys), (d, vocab), jnp.float32)).astype(jnp.bfloat16)
     params["lm_head"] = put("lm_head", head)
