@@ -595,6 +595,9 @@ def main(argv=None) -> int:
   ap.add_argument("--tp", default="1",
                   help="comma list of tensor-parallel sizes: the model split over that many GPUs of a mesh "
                        "(flexq_jax/sharding.py), e.g. 1,2,4 (default 1: one GPU); w8a8-xla runs at TP=1 only")
+  ap.add_argument("--decode-attention", choices=llama.DECODE_ATTENTION_MODES, default=None,
+                  help="the decode steps' attention for every method (models/llama.py): auto (the Pallas kernel on a "
+                       "GPU), pallas or xla (the einsums); default: $FLEXQ_DECODE_ATTENTION, else auto")
   ap.add_argument("--out-dir", default="results/e2e")
   ap.add_argument("--tag", default="", help="appended to the output file names")
   ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -603,6 +606,12 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.merge:
     return merge_runs(args.merge, Path(args.out_dir), args.tag)
+  if args.decode_attention:
+    os.environ[llama.DECODE_ATTENTION_ENV] = args.decode_attention
+  try:  # a bad $FLEXQ_DECODE_ATTENTION stops here, before any work
+    llama.decode_attention_mode()
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   # JAX takes 75% of a GPU's memory by default: 70B's weights need more of the card.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   models = [m for m in args.models.split(",") if m]
@@ -637,6 +646,7 @@ def main(argv=None) -> int:
   def write():
     stem.with_suffix(".md").write_text(markdown(rows, card, device, date, profiles))
     stem.with_suffix(".json").write_text(json.dumps(dict(card=card, device=device, date=date, jax=jax.__version__,
+                                                         decode_attention=llama.decode_attention_mode(),
                                                          rows=[dataclasses.asdict(r) for r in rows],
                                                          profiles=profiles), indent=1))
     plot(rows, stem.with_suffix(".png"), f"decode tokens/s over bf16, {device}, {date}")

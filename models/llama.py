@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import flax
@@ -46,6 +47,7 @@ from jax.experimental import layout as jax_layout
 
 from models import hadamard
 from models.config import PRESETS, LlamaConfig
+from pallas_kernels import decode_attention as decode_kernel
 
 Params = dict[str, Any]
 
@@ -388,6 +390,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+# Which attention a decode step (one query token) runs: "auto" (the Pallas decode kernel,
+# pallas_kernels/decode_attention.py, on a GPU; XLA's einsums elsewhere), "pallas" (the kernel everywhere:
+# interpret mode off the GPU, for tests) or "xla" (the einsums). Read at trace time.
+DECODE_ATTENTION_ENV = "FLEXQ_DECODE_ATTENTION"
+DECODE_ATTENTION_MODES = ("auto", "pallas", "xla")
+
+
+def decode_attention_mode() -> str:
+  """$FLEXQ_DECODE_ATTENTION, checked: one of DECODE_ATTENTION_MODES (default "auto")."""
+  mode = os.environ.get(DECODE_ATTENTION_ENV, "auto")
+  if mode not in DECODE_ATTENTION_MODES:
+    raise ValueError(f"${DECODE_ATTENTION_ENV} must be one of {', '.join(DECODE_ATTENTION_MODES)}, got {mode!r}")
+  return mode
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
   """Grouped-query attention.
 
@@ -398,8 +415,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
 
   Returns:
     [B, T, Hq, hd] in q's dtype.
+
+  With one query token (a decode step) this runs the Pallas decode kernel where decode_attention_mode()
+  says so and the shapes allow (its numerics: the same products, fp32 sums in another order).
   """
   b, t, hq, hd = q.shape
+  mode = decode_attention_mode() if t == 1 else "xla"
+  on_gpu = jax.default_backend() == "gpu"
+  if (mode == "pallas" or (mode == "auto" and on_gpu)) and decode_kernel.supported(q[:, 0].shape, k.shape,
+                                                                                     k.dtype) is None:
+    out = decode_kernel.decode_attention(q[:, 0], k, v.astype(k.dtype), visible[:, 0], interpret=not on_gpu)
+    return out[:, None]
   hkv = k.shape[2]
   # [B, T, Hkv, G, hd]: the G query heads that share one KV head.
   qg = q.reshape(b, t, hkv, hq // hkv, hd)

@@ -1,0 +1,137 @@
+"""The decode-step attention kernel (pallas_kernels/decode_attention.py) and the model's use of it.
+
+CPU: the kernel in Pallas' interpret mode against models/llama.attention's einsums (grouped and plain
+heads, ragged cache lengths, splits of the cache, a row with no visible key), its refusals, and greedy
+generation with $FLEXQ_DECODE_ATTENTION=pallas equal to "xla". GPU (marker `gpu`): the compiled kernel
+against the einsums at LLaMA-2-7B and LLaMA-3-8B decode shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import generate as gen
+from models import llama
+from models.config import LlamaConfig
+from pallas_kernels import decode_attention as da
+from tests.helpers import has_gpu
+
+
+def _case(b, hq, hkv, hd, s, dtype, seed=0, lengths=None):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(ks[0], (b, hq, hd), dtype)
+  k = jax.random.normal(ks[1], (b, s, hkv, hd), dtype)
+  v = jax.random.normal(ks[2], (b, s, hkv, hd), dtype)
+  lengths = jnp.asarray(lengths if lengths is not None else [s - 7 * i for i in range(b)])
+  visible = jnp.arange(s)[None, :] < lengths[:, None]
+  return q, k, v, visible
+
+
+def _einsums(q, k, v, visible, monkeypatch):
+  monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, "xla")
+  return llama.attention(q[:, None], k, v, visible[:, None, :])[:, 0].astype(jnp.float32)
+
+
+def _close(out, ref, dtype):
+  # fp32: summation order only; bf16: the output's rounding (half an ulp of |out| <= 1) and the
+  # probabilities' bf16 cast, taken before (einsums) or after (kernel) the normalization
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(ref), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("b, hq, hkv, hd, s, dtype, splits", [
+    (2, 4, 2, 64, 100, jnp.float32, None),  # grouped heads, S not a multiple of the block
+    (2, 4, 2, 64, 100, jnp.float32, 2),  # two splits merged
+    (3, 8, 8, 32, 150, jnp.bfloat16, 3),  # one query head a kv head, bf16 cache
+    (1, 32, 8, 16, 33, jnp.bfloat16, None),  # G = 4 padded to 16 rows, a 16-wide head
+])
+def test_interpret_mode_equals_the_einsums(b, hq, hkv, hd, s, dtype, splits, monkeypatch):
+  q, k, v, visible = _case(b, hq, hkv, hd, s, dtype)
+  out = da.decode_attention(q, k, v, visible, splits=splits, interpret=True)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  _close(out, _einsums(q, k, v, visible, monkeypatch), dtype)
+
+
+def test_a_row_with_no_visible_key_averages_its_values_as_the_einsums_do(monkeypatch):
+  q, k, v, visible = _case(2, 4, 4, 32, 70, jnp.float32, lengths=[0, 5])
+  out = da.decode_attention(q, k, v, visible, splits=2, interpret=True)
+  ref = _einsums(q, k, v, visible, monkeypatch)
+  _close(out, ref, jnp.float32)
+  np.testing.assert_allclose(np.asarray(out[0]), np.asarray(v[0].mean(axis=0)), atol=1e-5)
+
+
+def test_one_changed_visible_value_changes_only_its_sequence():
+  q, k, v, visible = _case(2, 4, 2, 32, 40, jnp.float32)
+  base = da.decode_attention(q, k, v, visible, interpret=True)
+  moved = da.decode_attention(q, k, v.at[1, 3, 0, 5].add(100.0), visible, interpret=True)
+  np.testing.assert_array_equal(np.asarray(moved[0]), np.asarray(base[0]))
+  changed = np.argwhere(np.asarray(moved[1] != base[1]))
+  assert set(changed[:, 1]) == {5} and set(changed[:, 0]) == {0, 1}  # kv head 0 serves query heads 0-1
+
+
+def test_splits_cover_every_block_and_leave_none_empty():
+  for b, h, blocks in [(1, 32, 3), (64, 32, 3), (1, 8, 100), (2, 1, 7), (1, 1, 1)]:
+    ns = da.splits_for(b, h, blocks)
+    per = -(-blocks // ns)
+    assert 1 <= ns <= blocks and (ns - 1) * per < blocks <= ns * per
+  assert da.splits_for(64, 32, 3) == 1  # 2048 programs already
+  assert da.splits_for(1, 32, 3) == 3  # batch 1: each block its own program
+
+
+@pytest.mark.parametrize("q_shape, k_shape, dtype, words", [
+    ((2, 4, 48), (2, 10, 2, 48), jnp.float32, "power of two"),
+    ((2, 5, 64), (2, 10, 2, 64), jnp.float32, "multiple"),
+    ((2, 4, 64), (3, 10, 2, 64), jnp.float32, "disagree"),
+    ((2, 4, 64), (2, 10, 2, 64), jnp.int8, "bf16, fp16 or fp32"),
+])
+def test_refuses_shapes_it_cannot_take(q_shape, k_shape, dtype, words):
+  assert words in da.supported(q_shape, k_shape, dtype)
+  q = jnp.zeros(q_shape, jnp.float32)
+  k = jnp.zeros(k_shape, dtype)
+  with pytest.raises(ValueError, match=words):
+    da.decode_attention(q, k, k, jnp.ones(k_shape[:2], bool), interpret=True)
+
+
+def test_refuses_a_bad_mask_block_or_split():
+  q, k, v, visible = _case(1, 4, 2, 32, 40, jnp.float32)
+  with pytest.raises(ValueError, match="visible must be"):
+    da.decode_attention(q, k, v, visible[:, :10], interpret=True)
+  with pytest.raises(ValueError, match="block_s"):
+    da.decode_attention(q, k, v, visible, block_s=48, interpret=True)
+  with pytest.raises(ValueError, match="splits must be in"):
+    da.decode_attention(q, k, v, visible, splits=5, interpret=True)
+
+
+def test_the_model_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
+  monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, "flash")
+  with pytest.raises(ValueError, match="FLEXQ_DECODE_ATTENTION"):
+    llama.decode_attention_mode()
+  monkeypatch.delenv(llama.DECODE_ATTENTION_ENV)
+  assert llama.decode_attention_mode() == "auto"
+
+
+def test_greedy_generation_through_the_kernel_equals_the_einsums(monkeypatch):
+  """The model's decode steps on the kernel (interpret mode) give the einsums' tokens and logits."""
+  config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                       num_kv_heads=2, eos_token_id=5, pad_token_id=0)
+  params = llama.init_params(config, jax.random.key(0), scale=0.3)
+  tokens, mask = gen.pad_prompts([[7, 8, 9], [10, 11, 12, 13, 14]], 0, "left")
+  outs = {}
+  for mode in ("xla", "pallas"):
+    monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, mode)
+    jax.clear_caches()  # the choice is made at trace time
+    outs[mode] = gen.generate(params, config, tokens, mask, jax.random.key(1), max_new_tokens=5,
+                              sampling=gen.GREEDY, cache_dtype=jnp.float32)
+  jax.clear_caches()
+  np.testing.assert_array_equal(outs["pallas"].tokens, outs["xla"].tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b, hq, hkv, s", [(1, 32, 32, 160), (16, 32, 32, 160), (64, 32, 32, 144),
+                                          (4, 32, 8, 2100)])  # LLaMA-2-7B; LLaMA-3-8B's grouped heads
+def test_gpu_kernel_equals_the_einsums(b, hq, hkv, s, monkeypatch):
+  q, k, v, visible = _case(b, hq, hkv, 128, s, jnp.bfloat16, lengths=[s - 3 * i for i in range(b)])
+  out = da.decode_attention(q, k, v, visible)
+  _close(out, _einsums(q, k, v, visible, monkeypatch), jnp.bfloat16)
