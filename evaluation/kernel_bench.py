@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -47,7 +48,9 @@ from flexq_jax import backends, formats, numerics, tuning
 from flexq_jax.cuda import bmma
 from flexq_jax.cuda import gemm_small as cuda_small
 from flexq_jax.cuda import gemv as cuda_gemv
+from models import llama
 from pallas_kernels import core
+from pallas_kernels import decode_attention
 from pallas_kernels import w6a_gemm_mgpu as mg
 from pallas_kernels import w6a_gemm_mgpu_small as mgs
 from pallas_kernels import w6a_matmul as wk
@@ -905,6 +908,71 @@ def rerender(json_path: str) -> None:
   print(md)
 
 
+ATTENTION_CONFIGS = ((64, 4, 1), (32, 4, 1), (128, 4, 1), (64, 8, 1), (128, 8, 1), (64, 4, 2), (32, 2, 1))
+
+
+def sweep_decode_attention(batches: tuple[int, ...], slots: tuple[int, ...], heads=(32, 32, 128),
+                           configs=ATTENTION_CONFIGS, log=print) -> list[dict]:
+  """The decode step's attention (one query token, bf16 cache [B, S, Hkv, hd]): XLA's einsums
+  (models/llama.attention with $FLEXQ_DECODE_ATTENTION=xla) against the Pallas kernel
+  (pallas_kernels/decode_attention.py) under each (block_s, num_warps, splits x) of `configs` (splits x:
+  a multiple of splits_for's count, capped at the block count); each output checked against the einsums'.
+  GB/s counts the cache's keys and values read once."""
+  hq, hkv, hd = heads
+  rows = []
+  for b in batches:
+    for s in slots:
+      key = jax.random.key(b * 7919 + s)
+      kv_bytes = 2 * b * s * hkv * hd * 2
+      bufs = []
+      for i in range(_n_bufs(kv_bytes)):
+        kk, kv = jax.random.split(jax.random.fold_in(key, i))
+        bufs.append((jax.random.normal(kk, (b, s, hkv, hd), jnp.bfloat16),
+                     jax.random.normal(kv, (b, s, hkv, hd), jnp.bfloat16),
+                     jnp.broadcast_to(jnp.arange(s) < s - 1, (b, s))))
+      x = jax.random.normal(key, (b * hq, hd), jnp.bfloat16)
+      est = kv_bytes / 3e12
+      old = os.environ.get(llama.DECODE_ATTENTION_ENV)
+      os.environ[llama.DECODE_ATTENTION_ENV] = "xla"
+      try:
+        ein = lambda x, k, v, vis: llama.attention(x.reshape(b, 1, hq, hd), k, v, vis[:, None])[:, 0].reshape(b * hq, hd)
+        ref = jax.jit(ein)(x, *bufs[0])
+        row = dict(batch=b, slots=s, heads=list(heads), einsum_us=1e6 * time_jax(ein, x, bufs, est))
+      finally:
+        if old is None:
+          os.environ.pop(llama.DECODE_ATTENTION_ENV, None)
+        else:
+          os.environ[llama.DECODE_ATTENTION_ENV] = old
+      blocks_of = lambda bs: -(-s // bs)
+      for bs, nw, mult in configs:
+        ns = min(blocks_of(bs), mult * decode_attention.splits_for(b, hkv, blocks_of(bs)))
+        op = lambda x, k, v, vis, bs=bs, nw=nw, ns=ns: decode_attention.decode_attention(
+            x.reshape(b, hq, hd), k, v, vis, block_s=bs, num_warps=nw, splits=ns).reshape(b * hq, hd)
+        err = float(jnp.max(jnp.abs(jax.jit(op)(x, *bufs[0]).astype(jnp.float32) - ref.astype(jnp.float32))))
+        us = 1e6 * time_jax(op, x, bufs, est) if err <= 2e-2 else float("nan")
+        row[f"bs{bs}_w{nw}_x{mult}_us"] = us
+        row[f"bs{bs}_w{nw}_x{mult}_err"] = err
+      best = min((v, k) for k, v in row.items() if k.endswith("_us") and k != "einsum_us" and v == v)
+      row["best"], row["best_us"] = best[1][:-3], best[0]
+      row["best_gbs"], row["einsum_gbs"] = kv_bytes / best[0] / 1e3, kv_bytes / row["einsum_us"] / 1e3
+      log(f"attention B={b:3d} S={s:5d}: einsums {row['einsum_us']:7.1f} us  " + "  ".join(
+          f"{c}={row[f'bs{c[0]}_w{c[1]}_x{c[2]}_us']:.1f}" for c in configs) + f"  best {row['best']} "
+          f"{row['best_us']:.1f} us ({row['best_gbs']:.0f} GB/s; einsums {row['einsum_gbs']:.0f})")
+      rows.append(row)
+  return rows
+
+
+def attention_markdown(rows: list[dict], card: str, date: str) -> str:
+  hq, hkv, hd = rows[0]["heads"] if rows else (32, 32, 128)
+  out = [f"Decode attention, one layer, {card} {date}: {hq} query heads over a bf16 cache [B, S, {hkv}, {hd}], us "
+         "(GB/s: keys and values read once)", "",
+         "| B | S | XLA einsums | kernel, best config | best | x einsums |", "| ---: | ---: | ---: | --- | ---: | ---: |"]
+  for r in rows:
+    out.append(f"| {r['batch']} | {r['slots']} | {r['einsum_us']:.1f} ({r['einsum_gbs']:.0f}) | {r['best']} | "
+               f"{r['best_us']:.1f} ({r['best_gbs']:.0f}) | {r['einsum_us'] / r['best_us']:.2f} |")
+  return "\n".join(out) + "\n"
+
+
 def _write_rows(out_dir: str, name: str, rows: list[dict], markdown_fn=None) -> None:
   """<card>-<date>-<name>.json of a side-by-side comparison (and its .md, printed, with markdown_fn)."""
   card, date = tuning.card_name(), datetime.date.today().isoformat()
@@ -953,6 +1021,9 @@ def main(argv=None) -> None:
                   help="time the Mosaic GEMM alone under its scaling variants and probes (PROBE_CONFIGS)")
   ap.add_argument("--dump-dir", default=None, help="with --probe-mgpu: Mosaic GPU's PTX / ptxas / SASS dumps here")
   ap.add_argument("--profile", default="", help="comma list of shape:M whose kernels the profiler times")
+  ap.add_argument("--attention", action="store_true",
+                  help="the decode attention kernel's configs against XLA's einsums (--m: batches, default 1,16,32,64)")
+  ap.add_argument("--slots", default="160,1024", help="--attention: comma list of cache lengths")
   ap.add_argument("--out-dir", default="results/kernels")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
   args = ap.parse_args(argv)
@@ -961,6 +1032,11 @@ def main(argv=None) -> None:
     return
   if jax.default_backend() != "gpu":
     sys.exit("kernel_bench needs a GPU (jax.default_backend() is %r)" % jax.default_backend())
+  if args.attention:
+    batches = tuple(int(v) for v in (args.m or "1,16,32,64").split(","))
+    _write_rows(args.out_dir, "decode-attention", sweep_decode_attention(
+        batches, tuple(int(v) for v in args.slots.split(",")), log=lambda s: print(s, flush=True)), attention_markdown)
+    return
   if args.probe_mgpu:
     shapes = args.shapes.split(",") if args.shapes not in ("all", "7b", "70b") else list(SHAPES)
     rows = probe_mgpu(shapes, tuple(int(v) for v in (args.m or "4096").split(",")), PROBE_CONFIGS,
