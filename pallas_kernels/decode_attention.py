@@ -97,8 +97,17 @@ def splits_for(batch: int, kv_heads: int, blocks: int, min_programs: int = MIN_P
   return -(-blocks // per)
 
 
+def block_for(batch: int, slots: int, kv_heads: int) -> int:
+  """Cache slots a loop step: the fastest of seven configs on an H200 at LLaMA-2-7B's heads, B 1-64,
+  S 160 and 1024 (results/kernels/h200-2026-12-02-decode-attention.md): 32 for short caches, 128 when
+  the batch alone gives few programs (one block a split), else 64."""
+  if slots <= 256:
+    return 32
+  return 128 if batch * kv_heads <= 64 else 64
+
+
 @functools.partial(jax.jit, static_argnames=("block_s", "splits", "num_warps", "interpret"))
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, block_s: int = 64,
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, block_s: int | None = None,
                      splits: int | None = None, num_warps: int = 4, interpret: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(hd), masked by `visible`) v for one query token a sequence.
 
@@ -106,7 +115,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     q: [B, Hq, hd] the new token's queries.
     k, v: [B, S, Hkv, hd] the cache (grouped-query: query head j reads kv head j // (Hq / Hkv)).
     visible: [B, S] bool, True where the token may attend to the slot.
-    block_s: cache slots a loop step (a power of two >= 16).
+    block_s: cache slots a loop step (a power of two >= 16; None: block_for's choice).
     splits: splits of S a (sequence, kv head), merged afterwards (None: splits_for's count).
     num_warps: Triton warps a program.
     interpret: run the kernel in Pallas' interpret mode (CPU tests).
@@ -123,6 +132,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
   s_len, hkv = k.shape[1], k.shape[2]
   if visible.shape != (b, s_len):
     raise ValueError(f"visible must be [B, S] = {(b, s_len)}, got {visible.shape}")
+  block_s = block_s or block_for(b, s_len, hkv)
   if block_s < 16 or block_s & (block_s - 1):
     raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
   g = hq // hkv

@@ -77,6 +77,7 @@ def test_splits_cover_every_block_and_leave_none_empty():
     assert 1 <= ns <= blocks and (ns - 1) * per < blocks <= ns * per
   assert da.splits_for(64, 32, 3) == 1  # 2048 programs already
   assert da.splits_for(1, 32, 3) == 3  # batch 1: each block its own program
+  assert [da.block_for(b, s, 32) for b, s in [(64, 160), (1, 1024), (16, 1024)]] == [32, 128, 64]
 
 
 @pytest.mark.parametrize("q_shape, k_shape, dtype, words", [
