@@ -646,7 +646,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   """Decode (M <= 8), W6A6 and W6A8, side by side in one run: the Pallas path (quantizer + Triton
   GEMV + split-K sum), the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
   inside a block) and the CUDA GEMV with the quantizer inside (one kernel), each whole op against
-  the contract (the last also with 2 and 4 groups' loads in flight a warp: unroll), the CUDA GEMV alone on
+  the contract (the last also in blocks of 16 and 32 warps; unroll 2 / 4 were timed on 2026-12-02, slower), the
+  CUDA GEMV alone on
   a quantized x, and the HBM floor (bytes at 6.125
   bits/weight over 4.3 TB/s)."""
   rows = []
@@ -657,10 +658,10 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       for label, op in (("pallas", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
                         ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits)),
                         ("cuda_xq", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True)),
-                        ("cuda_xq_u2", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
-                                                                          unroll=2)),
-                        ("cuda_xq_u4", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
-                                                                          unroll=4))):
+                        ("cuda_xq_w16", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
+                                                                           warps=16)),
+                        ("cuda_xq_w32", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
+                                                                           warps=32))):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -678,8 +679,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       log(f"gemv-cuda {name:11s} M={m} A{a_bits}: floor {floor:6.1f} us | pallas {row['pallas_us']:7.1f} us "
           f"(err {row['pallas_err']:.1e}) | cuda {row['cuda_us']:7.1f} us (err {row['cuda_err']:.1e}) | cuda gemv "
           f"alone {row['cuda_gemv_alone_us']:7.1f} us | cuda, quantizer inside {row['cuda_xq_us']:7.1f} us "
-          f"(err {row['cuda_xq_err']:.1e}) | unroll 2 {row['cuda_xq_u2_us']:7.1f} us (err {row['cuda_xq_u2_err']:.1e}) "
-          f"| unroll 4 {row['cuda_xq_u4_us']:7.1f} us (err {row['cuda_xq_u4_err']:.1e})")
+          f"(err {row['cuda_xq_err']:.1e}) | 16 warps {row['cuda_xq_w16_us']:7.1f} us (err {row['cuda_xq_w16_err']:.1e}) "
+          f"| 32 warps {row['cuda_xq_w32_us']:7.1f} us (err {row['cuda_xq_w32_err']:.1e})")
   return rows
 
 
@@ -875,9 +876,10 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
            "contract (rel err); floor = bytes at 6.125 bits/weight + bf16 activations and outputs over 4.3 TB/s.", "",
            "| layer | N x K | M | A | floor us | Pallas us | Pallas % floor | CUDA us | CUDA % floor | CUDA x Pallas | "
            "CUDA GEMV alone us | CUDA quantizer inside us | its % floor | its x Pallas | Pallas err | CUDA err | "
-           "CUDA quantizer inside err | its unroll 2 us | unroll 4 us |",
+           "CUDA quantizer inside err | its 16 warps us | % floor | 32 warps us | % floor |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: |"]
+  nan = float("nan")
   for r in rows:
     lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['a_bits']} | {cell(r['floor_us'], '.1f')} | "
                  f"{cell(r['pallas_us'], '.1f')} | {cell(100 * r['floor_us'] / r['pallas_us'], '.0f')} | "
@@ -887,8 +889,10 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
                  f"{cell(100 * r['floor_us'] / r.get('cuda_xq_us', float('nan')), '.0f')} | "
                  f"{cell(r['pallas_us'] / r.get('cuda_xq_us', float('nan')), '.2f')} | "
                  f"{cell(r['pallas_err'], '.1e')} | {cell(r['cuda_err'], '.1e')} | "
-                 f"{cell(r.get('cuda_xq_err', float('nan')), '.1e')} | {cell(r.get('cuda_xq_u2_us', float('nan')), '.1f')} | "
-                 f"{cell(r.get('cuda_xq_u4_us', float('nan')), '.1f')} |")
+                 f"{cell(r.get('cuda_xq_err', nan), '.1e')} | {cell(r.get('cuda_xq_w16_us', nan), '.1f')} | "
+                 f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w16_us', nan), '.0f')} | "
+                 f"{cell(r.get('cuda_xq_w32_us', nan), '.1f')} | "
+                 f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w32_us', nan), '.0f')} |")
   return "\n".join(lines) + "\n"
 
 

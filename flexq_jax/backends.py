@@ -201,8 +201,15 @@ class Pallas(Backend):
       return gemm_small.w6a_gemm_small_cuda(x, layer.packed, layer.scales, a_bits=layer.a_bits)
     if kernel in ("cuda_gemv", "cuda_gemv_xq"):
       table = _card_table()
+      unroll, warps = int(table.get("cuda_gemv_unroll", 1)), cuda_gemv.WARPS
+      # cuda_gemv_wide_warps: wider blocks (16 or 32 warps, quantizer-inside kernel) on layers of at most
+      # cuda_gemv_wide_max_tiles 16-row tiles (absent: every layer); unroll is 1 there.
+      wide = int(table.get("cuda_gemv_wide_warps", 0))
+      if kernel == "cuda_gemv_xq" and wide and layer.out_features // TILE_ROWS <= table.get("cuda_gemv_wide_max_tiles",
+                                                                                            float("inf")):
+        unroll, warps = 1, wide
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
-                                fused_quant=kernel == "cuda_gemv_xq", unroll=int(table.get("cuda_gemv_unroll", 1)),
+                                fused_quant=kernel == "cuda_gemv_xq", unroll=unroll, warps=warps,
                                 pdl=bool(table.get("cuda_gemv_pdl")))
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,

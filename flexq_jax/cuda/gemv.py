@@ -29,6 +29,7 @@ MAX_M = 8  # rows of x the kernel takes (templates for 1, 2, 4, 8)
 PLANE = core.PALLAS6_PLANE_BYTES
 OFFSET = core.PALLAS6_OFFSET
 WARPS = 8  # csrc/gemv_pallas6.cuh kGemvWarps: warps of a block, which take the K-groups in turn
+WARP_CHOICES = (8, 16, 32)  # the quantizer-inside kernel's block sizes (its kWarps)
 
 
 def rows_read(m: int) -> int:
@@ -75,15 +76,21 @@ def gemv_pallas6(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Ar
 
 
 def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
-                    unroll: int = 1, pdl: bool = False) -> jax.Array:
+                    unroll: int = 1, warps: int = WARPS, pdl: bool = False) -> jax.Array:
   """The variant with the activation quantizer inside the kernel: x bf16 or fp32 [M <= 8, K] ->
   y [M, N] of x's dtype, one kernel (each warp quantizes the groups it takes by the contract's
   rule; every block does so again). unroll (1, 2, 4): groups whose weight and x loads a warp issues
   before it quantizes and dots the first of them (same groups, same order, same sums). pdl: launched
   with programmatic dependent launch (sm_90): its blocks may start while the previous kernel in the
-  stream drains and load their first weights, then wait for that kernel before reading x or writing y."""
+  stream drains and load their first weights, then wait for that kernel before reading x or writing y.
+  warps (8, 16, 32): warps of a block, which take a tile's K-groups in turn (16 and 32 with unroll 1 only):
+  more warps put more of a narrow layer's weights in flight at once; the fp32 sums are added in another
+  order (gemv_plan's `warps`)."""
   if unroll not in (1, 2, 4):
     raise ValueError(f"unroll must be 1, 2 or 4, got {unroll}")
+  if warps not in WARP_CHOICES or (warps != WARPS and unroll != 1):
+    raise ValueError(f"warps must be one of {WARP_CHOICES} (16 and 32 with unroll 1 only), got warps={warps}, "
+                     f"unroll={unroll}")
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
   if wk.weight_bits(w_packed) != 6:
     raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
@@ -98,16 +105,17 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), x.dtype))(x, w_packed, w_scales,
                                                                          a_bits=np.int32(a_bits),
                                                                          unroll=np.int32(unroll),
+                                                                         warps=np.int32(warps),
                                                                          pdl=np.int32(bool(pdl)))
 
 
 def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None,
-             fused_quant: bool = False, unroll: int = 1, pdl: bool = False) -> jax.Array:
+             fused_quant: bool = False, unroll: int = 1, warps: int = WARPS, pdl: bool = False) -> jax.Array:
   """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this
-  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq; `unroll` and `pdl`
-  its)."""
+  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq; `unroll`, `warps` and
+  `pdl` its)."""
   if fused_quant:
-    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll, pdl=pdl)
+    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll, warps=warps, pdl=pdl)
     return y if out_dtype is None else y.astype(out_dtype)
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
   cfg = wk.default_config(m, n, k)  # its quantizer tiling: phase-major q_x, rows padded to >= 16
@@ -115,10 +123,11 @@ def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: 
   return gemv_pallas6(qx, sx, xsum, w_packed, w_scales, m=m, out_dtype=out_dtype or x.dtype)
 
 
-def gemv_plan(qx, sx, xsum, w_packed, w_scales, m: int) -> np.ndarray:
+def gemv_plan(qx, sx, xsum, w_packed, w_scales, m: int, warps: int = WARPS) -> np.ndarray:
   """What the kernel computes, restated in numpy with its lane mapping (fp32 [m, N]).
 
-  Per block (tile of 16 rows) and warp w (groups w, w + 8, ...): lane l = 2r + h loads bytes
+  Per block (tile of 16 rows) and warp w (groups w, w + warps, ...; 8 warps but in the quantizer-inside
+  kernel's wider blocks): lane l = 2r + h loads bytes
   16h .. 16h + 15 of plane p's row r (words j = 4h .. 4h + 3); phase p of word j unpacks to four
   u bytes that dp4a meets with q_x bytes 32p + 4j .. 32p + 4j + 3 of the group; the two lanes of
   a row add; minus 32 sum(q_x), times s_x s_w (fp32, that order) into the warp's accumulator;
@@ -131,9 +140,9 @@ def gemv_plan(qx, sx, xsum, w_packed, w_scales, m: int) -> np.ndarray:
   tiles, groups = w.shape[:2]
   lanes = np.arange(32)
   r, h = lanes // 2, lanes % 2
-  acc = np.zeros((tiles, WARPS, m, TILE_ROWS), np.float32)
+  acc = np.zeros((tiles, warps, m, TILE_ROWS), np.float32)
   for g in range(groups):
-    warp = g % WARPS
+    warp = g % warps
     # bytes [tiles, 32 lanes, 16] of each plane; as four little-endian words each
     planes = [w[:, g, p].reshape(tiles, TILE_ROWS * PLANE)[:, lanes[:, None] * 16 + np.arange(16)] for p in range(3)]
     words = [p.reshape(tiles, 32, 4, 4).astype(np.uint32) for p in planes]  # [tiles, lane, word, byte]
@@ -153,6 +162,6 @@ def gemv_plan(qx, sx, xsum, w_packed, w_scales, m: int) -> np.ndarray:
       scale = np.float32(sx[i, g]) * sw.reshape(tiles, TILE_ROWS, groups)[:, :, g]
       acc[:, warp, i] += exact.astype(np.float32) * scale.astype(np.float32)
   out = np.zeros((tiles, m, TILE_ROWS), np.float32)
-  for warp in range(WARPS):
+  for warp in range(warps):
     out += acc[:, warp]
   return out.transpose(1, 0, 2).reshape(m, tiles * TILE_ROWS)

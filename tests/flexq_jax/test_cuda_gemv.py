@@ -37,12 +37,13 @@ def _quantized(x, packed, a_bits, interpret=True):
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(1, 48, 200), (3, 16, 576), (8, 32, 2200), (5, 64, 1152)])
-def test_plan_equals_contract(a_bits, m, n, k):
+@pytest.mark.parametrize("m,n,k,warps", [(1, 48, 200, 8), (3, 16, 576, 8), (8, 32, 2200, 8), (5, 64, 1152, 8),
+                                         (1, 32, 4200, 32), (2, 16, 2200, 16)])
+def test_plan_equals_contract(a_bits, m, n, k, warps):
   x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
   qx, sx, xsum = _quantized(x, packed, a_bits)
   assert qx.shape[0] >= gemv.rows_read(m)
-  y = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  y = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m, warps=warps)
   ref = np.asarray(numerics.reference_matmul(x.astype(jnp.float32), q_w, s_w, a_bits=a_bits), np.float32)
   # the group sums are exact; only the fp32 summation order differs from the reference's
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
@@ -90,6 +91,10 @@ def test_operand_checks_name_the_operand():
     gemv.gemv_pallas6_xq(x.astype(jnp.float16), packed, s_w, a_bits=6)
   with pytest.raises(ValueError, match="M <= 8"):
     gemv.gemv_pallas6_xq(jnp.zeros((9, 200), jnp.bfloat16), packed, s_w, a_bits=6)
+  with pytest.raises(ValueError, match="warps must be one of"):
+    gemv.gemv_pallas6_xq(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, warps=12)
+  with pytest.raises(ValueError, match="unroll 1 only"):
+    gemv.gemv_pallas6_xq(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, warps=16, unroll=2)
   with pytest.raises(ValueError, match="x has k=300"):
     gemv.gemv_pallas6_xq(jnp.zeros((2, 300), jnp.bfloat16), packed, s_w, a_bits=6)
 
@@ -122,16 +127,17 @@ def test_gpu_gemv_equals_its_plan_and_the_contract(a_bits, m, n, k):
 @pytest.mark.parametrize("a_bits", [6, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 4096, jnp.bfloat16), (32, 200, jnp.float32)])
-@pytest.mark.parametrize("unroll", [1, 2, 4])
-def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype, unroll):
+@pytest.mark.parametrize("unroll, warps", [(1, 8), (2, 8), (4, 8), (1, 16), (1, 32)])
+def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype, unroll, warps):
   """One kernel: the same q_x as the Pallas quantizer (the contract's rule is one number
   everywhere), so the same plan; with 1, 2 or 4 groups' loads in flight a warp (7 groups at K = 840:
-  a partial step)."""
+  a partial step), and in blocks of 8, 16 or 32 warps (32 at K = 4096: one group a warp)."""
   x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
   x = x.astype(dtype)
   qx, sx, xsum = _quantized(x, packed, a_bits, interpret=False)
-  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
-  y = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits", "unroll"))(x, packed, s_w, a_bits=a_bits, unroll=unroll)
+  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m, warps=warps)
+  y = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits", "unroll", "warps"))(x, packed, s_w, a_bits=a_bits,
+                                                                                   unroll=unroll, warps=warps)
   assert y.shape == (m, n) and y.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 2**-7
   np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())

@@ -9,7 +9,7 @@
 // The decode GEMV on "pallas6" weights (gemv_pallas6.cuh) is one more:
 //   flexq_gemv_pallas6_{bf16,f32}: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
 //                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
-//   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype; attributes a_bits, unroll (1, 2, 4: groups a warp loads ahead),
+//   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype; attributes a_bits, unroll (1, 2, 4: groups a warp loads ahead), warps (8, 16, 32 a block),
 //                                     pdl (1: programmatic dependent launch)
 // and the small-M tensor-core GEMM on the same operands (gemm_small_pallas6.cuh), M <= 64:
 //   flexq_gemm_small_pallas6_{bf16,f32}: q_x, s_x, sum(q_x), w, w_scales -> y [M, N]; attribute tiles_per_block
@@ -181,9 +181,11 @@ ffi::Error GemvF32(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32>
 
 template <ffi::DataType kT>
 ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                      ffi::ResultBuffer<kT> y, int32_t a_bits, int32_t unroll, int32_t pdl) {
+                      ffi::ResultBuffer<kT> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
   if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
   if (unroll != 1 && unroll != 2 && unroll != 4) return ffi::Error::InvalidArgument("unroll must be 1, 2 or 4, got " + std::to_string(unroll));
+  if (warps != 8 && warps != 16 && warps != 32) return ffi::Error::InvalidArgument("warps must be 8, 16 or 32, got " + std::to_string(warps));
+  if (warps != 8 && unroll != 1) return ffi::Error::InvalidArgument("unroll 2 and 4 run at 8 warps a block only, got warps " + std::to_string(warps));
   if (pdl != 0 && pdl != 1) return ffi::Error::InvalidArgument("pdl must be 0 or 1, got " + std::to_string(pdl));
   if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + dims_str(x.dimensions()));
   if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
@@ -198,17 +200,17 @@ ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U
   using T = typename GemvOut<kT>::T;
   launch_gemv_pallas6_xq(stream, reinterpret_cast<const T*>(x.typed_data()), w.typed_data(),
                          reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<T*>(y->typed_data()),
-                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), a_bits, unroll, pdl != 0);
+                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), a_bits, unroll, warps, pdl != 0);
   return last_cuda_error("flexq_gemv_pallas6_xq launch");
 }
 
 ffi::Error GemvXqBf16(cudaStream_t s, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                      ffi::ResultBuffer<ffi::BF16> y, int32_t a_bits, int32_t unroll, int32_t pdl) {
-  return GemvXqImpl<ffi::BF16>(s, x, w, sw, y, a_bits, unroll, pdl);
+                      ffi::ResultBuffer<ffi::BF16> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
+  return GemvXqImpl<ffi::BF16>(s, x, w, sw, y, a_bits, unroll, warps, pdl);
 }
 ffi::Error GemvXqF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                     ffi::ResultBuffer<ffi::F32> y, int32_t a_bits, int32_t unroll, int32_t pdl) {
-  return GemvXqImpl<ffi::F32>(s, x, w, sw, y, a_bits, unroll, pdl);
+                     ffi::ResultBuffer<ffi::F32> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
+  return GemvXqImpl<ffi::F32>(s, x, w, sw, y, a_bits, unroll, warps, pdl);
 }
 
 }  // namespace
@@ -290,6 +292,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqBf16, flexq::GemvXqBf16,
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
                                   .Attr<int32_t>("unroll")
+                                  .Attr<int32_t>("warps")
                                   .Attr<int32_t>("pdl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
@@ -301,6 +304,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
                                   .Attr<int32_t>("unroll")
+                                  .Attr<int32_t>("warps")
                                   .Attr<int32_t>("pdl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemmSmallPallas6Bf16, flexq::GemmSmallBf16,

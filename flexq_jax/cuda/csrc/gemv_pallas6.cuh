@@ -90,9 +90,9 @@ __device__ __forceinline__ int gemv_group_dot(const uint32_t (&uw)[4][4], const 
 }
 
 // The warps' accumulators of a block added in warp order (shared memory), rows < m written.
-template <int kM, typename OutT>
+template <int kM, int kWarps, typename OutT>
 __device__ __forceinline__ void gemv_reduce_store(const float (&acc)[kM], OutT* __restrict__ y, int m, int n, int tile) {
-  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
+  __shared__ float red[kWarps][kM][kGemvTileRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if ((lane & 1) == 0) {
 #pragma unroll
@@ -104,7 +104,7 @@ __device__ __forceinline__ void gemv_reduce_store(const float (&acc)[kM], OutT* 
     if (i >= m) continue;
     float s = 0.f;
 #pragma unroll
-    for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
+    for (int ww = 0; ww < kWarps; ++ww) s += red[ww][i][rr];
     gemv_store(s, y + static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr);
   }
 }
@@ -153,7 +153,7 @@ gemv_pallas6_kernel(const int8_t* __restrict__ qx, const float* __restrict__ sx,
     }
   }
 
-  gemv_reduce_store<kM>(acc, y, m, n, tile);
+  gemv_reduce_store<kM, kGemvWarps>(acc, y, m, n, tile);
 }
 
 template <typename OutT>
@@ -181,20 +181,23 @@ void launch_gemv_pallas6(cudaStream_t stream, const int8_t* qx, const float* sx,
 __device__ __forceinline__ float gemv_load_x(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ float gemv_load_x(const float* p) { return *p; }
 
-template <int kM, int kABits, int kUnroll, typename InT, typename OutT>
-__global__ void __launch_bounds__(32 * kGemvWarps)
+template <int kM, int kABits, int kUnroll, int kWarps, typename InT, typename OutT>
+__global__ void __launch_bounds__(32 * kWarps)
 gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
                        OutT* __restrict__ y, int m, int n, int k, int groups) {
   // kUnroll: groups a warp has in flight. Each step issues the weight loads and the x loads of its
   // kUnroll groups (g0, g0 + kWarps, ...) first, then quantizes and dots them in turn: the same groups
   // per warp, in the same order, as kUnroll = 1 (same sums), with fewer dependent memory round trips.
+  // kWarps: warps of a block (8, 16, 32). More warps give each fewer groups of a layer's K: more of a
+  // narrow layer's weights in flight at once (N = 4096 is 256 blocks for 132 SMs); the fp32 sums are
+  // then added in another order (gemv_plan's `warps`).
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tile = blockIdx.x;
   const int r = lane >> 1, h = lane & 1;
   const long row_n = static_cast<long>(tile) * kGemvTileRows + r;
-  __shared__ __align__(16) int8_t xq[kGemvWarps][kM][kGemvGroup];
+  __shared__ __align__(16) int8_t xq[kWarps][kM][kGemvGroup];
 
   float acc[kM];
 #pragma unroll
@@ -202,12 +205,12 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
 
   const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
   bool waited = false;
-  for (int g0 = warp; g0 < groups; g0 += kGemvWarps * kUnroll) {
+  for (int g0 = warp; g0 < groups; g0 += kWarps * kUnroll) {
     uint4 planes[kUnroll][3];
     float v[kUnroll][kM][4];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {  // every load of the step first: bytes in flight
-      const int g = g0 + u * kGemvWarps;
+      const int g = g0 + u * kWarps;
       if (g < groups) {
         const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
 #pragma unroll
@@ -220,7 +223,7 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int g = g0 + u * kGemvWarps;
+      const int g = g0 + u * kWarps;
 #pragma unroll
       for (int i = 0; i < kM; ++i)
 #pragma unroll
@@ -231,7 +234,7 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int g = g0 + u * kGemvWarps;
+      const int g = g0 + u * kWarps;
       if (g >= groups) break;  // warp-uniform
       // Quantize this group of every row (the contract's rule, act_quant.cuh).
       float s_x[kM];
@@ -273,22 +276,22 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
   }
 
   if (!waited) gemv_wait_prerequisites();  // a warp without groups: y may be memory the previous kernel reads
-  gemv_reduce_store<kM>(acc, y, m, n, tile);
+  gemv_reduce_store<kM, kWarps>(acc, y, m, n, tile);
 }
 
 // One GEMV launch, with programmatic dependent launch (pdl: the blocks may start before the previous
 // kernel in the stream has finished; the kernel waits for it before reading x, see above) or without.
-template <int kM, int kABits, int kUnroll, typename InT, typename OutT>
+template <int kM, int kABits, int kUnroll, int kWarps, typename InT, typename OutT>
 void launch_gemv_pallas6_xq_one(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w, const __half* sw,
                                 OutT* y, int m, int n, int k, int groups) {
   if (!pdl) {  // the plain launch (what ran before PDL existed)
-    gemv_pallas6_xq_kernel<kM, kABits, kUnroll, InT, OutT>
-        <<<dim3(n / kGemvTileRows), dim3(32 * kGemvWarps), 0, stream>>>(x, w, sw, y, m, n, k, groups);
+    gemv_pallas6_xq_kernel<kM, kABits, kUnroll, kWarps, InT, OutT>
+        <<<dim3(n / kGemvTileRows), dim3(32 * kWarps), 0, stream>>>(x, w, sw, y, m, n, k, groups);
     return;
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(n / kGemvTileRows);
-  config.blockDim = dim3(32 * kGemvWarps);
+  config.blockDim = dim3(32 * kWarps);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
@@ -296,42 +299,49 @@ void launch_gemv_pallas6_xq_one(cudaStream_t stream, bool pdl, const InT* x, con
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, gemv_pallas6_xq_kernel<kM, kABits, kUnroll, InT, OutT>, x, w, sw, y, m, n, k, groups);
+  cudaLaunchKernelEx(&config, gemv_pallas6_xq_kernel<kM, kABits, kUnroll, kWarps, InT, OutT>, x, w, sw, y, m, n, k,
+                     groups);
 }
 
-template <int kABits, int kUnroll, typename InT, typename OutT>
+template <int kABits, int kUnroll, int kWarps, typename InT, typename OutT>
 void launch_gemv_pallas6_xq_unrolled(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w, const __half* sw,
                                      OutT* y, int m, int n, int k, int groups) {
   if (m <= 1) {
-    launch_gemv_pallas6_xq_one<1, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<1, kABits, kUnroll, kWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (m <= 2) {
-    launch_gemv_pallas6_xq_one<2, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<2, kABits, kUnroll, kWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (m <= 4) {
-    launch_gemv_pallas6_xq_one<4, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<4, kABits, kUnroll, kWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else {
-    launch_gemv_pallas6_xq_one<8, kABits, kUnroll>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_one<8, kABits, kUnroll, kWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   }
 }
 
+// unroll 2 / 4 at 8 warps a block only (they measured slower there: results/kernels/NOTES.md); 16 and 32 warps
+// at unroll 1 (the FFI handler refuses other pairs).
 template <int kABits, typename InT, typename OutT>
 void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                 int m, int n, int k, int groups, int unroll, bool pdl) {
-  if (unroll == 4) {
-    launch_gemv_pallas6_xq_unrolled<kABits, 4>(stream, pdl, x, w, sw, y, m, n, k, groups);
+                                 int m, int n, int k, int groups, int unroll, int warps, bool pdl) {
+  if (warps == 32) {
+    launch_gemv_pallas6_xq_unrolled<kABits, 1, 32>(stream, pdl, x, w, sw, y, m, n, k, groups);
+  } else if (warps == 16) {
+    launch_gemv_pallas6_xq_unrolled<kABits, 1, 16>(stream, pdl, x, w, sw, y, m, n, k, groups);
+  } else if (unroll == 4) {
+    launch_gemv_pallas6_xq_unrolled<kABits, 4, kGemvWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else if (unroll == 2) {
-    launch_gemv_pallas6_xq_unrolled<kABits, 2>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_unrolled<kABits, 2, kGemvWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   } else {
-    launch_gemv_pallas6_xq_unrolled<kABits, 1>(stream, pdl, x, w, sw, y, m, n, k, groups);
+    launch_gemv_pallas6_xq_unrolled<kABits, 1, kGemvWarps>(stream, pdl, x, w, sw, y, m, n, k, groups);
   }
 }
 
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
-                            int n, int k, int groups, int a_bits, int unroll, bool pdl) {
+                            int n, int k, int groups, int a_bits, int unroll, int warps, bool pdl) {
   if (a_bits == 6) {
-    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups, unroll, pdl);
+    launch_gemv_pallas6_xq_bits<6>(stream, x, w, sw, y, m, n, k, groups, unroll, warps, pdl);
   } else {
-    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups, unroll, pdl);
+    launch_gemv_pallas6_xq_bits<8>(stream, x, w, sw, y, m, n, k, groups, unroll, warps, pdl);
   }
 }
 
