@@ -74,7 +74,8 @@ from pallas_kernels import core
 METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda-gemv", "flexq-mgpu-small",
            "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
-           "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow")
+           "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
+           "flexq-gemv-w16-narrow")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -103,7 +104,8 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-gemv-pdl" = that GEMV launched with programmatic dependent launch (its weight loads start before the
 # previous kernel has finished).
 # "flexq-gemv-w16" / "-w32" = that GEMV in blocks of 16 / 32 warps on every layer (more of a layer's weights in
-# flight at once); "-w32-narrow" = 32 warps on layers of at most 264 row tiles (2 blocks an SM), 8 elsewhere.
+# flight at once); "-w32-narrow" / "-w16-narrow" = 32 / 16 warps on layers of at most 264 row tiles (2 blocks an
+# SM), 8 elsewhere.
 # "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
 # at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
@@ -121,7 +123,8 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-gemv-u2": {"cuda_gemv_unroll": 2}, "flexq-gemv-u4": {"cuda_gemv_unroll": 4},
                  "flexq-gemv-pdl": {"cuda_gemv_pdl": True},
                  "flexq-gemv-w16": {"cuda_gemv_wide_warps": 16}, "flexq-gemv-w32": {"cuda_gemv_wide_warps": 32},
-                 "flexq-gemv-w32-narrow": {"cuda_gemv_wide_warps": 32, "cuda_gemv_wide_max_tiles": 264}}
+                 "flexq-gemv-w32-narrow": {"cuda_gemv_wide_warps": 32, "cuda_gemv_wide_max_tiles": 264},
+                 "flexq-gemv-w16-narrow": {"cuda_gemv_wide_warps": 16, "cuda_gemv_wide_max_tiles": 264}}
 
 
 @contextlib.contextmanager

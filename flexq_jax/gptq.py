@@ -106,3 +106,56 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
   if static:
     return q, static_scales
   return q, jnp.stack(block_scales, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "damp"))
+def refit_scales(w: jax.Array, q: jax.Array, scales: jax.Array, hessian: jax.Array, *, group: int = 128,
+                 damp: float = 0.1) -> jax.Array:
+  """The group scales that best fit fixed integer codes: per output row, the s minimizing
+  (w - w_hat)^T (H + damp * mean(diag H) I) (w - w_hat) with w_hat = s_g q over each group g (GPTQ's damped
+  objective, all of a row's groups jointly: a G x G linear system a row).
+
+  The codes stay; only the fp16 scales change, so the result is a contract weight as before. The
+  scales given are one solution of the same objective, so the refit never makes the (damped, fp32)
+  objective worse beyond the fp16 rounding of the new scales; a group of all-zero codes, or a solution
+  that is not positive and finite, keeps its scale.
+
+  Args:
+    w: [N, K] float weights (out, in), as given to gptq_quantize.
+    q: int8 [N, Kp] codes; scales: fp16 [N, Kp / group].
+    hessian: [K, K] mean x^T x over calibration tokens.
+    group, damp: as for gptq_quantize.
+
+  Returns:
+    fp16 [N, Kp / group] scales.
+  """
+  n, k = w.shape
+  kp = q.shape[1]
+  g = kp // group
+  if scales.shape != (n, g) or kp % group:
+    raise ValueError(f"refit_scales: scales {scales.shape} do not match codes {q.shape} in groups of {group}")
+  h = jnp.zeros((kp, kp), jnp.float32).at[:k, :k].set(hessian.astype(jnp.float32))
+  diag = jnp.diag(h)
+  live_mean = jnp.sum(jnp.where(diag > 0, diag, 0.0)) / jnp.maximum(1, jnp.sum(diag > 0))
+  h = h + jnp.eye(kp) * damp * live_mean
+  hb = h.reshape(g, group, g, group)
+  wp = pad_k(w.astype(jnp.float32), kp)
+  qf = q.astype(jnp.float32)
+  hw = wp @ h  # [N, Kp]: H w of each row (H symmetric)
+  b = jnp.einsum("rgi,rgi->rg", qf.reshape(n, g, group), hw.reshape(n, g, group))  # q_g . (H w)_g
+
+  def system(rows):  # A[r, g, h] = q_{r,g} . H_{gh} q_{r,h}, a few rows at a time (bounded memory)
+    qr = rows.reshape(rows.shape[0], g, group)
+    return jnp.einsum("rgi,gihj,rhj->rgh", qr, hb, qr)
+
+  chunk = max(1, (1 << 24) // (g * group * g))
+  pad = -n % chunk
+  qc = jnp.pad(qf, ((0, pad), (0, 0))).reshape(-1, chunk, kp)
+  a = jax.lax.map(system, qc).reshape(-1, g, g)[:n]
+  ad = jnp.diagonal(a, axis1=1, axis2=2)
+  live = ad > 0
+  a = a + jax.vmap(jnp.diag)(jnp.where(live, 1e-6 * ad, 1.0))  # a zero group: its own equation s = 0
+  s = jnp.linalg.solve(a, jnp.where(live, b, 0.0)[..., None])[..., 0]
+  old = scales.astype(jnp.float32)
+  new = jnp.where(live & jnp.isfinite(s) & (s > 0), s, old).astype(jnp.float16)
+  return jnp.where(jnp.isfinite(new.astype(jnp.float32)), new, scales)

@@ -54,6 +54,9 @@ class QuantConfig:
   # GPTQ's statistics of block i taken on the hidden states of blocks 0..i-1 already quantized
   # (sequential calibration) instead of the float model's (False: one float pass for all layers)
   gptq_sequential: bool = False
+  # After GPTQ, refit each row's group scales to its codes by least squares under GPTQ's damped objective
+  # (gptq.refit_scales: a G x G system a row; the codes stay). Off until screened.
+  gptq_refit_scales: bool = False
   # "learned": per-group clipping of the weight scales learned on the calibration statistics
   # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "mse": a grid search per group
   # for the clipping factor with the least rounding error weighted by diag(H) (unweighted under RTN
@@ -75,6 +78,11 @@ class QuantConfig:
       raise ValueError(f"gptq_damp must be a positive finite number, got {self.gptq_damp!r}")
     if not isinstance(self.gptq_sequential, bool):
       raise ValueError(f"gptq_sequential must be True or False, got {self.gptq_sequential!r}")
+    if not isinstance(self.gptq_refit_scales, bool):
+      raise ValueError(f"gptq_refit_scales must be True or False, got {self.gptq_refit_scales!r}")
+    if self.gptq_refit_scales and self.weight_method != "gptq":
+      raise ValueError(f"gptq_refit_scales refits GPTQ's scales: it needs weight_method='gptq', got "
+                       f"{self.weight_method!r}")
     if not 2 <= self.w_bits <= 8:
       raise ValueError(f"w_bits must be in [2, 8], got {self.w_bits}")
     for name in ("a_bits", "sensitive_a_bits"):

@@ -135,6 +135,30 @@ def test_gptq_beats_round_to_nearest_on_output_error(act_order):
   assert err(q_g, s_g) < 0.8 * err(q_r, s_r)
 
 
+def test_refit_scales_lowers_the_damped_objective_and_keeps_the_codes():
+  rng = np.random.default_rng(1)
+  mix = rng.standard_normal((384, 384)) * 0.3 + np.eye(384)
+  x = (rng.standard_normal((3000, 384)) @ mix * rng.uniform(0.2, 3, 384)).astype(np.float32)
+  w = rng.standard_normal((48, 330)).astype(np.float32)  # K = 330: a padded last group
+  w[5, 128:256] = 0.0  # a zero group keeps its zero scale
+  h = jnp.asarray(x[:, :330].T @ x[:, :330] / 3000)
+  q, s = gptq.gptq_quantize(jnp.asarray(w), h, bits=6, group=128, damp=0.1)
+  s2 = gptq.refit_scales(jnp.asarray(w), q, s, h, group=128, damp=0.1)
+  assert s2.dtype == jnp.float16 and s2.shape == s.shape and float(s2[5, 1]) == 0.0
+  assert bool(jnp.all(s2 >= 0)) and float(jnp.max(jnp.abs(s2.astype(jnp.float32) - s.astype(jnp.float32)))) > 0
+  hd = np.asarray(h, np.float64) + 0.1 * np.mean(np.diag(np.asarray(h))) * np.eye(330)
+
+  def objective(scales):
+    d = w - np.asarray(numerics.dequantize_weight(q, scales, 330), np.float64)
+    return float(np.einsum("ri,ij,rj->", d, hd, d))
+
+  assert objective(s2) < objective(s)
+  with pytest.raises(ValueError, match="do not match"):
+    gptq.refit_scales(jnp.asarray(w), q, s[:, :2], h)
+  with pytest.raises(ValueError, match="needs weight_method='gptq'"):
+    QuantConfig(gptq_refit_scales=True, weight_method="rtn")
+
+
 def test_bad_inputs_give_clear_errors():
   bad = jax.tree.map(lambda a: a, PARAMS)
   bad["layers"][1]["v_proj"] = bad["layers"][1]["v_proj"].at[3, 4].set(jnp.nan)
