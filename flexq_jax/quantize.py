@@ -168,7 +168,7 @@ def quantize(
     if config.weight_method == "gptq":
       q, s = gptq.gptq_quantize(w, h, bits=config.w_bits, group=group, damp=config.gptq_damp,
                                 act_order=config.gptq_act_order, scales=scales)
-      if config.gptq_refit_scales:
+      if config.gptq_refit_scales:  # (round to nearest keeps max|w| / qmax: the option is GPTQ's)
         s = gptq.refit_scales(w, q, s, h, group=group, damp=config.gptq_damp)
     else:
       q, s = numerics.quantize_weight(w, config.w_bits, config.group_size, scales=scales)

@@ -155,8 +155,8 @@ def test_refit_scales_lowers_the_damped_objective_and_keeps_the_codes():
   assert objective(s2) < objective(s)
   with pytest.raises(ValueError, match="do not match"):
     gptq.refit_scales(jnp.asarray(w), q, s[:, :2], h)
-  with pytest.raises(ValueError, match="needs weight_method='gptq'"):
-    QuantConfig(gptq_refit_scales=True, weight_method="rtn")
+  with pytest.raises(ValueError, match="gptq_refit_scales must be True or False"):
+    QuantConfig(gptq_refit_scales=1)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -330,7 +330,8 @@ def test_sequential_gptq_takes_each_block_s_statistics_after_the_quantized_block
   """gptq_sequential: block 0 sees the embeddings either way, so its weights equal the float-
   statistics run's; block 1's statistics come from block 0 as quantized, so its weights differ,
   and they equal GPTQ run on the Hessians of exactly those inputs (block 0 dequantized)."""
-  cfg = QuantConfig(a_bits=16, a8_selection="none", smooth_alpha=None)
+  # GPTQ's own scales (no refit), so block 1 can be checked against gptq_quantize alone
+  cfg = QuantConfig(a_bits=16, a8_selection="none", smooth_alpha=None, gptq_refit_scales=False)
   plain, _ = quantize(PARAMS, CALIB, cfg, model_config=CONFIG)
   seq, report = quantize(PARAMS, CALIB, dataclasses.replace(cfg, gptq_sequential=True), model_config=CONFIG)
   assert report.config["gptq_sequential"] is True
