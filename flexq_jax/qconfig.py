@@ -59,7 +59,10 @@ class QuantConfig:
   # On: W6A16 on SmolLM2-135M, 8 x 2048 tokens,
   # three calibration draws, evaluation part / held-out: +0.71/+0.49 -> +0.67/+0.45, +0.78/+0.82 -> +0.75/+0.77,
   # +0.81/+1.02 -> +0.70/+0.95 (results/raw/screens-2026-12-02.md, "Scales refit to GPTQ's codes").
-  gptq_refit_scales: bool = True
+  # Off by default all the same: the default row with it was +1.65% / +1.87% (table +1.80% / +1.57%), and the
+  # main job's quantized model answered the France question wrongly again ("L'Étoile, la Marseur, ...";
+  # results/raw/make-run-2026-12-02-refit.log), as with GPTQ damping 0.01.
+  gptq_refit_scales: bool = False
   # "learned": per-group clipping of the weight scales learned on the calibration statistics
   # (OmniQuant's LWC, flexq_jax/clipping.py) before rounding or GPTQ; "mse": a grid search per group
   # for the clipping factor with the least rounding error weighted by diag(H) (unweighted under RTN
