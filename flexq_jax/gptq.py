@@ -27,6 +27,18 @@ from pallas_kernels import core
 BLOCK = 128  # columns updated together before the lazy update of the rest
 
 
+def _padded_hessian(hessian: jax.Array, k: int, kp: int) -> jax.Array:
+  """H [K, K] as fp32 [Kp, Kp], zeros in the padding."""
+  return jnp.zeros((kp, kp), jnp.float32).at[:k, :k].set(hessian.astype(jnp.float32))
+
+
+def _damping(diag: jax.Array, damp: float) -> jax.Array:
+  """GPTQ's diagonal damping: damp times the mean of the live (positive) diagonal, as a [Kp, Kp] matrix."""
+  live = diag > 0
+  live_mean = jnp.sum(jnp.where(live, diag, 0.0)) / jnp.maximum(1, jnp.sum(live))
+  return jnp.eye(diag.shape[0]) * damp * live_mean
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group", "damp", "act_order"))
 def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int = 128,
                   damp: float = 0.01, act_order: bool = True,
@@ -50,13 +62,11 @@ def gptq_quantize(w: jax.Array, hessian: jax.Array, *, bits: int = 6, group: int
   kp = core.padded_k(k)
   qmin, qmax = core.qrange(bits)
   w = pad_k(w.astype(jnp.float32), kp)
-  h = jnp.zeros((kp, kp), jnp.float32).at[:k, :k].set(hessian.astype(jnp.float32))
+  h = _padded_hessian(hessian, k, kp)
   diag = jnp.diag(h)
   dead = diag <= 0  # channels never active (and the padding): fix them at zero
-  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
   w = jnp.where(dead[None, :], 0.0, w)
-  live_mean = jnp.sum(jnp.where(dead, 0.0, diag)) / jnp.maximum(1, jnp.sum(~dead))
-  h = h + jnp.eye(kp) * damp * live_mean
+  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0)) + _damping(diag, damp)
 
   # Scales fixed up front: with act order, and whenever a group is not exactly one block.
   static = act_order or group != BLOCK or scales is not None
@@ -134,10 +144,8 @@ def refit_scales(w: jax.Array, q: jax.Array, scales: jax.Array, hessian: jax.Arr
   g = kp // group
   if scales.shape != (n, g) or kp % group:
     raise ValueError(f"refit_scales: scales {scales.shape} do not match codes {q.shape} in groups of {group}")
-  h = jnp.zeros((kp, kp), jnp.float32).at[:k, :k].set(hessian.astype(jnp.float32))
-  diag = jnp.diag(h)
-  live_mean = jnp.sum(jnp.where(diag > 0, diag, 0.0)) / jnp.maximum(1, jnp.sum(diag > 0))
-  h = h + jnp.eye(kp) * damp * live_mean
+  h = _padded_hessian(hessian, k, kp)
+  h = h + _damping(jnp.diag(h), damp)
   hb = h.reshape(g, group, g, group)
   wp = pad_k(w.astype(jnp.float32), kp)
   qf = q.astype(jnp.float32)

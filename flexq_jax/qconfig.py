@@ -86,7 +86,6 @@ class QuantConfig:
       raise ValueError(f"gptq_sequential must be True or False, got {self.gptq_sequential!r}")
     if not isinstance(self.gptq_refit_scales, bool):
       raise ValueError(f"gptq_refit_scales must be True or False, got {self.gptq_refit_scales!r}")
-
     if not 2 <= self.w_bits <= 8:
       raise ValueError(f"w_bits must be in [2, 8], got {self.w_bits}")
     for name in ("a_bits", "sensitive_a_bits"):
