@@ -75,7 +75,7 @@ METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda
            "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
            "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
-           "flexq-gemv-w16-narrow")
+           "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama2-13b": model_configs.llama2_13b,
           "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -106,6 +106,8 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # "flexq-gemv-w16" / "-w32" = that GEMV in blocks of 16 / 32 warps on every layer (more of a layer's weights in
 # flight at once); "-w32-narrow" / "-w16-narrow" = 32 / 16 warps on layers of at most 264 row tiles (2 blocks an
 # SM), 8 elsewhere.
+# "flexq-gemv-ring2" / "-ring4" / "-ring8" = that GEMV (8 warps) with the block's weights streamed through a
+# shared-memory ring of 2 / 4 / 8 stages of 12 KB and x quantized once a block (M <= 2).
 # "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
 # at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
@@ -124,7 +126,9 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-gemv-pdl": {"cuda_gemv_pdl": True},
                  "flexq-gemv-w16": {"cuda_gemv_wide_warps": 16}, "flexq-gemv-w32": {"cuda_gemv_wide_warps": 32},
                  "flexq-gemv-w32-narrow": {"cuda_gemv_wide_warps": 32, "cuda_gemv_wide_max_tiles": 264},
-                 "flexq-gemv-w16-narrow": {"cuda_gemv_wide_warps": 16, "cuda_gemv_wide_max_tiles": 264}}
+                 "flexq-gemv-w16-narrow": {"cuda_gemv_wide_warps": 16, "cuda_gemv_wide_max_tiles": 264},
+                 "flexq-gemv-ring2": {"cuda_gemv_ring": 2}, "flexq-gemv-ring4": {"cuda_gemv_ring": 4},
+                 "flexq-gemv-ring8": {"cuda_gemv_ring": 8}}
 
 
 @contextlib.contextmanager

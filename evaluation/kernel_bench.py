@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -646,7 +647,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
   """Decode (M <= 8), W6A6 and W6A8, side by side in one run: the Pallas path (quantizer + Triton
   GEMV + split-K sum), the CUDA GEMV path (the same quantizer + flexq_jax/cuda/gemv.py, K split
   inside a block) and the CUDA GEMV with the quantizer inside (one kernel), each whole op against
-  the contract (the last also in blocks of 16 and 32 warps; unroll 2 / 4 were timed on 2026-12-02, slower), the
+  the contract (the last also with its shared-memory weight ring of 2, 4 and 8 stages at M <= 2; unroll 2 / 4
+  and blocks of 16 / 32 warps were timed on 2026-12-02, results/kernels/h200-2026-12-02-gemv-cuda-warps.md), the
   CUDA GEMV alone on
   a quantized x, and the HBM floor (bytes at 6.125
   bits/weight over 4.3 TB/s)."""
@@ -658,10 +660,8 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       for label, op in (("pallas", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=a_bits)),
                         ("cuda", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits)),
                         ("cuda_xq", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True)),
-                        ("cuda_xq_w16", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
-                                                                           warps=16)),
-                        ("cuda_xq_w32", lambda x, p, s: cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True,
-                                                                           warps=32))):
+                        *((f"cuda_xq_ring{r}", functools.partial(_ring_gemv, a_bits=a_bits, ring=r))
+                          for r in cuda_gemv.RING_CHOICES[1:] if m <= cuda_gemv.RING_MAX_M)):
         try:
           t, err = _bench_w6(op, x, n, k, a_bits, key, "pallas6", check=True)
           row[f"{label}_us"], row[f"{label}_err"] = t * 1e6, err
@@ -679,9 +679,16 @@ def compare_gemv_cuda(shapes: list[str], ms: tuple[int, ...], log=print) -> list
       log(f"gemv-cuda {name:11s} M={m} A{a_bits}: floor {floor:6.1f} us | pallas {row['pallas_us']:7.1f} us "
           f"(err {row['pallas_err']:.1e}) | cuda {row['cuda_us']:7.1f} us (err {row['cuda_err']:.1e}) | cuda gemv "
           f"alone {row['cuda_gemv_alone_us']:7.1f} us | cuda, quantizer inside {row['cuda_xq_us']:7.1f} us "
-          f"(err {row['cuda_xq_err']:.1e}) | 16 warps {row['cuda_xq_w16_us']:7.1f} us (err {row['cuda_xq_w16_err']:.1e}) "
-          f"| 32 warps {row['cuda_xq_w32_us']:7.1f} us (err {row['cuda_xq_w32_err']:.1e})")
+          f"(err {row['cuda_xq_err']:.1e}) | ring 2 / 4 / 8 stages "
+          + " / ".join(f"{row.get(f'cuda_xq_ring{r}_us', float('nan')):.1f}" for r in cuda_gemv.RING_CHOICES[1:])
+          + " us (err " + " / ".join(f"{row.get(f'cuda_xq_ring{r}_err', float('nan')):.1e}"
+                                     for r in cuda_gemv.RING_CHOICES[1:]) + ")")
   return rows
+
+
+def _ring_gemv(x, p, s, *, a_bits: int, ring: int):
+  """The quantizer-inside CUDA GEMV with its weights through a shared-memory ring of `ring` stages."""
+  return cuda_gemv.w6a_gemv(x, p, s, a_bits=a_bits, fused_quant=True, ring=ring)
 
 
 def _timed_or_nan(label: str, op, x, n: int, k: int, a_bits: int, key, log, check: bool = True,
@@ -876,9 +883,10 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
            "contract (rel err); floor = bytes at 6.125 bits/weight + bf16 activations and outputs over 4.3 TB/s.", "",
            "| layer | N x K | M | A | floor us | Pallas us | Pallas % floor | CUDA us | CUDA % floor | CUDA x Pallas | "
            "CUDA GEMV alone us | CUDA quantizer inside us | its % floor | its x Pallas | Pallas err | CUDA err | "
-           "CUDA quantizer inside err | its 16 warps us | % floor | 32 warps us | % floor |",
+           "CUDA quantizer inside err | its 16 warps us | % floor | 32 warps us | % floor | ring 2 us | % floor | "
+           "ring 4 us | % floor | ring 8 us | % floor | ring err (max) |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   nan = float("nan")
   for r in rows:
     lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['a_bits']} | {cell(r['floor_us'], '.1f')} | "
@@ -892,7 +900,10 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
                  f"{cell(r.get('cuda_xq_err', nan), '.1e')} | {cell(r.get('cuda_xq_w16_us', nan), '.1f')} | "
                  f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w16_us', nan), '.0f')} | "
                  f"{cell(r.get('cuda_xq_w32_us', nan), '.1f')} | "
-                 f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w32_us', nan), '.0f')} |")
+                 f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w32_us', nan), '.0f')} | "
+                 + "".join(f"{cell(r.get(f'cuda_xq_ring{g}_us', nan), '.1f')} | "
+                           f"{cell(100 * r['floor_us'] / r.get(f'cuda_xq_ring{g}_us', nan), '.0f')} | " for g in (2, 4, 8))
+                 + f"{cell(max((e for g in (2, 4, 8) if (e := r.get(f'cuda_xq_ring{g}_err', nan)) == e), default=nan), '.1e')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -208,9 +208,15 @@ class Pallas(Backend):
       if kernel == "cuda_gemv_xq" and wide and layer.out_features // TILE_ROWS <= table.get("cuda_gemv_wide_max_tiles",
                                                                                             float("inf")):
         unroll, warps = 1, wide
+      # cuda_gemv_ring: the quantizer-inside kernel's weights through a shared-memory ring of that many stages
+      # (M <= 2, 8 warps, unroll 1; where it fits the card's shared memory).
+      ring = int(table.get("cuda_gemv_ring", 0))
+      if not (kernel == "cuda_gemv_xq" and warps == cuda_gemv.WARPS and unroll == 1 and x.shape[0] <= cuda_gemv.RING_MAX_M
+              and cuda_gemv.ring_smem_bytes(ring, x.shape[0], layer.packed.shape[1]) <= cuda_gemv.RING_SMEM_LIMIT):
+        ring = 0
       return cuda_gemv.w6a_gemv(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                 fused_quant=kernel == "cuda_gemv_xq", unroll=unroll, warps=warps,
-                                pdl=bool(table.get("cuda_gemv_pdl")))
+                                pdl=bool(table.get("cuda_gemv_pdl")), ring=ring)
     # Interpret mode off the GPU: slow, but the same kernel code (tests; on CPU "auto" picks the reference).
     return w6a_matmul.w6a_matmul(x, layer.packed, layer.scales, a_bits=layer.a_bits,
                                  interpret=jax.default_backend() != "gpu")

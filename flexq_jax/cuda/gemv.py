@@ -30,6 +30,16 @@ PLANE = core.PALLAS6_PLANE_BYTES
 OFFSET = core.PALLAS6_OFFSET
 WARPS = 8  # csrc/gemv_pallas6.cuh kGemvWarps: warps of a block, which take the K-groups in turn
 WARP_CHOICES = (8, 16, 32)  # the quantizer-inside kernel's block sizes (its kWarps)
+RING_CHOICES = (0, 2, 4, 8)  # the quantizer-inside kernel's shared-memory weight ring: 0 = off, else stages
+RING_MAX_M = 2  # csrc/gemv_pallas6.cuh kGemvRingMaxM
+RING_SMEM_LIMIT = 227 * 1024 - 1024  # dynamic shared memory a Hopper block may take beside the kernel's 1 KB of static
+
+
+def ring_smem_bytes(ring: int, m: int, groups: int) -> int:
+  """Shared memory of the ring GEMV (csrc gemv_ring_smem_bytes): the ring of 12 KB stages, q_x, s_x and
+  sum(q_x) of the block's rows (1 or 2), the tile's weight scales."""
+  rows = 1 if m <= 1 else 2
+  return ring * 8 * 3 * TILE_ROWS * PLANE + rows * groups * GROUP + rows * groups * 8 + groups * TILE_ROWS * 2
 
 
 def rows_read(m: int) -> int:
@@ -76,7 +86,7 @@ def gemv_pallas6(qx: jax.Array, sx: jax.Array, xsum: jax.Array, w_packed: jax.Ar
 
 
 def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
-                    unroll: int = 1, warps: int = WARPS, pdl: bool = False) -> jax.Array:
+                    unroll: int = 1, warps: int = WARPS, pdl: bool = False, ring: int = 0) -> jax.Array:
   """The variant with the activation quantizer inside the kernel: x bf16 or fp32 [M <= 8, K] ->
   y [M, N] of x's dtype, one kernel (each warp quantizes the groups it takes by the contract's
   rule; every block does so again). unroll (1, 2, 4): groups whose weight and x loads a warp issues
@@ -85,7 +95,16 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
   stream drains and load their first weights, then wait for that kernel before reading x or writing y.
   warps (8, 16, 32): warps of a block, which take a tile's K-groups in turn (16 and 32 with unroll 1 only):
   more warps put more of a narrow layer's weights in flight at once; the fp32 sums are added in another
-  order (gemv_plan's `warps`)."""
+  order (gemv_plan's `warps`).
+  ring (2, 4, 8; 0 = off): the block copies its tile's weights into a shared-memory ring of that many
+  12 KB stages (cp.async) before it quantizes x once into shared memory, then dots stage by stage: the
+  same groups, order and sums as warps=8, unroll=1 (bit-identical), with the tile's weights in flight
+  at once instead of one group a warp; M <= 2, warps 8, unroll 1. Measured not faster (H200, 2026-12-02:
+  results/kernels/NOTES.md, "Ring GEMV"), so no table turns it on (key cuda_gemv_ring)."""
+  if ring not in RING_CHOICES:
+    raise ValueError(f"ring must be one of {RING_CHOICES} (0 = off), got {ring}")
+  if ring and (unroll != 1 or warps != WARPS):
+    raise ValueError(f"the ring GEMV runs {WARPS} warps a block at unroll 1, got warps={warps}, unroll={unroll}")
   if unroll not in (1, 2, 4):
     raise ValueError(f"unroll must be 1, 2 or 4, got {unroll}")
   if warps not in WARP_CHOICES or (warps != WARPS and unroll != 1):
@@ -96,6 +115,11 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
     raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
   if not 1 <= m <= MAX_M:
     raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
+  if ring and m > RING_MAX_M:
+    raise ValueError(f"the ring GEMV takes 1 <= M <= {RING_MAX_M} rows, got M={m}")
+  if ring and ring_smem_bytes(ring, m, w_packed.shape[1]) > RING_SMEM_LIMIT:
+    raise ValueError(f"the ring GEMV at K={k} with {ring} stages needs {ring_smem_bytes(ring, m, w_packed.shape[1])} "
+                     f"bytes of shared memory, over a Hopper block's {RING_SMEM_LIMIT}: use fewer stages")
   if x.dtype.name not in bmma.GEMV_XQ_TARGETS:
     raise ValueError(f"the CUDA GEMV takes bfloat16 or float32 activations, not {x.dtype}")
   if w_scales.dtype != jnp.float16:
@@ -106,16 +130,20 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
                                                                          a_bits=np.int32(a_bits),
                                                                          unroll=np.int32(unroll),
                                                                          warps=np.int32(warps),
-                                                                         pdl=np.int32(bool(pdl)))
+                                                                         pdl=np.int32(bool(pdl)),
+                                                                         ring=np.int32(ring))
 
 
 def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None,
-             fused_quant: bool = False, unroll: int = 1, warps: int = WARPS, pdl: bool = False) -> jax.Array:
+             fused_quant: bool = False, unroll: int = 1, warps: int = WARPS, pdl: bool = False,
+             ring: int = 0) -> jax.Array:
   """The numerics contract for M <= 8 rows on the GPU: the Pallas activation quantizer, then this
-  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq; `unroll`, `warps` and
-  `pdl` its)."""
+  GEMV; or, with fused_quant, the one kernel that quantizes inside (gemv_pallas6_xq; `unroll`, `warps`,
+  `pdl` and `ring` its)."""
+  if ring and not fused_quant:
+    raise ValueError("ring is an option of the quantizer-inside GEMV (fused_quant=True)")
   if fused_quant:
-    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll, warps=warps, pdl=pdl)
+    y = gemv_pallas6_xq(x, w_packed, w_scales, a_bits=a_bits, unroll=unroll, warps=warps, pdl=pdl, ring=ring)
     return y if out_dtype is None else y.astype(out_dtype)
   m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
   cfg = wk.default_config(m, n, k)  # its quantizer tiling: phase-major q_x, rows padded to >= 16

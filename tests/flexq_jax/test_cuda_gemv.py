@@ -97,6 +97,28 @@ def test_operand_checks_name_the_operand():
     gemv.gemv_pallas6_xq(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, warps=16, unroll=2)
   with pytest.raises(ValueError, match="x has k=300"):
     gemv.gemv_pallas6_xq(jnp.zeros((2, 300), jnp.bfloat16), packed, s_w, a_bits=6)
+  # its shared-memory ring
+  with pytest.raises(ValueError, match="ring must be one of"):
+    gemv.gemv_pallas6_xq(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, ring=3)
+  with pytest.raises(ValueError, match="8 warps a block at unroll 1"):
+    gemv.gemv_pallas6_xq(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, ring=4, warps=16)
+  with pytest.raises(ValueError, match="M <= 2"):
+    gemv.gemv_pallas6_xq(jnp.zeros((3, 200), jnp.bfloat16), packed, s_w, a_bits=6, ring=4)
+  with pytest.raises(ValueError, match="fused_quant"):
+    gemv.w6a_gemv(x.astype(jnp.bfloat16), packed, s_w, a_bits=6, ring=4)
+
+
+def test_ring_shared_memory_fits_every_served_shape_and_refuses_what_does_not():
+  """The ring GEMV's shared memory (csrc gemv_ring_smem_bytes): 4 stages fit every LLaMA-2 / LLaMA-3 K up
+  to 70B's down_proj (28672) at M = 2; a K whose q_x cannot fit is refused before any launch."""
+  for k in (4096, 5120, 8192, 11008, 13824, 14336, 28672):
+    assert gemv.ring_smem_bytes(4, 2, -(-k // 128)) <= gemv.RING_SMEM_LIMIT, k
+  assert gemv.ring_smem_bytes(4, 1, 32) == 4 * 12288 + 4096 + 256 + 1024
+  groups = 1600  # K = 204800: q_x of two rows alone is 400 KB
+  x = jnp.zeros((2, groups * 128), jnp.bfloat16)
+  packed = jnp.zeros((1, groups, 3, 16, 32), jnp.uint8)
+  with pytest.raises(ValueError, match="shared memory"):
+    gemv.gemv_pallas6_xq(x, packed, jnp.zeros((16, groups), jnp.float16), a_bits=6, ring=2)
 
 
 # ---- the kernel (GPU) ------------------------------------------------------------------------
@@ -141,6 +163,31 @@ def test_gpu_gemv_with_the_quantizer_inside(a_bits, m, n, k, dtype, unroll, warp
   assert y.shape == (m, n) and y.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 2**-7
   np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 11008, jnp.bfloat16), (32, 200, jnp.float32),
+                                       (256, 4096, jnp.bfloat16)])
+@pytest.mark.parametrize("ring", [2, 4, 8])
+def test_gpu_ring_gemv_is_bit_identical_to_the_gemv(a_bits, m, n, k, dtype, ring):
+  """The shared-memory ring changes where the weights wait, not the arithmetic: the same groups per warp in
+  the same order, the same quantizer, so the same bits as the 8-warp kernel and its plan (K = 11008: 86
+  groups, 11 stages through 2-8 slots, the last partial; K = 200: a zero-padded group)."""
+  x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
+  x = x.astype(dtype)
+  run = jax.jit(gemv.gemv_pallas6_xq, static_argnames=("a_bits", "ring"))
+  y = run(x, packed, s_w, a_bits=a_bits, ring=ring)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(run(x, packed, s_w, a_bits=a_bits), np.float32))
+  qx, sx, xsum = _quantized(x, packed, a_bits, interpret=False)
+  plan = gemv.gemv_plan(qx, sx, xsum, packed, s_w, m)
+  tol = 1e-5 if dtype == jnp.float32 else 2**-7
+  np.testing.assert_allclose(np.asarray(y, np.float32), plan, rtol=tol, atol=tol * np.abs(plan).max())
+  with_pdl = jax.jit(lambda x: gemv.gemv_pallas6_xq(jnp.tanh(x) + x, packed, s_w, a_bits=a_bits, ring=ring, pdl=True))
+  without = jax.jit(lambda x: gemv.gemv_pallas6_xq(jnp.tanh(x) + x, packed, s_w, a_bits=a_bits, ring=ring))
+  np.testing.assert_array_equal(np.asarray(with_pdl(x), np.float32), np.asarray(without(x), np.float32))
 
 
 @pytest.mark.gpu

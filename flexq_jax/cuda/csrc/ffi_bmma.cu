@@ -9,7 +9,7 @@
 // The decode GEMV on "pallas6" weights (gemv_pallas6.cuh) is one more:
 //   flexq_gemv_pallas6_{bf16,f32}: q_x i8 [Mp, Kp], s_x f32 [Mp, G], sum(q_x) i32 [Mp, G],
 //                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
-//   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype; attributes a_bits, unroll (1, 2, 4: groups a warp loads ahead), warps (8, 16, 32 a block),
+//   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype; attributes a_bits, unroll (1, 2, 4: groups a warp loads ahead), warps (8, 16, 32 a block), ring (0, or 2 / 4 / 8 stages of a shared-memory weight ring, M <= 2),
 //                                     pdl (1: programmatic dependent launch)
 // and the small-M tensor-core GEMM on the same operands (gemm_small_pallas6.cuh), M <= 64:
 //   flexq_gemm_small_pallas6_{bf16,f32}: q_x, s_x, sum(q_x), w, w_scales -> y [M, N]; attribute tiles_per_block
@@ -181,7 +181,8 @@ ffi::Error GemvF32(cudaStream_t s, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32>
 
 template <ffi::DataType kT>
 ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                      ffi::ResultBuffer<kT> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
+                      ffi::ResultBuffer<kT> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl,
+                      int32_t ring) {
   if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
   if (unroll != 1 && unroll != 2 && unroll != 4) return ffi::Error::InvalidArgument("unroll must be 1, 2 or 4, got " + std::to_string(unroll));
   if (warps != 8 && warps != 16 && warps != 32) return ffi::Error::InvalidArgument("warps must be 8, 16 or 32, got " + std::to_string(warps));
@@ -198,6 +199,18 @@ ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U
   if (m > kGemvMaxM) return ffi::Error::InvalidArgument("the GEMV takes M <= 8 rows, got " + std::to_string(m));
   if (m == 0 || n == 0) return ffi::Error::Success();
   using T = typename GemvOut<kT>::T;
+  if (ring != 0) {  // the weights streamed through a shared-memory ring (gemv_pallas6.cuh)
+    if (ring != 2 && ring != 4 && ring != 8) return ffi::Error::InvalidArgument("ring must be 0 (off), 2, 4 or 8 stages, got " + std::to_string(ring));
+    if (unroll != 1 || warps != kRingWarps) return ffi::Error::InvalidArgument("the ring GEMV runs 8 warps a block at unroll 1, got warps " + std::to_string(warps) + ", unroll " + std::to_string(unroll));
+    if (m > kGemvRingMaxM) return ffi::Error::InvalidArgument("the ring GEMV takes M <= " + std::to_string(kGemvRingMaxM) + " rows, got " + std::to_string(m));
+    const size_t smem = gemv_ring_smem_bytes(ring, m <= 1 ? 1 : 2, static_cast<int>(groups));
+    if (smem + 1024 > 227 * 1024) return ffi::Error::InvalidArgument("the ring GEMV needs " + std::to_string(smem) + " bytes of shared memory at K=" + std::to_string(k) + ", ring " + std::to_string(ring) + " (a Hopper block has 227 KB, 1 KB of it static here): use fewer stages");
+    const cudaError_t e = launch_gemv_pallas6_ring(stream, reinterpret_cast<const T*>(x.typed_data()), w.typed_data(),
+                                                   reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<T*>(y->typed_data()),
+                                                   static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), a_bits, ring, pdl != 0);
+    if (e != cudaSuccess) return ffi::Error::Internal(std::string("flexq_gemv_pallas6_xq (ring) launch: ") + cudaGetErrorString(e));
+    return last_cuda_error("flexq_gemv_pallas6_xq (ring) launch");
+  }
   launch_gemv_pallas6_xq(stream, reinterpret_cast<const T*>(x.typed_data()), w.typed_data(),
                          reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<T*>(y->typed_data()),
                          static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), a_bits, unroll, warps, pdl != 0);
@@ -205,12 +218,14 @@ ffi::Error GemvXqImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U
 }
 
 ffi::Error GemvXqBf16(cudaStream_t s, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                      ffi::ResultBuffer<ffi::BF16> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
-  return GemvXqImpl<ffi::BF16>(s, x, w, sw, y, a_bits, unroll, warps, pdl);
+                      ffi::ResultBuffer<ffi::BF16> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl,
+                      int32_t ring) {
+  return GemvXqImpl<ffi::BF16>(s, x, w, sw, y, a_bits, unroll, warps, pdl, ring);
 }
 ffi::Error GemvXqF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
-                     ffi::ResultBuffer<ffi::F32> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl) {
-  return GemvXqImpl<ffi::F32>(s, x, w, sw, y, a_bits, unroll, warps, pdl);
+                     ffi::ResultBuffer<ffi::F32> y, int32_t a_bits, int32_t unroll, int32_t warps, int32_t pdl,
+                      int32_t ring) {
+  return GemvXqImpl<ffi::F32>(s, x, w, sw, y, a_bits, unroll, warps, pdl, ring);
 }
 
 }  // namespace
@@ -293,7 +308,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqBf16, flexq::GemvXqBf16,
                                   .Attr<int32_t>("a_bits")
                                   .Attr<int32_t>("unroll")
                                   .Attr<int32_t>("warps")
-                                  .Attr<int32_t>("pdl"));
+                                  .Attr<int32_t>("pdl")
+                                  .Attr<int32_t>("ring"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
                               ffi::Ffi::Bind()
@@ -305,7 +321,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
                                   .Attr<int32_t>("a_bits")
                                   .Attr<int32_t>("unroll")
                                   .Attr<int32_t>("warps")
-                                  .Attr<int32_t>("pdl"));
+                                  .Attr<int32_t>("pdl")
+                                  .Attr<int32_t>("ring"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemmSmallPallas6Bf16, flexq::GemmSmallBf16,
                               ffi::Ffi::Bind()

@@ -335,6 +335,202 @@ void launch_gemv_pallas6_xq_bits(cudaStream_t stream, const InT* x, const uint8_
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The quantizer-inside GEMV with its weights streamed through a shared-memory ring (`ring` stages).
+//
+// Why (issue 14; results/e2e/h200-2026-12-02-e2e-profile-b16-b64.md): at M = 1 the kernel above reaches
+// 45-64% of the HBM floor on the narrow layers, ~4 us over their bytes whatever their size. Each of its
+// warps holds one group's weights (1.5 KB) in flight and then quantizes that group's x and dots it, so a
+// 16-row tile's K is a chain of dependent round trips to memory (4 on K = 4096, 11 on 11008).
+//
+// Here a block first issues asynchronous copies (cp.async, sm_80+) of its tile's weights and weight
+// scales for the first kRing stages (a stage: one group a warp, 12 KB; at K = 4096, kRing = 4 is the
+// whole tile), then quantizes x once for the block into shared memory (the contract's rule, as above,
+// while those bytes are on their way), then runs the stages: wait for the stage, every warp dots its group
+// from shared memory, refill the slot with stage + kRing. Warp w still takes groups w, w + 8, ... in
+// order, quantizes them by the same steps and adds in the same order, so the result is bit-identical
+// to gemv_pallas6_xq_kernel at 8 warps, unroll 1 (a GPU test compares them, and both with gemv_plan).
+// Shared memory: kRing * 12 KB + kM * Kp (q_x) + 8 kM G (s_x, sum) + 32 G (the tile's weight scales).
+// Measured (H200, 2026-12-02, results/kernels/NOTES.md "Ring GEMV"): bit-identical in the GPU tests, but not
+// faster: 7.1-7.9 vs 7.5 us on 7b.o, 15.4-16.0 vs 13.6 on 7b.qkv, decode 2.82 vs 2.58 ms a step. No table sets it.
+constexpr int kRingWarps = 8;
+constexpr int kRingStageBytes = kRingWarps * kGemvTileGroupBytes;  // 12288
+
+__device__ __forceinline__ void ring_copy16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void ring_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void ring_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
+
+inline size_t gemv_ring_smem_bytes(int ring, int rows, int groups) {
+  return static_cast<size_t>(ring) * kRingStageBytes + static_cast<size_t>(rows) * groups * kGemvGroup +
+         static_cast<size_t>(rows) * groups * 8 + static_cast<size_t>(groups) * kGemvTileRows * 2;
+}
+
+template <int kM, int kABits, int kRing, typename InT, typename OutT>
+__global__ void __launch_bounds__(32 * kRingWarps)
+gemv_pallas6_ring_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
+                         OutT* __restrict__ y, int m, int n, int k, int groups) {
+  constexpr int kQMax = (1 << (kABits - 1)) - 1;
+  extern __shared__ __align__(16) uint8_t ring_smem[];
+  // Every cp.async destination and uint4 read below is 16-byte aligned: 12288 and 32 G are multiples of 16.
+  uint8_t* ring = ring_smem;                                                                // [kRing][12288]
+  __half* sws = reinterpret_cast<__half*>(ring_smem + kRing * kRingStageBytes);            // [16][G]
+  int8_t* xq = reinterpret_cast<int8_t*>(sws + kGemvTileRows * groups);                    // [kM][G * 128]
+  float* sxs = reinterpret_cast<float*>(xq + kM * groups * kGemvGroup);                     // [kM][G]
+  int* qsums = reinterpret_cast<int*>(sxs + kM * groups);                                   // [kM][G]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile = blockIdx.x;
+  const int r = lane >> 1, h = lane & 1;
+  const int kp = groups * kGemvGroup;
+  const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes;
+  const int tile_bytes = groups * kGemvTileGroupBytes;
+  const int stages = (groups + kRingWarps - 1) / kRingWarps;
+
+  auto issue = [&](int s) {  // stage s into slot s % kRing; one commit group a stage, empty or not
+    if (s < stages) {
+      const int base = s * kRingStageBytes;
+      const int bytes = min(kRingStageBytes, tile_bytes - base);  // whole groups: a multiple of 16
+      uint8_t* dst = ring + (s % kRing) * kRingStageBytes;
+      for (int off = tid * 16; off < bytes; off += 32 * kRingWarps * 16) ring_copy16(dst + off, w_tile + base + off);
+    }
+    ring_commit();
+  };
+  // x quantized once for the block: warp w takes groups w, w + 8, ..., 4 at a time with their loads first.
+  // The first 4 groups' x loads go out before the weight copies, so they do not queue behind the tile's bytes.
+  float v[4][kM][4];
+  auto load_x = [&](int g0) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int i = 0; i < kM; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // lane l holds k = 128 g + 4 l + e: phase e, t = l
+          const int g = g0 + u * kRingWarps, kk = g * kGemvGroup + 4 * lane + e;
+          v[u][i][e] = (g < groups && i < m && kk < k) ? gemv_load_x(x + static_cast<long>(i) * k + kk) : 0.f;
+        }
+  };
+  gemv_wait_prerequisites();  // x is the previous kernel's output (a no-op without PDL)
+  load_x(warp);
+  {  // the tile's weight scales (16 rows x G fp16, contiguous, 32 G bytes) ride with stage 0
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(sw + static_cast<long>(tile) * kGemvTileRows * groups);
+    for (int off = tid * 16; off < 32 * groups; off += 32 * kRingWarps * 16)
+      ring_copy16(reinterpret_cast<uint8_t*>(sws) + off, src + off);
+  }
+#pragma unroll
+  for (int s = 0; s < kRing; ++s) issue(s);
+
+  for (int g0 = warp; g0 < groups; g0 += 4 * kRingWarps) {
+    if (g0 != warp) load_x(g0);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int g = g0 + u * kRingWarps;
+      if (g >= groups) break;  // warp-uniform
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(v[u][i][e]));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float s = contract_scale<kQMax>(amax);
+        const float sb = s > 0.f ? s : 1.f;
+        const float inv = 1.0f / sb;
+        int sum = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = contract_round<kQMax>(v[u][i][e], s, sb, inv);
+          sum += qi;
+          xq[i * kp + g * kGemvGroup + 32 * e + lane] = static_cast<int8_t>(qi);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+          sxs[i * groups + g] = s;
+          qsums[i * groups + g] = sum;
+        }
+      }
+    }
+  }
+
+  float acc[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+  for (int s = 0; s < stages; ++s) {
+    ring_wait<kRing - 1>();  // this thread's copies of stage s (and of the scales) have landed
+    __syncthreads();         // everyone's; at s = 0 also the quantized x
+    const int g = s * kRingWarps + warp;
+    if (g < groups) {
+      const uint8_t* src = ring + (s % kRing) * kRingStageBytes + warp * kGemvTileGroupBytes + lane * 16;
+      uint4 planes[3];
+#pragma unroll
+      for (int pl = 0; pl < 3; ++pl) planes[pl] = *reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes);
+      uint32_t uw[4][4];
+      gemv_unpack_planes(planes, uw);
+      const float s_w = __half2float(sws[r * groups + g]);
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        const int dot = gemv_group_dot(uw, xq + i * kp + g * kGemvGroup + 16 * h);
+        const int exact = dot - kGemvOffset * qsums[i * groups + g];
+        acc[i] += static_cast<float>(exact) * (sxs[i * groups + g] * s_w);
+      }
+    }
+    __syncthreads();  // slot s % kRing read by every warp
+    issue(s + kRing);
+  }
+  ring_wait<0>();
+  gemv_reduce_store<kM, kRingWarps>(acc, y, m, n, tile);
+}
+
+template <int kM, int kABits, int kRing, typename InT, typename OutT>
+cudaError_t launch_gemv_pallas6_ring_one(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w,
+                                         const __half* sw, OutT* y, int m, int n, int k, int groups) {
+  auto* kernel = gemv_pallas6_ring_kernel<kM, kABits, kRing, InT, OutT>;
+  const size_t smem = gemv_ring_smem_bytes(kRing, kM, groups);
+  // More than 48 KB of dynamic shared memory needs an opt-in, which must leave room for the kernel's static
+  // shared memory (the warps' sums): raised to what a launch asks for, once per size and kernel.
+  static size_t opted_in = 48 * 1024;
+  if (smem > opted_in) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        e != cudaSuccess)
+      return e;
+    opted_in = smem;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(n / kGemvTileRows);
+  config.blockDim = dim3(32 * kRingWarps);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, x, w, sw, y, m, n, k, groups);
+}
+
+template <int kABits, int kRing, typename InT, typename OutT>
+cudaError_t launch_gemv_pallas6_ring_rows(cudaStream_t stream, bool pdl, const InT* x, const uint8_t* w,
+                                          const __half* sw, OutT* y, int m, int n, int k, int groups) {
+  if (m <= 1) return launch_gemv_pallas6_ring_one<1, kABits, kRing>(stream, pdl, x, w, sw, y, m, n, k, groups);
+  return launch_gemv_pallas6_ring_one<2, kABits, kRing>(stream, pdl, x, w, sw, y, m, n, k, groups);
+}
+
+// ring: 2, 4 or 8 stages in flight; m <= kGemvRingMaxM (the FFI handler checks both).
+constexpr int kGemvRingMaxM = 2;
+template <typename InT, typename OutT>
+cudaError_t launch_gemv_pallas6_ring(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                     int m, int n, int k, int groups, int a_bits, int ring, bool pdl) {
+#define FLEXQ_RING(BITS, STAGES) \
+  if (a_bits == BITS && ring == STAGES) \
+    return launch_gemv_pallas6_ring_rows<BITS, STAGES>(stream, pdl, x, w, sw, y, m, n, k, groups);
+  FLEXQ_RING(6, 2) FLEXQ_RING(6, 4) FLEXQ_RING(6, 8) FLEXQ_RING(8, 2) FLEXQ_RING(8, 4) FLEXQ_RING(8, 8)
+#undef FLEXQ_RING
+  return cudaErrorInvalidValue;
+}
+
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
                             int n, int k, int groups, int a_bits, int unroll, int warps, bool pdl) {
