@@ -181,6 +181,32 @@ void launch_gemv_pallas6(cudaStream_t stream, const int8_t* qx, const float* sx,
 __device__ __forceinline__ float gemv_load_x(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ float gemv_load_x(const float* p) { return *p; }
 
+// One token row's group quantized by the contract's rule (act_quant.cuh) across a warp: lane l holds
+// v[e] = x[k = 128 g + 4 l + e] and writes q to dst[32 e + l] (the phase-major order the dot reads);
+// returns sum(q) over the group (every lane) and s_x in `scale`.
+template <int kQMax>
+__device__ __forceinline__ int gemv_quantize_group(const float (&v)[4], int8_t* dst, int lane, float& scale) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(v[e]));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float s = contract_scale<kQMax>(amax);
+  const float sb = s > 0.f ? s : 1.f;
+  const float inv = 1.0f / sb;
+  int sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int qi = contract_round<kQMax>(v[e], s, sb, inv);
+    sum += qi;
+    dst[32 * e + lane] = static_cast<int8_t>(qi);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  scale = s;
+  return sum;
+}
+
 template <int kM, int kABits, int kUnroll, int kWarps, typename InT, typename OutT>
 __global__ void __launch_bounds__(32 * kWarps)
 gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
@@ -240,27 +266,7 @@ gemv_pallas6_xq_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w,
       float s_x[kM];
       int q_sum[kM];
 #pragma unroll
-      for (int i = 0; i < kM; ++i) {
-        float amax = 0.f;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(v[u][i][e]));
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = contract_scale<kQMax>(amax);
-        const float sb = s > 0.f ? s : 1.f;
-        const float inv = 1.0f / sb;
-        int sum = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = contract_round<kQMax>(v[u][i][e], s, sb, inv);
-          sum += qi;
-          xq[warp][i][32 * e + lane] = static_cast<int8_t>(qi);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        s_x[i] = s;
-        q_sum[i] = sum;
-      }
+      for (int i = 0; i < kM; ++i) q_sum[i] = gemv_quantize_group<kQMax>(v[u][i], xq[warp][i], lane, s_x[i]);
       __syncwarp();
       uint32_t uw[4][4];
       gemv_unpack_planes(planes[u], uw);
@@ -430,23 +436,8 @@ gemv_pallas6_ring_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ 
       if (g >= groups) break;  // warp-uniform
 #pragma unroll
       for (int i = 0; i < kM; ++i) {
-        float amax = 0.f;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(v[u][i][e]));
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = contract_scale<kQMax>(amax);
-        const float sb = s > 0.f ? s : 1.f;
-        const float inv = 1.0f / sb;
-        int sum = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = contract_round<kQMax>(v[u][i][e], s, sb, inv);
-          sum += qi;
-          xq[i * kp + g * kGemvGroup + 32 * e + lane] = static_cast<int8_t>(qi);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        float s;
+        const int sum = gemv_quantize_group<kQMax>(v[u][i], xq + i * kp + g * kGemvGroup, lane, s);
         if (lane == 0) {
           sxs[i * groups + g] = s;
           qsums[i * groups + g] = sum;
