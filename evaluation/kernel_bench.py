@@ -902,8 +902,8 @@ def gemv_cuda_markdown(rows: list[dict], card: str, date: str) -> str:
                  f"{cell(r.get('cuda_xq_w32_us', nan), '.1f')} | "
                  f"{cell(100 * r['floor_us'] / r.get('cuda_xq_w32_us', nan), '.0f')} | "
                  + "".join(f"{cell(r.get(f'cuda_xq_ring{g}_us', nan), '.1f')} | "
-                           f"{cell(100 * r['floor_us'] / r.get(f'cuda_xq_ring{g}_us', nan), '.0f')} | " for g in (2, 4, 8))
-                 + f"{cell(max((e for g in (2, 4, 8) if (e := r.get(f'cuda_xq_ring{g}_err', nan)) == e), default=nan), '.1e')} |")
+                           f"{cell(100 * r['floor_us'] / r.get(f'cuda_xq_ring{g}_us', nan), '.0f')} | " for g in cuda_gemv.RING_CHOICES[1:])
+                 + f"{cell(max((e for g in cuda_gemv.RING_CHOICES[1:] if (e := r.get(f'cuda_xq_ring{g}_err', nan)) == e), default=nan), '.1e')} |")
   return "\n".join(lines) + "\n"
 
 
