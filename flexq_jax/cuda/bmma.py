@@ -18,8 +18,10 @@ Design (csrc/; tiles in configs.h):
     straight from global memory (no shared memory, no re-layout). Per 8x8 tile and group,
     a_bits x 6 MMAs chained in Horner order (accumulator input = +-2 x running sum) give the
     exact int32 group sum; then acc += (s_x * s_w) * sum in fp32 (scales fused per group).
-  - Tiles: M <= 8 -> bmma_decode_kernel (8 channels a block, 4 warps splitting K, one 16-byte
-    load a plane, lane and 4 groups), M <= 16 -> 16 x 32 (4 warps split N), else 32 x 32
+  - Tiles: M = 1 -> bmma_decode_m1_kernel (the activation's planes as the MMA's 8 rows: 6 MMAs a
+    group instead of a_bits x 6, rows then weighted and added by 3 xor-shuffles; bit-identical to the
+    next; m1_rows=False turns it off), M <= 8 -> bmma_decode_kernel (8 channels a block, 4 warps
+    splitting K, one 16-byte load a plane, lane and 4 groups), M <= 16 -> 16 x 32 (4 warps split N), else 32 x 32
     (2 x 2 warps, 2 x 2 MMA tiles each). Rows past M / N and padding words read as zero.
 
 The shared library is built on first use, not at import (a CPU machine imports this module
@@ -159,6 +161,11 @@ def _register() -> None:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="CUDA")
 
 
+# bmma_matmul's m1_rows at M = 1 (csrc/ffi_bmma.cu): the kernel that runs.
+M1_ROWS_VARIANTS = {0: "M <= 8 kernel", 1: "planes as rows, 4 warps", 2: "planes as rows, 4 warps, prefetch",
+                    3: "planes as rows, 8 warps", 4: "planes as rows, 8 warps, prefetch"}
+
+
 def _check_a_bits(a_bits: int) -> None:
   if a_bits not in A_BITS:
     raise ValueError(f"the BMMA kernel runs W6A6 and W6A8: a_bits must be one of {A_BITS}, got {a_bits}")
@@ -181,7 +188,8 @@ def quantize_activation_planes(x: jax.Array, *, a_bits: int) -> tuple[jax.Array,
   return jax.ffi.ffi_call(ACT_QUANT_TARGET, out)(x, a_bits=np.int32(a_bits))
 
 
-def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bits: int, k: int) -> jax.Array:
+def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bits: int, k: int,
+                m1_rows: bool | int = True) -> jax.Array:
   """The numerics contract (group 128, W6) on binary tensor cores: bf16 [M, K] -> bf16 [M, N].
 
   Args:
@@ -191,11 +199,19 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
     w_scales: fp16 [N, Kp/128] weight scales.
     a_bits: 6 or 8.
     k: the layer's real K (unpadded).
+    m1_rows: at M = 1, the kernel with the activation's planes as the MMA's rows (bit-identical to the
+      M <= 8 decode kernel, fewer MMAs); False keeps the M <= 8 kernel (for comparison). An int picks a
+      variant (M1_ROWS_VARIANTS): 1 = True, 2 its next step's words loaded ahead (bit-identical too),
+      3 / 4 the same in blocks of 8 warps (exact group sums, another fp32 order).
 
   Returns:
     bf16 [M, N].
   """
   _check_a_bits(a_bits)
+  if isinstance(m1_rows, bool) or m1_rows is None:
+    m1_rows = int(bool(m1_rows))
+  if m1_rows not in M1_ROWS_VARIANTS:
+    raise ValueError(f"m1_rows must be True, False or one of {sorted(M1_ROWS_VARIANTS)}, got {m1_rows!r}")
   kp, words = core.padded_k(k), core.g4_words(k)
   if x.ndim != 2 or x.dtype != jnp.bfloat16 or x.shape[1] != k:
     raise ValueError(f"activations must be bf16 [M, {k=}], got {x.dtype} {x.shape}")
@@ -210,4 +226,4 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
   x_planes, x_scales = quantize_activation_planes(x, a_bits=a_bits)
   out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.bfloat16)
   return jax.ffi.ffi_call(GEMM_TARGET, out)(x_planes, x_scales, w_planes, w_scales, a_bits=np.int32(a_bits),
-                                            k=np.int32(k))
+                                            k=np.int32(k), m1_rows=np.int32(m1_rows))

@@ -135,6 +135,27 @@ def _model_group_dot(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
   return out.astype(np.int32)
 
 
+def _model_group_dot_rows(xw: np.ndarray, ww: np.ndarray) -> np.ndarray:
+  """bmma_decode_m1_kernel's group sum at M = 1: row i of the MMA's A is activation plane i, one
+  MMA a weight plane j (Horner over j through the accumulator), then every row weighted by its c_i
+  and the rows added by the xor-shuffle butterfly (lanes 4, 8, 16 apart).
+
+  xw [a_bits, 1, 4], ww [6, N, 4] uint32 words of one group -> int32 [1, N].
+  """
+  a_bits, w_bits = xw.shape[0], ww.shape[0]
+  rows = np.zeros((8, 4), np.uint32)
+  rows[:a_bits] = xw[:, 0]  # rows a_bits..7 zero (A6)
+  t = np.zeros((8, ww.shape[1]), np.int64)  # [row i, channel c]: the m8n8 tile, 8 channels at a time
+  for j in range(w_bits - 1, -1, -1):
+    t = t * (-2 if j == w_bits - 2 else 2) + np.bitwise_count(rows[:, None, :] & ww[j][None, :, :]).sum(-1)
+  weight = np.array([-(1 << i) if i == a_bits - 1 else (1 << i) if i < a_bits else 1 << i for i in range(8)])
+  d = t * weight[:, None]
+  for offset in (1, 2, 4):  # lane_row bits: lanes 4, 8, 16 apart
+    d = d + d[np.arange(8) ^ offset]
+  assert np.all(d == d[0]) and np.abs(t).max() < 2**31 and np.abs(d).max() < 2**31
+  return d[:1].astype(np.int32)
+
+
 def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int, decode_split: tuple[int, int] | None = None):
   """bmma_gemm.cuh: per group, exact D_g from the words at word_index(g, 0..3), then
   acc += (s_x * s_w) * D_g in fp32; bf16 out.
@@ -188,6 +209,21 @@ def test_kernel_plan_equals_contract(a_bits, m, n, k):
     np.testing.assert_allclose(y.astype(np.float32), ref, rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("n,k", [(20, 200), (13, 576), (24, 2200)])
+def test_m1_plane_rows_plan_equals_the_decode_plan(a_bits, n, k):
+  """bmma_decode_m1_kernel's integer group sums (planes as the MMA's rows) are group_dot's, exactly."""
+  x, q_w, _, w_planes = _layer_inputs(_rng(), 1, n, k, extremes=True)
+  x_planes, _ = _model_act_quant(np.asarray(x, np.float32), a_bits)
+  q_x, _ = numerics.quantize_activation(x, a_bits)
+  contract = np.asarray(numerics.group_dots(q_x, q_w, 128))
+  for g in range(core.padded_k(k) // core.GROUP):
+    words = [_word_index(g, q) for q in range(_WORDS_PER_GROUP)]
+    rows = _model_group_dot_rows(x_planes[..., words], np.asarray(w_planes)[..., words])
+    np.testing.assert_array_equal(rows, _model_group_dot(x_planes[..., words], np.asarray(w_planes)[..., words]))
+    np.testing.assert_array_equal(rows, contract[g])
+
+
 # ---- wrappers (CPU) ----------------------------------------------------------------------------
 
 def test_wrapper_rejects_bad_inputs():
@@ -200,6 +236,8 @@ def test_wrapper_rejects_bad_inputs():
     bmma.bmma_matmul(x, formats.pack(q_w, 6, "pallas6", 200), s_w, a_bits=6, k=200)
   with pytest.raises(ValueError, match="weight scales"):
     bmma.bmma_matmul(x, w_planes, s_w.astype(jnp.float32), a_bits=6, k=200)
+  with pytest.raises(ValueError, match="m1_rows"):
+    bmma.bmma_matmul(x, w_planes, s_w, a_bits=6, k=200, m1_rows=5)
 
 
 @pytest.mark.skipif(_has_gpu(), reason="checks the error raised without a GPU")
@@ -271,3 +309,20 @@ def test_gpu_dispatch_through_quantized_linear():
                           group_size=128, layout="bitplanes_g4", backend="bmma")
   y = jax.jit(lambda x, l: x @ l)(x.reshape(2, 2, 576), layer)
   _assert_matches_contract(y.reshape(4, 48), x, q_w, s_w, 8)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("a_bits", [6, 8])
+@pytest.mark.parametrize("n,k", [(200, 840), (13, 576), (40, 11008), (4096, 4096), (1000, 8192)])
+def test_gpu_m1_plane_rows_kernel_is_bit_identical(a_bits, n, k):
+  """At M = 1 the planes-as-rows kernel gives the M <= 8 decode kernel's output bit for bit."""
+  x, q_w, s_w, w_planes = _layer_inputs(_rng(), 1, n, k, extremes=True)
+  run = jax.jit(bmma.bmma_matmul, static_argnames=("a_bits", "k", "m1_rows"))
+  tile = np.asarray(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=False))
+  for variant in (True, 2):  # 4 warps a block, as the M <= 8 kernel: the same fp32 order
+    rows = np.asarray(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=variant))
+    np.testing.assert_array_equal(rows.view(np.uint16), tile.view(np.uint16))
+  _assert_matches_contract(rows, x, q_w, s_w, a_bits)
+  for variant in (3, 4):  # 8 warps: exact group sums, the warps' fp32 partials in another order
+    _assert_matches_contract(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=variant), x, q_w, s_w, a_bits)

@@ -205,4 +205,114 @@ bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_word
   }
 }
 
+// Decode, M = 1: the token's activation bit planes as the MMA's rows. Row i of A is plane i of
+// the group (rows kABits..7 zero for A6), so one m8n8k128 MMA gives popc(X_i AND W_j[c]) for
+// every plane i at once, and a group takes kWeightBits MMAs (Horner over j through the
+// accumulator) instead of bmma_decode_kernel's kABits x kWeightBits, 7 of whose 8 rows are
+// empty at M = 1. Each row's sum is then weighted by its plane's c_i and the rows are added
+// across the lanes that hold them (3 xor-shuffles): the exact D_g of group_dot, so with the same
+// groups a warp, the same fp32 update and the same warp order at the end, the output equals
+// bmma_decode_kernel's bit for bit (at kSplit = kDecodeSplit). Loads: one 16-byte activation
+// load a lane (its plane's word of 4 groups) instead of kABits. kPrefetch: the next step's
+// words are loaded before this step's MMAs (registers double-buffered).
+template <int kABits, int kSplit, bool kPrefetch>
+__global__ void __launch_bounds__(32 * kSplit, kDecodeBlocksPerSM * kDecodeSplit / kSplit)
+bmma_decode_m1_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, 1, x_words]
+                      const float* __restrict__ x_scales,     // [1, groups]
+                      const uint32_t* __restrict__ w_planes,  // [kWeightBits, N, x_words]
+                      const __half* __restrict__ w_scales,    // [N, groups]
+                      __nv_bfloat16* __restrict__ y,          // [1, N]
+                      int n, int groups) {
+  static_assert(kABits <= 8, "one activation plane a row of the m8 tile");
+  constexpr int kUnroll = kInterleave;
+  constexpr int kStride = kSplit * kUnroll;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int lane_row = lane >> 2;  // A: activation plane lane_row; B: output channel col0 + lane_row
+  const int lane_quad = lane & 3;
+  const int col0 = blockIdx.x * 8;
+  const int c = col0 + lane_row;
+  const bool plane_live = lane_row < kABits, col_live = c < n;
+  // c_i of the plane this lane's row holds: 2^i, the top plane -2^(kABits-1) (two's complement).
+  const int32_t plane_weight = lane_row == kABits - 1 ? -(1 << lane_row) : (1 << lane_row);
+  const int x_words = kWordsPerGroup * padded_groups(groups);
+  const uint32_t* x_row = x_planes + static_cast<long>(lane_row) * x_words + kInterleave * lane_quad;
+  const uint32_t* w_row = w_planes + static_cast<long>(c) * x_words + kInterleave * lane_quad;
+  const long plane_stride = static_cast<long>(n) * x_words;
+  // A step's words: one 16-byte load a plane and lane, 4 groups (the block of g0).
+  auto load = [&](int g0, uint4& xv, uint4 (&wv)[kWeightBits]) {
+    const int word = kWordsPerBlock * (g0 / kInterleave);
+    xv = plane_live ? __ldg(reinterpret_cast<const uint4*>(x_row + word)) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int j = 0; j < kWeightBits; ++j)
+      wv[j] = col_live ? __ldg(reinterpret_cast<const uint4*>(w_row + j * plane_stride + word))
+                       : make_uint4(0u, 0u, 0u, 0u);
+  };
+
+  float acc[2] = {0.f, 0.f};
+  uint4 xv, wv[kWeightBits];
+  int g0 = warp * kUnroll;
+  if (g0 < groups) load(g0, xv, wv);
+  for (; g0 < groups; g0 += kStride) {
+    const int next = g0 + kStride;
+    uint4 xn, wn[kWeightBits];
+    if (kPrefetch && next < groups) load(next, xn, wn);
+    float sx[kUnroll], sw[kUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int g = g0 + u;
+      const bool live = g < groups;
+      sx[u] = live ? __ldg(x_scales + g) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ce = col0 + 2 * lane_quad + e;
+        sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t xf = component(xv, u);
+      int32_t t[2] = {0, 0};
+#pragma unroll
+      for (int j = kWeightBits - 1; j >= 0; --j) {
+        const int32_t mul = j == kWeightBits - 2 ? -2 : 2;
+        const int32_t cin[2] = {t[0] * mul, t[1] * mul};
+        mma_b1_and_popc_m8n8k128(t, xf, component(wv[j], u), cin);
+      }
+      int32_t d[2] = {t[0] * plane_weight, t[1] * plane_weight};
+#pragma unroll
+      for (int offset = 4; offset < 32; offset <<= 1)  // across lane_row: lanes 4 apart
+#pragma unroll
+        for (int e = 0; e < 2; ++e) d[e] += __shfl_xor_sync(0xffffffffu, d[e], offset);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) acc[e] += (sx[u] * sw[u][e]) * static_cast<float>(d[e]);
+    }
+    if (next < groups) {
+      if (kPrefetch) {
+        xv = xn;
+#pragma unroll
+        for (int j = 0; j < kWeightBits; ++j) wv[j] = wn[j];
+      } else {
+        load(next, xv, wv);
+      }
+    }
+  }
+
+  __shared__ float partial[kSplit][4][2];
+  if (lane_row == 0) {
+    partial[warp][lane_quad][0] = acc[0];
+    partial[warp][lane_quad][1] = acc[1];
+  }
+  __syncthreads();
+  if (warp != 0 || lane_row != 0) return;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float sum = partial[0][lane_quad][e];
+#pragma unroll
+    for (int w = 1; w < kSplit; ++w) sum += partial[w][lane_quad][e];
+    const int ce = col0 + 2 * lane_quad + e;
+    if (ce < n) y[ce] = __float2bfloat16_rn(sum);
+  }
+}
+
 }  // namespace flexq

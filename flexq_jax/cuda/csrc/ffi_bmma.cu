@@ -3,7 +3,8 @@
 // The BMMA kernel is two custom calls, so XLA owns the intermediate activation planes:
 //   flexq_bmma_act_quant: x bf16 [M, K] -> planes u32 [a_bits, M, W], scales f32 [M, G]
 //   flexq_bmma_gemm:      planes, scales, w_planes u32 [6, N, W], w_scales f16 [N, G]
-//                         -> y bf16 [M, N]
+//                         -> y bf16 [M, N]; attributes a_bits, k, m1_rows (0: M = 1 on the M <= 8 kernel; 1-4:
+//                         bmma_decode_m1_kernel, 4 / 4 + prefetch / 8 / 8 + prefetch warps a block)
 // G = K / 128 rounded up (pallas_kernels/core.py: padded_k), W = 4 x G rounded up to a multiple of 4: the
 // "bitplanes_g4" layout of both operands (configs.h, flexq_jax/formats.py).
 // The decode GEMV on "pallas6" weights (gemv_pallas6.cuh) is one more:
@@ -86,8 +87,16 @@ void launch_gemm(cudaStream_t stream, const uint32_t* xp, const float* xs, const
 
 template <int kABits>
 void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp,
-                       const __half* ws, __nv_bfloat16* y, int m, int n, int groups) {
-  if (m <= 8) {
+                       const __half* ws, __nv_bfloat16* y, int m, int n, int groups, int m1_rows) {
+  if (m == 1 && m1_rows != 0) {  // 1: kDecodeSplit warps; 2: with prefetch; 3: 8 warps; 4: 8 warps, prefetch
+    const int grid = ceil_div(n, 8);
+    switch (m1_rows) {
+      case 2: bmma_decode_m1_kernel<kABits, kDecodeSplit, true><<<grid, 32 * kDecodeSplit, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
+      case 3: bmma_decode_m1_kernel<kABits, 8, false><<<grid, 32 * 8, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
+      case 4: bmma_decode_m1_kernel<kABits, 8, true><<<grid, 32 * 8, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
+      default: bmma_decode_m1_kernel<kABits, kDecodeSplit, false><<<grid, 32 * kDecodeSplit, 0, stream>>>(xp, xs, wp, ws, y, n, groups);
+    }
+  } else if (m <= 8) {
     bmma_decode_kernel<kABits, kDecodeSplit><<<ceil_div(n, 8), 32 * kDecodeSplit, 0, stream>>>(
         xp, xs, wp, ws, y, m, n, groups);
   } else if (m <= DecodeM16Tile::kBlockM) {
@@ -99,9 +108,10 @@ void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs,
 
 ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Buffer<ffi::F32> x_scales,
                     ffi::Buffer<ffi::U32> w_planes, ffi::Buffer<ffi::F16> w_scales, ffi::ResultBuffer<ffi::BF16> y,
-                    int32_t a_bits, int32_t k) {
+                    int32_t a_bits, int32_t k, int32_t m1_rows) {
   if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
   if (k <= 0) return ffi::Error::InvalidArgument("k must be positive, got " + std::to_string(k));
+  if (m1_rows < 0 || m1_rows > 4) return ffi::Error::InvalidArgument("m1_rows must be 0-4, got " + std::to_string(m1_rows));
   if (x_planes.dimensions().size() != 3 || w_planes.dimensions().size() != 3)
     return ffi::Error::InvalidArgument("plane arrays must be 3-D [bits, rows, words]");
   const int64_t m = x_planes.dimensions()[1], n = w_planes.dimensions()[1];
@@ -118,10 +128,10 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> x_planes, ffi::Bu
   auto* yp = reinterpret_cast<__nv_bfloat16*>(y->typed_data());
   if (a_bits == 6) {
     launch_gemm_for_m<6>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
-                         groups);
+                         groups, m1_rows);
   } else {
     launch_gemm_for_m<8>(stream, x_planes.typed_data(), x_scales.typed_data(), w_planes.typed_data(), ws, yp, m, n,
-                         groups);
+                         groups, m1_rows);
   }
   return last_cuda_error("flexq_bmma_gemm launch");
 }
@@ -276,7 +286,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqBmmaGemm, flexq::GemmImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()  // weight scales [N, Kp/128]
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
-                                  .Attr<int32_t>("k"));
+                                  .Attr<int32_t>("k")
+                                  .Attr<int32_t>("m1_rows"));  // 0: M = 1 on bmma_decode_kernel; 1-4: bmma_decode_m1_kernel variants
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6Bf16, flexq::GemvBf16,
                               ffi::Ffi::Bind()
