@@ -166,6 +166,15 @@ M1_ROWS_VARIANTS = {0: "M <= 8 kernel", 1: "planes as rows, 4 warps", 2: "planes
                     3: "planes as rows, 8 warps", 4: "planes as rows, 8 warps, prefetch"}
 
 
+
+def m1_rows_variant(n: int, k: int) -> int:
+  """The planes-as-rows variant bmma_matmul runs at M = 1 by default: blocks of 8 warps on layers with
+  N and K both >= 8192 (LLaMA-2-70B's o_proj 15.9 vs 17.3 us, down_proj 48.0 vs 54.2; its q/k/v and
+  gate/up level), 4 warps below (LLaMA-2-7B's layers 6-17% faster so); prefetching the next step's
+  words was slower everywhere (H200, results/kernels/h200-2026-12-03-bmma-m1.md)."""
+  return 3 if n >= 8192 and k >= 8192 else 1
+
+
 def _check_a_bits(a_bits: int) -> None:
   if a_bits not in A_BITS:
     raise ValueError(f"the BMMA kernel runs W6A6 and W6A8: a_bits must be one of {A_BITS}, got {a_bits}")
@@ -199,17 +208,18 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
     w_scales: fp16 [N, Kp/128] weight scales.
     a_bits: 6 or 8.
     k: the layer's real K (unpadded).
-    m1_rows: at M = 1, the kernel with the activation's planes as the MMA's rows (bit-identical to the
-      M <= 8 decode kernel, fewer MMAs); False keeps the M <= 8 kernel (for comparison). An int picks a
-      variant (M1_ROWS_VARIANTS): 1 = True, 2 its next step's words loaded ahead (bit-identical too),
-      3 / 4 the same in blocks of 8 warps (exact group sums, another fp32 order).
+    m1_rows: at M = 1, the kernel with the activation's planes as the MMA's rows (fewer MMAs, exact group
+      sums); True picks its variant by the layer's shape (m1_rows_variant), False keeps the M <= 8 kernel
+      (for comparison). An int picks a variant (M1_ROWS_VARIANTS): 1 (bit-identical to the M <= 8 kernel),
+      2 its next step's words loaded ahead (bit-identical too), 3 / 4 the same in blocks of 8 warps (exact
+      group sums, the warps' fp32 partials in another order).
 
   Returns:
     bf16 [M, N].
   """
   _check_a_bits(a_bits)
   if isinstance(m1_rows, bool) or m1_rows is None:
-    m1_rows = int(bool(m1_rows))
+    m1_rows = m1_rows_variant(w_planes.shape[1], k) if m1_rows else 0
   if m1_rows not in M1_ROWS_VARIANTS:
     raise ValueError(f"m1_rows must be True, False or one of {sorted(M1_ROWS_VARIANTS)}, got {m1_rows!r}")
   kp, words = core.padded_k(k), core.g4_words(k)

@@ -314,15 +314,21 @@ def test_gpu_dispatch_through_quantized_linear():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("n,k", [(200, 840), (13, 576), (40, 11008), (4096, 4096), (1000, 8192)])
+@pytest.mark.parametrize("n,k", [(200, 840), (13, 576), (40, 11008), (4096, 4096), (1000, 8192), (8200, 8320)])
 def test_gpu_m1_plane_rows_kernel_is_bit_identical(a_bits, n, k):
   """At M = 1 the planes-as-rows kernel gives the M <= 8 decode kernel's output bit for bit."""
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), 1, n, k, extremes=True)
   run = jax.jit(bmma.bmma_matmul, static_argnames=("a_bits", "k", "m1_rows"))
   tile = np.asarray(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=False))
-  for variant in (True, 2):  # 4 warps a block, as the M <= 8 kernel: the same fp32 order
+  for variant in (1, 2):  # 4 warps a block, as the M <= 8 kernel: the same fp32 order
     rows = np.asarray(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=variant))
     np.testing.assert_array_equal(rows.view(np.uint16), tile.view(np.uint16))
   _assert_matches_contract(rows, x, q_w, s_w, a_bits)
-  for variant in (3, 4):  # 8 warps: exact group sums, the warps' fp32 partials in another order
+  for variant in (3, 4, True):  # 8 warps: exact group sums, the warps' fp32 partials in another order
     _assert_matches_contract(run(x, w_planes, s_w, a_bits=a_bits, k=k, m1_rows=variant), x, q_w, s_w, a_bits)
+
+
+def test_m1_rows_variant_by_shape():
+  assert bmma.m1_rows_variant(8192, 8192) == bmma.m1_rows_variant(8192, 28672) == 3  # LLaMA-2-70B o, down
+  assert bmma.m1_rows_variant(4096, 11008) == bmma.m1_rows_variant(12288, 4096) == 1  # LLaMA-2-7B
+  assert set(bmma.M1_ROWS_VARIANTS) == {0, 1, 2, 3, 4}

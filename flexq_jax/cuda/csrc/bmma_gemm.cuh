@@ -213,7 +213,8 @@ bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_word
 // across the lanes that hold them (3 xor-shuffles): the exact D_g of group_dot, so with the same
 // groups a warp, the same fp32 update and the same warp order at the end, the output equals
 // bmma_decode_kernel's bit for bit (at kSplit = kDecodeSplit). Loads: one 16-byte activation
-// load a lane (its plane's word of 4 groups) instead of kABits. kPrefetch: the next step's
+// load a lane (its plane's word of 4 groups) instead of kABits, and the step's scales in vector
+// loads where the groups fill whole blocks. kPrefetch: the next step's
 // words are loaded before this step's MMAs (registers double-buffered).
 template <int kABits, int kSplit, bool kPrefetch>
 __global__ void __launch_bounds__(32 * kSplit, kDecodeBlocksPerSM * kDecodeSplit / kSplit)
@@ -239,6 +240,9 @@ bmma_decode_m1_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, 1, x_w
   const uint32_t* x_row = x_planes + static_cast<long>(lane_row) * x_words + kInterleave * lane_quad;
   const uint32_t* w_row = w_planes + static_cast<long>(c) * x_words + kInterleave * lane_quad;
   const long plane_stride = static_cast<long>(n) * x_words;
+  // Whole blocks of 4 groups and aligned scale arrays: a step's scales in vector loads.
+  const bool vector_scales = groups % kUnroll == 0 && (reinterpret_cast<uintptr_t>(x_scales) & 15) == 0 &&
+                             (reinterpret_cast<uintptr_t>(w_scales) & 7) == 0;
   // A step's words: one 16-byte load a plane and lane, 4 groups (the block of g0).
   auto load = [&](int g0, uint4& xv, uint4 (&wv)[kWeightBits]) {
     const int word = kWordsPerBlock * (g0 / kInterleave);
@@ -258,15 +262,28 @@ bmma_decode_m1_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, 1, x_w
     uint4 xn, wn[kWeightBits];
     if (kPrefetch && next < groups) load(next, xn, wn);
     float sx[kUnroll], sw[kUnroll][2];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int g = g0 + u;
-      const bool live = g < groups;
-      sx[u] = live ? __ldg(x_scales + g) : 0.f;
+    if (vector_scales) {  // the step's 4 groups: one 16-byte s_x load, one 8-byte s_w load a channel
+      const float4 s4 = __ldg(reinterpret_cast<const float4*>(x_scales + g0));
+      sx[0] = s4.x, sx[1] = s4.y, sx[2] = s4.z, sx[3] = s4.w;
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int ce = col0 + 2 * lane_quad + e;
-        sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
+        const uint2 h = ce < n ? __ldg(reinterpret_cast<const uint2*>(w_scales + static_cast<long>(ce) * groups + g0))
+                               : make_uint2(0u, 0u);
+        const __half2 lo = *reinterpret_cast<const __half2*>(&h.x), hi = *reinterpret_cast<const __half2*>(&h.y);
+        sw[0][e] = __low2float(lo), sw[1][e] = __high2float(lo), sw[2][e] = __low2float(hi), sw[3][e] = __high2float(hi);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int g = g0 + u;
+        const bool live = g < groups;
+        sx[u] = live ? __ldg(x_scales + g) : 0.f;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int ce = col0 + 2 * lane_quad + e;
+          sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
+        }
       }
     }
 #pragma unroll
