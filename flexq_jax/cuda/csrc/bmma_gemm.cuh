@@ -127,6 +127,26 @@ bmma_gemm_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_words]
   }
 }
 
+// The scales of a decode step's kUnroll groups g0, g0 + 1, ...: s_x of one token row and s_w of
+// the lane's two output channels c_first, c_first + 1 (an m8n8 accumulator's columns); groups past
+// `groups`, a dead token row and channels past n read as zero.
+template <int kUnroll>
+__device__ __forceinline__ void load_step_scales(const float* x_scale_row, bool x_live, const __half* w_scales,
+                                                 int groups, int g0, int n, int c_first, float (&sx)[kUnroll],
+                                                 float (&sw)[kUnroll][2]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int g = g0 + u;
+    const bool live = g < groups;
+    sx[u] = live && x_live ? __ldg(x_scale_row + g) : 0.f;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int ce = c_first + e;
+      sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
+    }
+  }
+}
+
 // Decode, M <= 8: one m8 tile of tokens, a block of kSplit warps on 8 output channels. Warp w
 // takes the blocks of kInterleave groups w, w + kSplit, ...; a step loads its block's planes
 // with one 16-byte load a plane and lane (the lane's fragment word for all 4 groups: the
@@ -165,17 +185,8 @@ bmma_decode_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, M, x_word
       wv[j] = col_live ? __ldg(reinterpret_cast<const uint4*>(w_planes + (static_cast<long>(j) * n + c) * x_words + word))
                        : make_uint4(0u, 0u, 0u, 0u);
     float sx[kUnroll], sw[kUnroll][2];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int g = g0 + u;
-      const bool live = g < groups;
-      sx[u] = live && row_live ? __ldg(x_scales + static_cast<long>(lane_row) * groups + g) : 0.f;
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ce = col0 + 2 * lane_quad + e;
-        sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
-      }
-    }
+    load_step_scales(x_scales + static_cast<long>(lane_row) * groups, row_live, w_scales, groups, g0, n,
+                     col0 + 2 * lane_quad, sx, sw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       uint32_t xf[kABits], wf[kWeightBits];
@@ -274,17 +285,7 @@ bmma_decode_m1_kernel(const uint32_t* __restrict__ x_planes,  // [kABits, 1, x_w
         sw[0][e] = __low2float(lo), sw[1][e] = __high2float(lo), sw[2][e] = __low2float(hi), sw[3][e] = __high2float(hi);
       }
     } else {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int g = g0 + u;
-        const bool live = g < groups;
-        sx[u] = live ? __ldg(x_scales + g) : 0.f;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ce = col0 + 2 * lane_quad + e;
-          sw[u][e] = live && ce < n ? __half2float(__ldg(w_scales + static_cast<long>(ce) * groups + g)) : 0.f;
-        }
-      }
+      load_step_scales(x_scales, true, w_scales, groups, g0, n, col0 + 2 * lane_quad, sx, sw);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
