@@ -350,6 +350,10 @@ def _category(name: str) -> str:
     return "pallas GEMM/GEMV"
   if "w6a_quantize" in n:
     return "pallas activation quantization"
+  if "flexq" in n and "gemv" in n:
+    return "CUDA GEMV"
+  if "flexq" in n and "gemm_small" in n:
+    return "CUDA small-M GEMM"
   if "flexq" in n:
     return "BMMA (CUDA)"
   if any(t in n for t in ("gemm", "cutlass", "xmma", "cublas", "sm90_", "nvjet")):

@@ -207,6 +207,7 @@ def test_e2e_markdown_ratios_failures_and_profile():
   assert "pallas GEMM/GEMV 60 / 7; other XLA kernels 20 / 9" in md
   assert e2e_bench._category("sm90_xmma_gemm_bf16") == "cuBLAS GEMM"
   assert e2e_bench._category("flexq::bmma_decode_kernel") == "BMMA (CUDA)"
+  assert e2e_bench._category("void flexq::gemv_pallas6_xq_kernel<6, 8>(...)") == "CUDA GEMV"
 
 
 def test_e2e_resident_weights_drop_the_others_on_out_of_memory():
