@@ -5,8 +5,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from evaluation import kernel_bench as kb
+from evaluation import probe_gemv_floor
 
 
 def test_loop_keeps_every_call_inside_the_loop():
@@ -71,3 +73,10 @@ def test_gemv_cuda_table_marks_a_failed_kernel_not_nan():
   md = kb.gemv_cuda_markdown(rows, "h200", "2026-12-01")
   assert "| 7b.o | 4096x4096 | 1 | 6 | 3.0 | 6.0 | 50 | - | - | - | - | - | - | - | 1.0e-03 | - | - |" in md
   assert "nan" not in md
+
+
+def test_gemv_floor_probe_reads_named_and_nxk_shapes_and_refuses_others():
+  assert probe_gemv_floor._shape("7b.o") == ("7b.o", (4096, 4096))
+  assert probe_gemv_floor._shape("6144x4096") == ("6144x4096", (6144, 4096))
+  with pytest.raises(SystemExit, match="neither a shape name"):
+    probe_gemv_floor._shape("7bx")
