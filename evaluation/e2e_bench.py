@@ -75,7 +75,8 @@ METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda
            "flexq-mgpu-small-split", "flexq-fused-norm", "flexq-triton-m16", "flexq-nosplit", "flexq-sw16", "flexq-glue",
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
            "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
-           "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8")
+           "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8",
+           "flexq-fused-norm-small")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama3-8b": model_configs.llama3_8b,
           "llama2-13b": model_configs.llama2_13b, "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -89,7 +90,9 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # layer (the h200 table uses it from M = 16 on every layer); "flexq-mgpu-small-split" the same
 # split along K until every SM has a CTA (SmallConfig.split_k, w6a_gemm_mgpu_small.split_for).
 # "flexq-fused-norm" = the RMSNorms fused with the q/k/v and gate/up activation quantization where the Triton
-# GEMMs run (w6a_matmul.norm_quantize; backends.fused_norm_input).
+# GEMMs run (w6a_matmul.norm_quantize; backends.fused_norm_input); "flexq-fused-norm-small" the same where the
+# small-M Mosaic GEMM runs (decode batches 16-255: norm_quantize writes its q_x and [G, 2, M] operand, so the q/k/v
+# and gate/up quantizer launches go).
 # "flexq-triton-m16" = the table with the small-M Mosaic GEMM from M = 17, as before 2026-12-02: batch-16 decode on
 # the Triton kernels, beside "flexq" (the table: from M = 16) in one run.
 # "flexq-cuda-small" = the small-M CUDA GEMM on the int8 tensor cores (flexq_jax/cuda/gemm_small.py) at M = 2-64.
@@ -115,6 +118,7 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-mgpu-small-split": {"mosaic_small_min_m": 1, "mosaic_small_max_m": 255, "mosaic_small_min_n": 0,
                                             "mosaic_small_split": True},
                  "flexq-fused-norm": {"fuse_norm_quant": True},
+                 "flexq-fused-norm-small": {"fuse_norm_quant_small": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
                  "flexq-nosplit": {"mosaic_small_split": False},

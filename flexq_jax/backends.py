@@ -289,13 +289,14 @@ class QuantizedActivation:
   were made for (its backend, a_bits and tiling) can take them."""
 
   qx: jax.Array  # int8 [Mp, Kp]
-  sx: jax.Array  # f32 [Mp, G]
-  xsum: jax.Array  # int32 [Mp, G]
+  sx: jax.Array | None  # f32 [Mp, G] (the Triton GEMMs; None for the small-M Mosaic GEMM)
+  xsum: jax.Array | None  # int32 [Mp, G] (likewise)
   lead: tuple[int, ...] = flax.struct.field(pytree_node=False)  # x.shape[:-1]
   in_features: int = flax.struct.field(pytree_node=False)  # K
   a_bits: int = flax.struct.field(pytree_node=False)
   dtype: jnp.dtype = flax.struct.field(pytree_node=False)  # the dtype x would have had (the output's)
   config: object = flax.struct.field(pytree_node=False)  # the tiling of the GEMM they are laid out for
+  act: jax.Array | None = None  # f32 [G, 2, Mp]: s_x and sum(q_x) for the small-M Mosaic GEMM (SmallConfig.quant_t)
 
   def __matmul__(self, layer: Any) -> jax.Array:
     return prequantized_matmul(self, layer)
@@ -305,25 +306,41 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   """rms_norm(h, weight, eps) quantized for `layer` by one fused kernel
   (pallas_kernels.w6a_matmul.norm_quantize), as a QuantizedActivation; None where the
   fusion does not apply: a backend other than pallas, weight-only layers, an M at which the pallas
-  backend runs another kernel than the Triton GEMMs, or a card whose tuning table does not set
-  "fuse_norm_quant" (no table does until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries it)."""
+  backend runs neither the Triton GEMMs nor the small-M Mosaic GEMM, or a card whose tuning table does
+  not set "fuse_norm_quant" (for the Triton GEMMs) or "fuse_norm_quant_small" (for the small-M Mosaic
+  GEMM whose quantizer writes its [G, 2, M] operand, "mosaic_small_quant_t"). No table sets either
+  until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries them."""
   if layer.backend != PALLAS.name or layer.a_bits == 16 or h.shape[-1] != layer.in_features:
     return None
   if not PALLAS.can_run(layer, h.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return None
   device = jax.devices()[0]
-  if not _card_table(device).get("fuse_norm_quant"):
+  table = _card_table(device)
+  if not (table.get("fuse_norm_quant") or table.get("fuse_norm_quant_small")):
     return None
   m = math.prod(h.shape[:-1])
-  if m == 0 or PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype,
-                                 n=layer.out_features, k=layer.in_features)[0] != "triton":
+  if m == 0:
+    return None
+  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype, n=layer.out_features,
+                             k=layer.in_features)[0]
+  out_dtype = jnp.result_type(weight.dtype, h.dtype)
+  if kernel == "mosaic_small" and table.get("fuse_norm_quant_small"):
+    small = _small_config(m, layer)
+    if not small.quant_t:
+      return None
+    qx, act = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,
+                                       config=w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False),
+                                       act_t=True)
+    return QuantizedActivation(qx=qx, sx=None, xsum=None, lead=h.shape[:-1], in_features=layer.in_features,
+                               a_bits=layer.a_bits, dtype=out_dtype, config=small, act=act)
+  if kernel != "triton" or not table.get("fuse_norm_quant"):
     return None
   cfg = _gemm_config(m, layer)
   qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,
                                           config=w6a_matmul.quantizer_config(cfg, layer.w_bits),
                                           interpret=jax.default_backend() != "gpu")
   return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, lead=h.shape[:-1], in_features=layer.in_features,
-                                     a_bits=layer.a_bits, dtype=jnp.result_type(weight.dtype, h.dtype), config=cfg)
+                             a_bits=layer.a_bits, dtype=out_dtype, config=cfg)
 
 
 def _gemm_config(m: int, layer: Any):
@@ -334,13 +351,18 @@ def _gemm_config(m: int, layer: Any):
 def prequantized_matmul(qa: Any, layer: Any) -> jax.Array:
   """qa (a QuantizedActivation made for `layer` by fused_norm_input) @ layer -> [..., N] in qa.dtype."""
   m = math.prod(qa.lead)
+  small = isinstance(qa.config, w6a_gemm_mgpu_small.SmallConfig)
   if (layer.backend != PALLAS.name or qa.in_features != layer.in_features or qa.a_bits != layer.a_bits
-      or qa.config != _gemm_config(m, layer)):
+      or qa.config != (_small_config(m, layer) if small else _gemm_config(m, layer))):
     raise ValueError(f"these quantized activations were made for another layer (K={qa.in_features}, "
                      f"A{qa.a_bits}, tiling {qa.config}), not this {layer.backend} layer (K={layer.in_features}, "
                      f"A{layer.a_bits})")
-  y = w6a_matmul.gemm(qa.qx, qa.sx, qa.xsum, layer.packed, layer.scales, m=m, out_dtype=qa.dtype, config=qa.config,
-                      interpret=jax.default_backend() != "gpu")
+  if small:
+    y = w6a_gemm_mgpu_small.gemm_quantized(qa.qx, qa.act, layer.packed, layer.scales, m=m, out_dtype=qa.dtype,
+                                           config=qa.config)
+  else:
+    y = w6a_matmul.gemm(qa.qx, qa.sx, qa.xsum, layer.packed, layer.scales, m=m, out_dtype=qa.dtype, config=qa.config,
+                        interpret=jax.default_backend() != "gpu")
   return y.reshape(*qa.lead, layer.out_features)
 
 

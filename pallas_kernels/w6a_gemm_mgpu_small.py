@@ -572,15 +572,34 @@ def w6a_gemm_small(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_
     cfg = dataclasses.replace(cfg, epilogue="out_t")
   if cfg.quant_t:  # s_x and sum(q_x) written as the fused TMA reads them
     qx, act = w6a_matmul.quantize_activations_t(x, a_bits=a_bits, block_m=cfg.tile_t)
-  else:
-    qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
-    qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
+    return _gemm_padded(qx, None, None, act, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg)
+  qcfg = w6a_matmul.TileConfig(block_m=cfg.tile_t, join_phases=False)
+  qx, sx, xs = w6a_matmul.quantize_activations(x, a_bits=a_bits, config=qcfg)
+  return _gemm_padded(qx, sx.T, xs.T, None, w_packed, w_scales, m=m, out_dtype=x.dtype, config=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "out_dtype", "config"))
+def gemm_quantized(qx: jax.Array, act: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, m: int,
+                   out_dtype, config: SmallConfig) -> jax.Array:
+  """w6a_gemm_small on activations another kernel already quantized (config.quant_t's input: phase-major
+  q_x int8 [Mp, Kp] and act fp32 [G, 2, Mp], as w6a_matmul.quantize_activations_t or
+  norm_quantize(act_t=True) write them for block_m = config.tile_t) -> [M, N] in out_dtype."""
+  if not config.quant_t:
+    raise ValueError("gemm_quantized takes the fused TMA's [G, 2, Mp] operand: it needs config.quant_t")
+  groups = w_packed.shape[1]
+  mp = -(-m // config.tile_t) * config.tile_t
+  if qx.shape != (mp, groups * GROUP) or qx.dtype != jnp.int8 or act.shape != (groups, 2, mp):
+    raise ValueError(f"quantized activations for M={m} at tile_t={config.tile_t} must be int8 q_x {(mp, groups * GROUP)} "
+                     f"and act {(groups, 2, mp)}, got {qx.dtype} {qx.shape} and {act.shape}")
+  return _gemm_padded(qx, None, None, act, w_packed, w_scales, m=m, out_dtype=out_dtype, config=config)
+
+
+def _gemm_padded(qx, sx_t, xs_t, act, w_packed, w_scales, *, m: int, out_dtype, config: SmallConfig) -> jax.Array:
+  """gemm() on whole CTA tiles of weight rows (zero row tiles added where N needs them), sliced back."""
+  n = w_packed.shape[0] * TILE16
   np_ = -(-n // (2 * ROWS)) * 2 * ROWS
   extra = np_ // TILE16 - w_packed.shape[0]  # zero row tiles up to whole CTA tiles (none at LLaMA widths)
   w = jnp.pad(w_packed, ((0, extra), (0, 0), (0, 0), (0, 0), (0, 0))) if extra else w_packed
-  sw_t = jnp.pad(w_scales.astype(jnp.float16 if cfg.sw_f16 else jnp.float32), ((0, np_ - n), (0, 0))).T
-  if cfg.quant_t:
-    out = gemm(qx, None, None, w, sw_t, out_dtype=x.dtype, config=cfg, act=act)
-  else:
-    out = gemm(qx, sx.T, xs.T, w, sw_t, out_dtype=x.dtype, config=cfg)
-  return out[:n, :m].T if cfg.epilogue == "out_t" else out[:m, :n]
+  sw_t = jnp.pad(w_scales.astype(jnp.float16 if config.sw_f16 else jnp.float32), ((0, np_ - n), (0, 0))).T
+  out = gemm(qx, sx_t, xs_t, w, sw_t, out_dtype=out_dtype, config=config, act=act)
+  return out[:n, :m].T if config.epilogue == "out_t" else out[:m, :n]

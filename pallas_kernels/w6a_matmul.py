@@ -539,10 +539,9 @@ NORM_CHUNK = 1024  # columns of h a step of norm_quantize's sum of squares reads
 def _norm_quantize_kernel(h_ref,  # [M, K] float: the residual stream
                           w_ref,  # [K] the RMSNorm weight
                           q_ref,  # [Mp, Kp] int8
-                          s_ref,  # [Mp, G] f32
-                          sum_ref,  # [Mp, G] int32
-                          *, m: int, k: int, block_m: int, groups_per_program: int, qmax: int, phase_major: bool,
-                          eps: float, norm_dtype, out_dtype):
+                          *out_refs,  # s_x [Mp, G] f32 and sum(q_x) [Mp, G] int32; or with act_t, act [G, 2, Mp] f32
+                          m: int, k: int, block_m: int, groups_per_program: int, qmax: int, phase_major: bool,
+                          eps: float, norm_dtype, out_dtype, act_t: bool = False):
   """quantize_activations(models.llama.rms_norm(h, w)) for one row block and `groups_per_program`
   K-groups: the row block's sum of squares over the whole K (wide steps of NORM_CHUNK columns; the
   programs of one row block each read it, from L2 after the first), then normalize, scale and
@@ -576,8 +575,14 @@ def _norm_quantize_kernel(h_ref,  # [M, K] float: the residual stream
       # weight in the promoted dtype.
       y = w.astype(out_dtype) * (x * inv[:, None]).astype(norm_dtype).astype(out_dtype)
       q, s = core.quantize_groups(y.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
-      s_ref[pl.ds(m0, block_m), g] = s
-      sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
+      if act_t:  # _quantize_kernel_t's [G, 2, Mp] (sum(q_x) is exact in fp32)
+        [act_ref] = out_refs
+        act_ref[g, 0, pl.ds(m0, block_m)] = s
+        act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
+      else:
+        s_ref, sum_ref = out_refs
+        s_ref[pl.ds(m0, block_m), g] = s
+        sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
       if phase_major:
         q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
       q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
@@ -592,12 +597,14 @@ def norm_groups_per_program(row_blocks: int, groups: int, target_programs: int =
   return max(1, pl.cdiv(row_blocks * groups, target_programs))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "a_bits", "config", "groups_per_program", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "a_bits", "config", "groups_per_program", "act_t", "interpret"))
 def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, config: TileConfig,
-                  groups_per_program: int | None = None, interpret: bool = False
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  groups_per_program: int | None = None, act_t: bool = False, interpret: bool = False
+                  ) -> tuple[jax.Array, ...]:
   """quantize_activations(rms_norm(h, weight, eps)) fused (issue 14's producer fusion for the
-  q/k/v and gate/up GEMMs): the same (q_x, s_x, sum(q_x)) arrays for the same `config`.
+  q/k/v and gate/up GEMMs): the same (q_x, s_x, sum(q_x)) arrays for the same `config`. With
+  act_t (the small-M Mosaic GEMM's input; config.join_phases must be False): (q_x, act) as
+  quantize_activations_t(rms_norm(...), block_m=config.block_m) writes them.
 
   rms_norm is models.llama.rms_norm: weight * (h32 * rsqrt(mean(h32^2) + eps)).astype(h.dtype).
   It computes rms_norm as written. The unfused program can differ in two ways: XLA adds the sum
@@ -615,12 +622,16 @@ def norm_quantize(h: jax.Array, weight: jax.Array, eps: float, *, a_bits: int, c
   out_dtype = jnp.result_type(weight.dtype, h.dtype)
   groups = kp // GROUP
   gpp = groups_per_program or norm_groups_per_program(mp // bq, groups)
+  if act_t and config.join_phases:
+    raise ValueError("act_t=True writes the small-M Mosaic GEMM's input, whose q_x is phase-major: "
+                     "config.join_phases must be False")
+  scales = ((jax.ShapeDtypeStruct((groups, 2, mp), jnp.float32),) if act_t else
+            (jax.ShapeDtypeStruct((mp, groups), jnp.float32), jax.ShapeDtypeStruct((mp, groups), jnp.int32)))
   return pl.pallas_call(
       functools.partial(_norm_quantize_kernel, m=m, k=k, block_m=bq, groups_per_program=gpp,
                         qmax=core.qrange(a_bits)[1], phase_major=not config.join_phases, eps=float(eps),
-                        norm_dtype=h.dtype, out_dtype=out_dtype),
-      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
-                 jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
+                        norm_dtype=h.dtype, out_dtype=out_dtype, act_t=act_t),
+      out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), *scales),
       grid=(mp // bq, pl.cdiv(groups, gpp)),
       compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
       interpret=interpret,

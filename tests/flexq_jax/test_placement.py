@@ -210,6 +210,51 @@ def test_e2e_markdown_ratios_failures_and_profile():
   assert e2e_bench._category("void flexq::gemv_pallas6_xq_kernel<6, 8>(...)") == "CUDA GEMV"
 
 
+def test_rms_norm_fused_for_the_small_mosaic_gemm_where_the_table_says(tiny, monkeypatch):
+  """The routing of "fuse_norm_quant_small" (CPU; the kernels themselves are GPU tests: the norm's act_t
+  output in tests/pallas_kernels/test_w6a_matmul.py, the GEMM on it in test_w6a_gemm_mgpu_small.py).
+  Where the pallas backend would run the small-M Mosaic GEMM with its [G, 2, M] operand, norm_input
+  hands the layer norm_quantize(act_t=True)'s q_x and act for the layer's own small tiling, and
+  `qa @ layer` runs gemm_quantized on them; without the key, or without quant_t, nothing is fused."""
+  from flexq_jax import backends
+  from pallas_kernels import w6a_gemm_mgpu_small as ms
+  cfg, qparams, _ = tiny
+  layer = llama.fuse_projections(place(qparams, "pallas", dtype=jnp.float32)[0])["layers"][0]
+  qkv, norm = layer["qkv_proj"], layer["input_layernorm"]
+  h = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, cfg.hidden_size)), jnp.float32)
+  table = {"mosaic_small_split": True, "mosaic_small_ragged": True, "mosaic_small_sw_f16": True,
+           "mosaic_small_quant_t": True, "fuse_norm_quant_small": True}
+  monkeypatch.setattr(backends, "_card_table", lambda device=None: table)
+  monkeypatch.setattr(backends.PALLAS, "kernel_for", lambda *a, **kw: ("mosaic_small", "this test"))
+  monkeypatch.setattr(ms, "num_sms", lambda: 132)
+  kernel = backends.w6a_matmul.norm_quantize
+  monkeypatch.setattr(backends.w6a_matmul, "norm_quantize", lambda *a, **kw: kernel(*a, **kw, interpret=True))
+  calls = []
+
+  def fake_gemm(qx, act, packed, scales, *, m, out_dtype, config):
+    calls.append((qx.shape, act.shape, m, config))
+    return jnp.zeros((m, packed.shape[0] * 16), out_dtype)
+
+  monkeypatch.setattr(ms, "gemm_quantized", fake_gemm)
+  qa = qkv.norm_input(h, norm, cfg.rms_norm_eps)
+  small = backends._small_config(16, qkv)
+  assert isinstance(qa, backends.QuantizedActivation) and qa.config == small and qa.sx is None and qa.xsum is None
+  mp, groups = small.tile_t, qkv.packed.shape[1]
+  assert qa.qx.shape == (mp, groups * 128) and qa.act.shape == (groups, 2, mp)
+  plain_q, plain_act = backends.w6a_matmul.quantize_activations_t(
+      llama.rms_norm(h, norm, cfg.rms_norm_eps).reshape(16, -1), a_bits=qkv.a_bits, block_m=mp, interpret=True)
+  steps = np.abs(np.asarray(qa.qx, np.int32) - np.asarray(plain_q, np.int32))
+  assert steps.max() <= 1 and steps.mean() < 0.01  # the norm's own bound in fp32
+  y = qa @ qkv
+  assert y.shape == (2, 8, qkv.out_features) and calls == [((mp, groups * 128), (groups, 2, mp), 16, small)]
+  with pytest.raises(ValueError, match="made for another layer"):
+    qa @ layer["down_proj"]
+  table["mosaic_small_quant_t"] = False
+  assert qkv.norm_input(h, norm, cfg.rms_norm_eps) is None
+  table["mosaic_small_quant_t"], table["fuse_norm_quant_small"] = True, False
+  assert qkv.norm_input(h, norm, cfg.rms_norm_eps) is None
+
+
 def test_e2e_resident_weights_drop_the_others_on_out_of_memory():
   made = []
 

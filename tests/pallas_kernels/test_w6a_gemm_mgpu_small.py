@@ -267,3 +267,46 @@ def test_the_deepest_ring_fits_shared_memory(tile_t):
     ring = ms.max_ring(tile_t, size)
     used = ring * ms.stage_bytes(tile_t) + 2 * tile_t * ms.ROWS * size
     assert ring >= 4 and used <= ms.SMEM_BUDGET < used + ms.stage_bytes(tile_t) and ms.SMEM_BUDGET < 227 * 1024
+
+
+def test_gemm_quantized_refuses_operands_for_another_tiling():
+  """gemm_quantized (the small GEMM on a producer's q_x and [G, 2, Mp] operand) checks them before any kernel."""
+  q, s = numerics.quantize_weight(jnp.zeros((208, 640), jnp.float32), 6, 128)
+  packed = formats.pack(q, 6, "pallas6", 640)
+  cfg = dataclasses.replace(ms.default_config(16), quant_t=True)
+  qx, act = jnp.zeros((cfg.tile_t, 640), jnp.int8), jnp.zeros((5, 2, cfg.tile_t), jnp.float32)
+  with pytest.raises(ValueError, match="needs config.quant_t"):
+    ms.gemm_quantized(qx, act, packed, s, m=16, out_dtype=jnp.bfloat16, config=ms.default_config(16))
+  with pytest.raises(ValueError, match="quantized activations for M=16"):
+    ms.gemm_quantized(qx[:, :512], act, packed, s, m=16, out_dtype=jnp.bfloat16, config=cfg)
+  with pytest.raises(ValueError, match="quantized activations for M=16"):
+    ms.gemm_quantized(qx, act[:4], packed, s, m=16, out_dtype=jnp.bfloat16, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [16, 64, 100])
+@pytest.mark.parametrize("a_bits", [6, 8])
+def test_gpu_gemm_quantized_equals_the_whole_op(m, a_bits):
+  """The small GEMM on operands its own quantizer made (gemm_quantized) is w6a_gemm_small bit for bit; on
+  norm_quantize(act_t=True)'s operands it is the GEMM of the fused RMSNorm's q_x (the norm's own bounds:
+  tests/pallas_kernels/test_w6a_matmul.py)."""
+  from models.llama import rms_norm
+  from pallas_kernels import w6a_matmul as wk
+  rng = _rng()
+  n, k = 4096, 4096
+  q, s = numerics.quantize_weight(jnp.asarray(rng.standard_normal((n, k)).astype(np.float32) * 0.05), 6, 128)
+  packed = formats.pack(q, 6, "pallas6", k)
+  h = jnp.asarray(rng.standard_normal((m, k)) * 2, jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, jnp.bfloat16)
+  cfg = dataclasses.replace(ms.split_config(m, n, packed.shape[1], ragged=True), sw_f16=True, quant_t=True)
+  x = rms_norm(h, w, 1e-5)
+  qx, act = wk.quantize_activations_t(x, a_bits=a_bits, block_m=cfg.tile_t)
+  whole = np.asarray(ms.w6a_gemm_small(x, packed, s, a_bits=a_bits, config=cfg))
+  split = np.asarray(ms.gemm_quantized(qx, act, packed, s, m=m, out_dtype=x.dtype, config=cfg))
+  np.testing.assert_array_equal(split.view(np.uint16), whole.view(np.uint16))
+  qn, actn = wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=wk.TileConfig(block_m=cfg.tile_t, join_phases=False),
+                              act_t=True)
+  fused = np.asarray(ms.gemm_quantized(qn, actn, packed, s, m=m, out_dtype=x.dtype, config=cfg), np.float32)
+  ref = np.asarray(numerics.reference_matmul(x, q, s, a_bits=a_bits), np.float32)
+  np.testing.assert_allclose(fused, ref, rtol=2 ** -6, atol=2 ** -6 * float(np.abs(ref).max()))

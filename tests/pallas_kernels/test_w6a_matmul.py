@@ -412,6 +412,29 @@ def test_norm_quantize_is_the_norm_then_the_quantizer(dtype, w_dtype, m, k):
       np.testing.assert_array_equal(x1, q1.reshape(*x1.shape, 128).astype(np.int32).sum(-1))
 
 
+@pytest.mark.parametrize("m,k,block_m", [(16, 640, 16), (5, 300, 32), (40, 2200, 64)])
+def test_norm_quantize_act_t_is_the_small_kernels_input(m, k, block_m):
+  """act_t: the same q_x as the [Mp, G] outputs, and act [G, 2, Mp] = (s_x, sum(q_x)) transposed and
+  stacked, exactly; the shapes and layout of quantize_activations_t for the small-M Mosaic GEMM's tile."""
+  from models.llama import rms_norm
+  rng = _rng()
+  h = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal(k) * 0.5 + 1, jnp.bfloat16)
+  cfg = wk.TileConfig(block_m=block_m, join_phases=False)
+  for a_bits in (6, 8):
+    q, s, xs = (np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, interpret=True))
+    q_t, act = (np.asarray(a) for a in wk.norm_quantize(h, w, 1e-5, a_bits=a_bits, config=cfg, act_t=True,
+                                                         interpret=True))
+    np.testing.assert_array_equal(q_t, q)
+    np.testing.assert_array_equal(act[:, 0, :], s.T)
+    np.testing.assert_array_equal(act[:, 1, :], xs.T.astype(np.float32))
+    plain = wk.quantize_activations_t(rms_norm(h, w, 1e-5), a_bits=a_bits, block_m=block_m, interpret=True)
+    assert [a.shape for a in plain] == [q_t.shape, act.shape] and [a.dtype for a in plain] == [q_t.dtype, act.dtype]
+  with pytest.raises(ValueError, match="join_phases must be False"):
+    wk.norm_quantize(h, w, 1e-5, a_bits=6, config=wk.TileConfig(block_m=16, join_phases=True), act_t=True,
+                     interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,m,k", [(jnp.float32, 33, 4096), (jnp.bfloat16, 16, 4096), (jnp.bfloat16, 1, 300)])
