@@ -55,16 +55,21 @@ def _shape(name: str) -> tuple[str, tuple[int, int]]:
   return name, (n, k)
 
 
+def _layer(key, n: int, k: int, layout: str = "pallas6"):
+  """(x bf16 [1, K], weight buffers [(packed, fp16 scales)] in `layout`, rotated so that L2 never holds them,
+  bytes of one buffer, their floor in us at 4.3 TB/s)."""
+  pack = jax.jit(formats.pack, static_argnums=(1, 2, 3))
+  bufs = [(p if layout == "pallas6" else pack(q, 6, layout, k), s)
+          for p, s, q in kb._our_weights(key, n, k, kb._n_bufs(int(n * k * 0.75)))]
+  nbytes = sum(a.size * a.dtype.itemsize for a in bufs[0])
+  return jax.random.normal(key, (1, k), jnp.bfloat16), bufs, nbytes, nbytes / 4.3e12 * 1e6
+
+
 def _bmma(shapes, a_bits: int, variants) -> None:
   key = jax.random.key(0)
   rows = []
   for name, (n, k) in shapes:
-    x = jax.random.normal(key, (1, k), jnp.bfloat16)
-    pack = jax.jit(formats.pack, static_argnums=(1, 2, 3))
-    bufs = [(pack(q, 6, "bitplanes_g4", k), s)
-            for _, s, q in kb._our_weights(key, n, k, kb._n_bufs(int(n * k * 0.75)))]
-    nbytes = sum(a.size * a.dtype.itemsize for a in bufs[0])
-    floor = nbytes / 4.3e12 * 1e6
+    x, bufs, _, floor = _layer(key, n, k, "bitplanes_g4")
     times = {}
     for variant in variants:
       op = functools.partial(bmma.bmma_matmul, a_bits=a_bits, k=k, m1_rows=variant)
@@ -99,10 +104,7 @@ def main() -> None:
   print(f"probe tiny gemv 256x512: {tiny_us:.2f} us a launch", flush=True)
   rows = []
   for name, (n, k) in shapes:
-    x = jax.random.normal(key, (1, k), jnp.bfloat16)
-    bufs = [(p, s) for p, s, _ in kb._our_weights(key, n, k, kb._n_bufs(int(n * k * 0.75)))]
-    nbytes = sum(a.size * a.dtype.itemsize for a in bufs[0])
-    floor = nbytes / 4.3e12 * 1e6
+    x, bufs, nbytes, floor = _layer(key, n, k)
     cold = _device_us(gemv, x, bufs, "gemv")
     hot = _device_us(gemv, x, [bufs[0]] * 4, "gemv")
     read = _device_us(_read, x, bufs, None)

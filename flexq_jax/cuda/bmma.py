@@ -166,7 +166,6 @@ M1_ROWS_VARIANTS = {0: "M <= 8 kernel", 1: "planes as rows, 4 warps", 2: "planes
                     3: "planes as rows, 8 warps", 4: "planes as rows, 8 warps, prefetch"}
 
 
-
 def m1_rows_variant(n: int, k: int) -> int:
   """The planes-as-rows variant bmma_matmul runs at M = 1 by default: blocks of 8 warps on layers with
   N and K both >= 8192 (LLaMA-2-70B's o_proj 15.9 vs 17.3 us, down_proj 48.0 vs 54.2; its q/k/v and
@@ -218,7 +217,7 @@ def bmma_matmul(x: jax.Array, w_planes: jax.Array, w_scales: jax.Array, *, a_bit
     bf16 [M, N].
   """
   _check_a_bits(a_bits)
-  if isinstance(m1_rows, bool) or m1_rows is None:
+  if isinstance(m1_rows, bool):
     m1_rows = m1_rows_variant(w_planes.shape[1], k) if m1_rows else 0
   if m1_rows not in M1_ROWS_VARIANTS:
     raise ValueError(f"m1_rows must be True, False or one of {sorted(M1_ROWS_VARIANTS)}, got {m1_rows!r}")

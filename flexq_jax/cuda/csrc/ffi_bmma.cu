@@ -85,16 +85,23 @@ void launch_gemm(cudaStream_t stream, const uint32_t* xp, const float* xs, const
   bmma_gemm_kernel<kABits, Tile><<<grid, Tile::kThreads, 0, stream>>>(xp, xs, wp, ws, y, m, n, groups);
 }
 
+// bmma_decode_m1_kernel: a block of kSplit warps on each 8 output channels.
+template <int kABits, int kSplit, bool kPrefetch>
+void launch_m1(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp, const __half* ws,
+               __nv_bfloat16* y, int n, int groups) {
+  bmma_decode_m1_kernel<kABits, kSplit, kPrefetch><<<ceil_div(n, 8), 32 * kSplit, 0, stream>>>(xp, xs, wp, ws, y, n,
+                                                                                              groups);
+}
+
 template <int kABits>
 void launch_gemm_for_m(cudaStream_t stream, const uint32_t* xp, const float* xs, const uint32_t* wp,
                        const __half* ws, __nv_bfloat16* y, int m, int n, int groups, int m1_rows) {
   if (m == 1 && m1_rows != 0) {  // 1: kDecodeSplit warps; 2: with prefetch; 3: 8 warps; 4: 8 warps, prefetch
-    const int grid = ceil_div(n, 8);
     switch (m1_rows) {
-      case 2: bmma_decode_m1_kernel<kABits, kDecodeSplit, true><<<grid, 32 * kDecodeSplit, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
-      case 3: bmma_decode_m1_kernel<kABits, 8, false><<<grid, 32 * 8, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
-      case 4: bmma_decode_m1_kernel<kABits, 8, true><<<grid, 32 * 8, 0, stream>>>(xp, xs, wp, ws, y, n, groups); break;
-      default: bmma_decode_m1_kernel<kABits, kDecodeSplit, false><<<grid, 32 * kDecodeSplit, 0, stream>>>(xp, xs, wp, ws, y, n, groups);
+      case 2: launch_m1<kABits, kDecodeSplit, true>(stream, xp, xs, wp, ws, y, n, groups); break;
+      case 3: launch_m1<kABits, 8, false>(stream, xp, xs, wp, ws, y, n, groups); break;
+      case 4: launch_m1<kABits, 8, true>(stream, xp, xs, wp, ws, y, n, groups); break;
+      default: launch_m1<kABits, kDecodeSplit, false>(stream, xp, xs, wp, ws, y, n, groups);
     }
   } else if (m <= 8) {
     bmma_decode_kernel<kABits, kDecodeSplit><<<ceil_div(n, 8), 32 * kDecodeSplit, 0, stream>>>(
