@@ -798,7 +798,8 @@ def _dispatch(x, p, s, a_bits):
 
 
 def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (False,),
-                     extra_splits: tuple[int, ...] = (), persistent: bool = False) -> list[tuple[str, "mgs.SmallConfig"]]:
+                     extra_splits: tuple[int, ...] = (), persistent: bool = False,
+                     stream_k: bool = False) -> list[tuple[str, "mgs.SmallConfig"]]:
   """Tilings of the small-M kernel worth timing at (M, N, K-groups): unsplit and split along K by
   split_for, by split_ragged's model (split_config(ragged=True)) and by each of extra_splits (any count: the
   kernel takes splits that do not divide the slots), each with 1, 2 and 4 groups a ring
@@ -807,7 +808,8 @@ def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (Fal
   weight scales and take the quantizer's [G, 2, M] operand, SmallConfig.sw_f16 and quant_t, as the H200 table
   runs them since 2026-12-02), and with `persistent` each
   fused tiling also with one ring across a CTA's tiles where its depth divides the slots
-  (SmallConfig.persistent, suffix "/p"). (Deeper rings than 4
+  (SmallConfig.persistent, suffix "/p"); with `stream_k` also the stream-K tiling (SmallConfig.stream_k,
+  split_config(stream_k=True), label "t<tile>/g<gps>/r<ring>/sk"). (Deeper rings than 4
   gained nothing at 1 group a slot, H200 2026-12-02: a step is not waiting on memory latency; the probes
   put most of its time in the TMA ring's own cost, results/kernels/NOTES.md.)"""
   base = mgs.default_config(m)
@@ -829,11 +831,14 @@ def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (Fal
         out.append((f"t{cfg.tile_t}/g{gps}/r{ring}/s{split}" + ("/f" if f else ""), cfg))
         if persistent and f and mgs.persistent_fits(cfg, groups):
           out.append((out[-1][0] + "/p", dataclasses.replace(cfg, persistent=True)))
+  if stream_k:
+    cfg = dataclasses.replace(mgs.split_config(m, n, groups, stream_k=True), sw_f16=True, quant_t=True)
+    out.append((f"t{cfg.tile_t}/g{cfg.groups_per_step}/r{cfg.max_concurrent_steps}/sk", cfg))
   return out
 
 
 def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print, fused: tuple[bool, ...] = (False,),
-                     extra_splits: tuple[int, ...] = (), persistent: bool = False) -> list[dict]:
+                     extra_splits: tuple[int, ...] = (), persistent: bool = False, stream_k: bool = False) -> list[dict]:
   """The small-M kernel's tilings (small_candidates) against the Triton kernel and XLA's bf16 dot,
   W6A6, whole ops, side by side per shape and M."""
   rows = []
@@ -842,7 +847,7 @@ def sweep_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print, fused: t
     row = dict(shape=name, n=n, k=k, m=m, a_bits=6, floor_us=floor, bf16_us=bench_xla(x, n, k, key)[0] * 1e6)
     ops = [("triton", lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=6))]
     ops += [(label, lambda x, p, s, cfg=cfg: mgs.w6a_gemm_small(x, p, s, a_bits=6, config=cfg))
-            for label, cfg in small_candidates(m, n, -(-k // 128), fused, extra_splits, persistent)]
+            for label, cfg in small_candidates(m, n, -(-k // 128), fused, extra_splits, persistent, stream_k)]
     for label, op in ops:
       us, err = _timed_or_nan(label, op, x, n, k, 6, key, log)
       row[label] = dict(us=us, err=err)
@@ -1026,6 +1031,8 @@ def main(argv=None) -> None:
                   help="--sweep-mgpu-small: the slot's TMAs separate (off), fused (on; SmallConfig.fused_tma) or both")
   ap.add_argument("--small-persistent", action="store_true",
                   help="--sweep-mgpu-small: each fused tiling also with one TMA ring across a CTA's tiles")
+  ap.add_argument("--small-stream-k", action="store_true",
+                  help="--sweep-mgpu-small: also the stream-K tiling (equal runs of tile slots a CTA)")
   ap.add_argument("--small-splits", default="", help="--sweep-mgpu-small: comma list of split_k timed besides 1 and "
                   "split_for's")
   ap.add_argument("--probe-mgpu-small", action="store_true",
@@ -1094,7 +1101,7 @@ def main(argv=None) -> None:
     fused = dict(off=(False,), on=(True,), both=(False, True))[args.small_fused]
     extra = tuple(int(v) for v in args.small_splits.split(",") if v)
     _write_rows(args.out_dir, "mgpu-small-sweep", sweep_mgpu_small(shapes, ms, log, fused, extra,
-                                                                     args.small_persistent))
+                                                                     args.small_persistent, args.small_stream_k))
     return
   if args.cuda_small:
     _write_rows(args.out_dir, "cuda-small", compare_cuda_small(shapes, ms, log))

@@ -102,11 +102,21 @@ class SmallConfig:
   #                       stacks: 3 XLA kernels a layer fewer in the decode loop (~110 us a step of LLaMA-2-7B at
   #                       batch 16, H200 2026-12-02). Same numbers: exact in the GPU tests; with sw_f16, decode 1% (batch 16) to 2% (64)
   #                       faster again (same file)
+  stream_k: bool = False  # (fused_tma, out_t, unsplit) every CTA streams an equal run of (output tile, ring slot) units
+  #                         in order, across tile boundaries: the last slot of a tile (or of the CTA's run) stores
+  #                         its fp32 sum into one of a few partial buffers, which XLA adds (stream_k_plan). A
+  #                         persistent grid of whole tiles leaves SMs idle where the tiles are not a multiple of
+  #                         them (LLaMA-2-7B q/k/v: 96 tiles on 132 SMs; gate/up 172: two rounds, the second 40
+  #                         CTAs), and split-K only changes which multiple
   probe: str = ""  # timing probes for evaluation.kernel_bench --probe-mgpu-small, WRONG results: "tma_only" (the
   #                  consumers only release the ring), "no_unpack" (a constant weight tile instead of the unpack),
   #                  "no_scale" (the int32 sums added unscaled)
 
   def __post_init__(self):
+    if self.stream_k and not (self.fused_tma and self.epilogue == "out_t" and self.split_k == 1
+                              and not self.persistent and self.schedule == "serial"):
+      raise ValueError("stream_k=True takes fused_tma=True, epilogue='out_t' (fp32 partial sums), split_k=1, "
+                       "persistent=False and schedule='serial'")
     if self.quant_t and not self.fused_tma:
       raise ValueError("quant_t=True writes the fused TMA's [G, 2, Mp] operand: it needs fused_tma=True")
     if self.probe not in ("", "tma_only", "no_unpack", "no_scale"):
@@ -154,12 +164,32 @@ def epilogue_bytes(tile_t: int, out_itemsize: int) -> int:
 
 def out_itemsize(config: "SmallConfig", out_dtype) -> int:
   """Bytes of one value the kernel writes: fp32 partial sums where it splits K, else out_dtype."""
-  return 4 if config.split_k > 1 else jnp.dtype(out_dtype).itemsize
+  return 4 if config.split_k > 1 or config.stream_k else jnp.dtype(out_dtype).itemsize
 
 
 def max_ring(tile_t: int, out_itemsize: int = 4, groups_per_step: int = 1) -> int:
   """The deepest TMA ring that fits SMEM_BUDGET beside the two epilogue buffers."""
   return (SMEM_BUDGET - epilogue_bytes(tile_t, out_itemsize)) // stage_bytes(tile_t, groups_per_step)
+
+
+def stream_k_plan(tiles: int, slots: int, num_sms: int) -> tuple[int, int, int]:
+  """SmallConfig.stream_k's schedule of `tiles` output tiles of `slots` ring slots each: (CTAs, units a CTA,
+  partial buffers). Unit u = tile * slots + slot; CTA c runs units [c * per, (c + 1) * per) (the last CTA may
+  run fewer: the rest count zero), per = ceil(units / num_sms). A tile's units fall to consecutive CTAs; the
+  i-th of them stores its partial sum in buffer i, so the buffers are the most CTAs any tile spans."""
+  units = tiles * slots
+  per = -(-units // min(num_sms, units))
+  ctas = -(-units // per)
+  spans = [((t + 1) * slots - 1) // per - (t * slots) // per + 1 for t in range(tiles)]
+  return ctas, per, max(spans)
+
+
+def stream_k_written(tiles: int, slots: int, per: int, buffers: int) -> np.ndarray:
+  """bool [buffers, tiles]: which partial buffers stream_k_plan's CTAs write for each tile (the others
+  are never written and must count zero)."""
+  t = np.arange(tiles)
+  spans = ((t + 1) * slots - 1) // per - (t * slots) // per + 1
+  return np.arange(buffers)[:, None] < spans[None, :]
 
 
 def default_config(m: int) -> SmallConfig:
@@ -234,14 +264,16 @@ def _unpack(ctx, lo01_ref, lo23_ref, hi_ref):
   return mgpu.fragmented_array.concatenate([phase(p) for p in range(4)], axis=1)
 
 
-def _kernel(*refs, out_smem, cfg: SmallConfig):
+def _kernel(*refs, out_smem, cfg: SmallConfig, sk_per: int = 0):
   """refs, in order:
     qx_gmem: [Mp, Kp] int8, phase-major groups;
     w_gmem: "pallas6" [N/16, G, 3, 16, 32] uint8 (wide_tma: viewed as [N/16, G, 3, 2, 256]);
     the activation scales: s_x [G, Mp] f32 and sum(q_x) [G, Mp] int32, or (fused_tma) both as one [G, 2, Mp] f32;
     sw_gmem: [G, Np] f32 (sw_f16: f16);
-    out_gmem: [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums.
-  out_smem: [2, tile_t, 64] ("out_t": [2, 64, tile_t]), one epilogue buffer per consumer."""
+    out_gmem: [Mp, Np] (epilogue "out_t": [Np, Mp]); split_k > 1: [split_k, ...] fp32 partial sums; stream_k:
+      [buffers, Np, Mp] fp32 partial sums (stream_k_plan).
+  out_smem: [2, tile_t, 64] ("out_t": [2, 64, tile_t]), one epilogue buffer per consumer.
+  sk_per: stream_k's units a CTA (stream_k_plan; the grid is its CTAs)."""
   qx_gmem, w_gmem, *act_gmem, sw_gmem, out_gmem = refs
   mp, kp = qx_gmem.shape
   np_ = sw_gmem.shape[1]
@@ -252,7 +284,8 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
   # Ring slots (gps groups each; gemm checks that gps divides the groups) shared out over the splits: the
   # first `extra` splits take one slot more. Every split runs k_steps slots, ending at its own last slot; a
   # shorter split's first slot is its predecessor's last, loaded and counted zero (`skip_first` below).
-  base, extra = divmod(k_iters // gps, splits)
+  slots = k_iters // gps  # ring slots of a whole output tile
+  base, extra = divmod(slots, splits)
   k_steps = base + (extra > 0)  # ring slots of one split's pipeline
   k_iters = k_steps * gps  # the groups one split's pipeline reads
   swizzle = plgpu.find_swizzle(GROUP * 8)  # a 128-byte K row of int8
@@ -269,12 +302,12 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
     act_specs = [plgpu.BlockSpec((gps, tile_t), lambda k: (k, 0))] * 2
   n_w, n_act = len(w_specs), len(act_specs)
 
-  def pipeline(body, compute_context, state=None):
+  def pipeline(body, compute_context, state=None, specs=None):
     return plgpu.emit_pipeline_warp_specialized(
         body,
-        grid=(k_steps,),
+        grid=(sk_per if cfg.stream_k else k_steps,),
         memory_registers=40,
-        in_specs=[
+        in_specs=specs or [
             plgpu.BlockSpec((tile_t, gps * GROUP), lambda k: (0, k), transforms=qx_transforms),
             *w_specs,
             *act_specs,
@@ -300,7 +333,9 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
       def _first_turn():
         plgpu.barrier_arrive(turns.at[0])
 
-    @plgpu.nd_loop((n_iters * t_iters * splits,), collective_axes="sm")
+    loop = -(-(n_iters * t_iters * slots) // sk_per) if cfg.stream_k else n_iters * t_iters * splits
+
+    @plgpu.nd_loop((loop,), collective_axes="sm")
     def _tiles(info: plgpu.NDLoopInfo):
       (lin,) = info.index
       s_idx, lin = lin % splits, lin // splits
@@ -313,7 +348,23 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
       t_slice = pl.ds(t_idx * tile_t, tile_t)
       rows = pl.ds(wg * ROWS, ROWS)
 
-      def epilogue(acc):
+      if cfg.stream_k:  # this CTA's run of units u = lin * sk_per + k (lin: the CTA, one loop turn each)
+        units = n_iters * t_iters * slots
+
+        def unit(k):  # -> (u is a real unit, n_idx, t_idx, slot, output tile); past the end: the last unit again
+          u = lin * sk_per + k
+          uc = jnp.minimum(u, units - 1)
+          tile = uc // slots
+          return u < units, tile // t_iters, tile % t_iters, uc % slots, tile
+
+        sk_specs = [
+            plgpu.BlockSpec((tile_t, gps * GROUP), lambda k: unit(k)[2:4], transforms=qx_transforms),
+            plgpu.BlockSpec((tiles16, gps, 3, *w_gmem.shape[3:]), lambda k: (unit(k)[1], unit(k)[3], 0, 0, 0)),
+            plgpu.BlockSpec((gps, 2, tile_t), lambda k: (unit(k)[3], 0, unit(k)[2])),
+            plgpu.BlockSpec((gps, cta_rows), lambda k: (unit(k)[3], unit(k)[1])),
+        ]
+
+      def epilogue(acc, n_idx=n_idx, t_slice=t_slice, out=out):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         my_rows = pl.ds(n_idx * cta_rows + wg * ROWS, ROWS)
         if cfg.epilogue == "out_t":
@@ -327,12 +378,31 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
 
       def compute_context(run):
         acc = plgpu.layout_cast(jnp.zeros((ROWS, tile_t), jnp.float32), plgpu.Layout.WGMMA)
-        epilogue(run(acc))
+        if cfg.stream_k:  # every tile's sum is stored inside the steps (sk_flush)
+          run(acc)
+        else:
+          epilogue(run(acc))
+
+      def sk_flush(k, acc):
+        """stream_k: after unit k's slot, store the sum where the unit ends its output tile or the CTA's run
+        (into buffer i for the tile's i-th CTA) and start again from zero."""
+        real, n_idx, t_idx, slot, tile = unit(k)
+        flush = real & ((slot == slots - 1) | (k == sk_per - 1))
+
+        @pl.when(flush)
+        def _store():
+          epilogue(acc, n_idx, pl.ds(t_idx * tile_t, tile_t), out_gmem.at[lin - (tile * slots) // sk_per])
+
+        return plgpu.layout_cast(acc * jnp.where(flush, 0.0, 1.0), plgpu.Layout.WGMMA)
 
       def step(indices, qx_smem, *refs):
         planes, act_smem, (sw_smem, carry) = refs[:n_w], refs[n_w:n_w + n_act], refs[n_w + n_act:]
-        # 0 for a shorter split's borrowed first slot (its s_w zeroed: the slot's sums count nothing), else 1
-        keep = None if skip_first is None else jnp.where(skip_first & (indices[0] == 0), 0.0, 1.0)
+        # 0 for a shorter split's borrowed first slot (its s_w zeroed: the slot's sums count nothing), else 1;
+        # stream_k: 0 past the last unit
+        if cfg.stream_k:
+          keep = jnp.where(unit(indices[0])[0], 1.0, 0.0)
+        else:
+          keep = None if skip_first is None else jnp.where(skip_first & (indices[0] == 0), 0.0, 1.0)
         mine = pl.ds(wg * (ROWS // TILE16), ROWS // TILE16)  # this consumer's 4 row tiles
         wg_layout = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pinned: Mosaic's layout search gives up otherwise
 
@@ -379,12 +449,16 @@ def _kernel(*refs, out_smem, cfg: SmallConfig):
 
         if cfg.probe == "tma_only":
           return carry
-        return pl.run_scoped(group_sums, *[plgpu.ACC((ROWS, tile_t), jnp.int32)] * gps)
+        acc = pl.run_scoped(group_sums, *[plgpu.ACC((ROWS, tile_t), jnp.int32)] * gps)
+        return sk_flush(indices[0], acc) if cfg.stream_k else acc
 
       operands = (qx_gmem.at[t_slice, pl.ds(first * GROUP, k_iters * GROUP)],
                   *[w_gmem.at[pl.ds(n_idx * tiles16, tiles16), groups]] * n_w,
                   *[ref.at[groups, :, t_slice] if cfg.fused_tma else ref.at[groups, t_slice] for ref in act_gmem],
                   sw_gmem.at[groups, pl.ds(n_idx * cta_rows, cta_rows)])
+      if cfg.stream_k:
+        pipeline(step, compute_context, specs=sk_specs)(qx_gmem, w_gmem, *act_gmem, sw_gmem, allocations=allocs)
+        return
       if not cfg.persistent:
         pipeline(step, compute_context)(*operands, allocations=allocs)
         return
@@ -447,7 +521,7 @@ def gemm(qx: jax.Array, sx_t: jax.Array | None, xs_t: jax.Array | None, w_packed
   if smem > SMEM_LIMIT:
     raise ValueError(f"{config}: the TMA ring and epilogue buffers need {smem} bytes of shared memory, more than a Hopper "
                      f"CTA's 227 KB: fewer max_concurrent_steps (max_ring gives the deepest that fits) or groups_per_step")
-  if splits > 1:  # fp32 partial sums, added below
+  if splits > 1 or config.stream_k:  # fp32 partial sums, added below
     out_dtype, final_dtype = jnp.float32, out_dtype
   if out_t is False and jnp.dtype(out_dtype).itemsize != 2:
     # Mosaic GPU (jax 0.11.2) finds no register layout for the transposed store of 4-byte values.
@@ -460,21 +534,34 @@ def gemm(qx: jax.Array, sx_t: jax.Array | None, xs_t: jax.Array | None, w_packed
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
   tiles = (np_ // (2 * ROWS)) * (mp // config.tile_t) * splits
+  n_sms = config.num_sms or num_sms()
+  if config.stream_k:
+    ctas, per, buffers = stream_k_plan(tiles, groups // config.groups_per_step, n_sms)
   if act is not None:
     acts = (act,)
   else:
     acts = (jnp.stack([sx_t, xs_t.astype(jnp.float32)], axis=1),) if config.fused_tma else (sx_t, xs_t)
   shape = (np_, mp) if out_t else (mp, np_)
+  if config.stream_k:
+    shape = (buffers, *shape)
+  elif splits > 1:
+    shape = (splits, *shape)
   y = plgpu.kernel(
-      functools.partial(_kernel, cfg=config),
-      out_type=jax.ShapeDtypeStruct((splits, *shape) if splits > 1 else shape, out_dtype),
+      functools.partial(_kernel, cfg=config, sk_per=per if config.stream_k else 0),
+      out_type=jax.ShapeDtypeStruct(shape, out_dtype),
       scratch_types=dict(out_smem=plgpu.SMEM((2, *tile), out_dtype, transforms=out_transforms)),
-      grid=(min(config.num_sms or num_sms(), tiles),),
+      grid=(ctas if config.stream_k else min(n_sms, tiles),),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(qx, w_packed, *acts, sw_t)
+  if config.stream_k:  # buffer i holds the i-th CTA's share of each tile it reached; the rest was never written
+    n_t, m_t = np_ // (2 * ROWS), mp // config.tile_t
+    written = stream_k_written(n_t * m_t, groups // config.groups_per_step, per, buffers)
+    y = y.reshape(buffers, n_t, 2 * ROWS, m_t, config.tile_t)
+    y = jnp.where(written.reshape(buffers, n_t, 1, m_t, 1), y, 0.0)
+    return jnp.sum(y, axis=0).reshape(np_, mp).astype(final_dtype)
   return jnp.sum(y, axis=0).astype(final_dtype) if splits > 1 else y
 
 
@@ -525,15 +612,22 @@ def split_ragged(groups: int, gps: int, tiles: int, num_sms: int, n: int, mp: in
   return min(range(1, min(most, slots) + 1), key=lambda d: (split_cost(d, groups, gps, tiles, num_sms, n, mp), d))
 
 
-def split_config(m: int, n: int, groups: int, ragged: bool = False) -> SmallConfig:
+def split_config(m: int, n: int, groups: int, ragged: bool = False, stream_k: bool = False) -> SmallConfig:
   """default_config(m) split along K by split_for until every SM has a CTA (the out_t epilogue where
   it splits: fp32 partials), with 2 groups a ring slot where they divide a split's groups and the token
   tile is at most 64 (the fastest measured at M = 16 and 64 on the LLaMA-2-7B layers, H200 2026-12-02,
   results/kernels/h200-2026-12-02-mgpu-small-fused.md; 128-token tiles were not timed with it).
 
   ragged: 2 groups a slot wherever they divide the groups (token tile <= 64), and the split by
-  split_ragged's cost model, any count (not only divisors of the groups)."""
+  split_ragged's cost model, any count (not only divisors of the groups).
+
+  stream_k: no split; every CTA streams an equal run of (tile, slot) units (SmallConfig.stream_k), fused TMAs
+  with 2 groups a slot as ragged."""
   cfg = default_config(m)
+  if stream_k:
+    gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
+    cfg = dataclasses.replace(cfg, stream_k=True, epilogue="out_t", groups_per_step=gps)
+    return dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, 4, gps)))
   tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
   if ragged:
     gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1

@@ -72,10 +72,12 @@ _H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     (17, "pingpong", "out_t", 1, 1, 600, True), (64, "serial", "out_t", 2, 4, 1024, True),
     (16, "serial", "out_t", 4, 2, 1024, "persistent"),
     (16, "serial", "out_t", 3, 2, 1024, True), (64, "pingpong", "out_t", 3, 1, 1000, True),
-    (100, "serial", "out_t", 5, 1, 1024, False)])  # the last three ragged: split_k does not divide the slots
+    (100, "serial", "out_t", 5, 1, 1024, False),  # the three before ragged: split_k does not divide the slots
+    (16, "serial", "out_t", 1, 2, 1024, "stream_k"), (300, "serial", "out_t", 1, 1, 1000, "stream_k")])
 def test_the_op_lowers_for_cuda_without_a_gpu(m, schedule, epilogue, split_k, gps, k, fused):
   cfg = dataclasses.replace(ms.default_config(m), schedule=schedule, epilogue=epilogue, split_k=split_k,
-                            groups_per_step=gps, fused_tma=bool(fused), persistent=fused == "persistent")
+                            groups_per_step=gps, fused_tma=bool(fused), persistent=fused == "persistent",
+                            stream_k=fused == "stream_k")
   cfg = dataclasses.replace(cfg, max_concurrent_steps=min(4, ms.max_ring(cfg.tile_t, 4, gps)))
   g = -(-k // 128)
   with jax.sharding.use_abstract_mesh(_H200):
@@ -147,6 +149,49 @@ def test_ragged_split_rules():
   # the model: more splits fill more SMs but each tile pays the ring's fill and the partials their bytes
   assert ms.split_cost(4, 86, 2, 32, 132, 4096, 32) < ms.split_cost(2, 86, 2, 32, 132, 4096, 32)
   assert ms.split_cost(8, 86, 2, 32, 132, 4096, 32) > ms.split_cost(4, 86, 2, 32, 132, 4096, 32)
+
+
+def test_stream_k_rules():
+  for bad in (dict(epilogue="smem_transpose"), dict(fused_tma=False), dict(split_k=2), dict(persistent=True)):
+    with pytest.raises(ValueError, match="stream_k=True takes"):
+      ms.SmallConfig(**{"stream_k": True, "epilogue": "out_t", **bad})
+  cfg = ms.split_config(16, 22016, 32, stream_k=True)  # LLaMA-2-7B gate/up at batch 16
+  assert (cfg.stream_k, cfg.split_k, cfg.groups_per_step, cfg.epilogue) == (True, 1, 2, "out_t")
+  assert ms.out_itemsize(cfg, jnp.bfloat16) == 4
+  assert ms.stream_k_plan(172, 16, 132) == (132, 21, 2)  # 2752 units: 21 a CTA, every SM busy
+  assert ms.stream_k_plan(96, 16, 132) == (128, 12, 2)  # q/k/v: 128 CTAs instead of 96
+  assert ms.stream_k_plan(1, 4, 132) == (4, 1, 4)  # one tile, one slot a CTA
+
+
+@pytest.mark.parametrize("tiles,slots,sms", [(172, 16, 132), (96, 16, 132), (32, 43, 132), (3, 5, 4), (7, 3, 5),
+                                             (1, 8, 132), (13, 1, 4), (448, 32, 132)])
+def test_stream_k_schedule_covers_every_slot_once(tiles, slots, sms):
+  """The kernel's stream-K arithmetic (w6a_gemm_mgpu_small._kernel's unit() and sk_flush, restated in
+  numpy): every (tile, slot) unit is summed by exactly one CTA step, each stored partial holds a contiguous
+  run of one tile's slots, a tile's partials go to distinct buffers, and the buffers marked written are
+  exactly those stored (the rest, never written, are masked to zero before the sum)."""
+  ctas, per, buffers = ms.stream_k_plan(tiles, slots, sms)
+  assert ctas <= sms and (ctas - 1) * per < tiles * slots <= ctas * per
+  units, seen, stored = tiles * slots, np.zeros(tiles * slots, int), {}
+  for c in range(ctas):
+    run = []
+    for k in range(per):
+      u = c * per + k
+      real, uc = u < units, min(u, units - 1)
+      tile, slot = uc // slots, uc % slots
+      if real:
+        seen[u] += 1
+        run.append(u)
+      if real and (slot == slots - 1 or k == per - 1):
+        buf = c - (tile * slots) // per
+        assert 0 <= buf < buffers and (buf, tile) not in stored
+        assert run and all(v // slots == tile for v in run) and run == list(range(run[0], run[0] + len(run)))
+        stored[(buf, tile)] = run
+        run = []
+    assert not run  # nothing summed is left unstored
+  assert (seen == 1).all()
+  written = ms.stream_k_written(tiles, slots, per, buffers)
+  assert {(b, t) for b, t in zip(*np.nonzero(written))} == set(stored)
 
 
 def _hopper() -> bool:
@@ -247,6 +292,21 @@ def test_gpu_ragged_split(m, gps):
   _check(m, 208, 1000, 6, gps=1, split_k=5, epilogue="out_t", fused_tma=gps == 2)  # 8 groups: 2, 2, 2, 1, 1
   _check(m, 256, 640, 8, split_k=4 // gps, epilogue="out_t", schedule="pingpong")  # 5 groups
   _check(m, 256, 1024, 6, gps=gps, split_k=8 // gps, epilogue="out_t")  # one slot a split
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("m", [16, 64, 100, 300])
+def test_gpu_stream_k(m):
+  """SmallConfig.stream_k: equal runs of (tile, slot) units a CTA across tile boundaries, partials in buffers.
+  LLaMA-2-7B's o_proj (4 buffers) and down_proj (86 groups), few SMs (a CTA spans several tiles; a tile several
+  CTAs), token tiles (M = 300), ragged N and K, A6 and A8."""
+  sk = dict(epilogue="out_t", fused_tma=True, stream_k=True)
+  gps = 2 if m <= 64 else 1
+  _check(m, 4096, 4096, 6, gps=gps, sw_f16=True, quant_t=True, **sk)
+  _check(m, 4096, 11008, 8, gps=gps, quant_t=True, **sk)
+  _check(m, 208, 1000, 6, gps=gps, num_sms=5, **sk)  # 8 groups, the last zero-padded
+  _check(m, 384, 1024, 8, gps=1, num_sms=7, sw_f16=True, **sk)
 
 
 @pytest.mark.gpu
