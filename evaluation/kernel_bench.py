@@ -809,7 +809,7 @@ def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (Fal
   runs them since 2026-12-02), and with `persistent` each
   fused tiling also with one ring across a CTA's tiles where its depth divides the slots
   (SmallConfig.persistent, suffix "/p"); with `stream_k` also the stream-K tiling (SmallConfig.stream_k,
-  split_config(stream_k=True), label "t<tile>/g<gps>/r<ring>/sk"). (Deeper rings than 4
+  stream_k_config, label "t<tile>/g<gps>/r<ring>/sk"). (Deeper rings than 4
   gained nothing at 1 group a slot, H200 2026-12-02: a step is not waiting on memory latency; the probes
   put most of its time in the TMA ring's own cost, results/kernels/NOTES.md.)"""
   base = mgs.default_config(m)
@@ -832,7 +832,7 @@ def small_candidates(m: int, n: int, groups: int, fused: tuple[bool, ...] = (Fal
         if persistent and f and mgs.persistent_fits(cfg, groups):
           out.append((out[-1][0] + "/p", dataclasses.replace(cfg, persistent=True)))
   if stream_k:
-    cfg = dataclasses.replace(mgs.split_config(m, n, groups, stream_k=True), sw_f16=True, quant_t=True)
+    cfg = dataclasses.replace(mgs.stream_k_config(m, groups), sw_f16=True, quant_t=True)
     out.append((f"t{cfg.tile_t}/g{cfg.groups_per_step}/r{cfg.max_concurrent_steps}/sk", cfg))
   return out
 

@@ -230,18 +230,17 @@ def _card_table(device: Any = None) -> dict:
 def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
   "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM; with "mosaic_small_ragged"
-  split_ragged's cost model, any split count), or streamed in equal runs a CTA where it sets
-  "mosaic_small_stream_k" (SmallConfig.stream_k), reading the fp16
+  split_ragged's cost model, any split count; with "mosaic_small_stream_k" streamed in equal runs a CTA
+  where the tiles outnumber the SMs, split_config's rule), reading the fp16
   weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16), and with the quantizer writing
   the fused TMA's [G, 2, M] operand where it sets "mosaic_small_quant_t" (SmallConfig.quant_t)."""
   table = _card_table()
-  if table.get("mosaic_small_stream_k"):
-    cfg = w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1], stream_k=True)
-  elif not table.get("mosaic_small_split"):
+  if not table.get("mosaic_small_split"):
     cfg = w6a_gemm_mgpu_small.default_config(m)
   else:
     cfg = w6a_gemm_mgpu_small.split_config(m, layer.out_features, layer.packed.shape[1],
-                                           ragged=bool(table.get("mosaic_small_ragged")))
+                                           ragged=bool(table.get("mosaic_small_ragged")),
+                                           stream_k=bool(table.get("mosaic_small_stream_k")))
   return dataclasses.replace(cfg, sw_f16=bool(table.get("mosaic_small_sw_f16")),
                              quant_t=bool(table.get("mosaic_small_quant_t")) and cfg.fused_tma)
 

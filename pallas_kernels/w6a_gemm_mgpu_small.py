@@ -612,6 +612,15 @@ def split_ragged(groups: int, gps: int, tiles: int, num_sms: int, n: int, mp: in
   return min(range(1, min(most, slots) + 1), key=lambda d: (split_cost(d, groups, gps, tiles, num_sms, n, mp), d))
 
 
+def stream_k_config(m: int, groups: int) -> SmallConfig:
+  """default_config(m) streamed (SmallConfig.stream_k: no split, equal runs of (tile, slot) units a CTA), fused
+  TMAs with 2 groups a slot where they divide the groups and the token tile is at most 64, as split_config's."""
+  cfg = default_config(m)
+  gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
+  cfg = dataclasses.replace(cfg, stream_k=True, epilogue="out_t", groups_per_step=gps)
+  return dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, 4, gps)))
+
+
 def split_config(m: int, n: int, groups: int, ragged: bool = False, stream_k: bool = False) -> SmallConfig:
   """default_config(m) split along K by split_for until every SM has a CTA (the out_t epilogue where
   it splits: fp32 partials), with 2 groups a ring slot where they divide a split's groups and the token
@@ -621,14 +630,13 @@ def split_config(m: int, n: int, groups: int, ragged: bool = False, stream_k: bo
   ragged: 2 groups a slot wherever they divide the groups (token tile <= 64), and the split by
   split_ragged's cost model, any count (not only divisors of the groups).
 
-  stream_k: no split; every CTA streams an equal run of (tile, slot) units (SmallConfig.stream_k), fused TMAs
-  with 2 groups a slot as ragged."""
+  stream_k: stream_k_config where the whole tiles outnumber the SMs, so one round of them leaves SMs idle
+  (LLaMA-2-7B gate/up, 172 tiles: 12-17% faster at M = 16 and 64 than any split; at 96 tiles (q/k/v) and 32
+  (o, down) it tied or lost to the split rule: H200, 2026-12-03, results/kernels/NOTES.md "Stream-K")."""
   cfg = default_config(m)
-  if stream_k:
-    gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
-    cfg = dataclasses.replace(cfg, stream_k=True, epilogue="out_t", groups_per_step=gps)
-    return dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, max_ring(cfg.tile_t, 4, gps)))
   tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
+  if stream_k and tiles > num_sms():
+    return stream_k_config(m, groups)
   if ragged:
     gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
     mp = -(-m // cfg.tile_t) * cfg.tile_t

@@ -155,8 +155,12 @@ def test_stream_k_rules():
   for bad in (dict(epilogue="smem_transpose"), dict(fused_tma=False), dict(split_k=2), dict(persistent=True)):
     with pytest.raises(ValueError, match="stream_k=True takes"):
       ms.SmallConfig(**{"stream_k": True, "epilogue": "out_t", **bad})
-  cfg = ms.split_config(16, 22016, 32, stream_k=True)  # LLaMA-2-7B gate/up at batch 16
+  cfg = ms.split_config(16, 22016, 32, stream_k=True)  # LLaMA-2-7B gate/up at batch 16: 172 tiles
   assert (cfg.stream_k, cfg.split_k, cfg.groups_per_step, cfg.epilogue) == (True, 1, 2, "out_t")
+  assert cfg == ms.stream_k_config(16, 32)
+  # 96 or 32 tiles fit one round: the split rule's tiling, as without stream_k
+  for n, g in ((12288, 32), (4096, 86), (4096, 32)):
+    assert ms.split_config(16, n, g, ragged=True, stream_k=True) == ms.split_config(16, n, g, ragged=True)
   assert ms.out_itemsize(cfg, jnp.bfloat16) == 4
   assert ms.stream_k_plan(172, 16, 132) == (132, 21, 2)  # 2752 units: 21 a CTA, every SM busy
   assert ms.stream_k_plan(96, 16, 132) == (128, 12, 2)  # q/k/v: 128 CTAs instead of 96
