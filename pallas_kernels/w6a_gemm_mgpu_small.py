@@ -605,6 +605,13 @@ def split_cost(split: int, groups: int, gps: int, tiles: int, num_sms: int, n: i
   return rounds * (slots * gps * SLOT_US_PER_GROUP + TILE_US) + partials
 
 
+def stream_k_cost(tiles: int, groups: int, gps: int, num_sms: int, n: int, mp: int) -> float:
+  """split_cost's model for SmallConfig.stream_k: one round of CTAs each streaming its run of slots and filling
+  the ring for (and storing) up to two tiles, plus its fp32 partial buffers written and added."""
+  _, per, buffers = stream_k_plan(tiles, groups // gps, num_sms)
+  return per * gps * SLOT_US_PER_GROUP + 2 * TILE_US + 2 * buffers * n * mp * 4 / PARTIAL_BYTES_PER_US
+
+
 def split_ragged(groups: int, gps: int, tiles: int, num_sms: int, n: int, mp: int, most: int = 16) -> int:
   """The split_k (any count up to `most` and the ring slots, not only divisors) that split_cost
   models fastest; the fewest splits on a tie."""
@@ -630,13 +637,18 @@ def split_config(m: int, n: int, groups: int, ragged: bool = False, stream_k: bo
   ragged: 2 groups a slot wherever they divide the groups (token tile <= 64), and the split by
   split_ragged's cost model, any count (not only divisors of the groups).
 
-  stream_k: stream_k_config where the whole tiles outnumber the SMs, so one round of them leaves SMs idle
-  (LLaMA-2-7B gate/up, 172 tiles: 12-17% faster at M = 16 and 64 than any split; at 96 tiles (q/k/v) and 32
-  (o, down) it tied or lost to the split rule: H200, 2026-12-03, results/kernels/NOTES.md "Stream-K")."""
+  stream_k: stream_k_config where stream_k_cost models it faster than the split (the whole tiles' last round
+  leaves many SMs idle: LLaMA-2-7B gate/up, 172 tiles, 12-17% faster at M = 16 and 64; not at 96 tiles (q/k/v),
+  32 (o, down) or LLaMA-3-8B's 224 (gate/up, 3% slower end to end at batch 64): H200, 2026-12-03,
+  results/kernels/NOTES.md "Stream-K")."""
   cfg = default_config(m)
   tiles = -(-n // cfg.cta_rows) * -(-m // cfg.tile_t)
-  if stream_k and tiles > num_sms():
-    return stream_k_config(m, groups)
+  if stream_k:
+    split_cfg = split_config(m, n, groups, ragged)
+    sk = stream_k_config(m, groups)
+    mp, np_ = -(-m // cfg.tile_t) * cfg.tile_t, -(-n // cfg.cta_rows) * cfg.cta_rows
+    split_us = split_cost(split_cfg.split_k, groups, split_cfg.groups_per_step, tiles, num_sms(), np_, mp)
+    return sk if stream_k_cost(tiles, groups, sk.groups_per_step, num_sms(), np_, mp) < split_us else split_cfg
   if ragged:
     gps = 2 if cfg.tile_t <= 64 and groups % 2 == 0 else 1
     mp = -(-m // cfg.tile_t) * cfg.tile_t

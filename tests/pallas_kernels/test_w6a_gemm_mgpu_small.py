@@ -158,9 +158,11 @@ def test_stream_k_rules():
   cfg = ms.split_config(16, 22016, 32, stream_k=True)  # LLaMA-2-7B gate/up at batch 16: 172 tiles
   assert (cfg.stream_k, cfg.split_k, cfg.groups_per_step, cfg.epilogue) == (True, 1, 2, "out_t")
   assert cfg == ms.stream_k_config(16, 32)
-  # 96 or 32 tiles fit one round: the split rule's tiling, as without stream_k
-  for n, g in ((12288, 32), (4096, 86), (4096, 32)):
-    assert ms.split_config(16, n, g, ragged=True, stream_k=True) == ms.split_config(16, n, g, ragged=True)
+  assert ms.split_config(64, 22016, 32, ragged=True, stream_k=True).stream_k
+  # 96 or 32 tiles fit one round, and 224 fill two rounds well (LLaMA-3-8B gate/up): the split rule's tiling,
+  # as without stream_k (the model: stream_k_cost against split_cost)
+  for m, n, g in ((16, 12288, 32), (16, 4096, 86), (16, 4096, 32), (16, 28672, 32), (64, 28672, 32)):
+    assert ms.split_config(m, n, g, ragged=True, stream_k=True) == ms.split_config(m, n, g, ragged=True)
   assert ms.out_itemsize(cfg, jnp.bfloat16) == 4
   assert ms.stream_k_plan(172, 16, 132) == (132, 21, 2)  # 2752 units: 21 a CTA, every SM busy
   assert ms.stream_k_plan(96, 16, 132) == (128, 12, 2)  # q/k/v: 128 CTAs instead of 96
