@@ -13,7 +13,9 @@ and the least N (default 0) of the layers on which it runs the small-M Mosaic GP
 "mosaic_small_split": true splits its K until every SM has a CTA ("mosaic_small_ragged": true by the cost model of
 w6a_gemm_mgpu_small.split_ragged, any split count), and "mosaic_small_sw_f16": true has it read the
 stored fp16 weight scales (SmallConfig.sw_f16), and "mosaic_small_quant_t": true has its
-quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t), backends._small_config;
+quantizer write the fused TMA's [G, 2, M] operand (SmallConfig.quant_t), and "mosaic_small_stream_k": true
+streams equal runs of (tile, slot) units a CTA where split_config's cost model prefers it to the split
+(SmallConfig.stream_k), backends._small_config;
 "mosaic_small_skip": [[N, K, max M], ...] keeps those layer shapes on the Triton kernels up to max M; these keys
 and the CUDA GEMV's are set by hand from the benchmarks, `main` below writes the entries and
 mosaic_min_m only), and

@@ -193,6 +193,15 @@ def test_small_m_split_only_where_a_table_sets_it(monkeypatch):
   assert (cfg.split_k, cfg.sw_f16, cfg.quant_t) == (4, True, False)  # the fp16 weight scales, only where a table says so
   monkeypatch.setattr(tuning, "load_table", lambda card: {"entries": [], "mosaic_small_quant_t": True})
   assert backends._small_config(32, layer).quant_t  # the fused-TMA operand from the quantizer
+  # stream-K where the table says so and the model prefers it: LLaMA-2-7B's gate/up (172 tiles), not its o_proj
+  gate_up = types.SimpleNamespace(out_features=22016, packed=jnp.zeros((1376, 32, 3, 16, 32), jnp.uint8))
+  table = {"entries": [], "mosaic_small_split": True, "mosaic_small_ragged": True}
+  monkeypatch.setattr(tuning, "load_table", lambda card: table)
+  assert not backends._small_config(16, gate_up).stream_k
+  table["mosaic_small_stream_k"] = True
+  cfg = backends._small_config(16, gate_up)
+  assert (cfg.stream_k, cfg.split_k, cfg.epilogue) == (True, 1, "out_t")
+  assert not backends._small_config(16, layer).stream_k and backends._small_config(16, layer).split_k == 4
 
 
 def test_tuning_extra_from_the_environment(monkeypatch):
