@@ -76,7 +76,7 @@ METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
            "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
            "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8",
-           "flexq-fused-norm-small", "flexq-stream-k")
+           "flexq-fused-norm-small", "flexq-stream-k", "flexq-fused-swiglu")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama3-8b": model_configs.llama3_8b,
           "llama2-13b": model_configs.llama2_13b, "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -113,6 +113,9 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # shared-memory ring of 2 / 4 / 8 stages of 12 KB and x quantized once a block (M <= 2).
 # "flexq-stream-k" = the small-M Mosaic GEMM streaming equal runs of (tile, ring slot) units a CTA across tile
 # boundaries (SmallConfig.stream_k) instead of whole or split tiles, on every layer where the table runs it.
+# "flexq-fused-swiglu" = down_proj's input silu(gate) * up quantized by one kernel reading the gate/up GEMM's output
+# (w6a_matmul.quantize_activations(_t)(swiglu=True); backends.fused_swiglu_input) where the Triton or small-M Mosaic
+# GEMM runs: XLA's SwiGLU kernel and the separate quantizer become one launch.
 # "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
 # at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
@@ -122,6 +125,7 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-fused-norm": {"fuse_norm_quant": True},
                  "flexq-fused-norm-small": {"fuse_norm_quant_small": True},
                  "flexq-stream-k": {"mosaic_small_stream_k": True},
+                 "flexq-fused-swiglu": {"fuse_swiglu_quant": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
                  "flexq-nosplit": {"mosaic_small_split": False},

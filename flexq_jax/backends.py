@@ -345,6 +345,42 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
                              a_bits=layer.a_bits, dtype=out_dtype, config=cfg)
 
 
+def fused_swiglu_input(gate_up: jax.Array, layer: Any):
+  """silu(gate) * up of a fused gate/up projection's output [..., 2K] quantized for `layer` (K inputs) by one
+  kernel (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory), as a
+  QuantizedActivation; None where the fusion does not apply: a backend other than pallas, weight-only
+  layers, an M at which the pallas backend runs neither the Triton GEMMs nor the small-M Mosaic GEMM with
+  its [G, 2, M] operand ("mosaic_small_quant_t"), or a card whose tuning table does not set "fuse_swiglu_quant"
+  (none does until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries it)."""
+  k = layer.in_features
+  if layer.backend != PALLAS.name or layer.a_bits == 16 or gate_up.shape[-1] != 2 * k:
+    return None
+  if not PALLAS.can_run(layer, gate_up.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
+    return None
+  device = jax.devices()[0]
+  if not _card_table(device).get("fuse_swiglu_quant"):
+    return None
+  m = math.prod(gate_up.shape[:-1])
+  if m == 0:
+    return None
+  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=gate_up.dtype, n=layer.out_features, k=k)[0]
+  gu = gate_up.reshape(m, 2 * k)
+  common = dict(lead=gate_up.shape[:-1], in_features=k, a_bits=layer.a_bits, dtype=gate_up.dtype)
+  if kernel == "mosaic_small":
+    small = _small_config(m, layer)
+    if not small.quant_t:
+      return None
+    qx, act = w6a_matmul.quantize_activations_t(gu, a_bits=layer.a_bits, block_m=small.tile_t, swiglu=True)
+    return QuantizedActivation(qx=qx, sx=None, xsum=None, config=small, act=act, **common)
+  if kernel != "triton":
+    return None
+  cfg = _gemm_config(m, layer)
+  qx, sx, xsum = w6a_matmul.quantize_activations(gu, a_bits=layer.a_bits, swiglu=True,
+                                                 config=w6a_matmul.quantizer_config(cfg, layer.w_bits),
+                                                 interpret=jax.default_backend() != "gpu")
+  return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, config=cfg, **common)
+
+
 def _gemm_config(m: int, layer: Any):
   """The Triton GEMM's tiling for M rows of `layer` (w6a_matmul.w6a_matmul's choice)."""
   return w6a_matmul.default_config(m, layer.out_features, layer.in_features, w_bits=layer.w_bits)

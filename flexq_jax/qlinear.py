@@ -98,3 +98,9 @@ class QuantizedLinear:
     backend and the card's tuning table say so (backends.fused_norm_input), else None (the model
     runs rms_norm and `x @ self` as usual)."""
     return backends.fused_norm_input(h, weight, eps, self)
+
+  def swiglu_input(self, gate_up: jax.Array) -> "backends.QuantizedActivation | None":
+    """The hook models.llama calls for this layer's input silu(gate) * up, from a fused gate/up projection's
+    output [..., 2 K]: the product quantized by one kernel that reads gate and up, where the backend and the
+    card's tuning table say so (backends.fused_swiglu_input), else None."""
+    return backends.fused_swiglu_input(gate_up, self)

@@ -361,6 +361,19 @@ def normed_input(h: jax.Array, weight: jax.Array, eps: float, consumer: Any) -> 
   return rms_norm(h, weight, eps) if fused is None else fused
 
 
+def swiglu_input(gate_up: jax.Array, consumer: Any) -> Any:
+  """silu(gate) * up from a fused gate/up projection's output [..., 2I] (gate first), as the input of the
+  one projection that reads it (down_proj). A kernel leaf with a `swiglu_input(gate_up)` method may return
+  it already quantized by one kernel that reads gate and up (flexq_jax's QuantizedLinear, where its backend
+  says so); otherwise, and for every other leaf, the plain product."""
+  hook = getattr(consumer, "swiglu_input", None)
+  fused = hook(gate_up) if hook is not None else None
+  if fused is not None:
+    return fused
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """Inverse frequencies [hd/2] (fp64 numpy, a compile-time constant), with LLaMA-3 scaling."""
   hd = config.resolved_head_dim
@@ -497,11 +510,14 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
   if "gate_up_proj" in layer:
     x = normed_input(h, layer["post_attention_layernorm"], config.rms_norm_eps, layer["gate_up_proj"])
-    gate, up = jnp.split(linear(x, layer["gate_up_proj"]), 2, axis=-1)
+    gate_up = linear(x, layer["gate_up_proj"])
+    # down_proj may take silu(gate) * up quantized by one kernel; not through the online Hadamard or a
+    # row-parallel split, which need the float product
+    plain = config.down_proj_hadamard or tp_axis is not None
+    u = swiglu_input(gate_up, None if plain else layer["down_proj"])
   else:
     x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
-    gate, up = linear(x, layer["gate_proj"]), linear(x, layer["up_proj"])
-  u = jax.nn.silu(gate) * up
+    u = jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"])
   if config.down_proj_hadamard:  # a rotated model (flexq_jax/rotation.py): down_proj holds H^T W
     u = hadamard.hadamard_transform(u)
   h = h + row_parallel_linear(u, layer["down_proj"], tp_axis)

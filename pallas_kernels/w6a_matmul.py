@@ -177,8 +177,8 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
                      q_ref,  # [Mp, Kp] int8
                      s_ref,  # [Mp, G] f32
                      sum_ref,  # [Mp, G] int32
-                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool):
-  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax)
+                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, swiglu: bool = False):
+  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax, swiglu=swiglu)
   s_ref[pl.ds(m0, block_m), g] = s
   sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
   if phase_major:  # column 32p + t <- k = 4t + p
@@ -186,14 +186,30 @@ def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns 
   q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
 
 
-def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int):
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """models.llama's MLP activation jax.nn.silu(gate) * up with the roundings XLA gives it as written: the
+  sigmoid expanded to 1 / (1 + exp(-x)) and every step rounded to the activations' dtype (XLA's CPU
+  program, so interpret mode matches the unfused model bit for bit). On a GPU, XLA's excess precision may
+  skip some of those roundings in the unfused program: q_x can then differ by a step in a few elements
+  (tests/pallas_kernels/test_w6a_matmul.py bounds it)."""
+  dt = gate.dtype
+  one = jnp.asarray(1, dt)
+  sig = one / (one + jnp.exp(-gate))
+  return (gate * sig).astype(dt) * up
+
+
+def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int, swiglu: bool = False):
   """(m0, g, q, s) of this program's row block and K-group: x masked to its M rows and K columns, then
   the contract's q_x [block_m, 128] and s_x [block_m] by the one definition (pallas_kernels/core.py)
-  the reference calls too."""
+  the reference calls too. swiglu: x_ref is [M, 2K], the gate then the up projection, and x is
+  silu(gate) * up (_swiglu)."""
   pid_m, g = pl.program_id(0), pl.program_id(1)
   m0 = pid_m * block_m
   mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & ((g * GROUP + jnp.arange(GROUP)) < k)[None, :]
   x = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)], mask=mask, other=0)
+  if swiglu:
+    up = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(k + g * GROUP, GROUP)], mask=mask, other=0)
+    x = _swiglu(x, up)
   q, s = core.quantize_groups(x.astype(jnp.float32), qmax)
   return m0, g, q, s
 
@@ -201,10 +217,10 @@ def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int):
 def _quantize_kernel_t(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                        q_ref,  # [Mp, Kp] int8, phase-major groups
                        act_ref,  # [G, 2, Mp] f32: s_x, then sum(q_x) (exact in fp32: |sum| <= 128 * 127)
-                       *, m: int, k: int, block_m: int, qmax: int):
+                       *, m: int, k: int, block_m: int, qmax: int, swiglu: bool = False):
   """_quantize_kernel with s_x and sum(q_x) written transposed and stacked, as the small-M Mosaic
   GEMM's fused TMA reads them (pallas_kernels/w6a_gemm_mgpu_small.py, SmallConfig.fused_tma)."""
-  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax)
+  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax, swiglu=swiglu)
   act_ref[g, 0, pl.ds(m0, block_m)] = s
   act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
   q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)  # column 32p + t <- k = 4t + p
@@ -475,13 +491,25 @@ def check_operands(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, a_bit
   return m, k, n
 
 
-@functools.partial(jax.jit, static_argnames=("a_bits", "config", "interpret"))
-def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None = None,
+def _swiglu_k(x: jax.Array, swiglu: bool) -> int:
+  """The K the quantizer's output has: x's columns, or half of them with swiglu (gate, then up)."""
+  if not swiglu:
+    return x.shape[1]
+  if x.shape[1] % 2:
+    raise ValueError(f"swiglu=True takes the gate and up projections side by side, [M, 2K]; got {x.shape[1]} "
+                     "columns, an odd count")
+  return x.shape[1] // 2
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "config", "swiglu", "interpret"))
+def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None = None, swiglu: bool = False,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-token, per-128-group dynamic quantization (the contract's q_x, s_x) as a Pallas kernel.
 
   Args:
-    x: [M, K] float activations.
+    x: [M, K] float activations (swiglu: [M, 2K], the gate and up projections side by side, as a fused
+      gate/up GEMM writes them; what is quantized is silu(gate) * up, issue 14's SwiGLU producer: the
+      product never goes to memory).
     a_bits: 6 or 8.
     config: the GEMM's tiling (rows are padded to a multiple of its block_m).
     interpret: run the kernel in Pallas interpret mode (CPU).
@@ -491,7 +519,7 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
     config.join_phases, q_x is phase-major within each group: column 128g + 32p + t holds
     k = 128g + 4t + p (the order of the "pallas6" phases).
   """
-  m, k = x.shape
+  m, k = x.shape[0], _swiglu_k(x, swiglu)
   config = config or default_config(m, 1, k)
   kp = core.padded_k(k)
   groups = kp // GROUP
@@ -499,7 +527,8 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   bq = min(config.quant_block_m, config.block_m)
   qmax = core.qrange(a_bits)[1]
   return pl.pallas_call(
-      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases),
+      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=qmax, phase_major=not config.join_phases,
+                        swiglu=swiglu),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((mp, groups), jnp.float32),
                  jax.ShapeDtypeStruct((mp, groups), jnp.int32)),
       grid=(mp // bq, groups),
@@ -509,22 +538,22 @@ def quantize_activations(x: jax.Array, *, a_bits: int, config: TileConfig | None
   )(x)
 
 
-def quantize_activations_t(x: jax.Array, *, a_bits: int, block_m: int,
+def quantize_activations_t(x: jax.Array, *, a_bits: int, block_m: int, swiglu: bool = False,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """quantize_activations (phase-major q_x) with s_x and sum(q_x) as one fp32 [G, 2, Mp] array
   (act[g, 0] = s_x[:, g], act[g, 1] = sum(q_x)[:, g]), the layout the small-M Mosaic GEMM's fused TMA
-  takes: no transposes and no stack between the two kernels.
+  takes: no transposes and no stack between the two kernels. swiglu as quantize_activations'.
 
   Returns:
     (q_x int8 [Mp, Kp], act fp32 [G, 2, Mp]), Mp = M rounded up to block_m; rows >= M are zeros.
   """
-  m, k = x.shape
+  m, k = x.shape[0], _swiglu_k(x, swiglu)
   kp = core.padded_k(k)
   groups = kp // GROUP
   mp = pl.cdiv(m, block_m) * block_m
   bq = min(TileConfig().quant_block_m, block_m)
   return pl.pallas_call(
-      functools.partial(_quantize_kernel_t, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1]),
+      functools.partial(_quantize_kernel_t, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1], swiglu=swiglu),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((groups, 2, mp), jnp.float32)),
       grid=(mp // bq, groups),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),

@@ -150,12 +150,17 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="needs a CUDA 
     pytest.param("auto", marks=_GPU),
     pytest.param("pallas+fused", marks=_GPU),
     pytest.param("bmma+fused", marks=_GPU),
+    pytest.param("pallas+fused+swiglu", marks=_GPU),
 ])
-def test_greedy_generation_matches_the_reference(tiny, backend):
-  """Same greedy tokens through `backend` (+fused: q/k/v and gate/up fused after placement) as
-  through the jnp reference, unfused; prompt logits within 1e-2 of their scale (the contract
-  leaves fp32 summation order free, and an activation whose quotient sits within that rounding of
-  a half step may land one step apart downstream)."""
+def test_greedy_generation_matches_the_reference(tiny, backend, monkeypatch):
+  """Same greedy tokens through `backend` (+fused: q/k/v and gate/up fused after placement; +swiglu: and
+  down_proj's input quantized by the SwiGLU kernel, "fuse_swiglu_quant") as through the jnp reference,
+  unfused; prompt logits within 1e-2 of their scale (the contract leaves fp32 summation order free, and an
+  activation whose quotient sits within that rounding of a half step may land one step apart downstream)."""
+  from flexq_jax import tuning
+  if backend.endswith("+swiglu"):
+    monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_swiglu_quant": true}')
+    backend = backend.removesuffix("+swiglu")
   cfg, qparams, _ = tiny
   # bf16 activations (what the BMMA kernel takes): the norms and embeddings in bf16
   qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,
@@ -253,6 +258,48 @@ def test_rms_norm_fused_for_the_small_mosaic_gemm_where_the_table_says(tiny, mon
   assert qkv.norm_input(h, norm, cfg.rms_norm_eps) is None
   table["mosaic_small_quant_t"], table["fuse_norm_quant_small"] = True, False
   assert qkv.norm_input(h, norm, cfg.rms_norm_eps) is None
+
+
+def test_swiglu_fused_into_the_down_proj_quantizer_where_the_table_says(tiny, monkeypatch):
+  """The routing of "fuse_swiglu_quant" (CPU, interpret mode). Where the pallas backend runs the Triton
+  GEMMs, swiglu_input hands down_proj the quantizer's outputs for silu(gate) * up read from the fused
+  gate/up output, equal to quantizing the product (fp32), and `qa @ down_proj` equals `(silu(gate) * up)
+  @ down_proj`; where it runs the small-M Mosaic GEMM, q_x and act for the layer's own small tiling. No
+  key, no quant_t, a K that is not half the columns: nothing is fused, and the model runs the plain product."""
+  from flexq_jax import backends
+  from pallas_kernels import w6a_gemm_mgpu_small as ms
+  cfg, qparams, _ = tiny
+  layer = llama.fuse_projections(place(qparams, "pallas", dtype=jnp.float32)[0])["layers"][0]
+  down = layer["down_proj"]
+  gate_up = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 2 * down.in_features)) * 2, jnp.float32)
+  plain = llama.swiglu_input(gate_up, None)
+  np.testing.assert_array_equal(plain, jax.nn.silu(gate_up[..., :down.in_features]) * gate_up[..., down.in_features:])
+  table = {"fuse_swiglu_quant": True, "mosaic_small_split": True, "mosaic_small_ragged": True,
+           "mosaic_small_quant_t": True}
+  monkeypatch.setattr(backends, "_card_table", lambda device=None: table)
+  qa = llama.swiglu_input(gate_up, down)
+  assert isinstance(qa, backends.QuantizedActivation) and qa.act is None and qa.lead == (2, 8)
+  want = backends.w6a_matmul.quantize_activations(plain.reshape(16, -1), a_bits=down.a_bits, config=qa.config,
+                                                  interpret=True)
+  for got, ref in zip((qa.qx, qa.sx, qa.xsum), want):
+    np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(qa @ down, plain @ down)
+  assert down.swiglu_input(gate_up[..., 1:]) is None  # not [.., 2K]
+  # the small-M Mosaic GEMM's operand
+  monkeypatch.setattr(backends.PALLAS, "kernel_for", lambda *a, **kw: ("mosaic_small", "this test"))
+  monkeypatch.setattr(ms, "num_sms", lambda: 132)
+  kernel = backends.w6a_matmul.quantize_activations_t
+  monkeypatch.setattr(backends.w6a_matmul, "quantize_activations_t", lambda *a, **kw: kernel(*a, **kw, interpret=True))
+  qa = down.swiglu_input(gate_up)
+  small = backends._small_config(16, down)
+  assert qa.config == small and qa.sx is None and qa.act.shape == (down.packed.shape[1], 2, small.tile_t)
+  plain_q, plain_act = kernel(plain.reshape(16, -1), a_bits=down.a_bits, block_m=small.tile_t, interpret=True)
+  np.testing.assert_array_equal(qa.qx, plain_q)
+  np.testing.assert_array_equal(qa.act, plain_act)
+  table["mosaic_small_quant_t"] = False
+  assert down.swiglu_input(gate_up) is None
+  table["mosaic_small_quant_t"], table["fuse_swiglu_quant"] = True, False
+  assert down.swiglu_input(gate_up) is None
 
 
 def test_e2e_resident_weights_drop_the_others_on_out_of_memory():
