@@ -76,7 +76,8 @@ METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda
            "flexq-cuda-small", "flexq-ragged", "flexq-divisor", "flexq-gemv-u2", "flexq-gemv-u4",
            "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
            "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8",
-           "flexq-fused-norm-small", "flexq-stream-k", "flexq-fused-swiglu")
+           "flexq-fused-norm-small", "flexq-stream-k", "flexq-fused-swiglu", "flexq-fused-attention",
+           "flexq-fused-producers")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama3-8b": model_configs.llama3_8b,
           "llama2-13b": model_configs.llama2_13b, "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -115,7 +116,9 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # boundaries (SmallConfig.stream_k) instead of whole or split tiles, on every layer where the table runs it.
 # "flexq-fused-swiglu" = down_proj's input silu(gate) * up quantized by one kernel reading the gate/up GEMM's output
 # (w6a_matmul.quantize_activations(_t)(swiglu=True); backends.fused_swiglu_input) where the Triton or small-M Mosaic
-# GEMM runs: XLA's SwiGLU kernel and the separate quantizer become one launch.
+# GEMM runs: XLA's SwiGLU kernel and the separate quantizer become one launch. "flexq-fused-attention" = o_proj's
+# input quantized by the decode attention's merge kernel (decode_attention_quantized: XLA's merge and the quantizer
+# become one launch; heads of 128); "flexq-fused-producers" = both.
 # "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
 # at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
@@ -126,6 +129,8 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-fused-norm-small": {"fuse_norm_quant_small": True},
                  "flexq-stream-k": {"mosaic_small_stream_k": True},
                  "flexq-fused-swiglu": {"fuse_swiglu_quant": True},
+                 "flexq-fused-attention": {"fuse_attention_quant": True},
+                 "flexq-fused-producers": {"fuse_swiglu_quant": True, "fuse_attention_quant": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
                  "flexq-nosplit": {"mosaic_small_split": False},

@@ -345,40 +345,82 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
                              a_bits=layer.a_bits, dtype=out_dtype, config=cfg)
 
 
-def fused_swiglu_input(gate_up: jax.Array, layer: Any):
-  """silu(gate) * up of a fused gate/up projection's output [..., 2K] quantized for `layer` (K inputs) by one
-  kernel (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory), as a
-  QuantizedActivation; None where the fusion does not apply: a backend other than pallas, weight-only
-  layers, an M at which the pallas backend runs neither the Triton GEMMs nor the small-M Mosaic GEMM with
-  its [G, 2, M] operand ("mosaic_small_quant_t"), or a card whose tuning table does not set "fuse_swiglu_quant"
-  (none does until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries it)."""
-  k = layer.in_features
-  if layer.backend != PALLAS.name or layer.a_bits == 16 or gate_up.shape[-1] != 2 * k:
+# Producers that may quantize a pallas layer's input themselves, and the tuning-table key that turns each on
+# (absent: never; none is set until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries them).
+PRODUCER_KEYS = {"swiglu": "fuse_swiglu_quant", "attention": "fuse_attention_quant"}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputQuantization:
+  """How a pallas layer at M rows takes activations its producer quantized, in the layout of the GEMM that
+  will read them: `rows` (M padded to that GEMM's tile), q_x phase-major or not, and either the small-M
+  Mosaic GEMM's [G, 2, rows] operand (act_t) or the Triton GEMMs' [rows, G] s_x and sum(q_x), as
+  `quant_config` (a w6a_matmul.TileConfig) tiles them. `wrap` makes the QuantizedActivation `qa @ layer` takes."""
+
+  a_bits: int
+  rows: int
+  act_t: bool
+  phase_major: bool
+  in_features: int
+  config: Any  # the GEMM's tiling (SmallConfig or TileConfig), which prequantized_matmul checks
+  quant_config: Any  # the quantizer's TileConfig (block_m = the row tile)
+
+  def wrap(self, lead: tuple[int, ...], dtype, qx: jax.Array, *scales: jax.Array) -> "QuantizedActivation":
+    sx, xsum, act = (None, None, *scales) if self.act_t else (*scales, None)
+    return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, lead=tuple(lead), in_features=self.in_features,
+                               a_bits=self.a_bits, dtype=dtype, config=self.config, act=act)
+
+
+def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantization | None:
+  """How `layer` takes M rows of input quantized by `producer` (a PRODUCER_KEYS name); None where that does not
+  apply: a backend other than pallas, weight-only layers, an M at which the pallas backend runs neither the
+  Triton GEMMs nor the small-M Mosaic GEMM with its [G, 2, M] operand ("mosaic_small_quant_t"), or a card whose
+  tuning table does not set the producer's key."""
+  if producer not in PRODUCER_KEYS:
+    raise ValueError(f"unknown producer {producer!r}; known: {', '.join(PRODUCER_KEYS)}")
+  if layer.backend != PALLAS.name or layer.a_bits == 16 or m == 0:
     return None
-  if not PALLAS.can_run(layer, gate_up.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
+  if not PALLAS.can_run(layer, dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return None
   device = jax.devices()[0]
-  if not _card_table(device).get("fuse_swiglu_quant"):
+  if not _card_table(device).get(PRODUCER_KEYS[producer]):
     return None
-  m = math.prod(gate_up.shape[:-1])
-  if m == 0:
-    return None
-  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=gate_up.dtype, n=layer.out_features, k=k)[0]
-  gu = gate_up.reshape(m, 2 * k)
-  common = dict(lead=gate_up.shape[:-1], in_features=k, a_bits=layer.a_bits, dtype=gate_up.dtype)
+  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=dtype, n=layer.out_features,
+                             k=layer.in_features)[0]
+  common = dict(a_bits=layer.a_bits, in_features=layer.in_features)
   if kernel == "mosaic_small":
     small = _small_config(m, layer)
     if not small.quant_t:
       return None
-    qx, act = w6a_matmul.quantize_activations_t(gu, a_bits=layer.a_bits, block_m=small.tile_t, swiglu=True)
-    return QuantizedActivation(qx=qx, sx=None, xsum=None, config=small, act=act, **common)
+    rows = -(-m // small.tile_t) * small.tile_t
+    return InputQuantization(rows=rows, act_t=True, phase_major=True, config=small, **common,
+                             quant_config=w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False))
   if kernel != "triton":
     return None
   cfg = _gemm_config(m, layer)
-  qx, sx, xsum = w6a_matmul.quantize_activations(gu, a_bits=layer.a_bits, swiglu=True,
-                                                 config=w6a_matmul.quantizer_config(cfg, layer.w_bits),
-                                                 interpret=jax.default_backend() != "gpu")
-  return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, config=cfg, **common)
+  qcfg = w6a_matmul.quantizer_config(cfg, layer.w_bits)
+  return InputQuantization(rows=-(-m // qcfg.block_m) * qcfg.block_m, act_t=False, phase_major=not qcfg.join_phases,
+                           config=cfg, quant_config=qcfg, **common)
+
+
+def fused_swiglu_input(gate_up: jax.Array, layer: Any):
+  """silu(gate) * up of a fused gate/up projection's output [..., 2K] quantized for `layer` (K inputs) by one
+  kernel (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory), as a
+  QuantizedActivation; None where input_quantization(layer, M, ..., "swiglu") says it does not apply (the
+  table key "fuse_swiglu_quant") or the input is not [..., 2K]."""
+  k = layer.in_features
+  m = math.prod(gate_up.shape[:-1])
+  spec = input_quantization(layer, m, gate_up.dtype, "swiglu") if gate_up.shape[-1] == 2 * k else None
+  if spec is None:
+    return None
+  gu = gate_up.reshape(m, 2 * k)
+  if spec.act_t:
+    out = w6a_matmul.quantize_activations_t(gu, a_bits=spec.a_bits, block_m=spec.quant_config.block_m,
+                                            swiglu=True)
+  else:
+    out = w6a_matmul.quantize_activations(gu, a_bits=spec.a_bits, config=spec.quant_config, swiglu=True,
+                                          interpret=jax.default_backend() != "gpu")
+  return spec.wrap(gate_up.shape[:-1], gate_up.dtype, *out)
 
 
 def _gemm_config(m: int, layer: Any):

@@ -104,3 +104,9 @@ class QuantizedLinear:
     output [..., 2 K]: the product quantized by one kernel that reads gate and up, where the backend and the
     card's tuning table say so (backends.fused_swiglu_input), else None."""
     return backends.fused_swiglu_input(gate_up, self)
+
+  def input_quantization(self, m: int, dtype, producer: str) -> "backends.InputQuantization | None":
+    """The hook models.llama calls where a kernel that produces this layer's input (`producer`: "attention",
+    the decode attention's merge) could quantize it too: how this layer wants M rows quantized
+    (backends.input_quantization), or None (the model hands over the float input)."""
+    return backends.input_quantization(self, m, dtype, producer)

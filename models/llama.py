@@ -48,6 +48,7 @@ from jax.experimental import layout as jax_layout
 from models import hadamard
 from models.config import PRESETS, LlamaConfig
 from pallas_kernels import decode_attention as decode_kernel
+from pallas_kernels.core import GROUP
 
 Params = dict[str, Any]
 
@@ -418,6 +419,33 @@ def decode_attention_mode() -> str:
   return mode
 
 
+def _decode_kernel_runs(q: jax.Array, k: jax.Array) -> bool:
+  """Whether attention() runs the Pallas decode kernel: one query token, decode_attention_mode() "pallas" (or
+  "auto" on a GPU), and shapes the kernel takes."""
+  mode = decode_attention_mode() if q.shape[1] == 1 else "xla"
+  return (mode == "pallas" or (mode == "auto" and jax.default_backend() == "gpu")) and decode_kernel.supported(
+      q[:, 0].shape, k.shape, k.dtype) is None
+
+
+def attention_input(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, consumer: Any) -> Any:
+  """attention(q, k, v, visible) as [B, T, Hq * hd], the input of the one projection that reads it (o_proj).
+  Where the decode kernel runs, a head is one quantization group (hd = 128) and the consumer has an
+  `input_quantization(m, dtype, "attention")` hook that returns how it takes quantized rows (flexq_jax's
+  QuantizedLinear, where its backend and card table say so), the kernel's merge of its splits quantizes the
+  output on its way out (pallas_kernels.decode_attention.decode_attention_quantized), and this returns what
+  the hook's `wrap` makes of it; otherwise the float output."""
+  b, t, hq, hd = q.shape
+  hook = getattr(consumer, "input_quantization", None)
+  if hook is not None and hd == GROUP and _decode_kernel_runs(q, k):
+    spec = hook(b * t, q.dtype, "attention")
+    if spec is not None:
+      out = decode_kernel.decode_attention_quantized(
+          q[:, 0], k, v.astype(k.dtype), visible[:, 0], a_bits=spec.a_bits, rows=spec.rows, act_t=spec.act_t,
+          phase_major=spec.phase_major, interpret=jax.default_backend() != "gpu")
+      return spec.wrap((b, t), q.dtype, *out)
+  return attention(q, k, v, visible).reshape(b, t, hq * hd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
   """Grouped-query attention.
 
@@ -433,11 +461,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> j
   says so and the shapes allow (its numerics: the same products, fp32 sums in another order).
   """
   b, t, hq, hd = q.shape
-  mode = decode_attention_mode() if t == 1 else "xla"
-  on_gpu = jax.default_backend() == "gpu"
-  if (mode == "pallas" or (mode == "auto" and on_gpu)) and decode_kernel.supported(q[:, 0].shape, k.shape,
-                                                                                     k.dtype) is None:
-    out = decode_kernel.decode_attention(q[:, 0], k, v.astype(k.dtype), visible[:, 0], interpret=not on_gpu)
+  if _decode_kernel_runs(q, k):
+    out = decode_kernel.decode_attention(q[:, 0], k, v.astype(k.dtype), visible[:, 0],
+                                         interpret=jax.default_backend() != "gpu")
     return out[:, None]
   hkv = k.shape[2]
   # [B, T, Hkv, G, hd]: the G query heads that share one KV head.
@@ -506,7 +532,7 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   if write_kv is not None:
     k, v, extra = write_kv(k, v)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-  a = attention(q, k, v, visible).reshape(b, t, hq * hd)
+  a = attention_input(q, k, v, visible, None if tp_axis is not None else layer["o_proj"])
   h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
   if "gate_up_proj" in layer:
     x = normed_input(h, layer["post_attention_layernorm"], config.rms_norm_eps, layer["gate_up_proj"])

@@ -20,7 +20,11 @@ Numerics: the same products and fp32 sums as models/llama.attention, in another 
 softmax rescales partial sums). Masked keys get no weight; a row with no visible key (never the case in
 decode: the new token sees itself) comes out as the average of its S values, as the einsums give.
 
-This module imports only jax and numpy (the kernel rule of flexq_jax/DESIGN.md).
+decode_attention_quantized: the same attention with the splits' merge done by a second kernel that also
+quantizes the result for o_proj (issue 14: attention's output quantized on its way to o_proj; one kernel
+instead of XLA's merge and the activation quantizer). A head's hd = 128 outputs are one quantization group.
+
+This module imports only jax, numpy and pallas_kernels (the kernel rule of flexq_jax/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import core
 
 MASK_VALUE = -1e30  # a masked score (finite: exp(MASK_VALUE - MASK_VALUE) is 1, never NaN)
 MIN_PROGRAMS = 264  # two programs an SM on an H100 / H200 (132 SMs): splits of S are added up to this
@@ -106,23 +112,8 @@ def block_for(batch: int, slots: int, kv_heads: int) -> int:
   return 128 if batch * kv_heads <= 64 else 64
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "splits", "num_warps", "interpret"))
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, block_s: int | None = None,
-                     splits: int | None = None, num_warps: int = 4, interpret: bool = False) -> jax.Array:
-  """softmax(q k^T / sqrt(hd), masked by `visible`) v for one query token a sequence.
-
-  Args:
-    q: [B, Hq, hd] the new token's queries.
-    k, v: [B, S, Hkv, hd] the cache (grouped-query: query head j reads kv head j // (Hq / Hkv)).
-    visible: [B, S] bool, True where the token may attend to the slot.
-    block_s: cache slots a loop step (a power of two >= 16; None: block_for's choice).
-    splits: splits of S a (sequence, kv head), merged afterwards (None: splits_for's count).
-    num_warps: Triton warps a program.
-    interpret: run the kernel in Pallas' interpret mode (CPU tests).
-
-  Returns:
-    [B, Hq, hd] in q's dtype.
-  """
+def _partials(q, k, v, visible, block_s, splits, num_warps, interpret):
+  """The flash-decoding kernel's per-split partial results (o, m, l), G and Gp (checks included)."""
   why = supported(q.shape, k.shape, k.dtype)
   if why is not None:
     raise ValueError(f"decode_attention {why}")
@@ -154,6 +145,104 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
       interpret=interpret,
       name="decode_attention",
   )(qg, k, v, visible.astype(jnp.int32))
+  return o, m, l, g
+
+
+def _merge_quantize_kernel(o_ref,  # [B, Hkv, NS, Gp, hd] f32
+                           m_ref,  # [B, Hkv, NS, Gp] f32
+                           l_ref,  # [B, Hkv, NS, Gp] f32
+                           q_ref,  # [Mp, Hq * hd] int8
+                           *out_refs,  # act [Hq, 2, Mp] f32 (act_t), or s_x [Mp, Hq] f32 and sum(q_x) [Mp, Hq] int32
+                           batch: int, g: int, qmax: int, out_dtype, act_t: bool, phase_major: bool):
+  """One (token row, kv head): the splits merged as decode_attention's jnp merge writes it (the maximum over
+  the splits, then the weighted sums in split order), rounded to the attention's dtype, then each of the G
+  heads' 128 outputs quantized as one group (pallas_kernels/core.py). Rows past the batch write zeros."""
+  b, h = pl.program_id(0), pl.program_id(1)
+  ns, gp, hd = o_ref.shape[2], o_ref.shape[3], o_ref.shape[4]
+  real = b < batch
+  bb = jnp.minimum(b, batch - 1)
+  top = jax.lax.fori_loop(1, ns, lambda c, t: jnp.maximum(t, m_ref.at[bb, h, c][...]), m_ref.at[bb, h, 0][...])
+
+  def add(c, carry):
+    num, den = carry
+    w = jnp.exp(m_ref.at[bb, h, c][...] - top)
+    return num + o_ref.at[bb, h, c][...] * w[:, None], den + l_ref.at[bb, h, c][...] * w
+
+  num, den = jax.lax.fori_loop(0, ns, add, (jnp.zeros((gp, hd), jnp.float32), jnp.zeros((gp,), jnp.float32)))
+  rows = jnp.arange(gp)
+  keep = real & (rows < g)
+  out = jnp.where(keep[:, None], num / jnp.where(keep, den, 1.0)[:, None], 0.0)
+  q, s = core.quantize_groups(out.astype(out_dtype).astype(jnp.float32), qmax)  # [Gp, 128], [Gp]
+  xsum = jnp.sum(q, axis=1).astype(jnp.int32)
+  if phase_major:  # column 32p + t <- k = 4t + p
+    q = q.reshape(gp, 32, 4).transpose(0, 2, 1).reshape(gp, hd)
+  heads = pl.ds(h * g, gp)
+  ok = rows < g
+  plgpu.store(q_ref.at[b, pl.ds(h * g * hd, gp * hd)], q.astype(jnp.int8).reshape(gp * hd),
+              mask=jnp.arange(gp * hd) < g * hd)
+  if act_t:
+    [act_ref] = out_refs
+    for i, val in enumerate((s, xsum.astype(jnp.float32))):
+      plgpu.store(act_ref.at[heads, pl.ds(i, 1), b], val[:, None], mask=ok[:, None])
+  else:
+    s_ref, sum_ref = out_refs
+    plgpu.store(s_ref.at[b, heads], s, mask=ok)
+    plgpu.store(sum_ref.at[b, heads], xsum, mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "rows", "act_t", "phase_major", "block_s", "splits",
+                                             "num_warps", "interpret"))
+def decode_attention_quantized(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, a_bits: int,
+                               rows: int, act_t: bool, phase_major: bool = True, block_s: int | None = None,
+                               splits: int | None = None, num_warps: int = 4,
+                               interpret: bool = False) -> tuple[jax.Array, ...]:
+  """decode_attention(q, k, v, visible) flattened to [B, Hq * hd] and quantized for o_proj, by the numerics
+  contract, in the layout of the GEMM that reads it: q_x int8 [rows, Hq * hd] (phase-major groups unless
+  phase_major=False; rows >= B zeros) with either act fp32 [Hq, 2, rows] (act_t: the small-M Mosaic GEMM's
+  operand, as w6a_matmul.quantize_activations_t writes it) or s_x fp32 [rows, Hq] and sum(q_x) int32 [rows, Hq]
+  (the Triton GEMMs', as w6a_matmul.quantize_activations). Needs hd = 128 (a head is one group).
+
+  The same numbers as quantizing decode_attention's output, up to the fp32 order of the splits' merge (an
+  output on a rounding boundary of the attention's dtype may land one step apart)."""
+  b, hq, hd = q.shape
+  if hd != core.GROUP:
+    raise ValueError(f"decode_attention_quantized needs a head size of {core.GROUP} (one quantization group a "
+                     f"head), got {hd}")
+  if rows < b:
+    raise ValueError(f"rows={rows} must be at least the batch, {b}")
+  o, m, l, g = _partials(q, k, v, visible, block_s, splits, num_warps, interpret)
+  scales = ((jax.ShapeDtypeStruct((hq, 2, rows), jnp.float32),) if act_t else
+            (jax.ShapeDtypeStruct((rows, hq), jnp.float32), jax.ShapeDtypeStruct((rows, hq), jnp.int32)))
+  return pl.pallas_call(
+      functools.partial(_merge_quantize_kernel, batch=b, g=g, qmax=core.qrange(a_bits)[1], out_dtype=q.dtype,
+                        act_t=act_t, phase_major=phase_major),
+      out_shape=(jax.ShapeDtypeStruct((rows, hq * hd), jnp.int8), *scales),
+      grid=(rows, k.shape[2]),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="decode_attention_quantize",
+  )(o, m, l)
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "splits", "num_warps", "interpret"))
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, block_s: int | None = None,
+                     splits: int | None = None, num_warps: int = 4, interpret: bool = False) -> jax.Array:
+  """softmax(q k^T / sqrt(hd), masked by `visible`) v for one query token a sequence.
+
+  Args:
+    q: [B, Hq, hd] the new token's queries.
+    k, v: [B, S, Hkv, hd] the cache (grouped-query: query head j reads kv head j // (Hq / Hkv)).
+    visible: [B, S] bool, True where the token may attend to the slot.
+    block_s: cache slots a loop step (a power of two >= 16; None: block_for's choice).
+    splits: splits of S a (sequence, kv head), merged afterwards (None: splits_for's count).
+    num_warps: Triton warps a program.
+    interpret: run the kernel in Pallas' interpret mode (CPU tests).
+
+  Returns:
+    [B, Hq, hd] in q's dtype.
+  """
+  b, hq, hd = q.shape
+  o, m, l, g = _partials(q, k, v, visible, block_s, splits, num_warps, interpret)
   top = jnp.max(m, axis=2, keepdims=True)  # merge the splits: weights exp(m_split - max)
   w = jnp.exp(m - top)
   out = jnp.sum(o * w[..., None], axis=2) / jnp.sum(l * w, axis=2)[..., None]  # [B, Hkv, Gp, hd]

@@ -192,10 +192,12 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   program, so interpret mode matches the unfused model bit for bit). On a GPU, XLA's excess precision may
   skip some of those roundings in the unfused program: q_x can then differ by a step in a few elements
   (tests/pallas_kernels/test_w6a_matmul.py bounds it)."""
-  dt = gate.dtype
-  one = jnp.asarray(1, dt)
-  sig = one / (one + jnp.exp(-gate))
-  return (gate * sig).astype(dt) * up
+  dt, f32 = gate.dtype, jnp.float32
+  r = lambda v: v.astype(dt).astype(f32)  # one rounding to the activations' dtype (each op in fp32: Triton has no
+  #                                         bf16 division)
+  g = gate.astype(f32)
+  sig = r(1.0 / r(r(jnp.exp(-g)) + 1.0))
+  return (r(g * sig) * up.astype(f32)).astype(dt)
 
 
 def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int, swiglu: bool = False):

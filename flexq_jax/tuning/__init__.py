@@ -24,7 +24,9 @@ gate/up GEMM that reads it, where that GEMM is a Triton kernel (backends.fused_n
 method flexq-fused-norm measures it; absent: never), and "fuse_norm_quant_small": true the same where it
 is the small-M Mosaic GEMM with "mosaic_small_quant_t" (e2e method flexq-fused-norm-small; absent: never), and
 "fuse_swiglu_quant": true to quantize down_proj's input silu(gate) * up in one kernel reading the fused gate/up
-output, for either GEMM (backends.fused_swiglu_input; e2e method flexq-fused-swiglu; absent: never).
+output, for either GEMM (backends.fused_swiglu_input; e2e method flexq-fused-swiglu; absent: never), and
+"fuse_attention_quant": true to quantize o_proj's input in the decode attention kernel's merge
+(models.llama.attention_input; e2e method flexq-fused-attention; absent: never).
 $FLEXQ_TUNING_EXTRA, a JSON object, is merged over the table (benchmarks: a setting tried before
 it is committed, e.g. '{"cuda_gemv_xq_max_m": 2}').
 It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):

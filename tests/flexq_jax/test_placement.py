@@ -21,6 +21,7 @@ from flexq_jax.qconfig import QuantConfig
 from flexq_jax.qlinear import QuantizedLinear
 from flexq_jax.quantize import quantize
 from models import generate as gen
+from models import config as model_configs
 from models import llama
 from tests.helpers import has_gpu
 
@@ -157,7 +158,6 @@ def test_greedy_generation_matches_the_reference(tiny, backend, monkeypatch):
   down_proj's input quantized by the SwiGLU kernel, "fuse_swiglu_quant") as through the jnp reference,
   unfused; prompt logits within 1e-2 of their scale (the contract leaves fp32 summation order free, and an
   activation whose quotient sits within that rounding of a half step may land one step apart downstream)."""
-  from flexq_jax import tuning
   if backend.endswith("+swiglu"):
     monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_swiglu_quant": true}')
     backend = backend.removesuffix("+swiglu")
@@ -300,6 +300,84 @@ def test_swiglu_fused_into_the_down_proj_quantizer_where_the_table_says(tiny, mo
   assert down.swiglu_input(gate_up) is None
   table["mosaic_small_quant_t"], table["fuse_swiglu_quant"] = True, False
   assert down.swiglu_input(gate_up) is None
+
+
+@pytest.fixture(scope="module")
+def tiny128():
+  """The tiny model with 128-wide heads (a head is one quantization group: attention's output can be
+  quantized by the decode kernel's merge)."""
+  cfg = model_configs.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                                  num_heads=2, num_kv_heads=2, max_position_embeddings=2048)
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.05)
+  calib = np.asarray(jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size))
+  qparams, _ = quantize(params, calib, QuantConfig(weight_method="rtn", a8_selection="down_proj", smooth_alpha=None),
+                        model_config=cfg)
+  return cfg, qparams
+
+
+def test_attention_output_quantized_for_o_proj_where_the_table_says(tiny128, monkeypatch):
+  """The routing of "fuse_attention_quant" (CPU, the decode kernel in interpret mode): where the Triton GEMMs
+  run, attention_input hands o_proj the merge kernel's q_x, s_x and sum(q_x), equal to quantizing the float
+  attention output, and `qa @ o_proj` equals the float path's; where the small-M Mosaic GEMM runs, its q_x and
+  [G, 2, M] operand for the layer's tiling. No key, several query tokens, or no kernel: the float output."""
+  from flexq_jax import backends
+  from pallas_kernels import w6a_gemm_mgpu_small as ms
+  cfg, qparams = tiny128
+  o_proj = place(qparams, "pallas", dtype=jnp.float32)[0]["layers"][0]["o_proj"]
+  ks = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(ks[0], (3, 1, 2, 128))
+  k, v = jax.random.normal(ks[1], (3, 40, 2, 128)), jax.random.normal(ks[2], (3, 40, 2, 128))
+  visible = (jnp.arange(40)[None, :] < jnp.asarray([40, 33, 9])[:, None])[:, None, :]
+  monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, "pallas")
+  table = {}
+  monkeypatch.setattr(backends, "_card_table", lambda device=None: table)
+  plain = llama.attention(q, k, v, visible).reshape(3, 1, 256)
+  np.testing.assert_array_equal(llama.attention_input(q, k, v, visible, o_proj), plain)  # no key
+  table["fuse_attention_quant"] = True
+  qa = llama.attention_input(q, k, v, visible, o_proj)
+  assert isinstance(qa, backends.QuantizedActivation) and qa.lead == (3, 1) and qa.act is None
+  want = backends.w6a_matmul.quantize_activations(plain.reshape(3, 256), a_bits=o_proj.a_bits,
+                                                  config=backends.w6a_matmul.quantizer_config(qa.config, 6),
+                                                  interpret=True)
+  for got, ref in zip((qa.qx, qa.sx, qa.xsum), want):
+    np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(qa @ o_proj, plain @ o_proj)
+  q2 = jnp.concatenate([q, q], axis=1)  # two query tokens (a prefill chunk): the einsums, unquantized
+  assert isinstance(llama.attention_input(q2, k, v, jnp.concatenate([visible] * 2, axis=1), o_proj), jax.Array)
+  monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, "xla")
+  assert isinstance(llama.attention_input(q, k, v, visible, o_proj), jax.Array)
+  monkeypatch.setenv(llama.DECODE_ATTENTION_ENV, "pallas")
+  # the small-M Mosaic GEMM's operand
+  monkeypatch.setattr(backends.PALLAS, "kernel_for", lambda *a, **kw: ("mosaic_small", "this test"))
+  monkeypatch.setattr(ms, "num_sms", lambda: 132)
+  table.update(mosaic_small_split=True, mosaic_small_ragged=True, mosaic_small_quant_t=True)
+  qa = llama.attention_input(q, k, v, visible, o_proj)
+  small = backends._small_config(3, o_proj)
+  assert qa.config == small and qa.sx is None and qa.act.shape == (2, 2, small.tile_t)
+  want_q, want_act = backends.w6a_matmul.quantize_activations_t(plain.reshape(3, 256), a_bits=o_proj.a_bits,
+                                                                block_m=small.tile_t, interpret=True)
+  np.testing.assert_array_equal(qa.qx, want_q)
+  np.testing.assert_array_equal(qa.act, want_act)
+  with pytest.raises(ValueError, match="unknown producer"):
+    backends.input_quantization(o_proj, 3, jnp.float32, "rope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+def test_gpu_greedy_generation_with_the_fused_producers_matches_the_reference(tiny128, monkeypatch):
+  """Issue 14's exactness check through the SwiGLU and attention-output producers on the GPU ("fuse_swiglu_quant"
+  and "fuse_attention_quant" on, q/k/v and gate/up fused, 128-wide heads): the reference's greedy tokens, prompt
+  logits within 1e-2 of their scale."""
+  cfg, qparams = tiny128
+  qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,
+                         is_leaf=lambda a: isinstance(a, QuantizedLinear))
+  ref_tokens, ref_logits = _generate(cfg, place(qparams, "reference")[0])
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_swiglu_quant": true, "fuse_attention_quant": true}')
+  jax.clear_caches()
+  tokens, logits = _generate(cfg, llama.fuse_projections(place(qparams, "pallas", dtype=jnp.bfloat16)[0]))
+  jax.clear_caches()
+  np.testing.assert_array_equal(tokens, ref_tokens)
+  assert float(np.max(np.abs(logits - ref_logits))) <= 1e-2 * float(np.max(np.abs(ref_logits)))
 
 
 def test_e2e_resident_weights_drop_the_others_on_out_of_memory():

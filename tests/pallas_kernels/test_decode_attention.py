@@ -15,6 +15,7 @@ from models import generate as gen
 from models import llama
 from models.config import LlamaConfig
 from pallas_kernels import decode_attention as da
+from pallas_kernels import w6a_matmul as wk
 from tests.helpers import has_gpu
 
 
@@ -126,6 +127,69 @@ def test_greedy_generation_through_the_kernel_equals_the_einsums(monkeypatch):
                               sampling=gen.GREEDY, cache_dtype=jnp.float32)
   jax.clear_caches()
   np.testing.assert_array_equal(outs["pallas"].tokens, outs["xla"].tokens)
+
+
+def _quantized_pair(q, k, v, visible, a_bits, rows, act_t, phase_major, splits, interpret):
+  """decode_attention_quantized's outputs and the quantizer's on decode_attention's flattened output."""
+  b, hq, hd = q.shape
+  got = da.decode_attention_quantized(q, k, v, visible, a_bits=a_bits, rows=rows, act_t=act_t,
+                                      phase_major=phase_major, block_s=16, splits=splits, interpret=interpret)
+  out = da.decode_attention(q, k, v, visible, block_s=16, splits=splits, interpret=interpret).reshape(b, hq * hd)
+  if act_t:
+    want = wk.quantize_activations_t(out, a_bits=a_bits, block_m=rows, interpret=interpret)
+  else:
+    want = wk.quantize_activations(out, a_bits=a_bits, config=wk.TileConfig(block_m=rows, join_phases=not phase_major),
+                                   interpret=interpret)
+  return [np.asarray(a) for a in got], [np.asarray(a) for a in want]
+
+
+@pytest.mark.parametrize("b, hq, hkv, s, dtype, splits", [
+    (3, 4, 4, 40, jnp.float32, 1), (3, 4, 4, 40, jnp.bfloat16, 3), (2, 8, 2, 70, jnp.bfloat16, 2),
+    (17, 2, 1, 33, jnp.float32, 3)])
+@pytest.mark.parametrize("act_t, phase_major", [(False, True), (False, False), (True, True)])
+def test_quantized_merge_is_the_quantizer_of_the_output(b, hq, hkv, s, dtype, splits, act_t, phase_major):
+  """decode_attention_quantized (the splits merged and quantized for o_proj in one kernel) against
+  quantizing decode_attention's output with the quantizer of the GEMM that reads it (Triton: [rows, G] scales,
+  phase-major or K-order q_x; small Mosaic: [G, 2, rows]), in interpret mode: identical, padded rows zero.
+  Grouped heads (G = 4, 2), one head a kv head, ragged cache lengths, 1-3 splits, A6 and A8."""
+  q, k, v, visible = _case(b, hq, hkv, 128, s, dtype, lengths=[s - 5 * i for i in range(b)])
+  rows = 32 if b <= 32 else 64
+  for a_bits in (6, 8):
+    got, want = _quantized_pair(q, k, v, visible, a_bits, rows, act_t, phase_major, splits, interpret=True)
+    assert [a.shape for a in got] == [a.shape for a in want] and [a.dtype for a in got] == [a.dtype for a in want]
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+    assert not got[0][b:].any()
+
+
+def test_quantized_merge_refuses_what_it_cannot_take():
+  q, k, v, visible = _case(2, 4, 2, 64, 40, jnp.float32)
+  with pytest.raises(ValueError, match="head size of 128"):
+    da.decode_attention_quantized(q, k, v, visible, a_bits=6, rows=16, act_t=True, interpret=True)
+  q, k, v, visible = _case(20, 2, 2, 128, 40, jnp.float32, lengths=[40] * 20)
+  with pytest.raises(ValueError, match="at least the batch"):
+    da.decode_attention_quantized(q, k, v, visible, a_bits=6, rows=16, act_t=True, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b, act_t", [(1, False), (16, True), (64, True), (16, False)])
+def test_gpu_quantized_merge_is_the_quantizer_of_the_output(b, act_t):
+  """The compiled merge-and-quantize kernel against the compiled quantizer on the compiled attention's output
+  (LLaMA-2-7B decode shapes): the merge's fp32 order may move an output across a bf16 rounding, so q_x at most
+  one step apart in under 1% of the elements, the scales within one bf16 ulp, sum(q_x) exact to its q_x."""
+  q, k, v, visible = _case(b, 32, 32, 128, 160, jnp.bfloat16, lengths=[160 - 3 * i for i in range(b)])
+  rows = 32 if b <= 32 else 64
+  got, want = _quantized_pair(q, k, v, visible, 6, rows, act_t, True, None, interpret=False)
+  steps = np.abs(got[0].astype(np.int32) - want[0].astype(np.int32))
+  assert steps.max() <= 1 and steps.mean() < 0.01, (steps.max(), steps.mean())
+  sums = got[0].reshape(rows, 32, 128).astype(np.int32).sum(-1)  # [rows, heads]
+  if act_t:
+    np.testing.assert_allclose(got[1][:, 0], want[1][:, 0], rtol=2 ** -7)
+    np.testing.assert_array_equal(got[1][:, 1], sums.T.astype(np.float32))
+  else:
+    np.testing.assert_allclose(got[1], want[1], rtol=2 ** -7)
+    np.testing.assert_array_equal(got[2], sums)
 
 
 @pytest.mark.gpu
