@@ -287,7 +287,8 @@ def get(name: str) -> Backend:
 class QuantizedActivation:
   """Activations x [..., K] as the numerics contract quantizes them (q_x, s_x, sum(q_x) in the
   layout of the kernel that will read them), made by the op that produced x
-  (fused_norm_input). `qx @ layer` runs that layer's GEMM on them; only the layer they
+  (fused_norm_input, fused_swiglu_input, models.llama.attention_input through input_quantization).
+  `qx @ layer` runs that layer's GEMM on them; only the layer they
   were made for (its backend, a_bits and tiling) can take them."""
 
   qx: jax.Array  # int8 [Mp, Kp]
@@ -312,42 +313,21 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   not set "fuse_norm_quant" (for the Triton GEMMs) or "fuse_norm_quant_small" (for the small-M Mosaic
   GEMM whose quantizer writes its [G, 2, M] operand, "mosaic_small_quant_t"). No table sets either
   until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries them."""
-  if layer.backend != PALLAS.name or layer.a_bits == 16 or h.shape[-1] != layer.in_features:
-    return None
-  if not PALLAS.can_run(layer, h.dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
-    return None
-  device = jax.devices()[0]
-  table = _card_table(device)
-  if not (table.get("fuse_norm_quant") or table.get("fuse_norm_quant_small")):
-    return None
   m = math.prod(h.shape[:-1])
-  if m == 0:
+  spec = input_quantization(layer, m, h.dtype, "norm") if h.shape[-1] == layer.in_features else None
+  if spec is None:
     return None
-  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=h.dtype, n=layer.out_features,
-                             k=layer.in_features)[0]
-  out_dtype = jnp.result_type(weight.dtype, h.dtype)
-  if kernel == "mosaic_small" and table.get("fuse_norm_quant_small"):
-    small = _small_config(m, layer)
-    if not small.quant_t:
-      return None
-    qx, act = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,
-                                       config=w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False),
-                                       act_t=True)
-    return QuantizedActivation(qx=qx, sx=None, xsum=None, lead=h.shape[:-1], in_features=layer.in_features,
-                               a_bits=layer.a_bits, dtype=out_dtype, config=small, act=act)
-  if kernel != "triton" or not table.get("fuse_norm_quant"):
-    return None
-  cfg = _gemm_config(m, layer)
-  qx, sx, xsum = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=layer.a_bits,
-                                          config=w6a_matmul.quantizer_config(cfg, layer.w_bits),
-                                          interpret=jax.default_backend() != "gpu")
-  return QuantizedActivation(qx=qx, sx=sx, xsum=xsum, lead=h.shape[:-1], in_features=layer.in_features,
-                             a_bits=layer.a_bits, dtype=out_dtype, config=cfg)
+  out = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=spec.a_bits, config=spec.quant_config,
+                                 act_t=spec.act_t, interpret=jax.default_backend() != "gpu")
+  return spec.wrap(h.shape[:-1], jnp.result_type(weight.dtype, h.dtype), *out)
 
 
-# Producers that may quantize a pallas layer's input themselves, and the tuning-table key that turns each on
-# (absent: never; none is set until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries them).
-PRODUCER_KEYS = {"swiglu": "fuse_swiglu_quant", "attention": "fuse_attention_quant"}
+# Producers that may quantize a pallas layer's input themselves, and the tuning-table keys that turn each on
+# where the Triton GEMMs run and where the small-M Mosaic GEMM does (absent: never; the norm's are measured
+# slower, the others not yet run: no table sets any; $FLEXQ_TUNING_EXTRA tries them).
+PRODUCER_KEYS = {"norm": ("fuse_norm_quant", "fuse_norm_quant_small"),
+                 "swiglu": ("fuse_swiglu_quant", "fuse_swiglu_quant"),
+                 "attention": ("fuse_attention_quant", "fuse_attention_quant")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +355,7 @@ def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantiz
   """How `layer` takes M rows of input quantized by `producer` (a PRODUCER_KEYS name); None where that does not
   apply: a backend other than pallas, weight-only layers, an M at which the pallas backend runs neither the
   Triton GEMMs nor the small-M Mosaic GEMM with its [G, 2, M] operand ("mosaic_small_quant_t"), or a card whose
-  tuning table does not set the producer's key."""
+  tuning table does not set the producer's key for that GEMM."""
   if producer not in PRODUCER_KEYS:
     raise ValueError(f"unknown producer {producer!r}; known: {', '.join(PRODUCER_KEYS)}")
   if layer.backend != PALLAS.name or layer.a_bits == 16 or m == 0:
@@ -383,19 +363,21 @@ def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantiz
   if not PALLAS.can_run(layer, dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return None
   device = jax.devices()[0]
-  if not _card_table(device).get(PRODUCER_KEYS[producer]):
+  table = _card_table(device)
+  triton_key, small_key = PRODUCER_KEYS[producer]
+  if not (table.get(triton_key) or table.get(small_key)):
     return None
   kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=dtype, n=layer.out_features,
                              k=layer.in_features)[0]
   common = dict(a_bits=layer.a_bits, in_features=layer.in_features)
-  if kernel == "mosaic_small":
+  if kernel == "mosaic_small" and table.get(small_key):
     small = _small_config(m, layer)
     if not small.quant_t:
       return None
     rows = -(-m // small.tile_t) * small.tile_t
     return InputQuantization(rows=rows, act_t=True, phase_major=True, config=small, **common,
                              quant_config=w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False))
-  if kernel != "triton":
+  if kernel != "triton" or not table.get(triton_key):
     return None
   cfg = _gemm_config(m, layer)
   qcfg = w6a_matmul.quantizer_config(cfg, layer.w_bits)
@@ -416,7 +398,7 @@ def fused_swiglu_input(gate_up: jax.Array, layer: Any):
   gu = gate_up.reshape(m, 2 * k)
   if spec.act_t:
     out = w6a_matmul.quantize_activations_t(gu, a_bits=spec.a_bits, block_m=spec.quant_config.block_m,
-                                            swiglu=True)
+                                            swiglu=True, interpret=jax.default_backend() != "gpu")
   else:
     out = w6a_matmul.quantize_activations(gu, a_bits=spec.a_bits, config=spec.quant_config, swiglu=True,
                                           interpret=jax.default_backend() != "gpu")
@@ -429,7 +411,7 @@ def _gemm_config(m: int, layer: Any):
 
 
 def prequantized_matmul(qa: Any, layer: Any) -> jax.Array:
-  """qa (a QuantizedActivation made for `layer` by fused_norm_input) @ layer -> [..., N] in qa.dtype."""
+  """qa (a QuantizedActivation made for `layer` by its producer) @ layer -> [..., N] in qa.dtype."""
   m = math.prod(qa.lead)
   small = isinstance(qa.config, w6a_gemm_mgpu_small.SmallConfig)
   if (layer.backend != PALLAS.name or qa.in_features != layer.in_features or qa.a_bits != layer.a_bits

@@ -232,8 +232,6 @@ def test_rms_norm_fused_for_the_small_mosaic_gemm_where_the_table_says(tiny, mon
   monkeypatch.setattr(backends, "_card_table", lambda device=None: table)
   monkeypatch.setattr(backends.PALLAS, "kernel_for", lambda *a, **kw: ("mosaic_small", "this test"))
   monkeypatch.setattr(ms, "num_sms", lambda: 132)
-  kernel = backends.w6a_matmul.norm_quantize
-  monkeypatch.setattr(backends.w6a_matmul, "norm_quantize", lambda *a, **kw: kernel(*a, **kw, interpret=True))
   calls = []
 
   def fake_gemm(qx, act, packed, scales, *, m, out_dtype, config):
@@ -288,18 +286,38 @@ def test_swiglu_fused_into_the_down_proj_quantizer_where_the_table_says(tiny, mo
   # the small-M Mosaic GEMM's operand
   monkeypatch.setattr(backends.PALLAS, "kernel_for", lambda *a, **kw: ("mosaic_small", "this test"))
   monkeypatch.setattr(ms, "num_sms", lambda: 132)
-  kernel = backends.w6a_matmul.quantize_activations_t
-  monkeypatch.setattr(backends.w6a_matmul, "quantize_activations_t", lambda *a, **kw: kernel(*a, **kw, interpret=True))
   qa = down.swiglu_input(gate_up)
   small = backends._small_config(16, down)
   assert qa.config == small and qa.sx is None and qa.act.shape == (down.packed.shape[1], 2, small.tile_t)
-  plain_q, plain_act = kernel(plain.reshape(16, -1), a_bits=down.a_bits, block_m=small.tile_t, interpret=True)
+  plain_q, plain_act = backends.w6a_matmul.quantize_activations_t(plain.reshape(16, -1), a_bits=down.a_bits,
+                                                                  block_m=small.tile_t, interpret=True)
   np.testing.assert_array_equal(qa.qx, plain_q)
   np.testing.assert_array_equal(qa.act, plain_act)
   table["mosaic_small_quant_t"] = False
   assert down.swiglu_input(gate_up) is None
   table["mosaic_small_quant_t"], table["fuse_swiglu_quant"] = True, False
   assert down.swiglu_input(gate_up) is None
+
+
+def test_the_forward_with_the_swiglu_producer_equals_the_plain_one(tiny, monkeypatch):
+  """The whole model (fp32, pallas in interpret mode, gate/up fused) with "fuse_swiglu_quant" on: every
+  layer's down_proj reads the SwiGLU quantizer's output (one call a layer), and the logits equal the
+  unfused program's (in fp32 the kernel's product is the model's, bit for bit)."""
+  from flexq_jax import backends
+  cfg, qparams, _ = tiny
+  placed = llama.fuse_projections(place(qparams, "pallas", dtype=jnp.float32)[0])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
+  run = lambda p: np.asarray(jax.jit(lambda p: llama.forward(p, cfg, tokens)[0])(p), np.float32)
+  monkeypatch.delenv(tuning.EXTRA_ENV, raising=False)
+  plain = run(placed)
+  monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_swiglu_quant": true}')
+  calls = []
+  kernel = backends.w6a_matmul.quantize_activations
+  monkeypatch.setattr(backends.w6a_matmul, "quantize_activations",
+                      lambda *a, **kw: calls.append(kw.get("swiglu")) or kernel(*a, **kw))
+  fused = run(placed)
+  assert calls.count(True) == cfg.num_layers
+  np.testing.assert_array_equal(fused, plain)
 
 
 @pytest.fixture(scope="module")
