@@ -231,7 +231,7 @@ def _small_config(m: int, layer: Any):
   """The small-M Mosaic GEMM's tiling: its default, split along K where the card's table sets
   "mosaic_small_split" (w6a_gemm_mgpu_small.split_for: enough CTAs for every SM; with "mosaic_small_ragged"
   split_ragged's cost model, any split count; with "mosaic_small_stream_k" streamed in equal runs a CTA
-  where the tiles outnumber the SMs, split_config's rule), reading the fp16
+  where split_config's cost model prefers that to the split), reading the fp16
   weight scales where it sets "mosaic_small_sw_f16" (SmallConfig.sw_f16), and with the quantizer writing
   the fused TMA's [G, 2, M] operand where it sets "mosaic_small_quant_t" (SmallConfig.quant_t)."""
   table = _card_table()
@@ -307,12 +307,9 @@ class QuantizedActivation:
 
 def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   """rms_norm(h, weight, eps) quantized for `layer` by one fused kernel
-  (pallas_kernels.w6a_matmul.norm_quantize), as a QuantizedActivation; None where the
-  fusion does not apply: a backend other than pallas, weight-only layers, an M at which the pallas
-  backend runs neither the Triton GEMMs nor the small-M Mosaic GEMM, or a card whose tuning table does
-  not set "fuse_norm_quant" (for the Triton GEMMs) or "fuse_norm_quant_small" (for the small-M Mosaic
-  GEMM whose quantizer writes its [G, 2, M] operand, "mosaic_small_quant_t"). No table sets either
-  until a GPU run has measured it; $FLEXQ_TUNING_EXTRA tries them."""
+  (pallas_kernels.w6a_matmul.norm_quantize), as a QuantizedActivation; None where
+  input_quantization(layer, M, ..., "norm") says it does not apply (the table keys "fuse_norm_quant" for the
+  Triton GEMMs, "fuse_norm_quant_small" for the small-M Mosaic GEMM) or h is not [..., K]."""
   m = math.prod(h.shape[:-1])
   spec = input_quantization(layer, m, h.dtype, "norm") if h.shape[-1] == layer.in_features else None
   if spec is None:
@@ -333,17 +330,28 @@ PRODUCER_KEYS = {"norm": ("fuse_norm_quant", "fuse_norm_quant_small"),
 @dataclasses.dataclass(frozen=True)
 class InputQuantization:
   """How a pallas layer at M rows takes activations its producer quantized, in the layout of the GEMM that
-  will read them: `rows` (M padded to that GEMM's tile), q_x phase-major or not, and either the small-M
-  Mosaic GEMM's [G, 2, rows] operand (act_t) or the Triton GEMMs' [rows, G] s_x and sum(q_x), as
-  `quant_config` (a w6a_matmul.TileConfig) tiles them. `wrap` makes the QuantizedActivation `qa @ layer` takes."""
+  will read them (`config`: the small-M Mosaic GEMM's SmallConfig or the Triton GEMMs' TileConfig), as the
+  quantizer of `quant_config` writes it. `wrap` makes the QuantizedActivation `qa @ layer` takes."""
 
   a_bits: int
-  rows: int
-  act_t: bool
-  phase_major: bool
   in_features: int
+  m: int
   config: Any  # the GEMM's tiling (SmallConfig or TileConfig), which prequantized_matmul checks
-  quant_config: Any  # the quantizer's TileConfig (block_m = the row tile)
+  quant_config: Any  # the quantizer's w6a_matmul.TileConfig (block_m = the row tile)
+
+  @property
+  def act_t(self) -> bool:
+    """s_x and sum(q_x) as the small-M Mosaic GEMM's [G, 2, rows] operand (else [rows, G] arrays each)."""
+    return isinstance(self.config, w6a_gemm_mgpu_small.SmallConfig)
+
+  @property
+  def rows(self) -> int:
+    """M padded to the row tile: the rows of q_x and its scales."""
+    return -(-self.m // self.quant_config.block_m) * self.quant_config.block_m
+
+  @property
+  def phase_major(self) -> bool:
+    return not self.quant_config.join_phases
 
   def wrap(self, lead: tuple[int, ...], dtype, qx: jax.Array, *scales: jax.Array) -> "QuantizedActivation":
     sx, xsum, act = (None, None, *scales) if self.act_t else (*scales, None)
@@ -369,20 +377,17 @@ def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantiz
     return None
   kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=dtype, n=layer.out_features,
                              k=layer.in_features)[0]
-  common = dict(a_bits=layer.a_bits, in_features=layer.in_features)
+  common = dict(a_bits=layer.a_bits, in_features=layer.in_features, m=m)
   if kernel == "mosaic_small" and table.get(small_key):
     small = _small_config(m, layer)
     if not small.quant_t:
       return None
-    rows = -(-m // small.tile_t) * small.tile_t
-    return InputQuantization(rows=rows, act_t=True, phase_major=True, config=small, **common,
-                             quant_config=w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False))
+    quant = w6a_matmul.TileConfig(block_m=small.tile_t, join_phases=False)
+    return InputQuantization(config=small, quant_config=quant, **common)
   if kernel != "triton" or not table.get(triton_key):
     return None
   cfg = _gemm_config(m, layer)
-  qcfg = w6a_matmul.quantizer_config(cfg, layer.w_bits)
-  return InputQuantization(rows=-(-m // qcfg.block_m) * qcfg.block_m, act_t=False, phase_major=not qcfg.join_phases,
-                           config=cfg, quant_config=qcfg, **common)
+  return InputQuantization(config=cfg, quant_config=w6a_matmul.quantizer_config(cfg, layer.w_bits), **common)
 
 
 def fused_swiglu_input(gate_up: jax.Array, layer: Any):

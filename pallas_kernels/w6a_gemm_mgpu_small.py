@@ -180,16 +180,19 @@ def stream_k_plan(tiles: int, slots: int, num_sms: int) -> tuple[int, int, int]:
   units = tiles * slots
   per = -(-units // min(num_sms, units))
   ctas = -(-units // per)
-  spans = [((t + 1) * slots - 1) // per - (t * slots) // per + 1 for t in range(tiles)]
-  return ctas, per, max(spans)
+  return ctas, per, int(_stream_k_spans(tiles, slots, per).max())
+
+
+def _stream_k_spans(tiles: int, slots: int, per: int) -> np.ndarray:
+  """int [tiles]: how many CTAs of runs of `per` units each tile's units fall to."""
+  t = np.arange(tiles)
+  return ((t + 1) * slots - 1) // per - (t * slots) // per + 1
 
 
 def stream_k_written(tiles: int, slots: int, per: int, buffers: int) -> np.ndarray:
   """bool [buffers, tiles]: which partial buffers stream_k_plan's CTAs write for each tile (the others
   are never written and must count zero)."""
-  t = np.arange(tiles)
-  spans = ((t + 1) * slots - 1) // per - (t * slots) // per + 1
-  return np.arange(buffers)[:, None] < spans[None, :]
+  return np.arange(buffers)[:, None] < _stream_k_spans(tiles, slots, per)[None, :]
 
 
 def default_config(m: int) -> SmallConfig:

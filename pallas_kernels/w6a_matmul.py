@@ -175,15 +175,30 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132, *, w_bits: int = 
 
 def _quantize_kernel(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
                      q_ref,  # [Mp, Kp] int8
-                     s_ref,  # [Mp, G] f32
-                     sum_ref,  # [Mp, G] int32
-                     *, m: int, k: int, block_m: int, qmax: int, phase_major: bool, swiglu: bool = False):
+                     *scale_refs,  # s_x [Mp, G] f32 and sum(q_x) [Mp, G] int32; or with act_t, act [G, 2, Mp] f32
+                     m: int, k: int, block_m: int, qmax: int, phase_major: bool, act_t: bool = False,
+                     swiglu: bool = False):
+  """One row block's K-group quantized (_quantize_program) and stored (_store_group)."""
   m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax, swiglu=swiglu)
-  s_ref[pl.ds(m0, block_m), g] = s
-  sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
-  if phase_major:  # column 32p + t <- k = 4t + p
-    q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
-  q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+  _store_group(q_ref, scale_refs, pl.ds(m0, block_m), g, q, s, phase_major=phase_major, act_t=act_t)
+
+
+def _store_group(q_ref, scale_refs, rows, g: int, q: jax.Array, s: jax.Array, *, phase_major: bool, act_t: bool):
+  """q_x [rows, 128] and s_x [rows] of K-group g written in the layout of the GEMM that reads them: s_x and
+  sum(q_x) as [Mp, G] arrays, or (act_t) transposed and stacked as the small-M Mosaic GEMM's fused TMA reads
+  them, one fp32 [G, 2, Mp] (pallas_kernels/w6a_gemm_mgpu_small.py, SmallConfig.fused_tma; sum(q_x) is exact in
+  fp32: |sum| <= 128 * 127); q_x phase-major (column 32p + t <- k = 4t + p) or in K order."""
+  if act_t:
+    [act_ref] = scale_refs
+    act_ref[g, 0, rows] = s
+    act_ref[g, 1, rows] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
+  else:
+    s_ref, sum_ref = scale_refs
+    s_ref[rows, g] = s
+    sum_ref[rows, g] = jnp.sum(q, axis=1).astype(jnp.int32)
+  if phase_major:
+    q = q.reshape(q.shape[0], PLANE, 4).transpose(0, 2, 1).reshape(q.shape[0], GROUP)
+  q_ref[rows, pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -214,19 +229,6 @@ def _quantize_program(x_ref, *, m: int, k: int, block_m: int, qmax: int, swiglu:
     x = _swiglu(x, up)
   q, s = core.quantize_groups(x.astype(jnp.float32), qmax)
   return m0, g, q, s
-
-
-def _quantize_kernel_t(x_ref,  # [M, K] float (whole array; rows >= M and columns >= K read as 0)
-                       q_ref,  # [Mp, Kp] int8, phase-major groups
-                       act_ref,  # [G, 2, Mp] f32: s_x, then sum(q_x) (exact in fp32: |sum| <= 128 * 127)
-                       *, m: int, k: int, block_m: int, qmax: int, swiglu: bool = False):
-  """_quantize_kernel with s_x and sum(q_x) written transposed and stacked, as the small-M Mosaic
-  GEMM's fused TMA reads them (pallas_kernels/w6a_gemm_mgpu_small.py, SmallConfig.fused_tma)."""
-  m0, g, q, s = _quantize_program(x_ref, m=m, k=k, block_m=block_m, qmax=qmax, swiglu=swiglu)
-  act_ref[g, 0, pl.ds(m0, block_m)] = s
-  act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
-  q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)  # column 32p + t <- k = 4t + p
-  q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
 
 
 def _unpack_phase(lo: jax.Array, hi: jax.Array, phase: int, use_asm: bool) -> jax.Array:
@@ -555,7 +557,8 @@ def quantize_activations_t(x: jax.Array, *, a_bits: int, block_m: int, swiglu: b
   mp = pl.cdiv(m, block_m) * block_m
   bq = min(TileConfig().quant_block_m, block_m)
   return pl.pallas_call(
-      functools.partial(_quantize_kernel_t, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1], swiglu=swiglu),
+      functools.partial(_quantize_kernel, m=m, k=k, block_m=bq, qmax=core.qrange(a_bits)[1], phase_major=True,
+                        act_t=True, swiglu=swiglu),
       out_shape=(jax.ShapeDtypeStruct((mp, kp), jnp.int8), jax.ShapeDtypeStruct((groups, 2, mp), jnp.float32)),
       grid=(mp // bq, groups),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -606,17 +609,7 @@ def _norm_quantize_kernel(h_ref,  # [M, K] float: the residual stream
       # weight in the promoted dtype.
       y = w.astype(out_dtype) * (x * inv[:, None]).astype(norm_dtype).astype(out_dtype)
       q, s = core.quantize_groups(y.astype(jnp.float32), qmax)  # [block_m, 128], [block_m]
-      if act_t:  # _quantize_kernel_t's [G, 2, Mp] (sum(q_x) is exact in fp32)
-        [act_ref] = out_refs
-        act_ref[g, 0, pl.ds(m0, block_m)] = s
-        act_ref[g, 1, pl.ds(m0, block_m)] = jnp.sum(q, axis=1).astype(jnp.int32).astype(jnp.float32)
-      else:
-        s_ref, sum_ref = out_refs
-        s_ref[pl.ds(m0, block_m), g] = s
-        sum_ref[pl.ds(m0, block_m), g] = jnp.sum(q, axis=1).astype(jnp.int32)
-      if phase_major:
-        q = q.reshape(block_m, PLANE, 4).transpose(0, 2, 1).reshape(block_m, GROUP)
-      q_ref[pl.ds(m0, block_m), pl.ds(g * GROUP, GROUP)] = q.astype(jnp.int8)
+      _store_group(q_ref, out_refs, pl.ds(m0, block_m), g, q, s, phase_major=phase_major, act_t=act_t)
     return carry
 
   jax.lax.fori_loop(g0, g0 + groups_per_program, group, 0)
