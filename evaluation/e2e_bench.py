@@ -77,7 +77,7 @@ METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq", "flexq-bmma", "flexq-cuda
            "flexq-gemv-pdl", "flexq-qhead", "flexq-gemv-w16", "flexq-gemv-w32", "flexq-gemv-w32-narrow",
            "flexq-gemv-w16-narrow", "flexq-gemv-ring2", "flexq-gemv-ring4", "flexq-gemv-ring8",
            "flexq-fused-norm-small", "flexq-stream-k", "flexq-fused-swiglu", "flexq-fused-attention",
-           "flexq-fused-producers")
+           "flexq-fused-producers", "flexq-gemv-fused", "flexq-gemv-fused-residual", "flexq-gemv-fused-all")
 DEFAULT_METHODS = ("bf16", "w8a8-xla", "w8a8-pallas", "flexq")
 MODELS = {"llama2-7b": model_configs.llama2_7b, "llama3-8b": model_configs.llama3_8b,
           "llama2-13b": model_configs.llama2_13b, "llama2-70b": model_configs.llama2_70b, "tiny": None}
@@ -119,6 +119,10 @@ METHOD_BACKENDS = {"w8a8-pallas": backends.PALLAS.name, "flexq-bmma": backends.B
 # GEMM runs: XLA's SwiGLU kernel and the separate quantizer become one launch. "flexq-fused-attention" = o_proj's
 # input quantized by the decode attention's merge kernel (decode_attention_quantized: XLA's merge and the quantizer
 # become one launch; heads of 128); "flexq-fused-producers" = both.
+# "flexq-gemv-fused" = the CUDA decode GEMV (batch 1) forming its own input: the RMSNorm of q/k/v and gate/up and
+# down_proj's SwiGLU inside the GEMV (cuda.gemv.gemv_fused; backends.gemv_folds), and the residual add after o_proj
+# and down_proj in its store; "flexq-gemv-fused-residual" = the residual adds only; "flexq-gemv-fused-all" = every
+# fold and the batch-16+ producers (fused SwiGLU and attention quantizers) together.
 # "flexq-qhead" = the table with a W6A8 lm_head (issue 14's optional quantized output projection, random weights
 # at its real shape) instead of the bf16 one.
 METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m": 8},
@@ -131,6 +135,10 @@ METHOD_TUNING = {"flexq-cuda-gemv": {"cuda_gemv_xq_max_m": 2, "cuda_gemv_max_m":
                  "flexq-fused-swiglu": {"fuse_swiglu_quant": True},
                  "flexq-fused-attention": {"fuse_attention_quant": True},
                  "flexq-fused-producers": {"fuse_swiglu_quant": True, "fuse_attention_quant": True},
+                 "flexq-gemv-fused": {"cuda_gemv_fuse": ["norm", "swiglu", "residual"]},
+                 "flexq-gemv-fused-residual": {"cuda_gemv_fuse": ["residual"]},
+                 "flexq-gemv-fused-all": {"cuda_gemv_fuse": ["norm", "swiglu", "residual"], "fuse_swiglu_quant": True,
+                                          "fuse_attention_quant": True},
                  "flexq-triton-m16": {"mosaic_small_min_m": 17},
                  "flexq-cuda-small": {"cuda_small_min_m": 2, "cuda_small_max_m": 64},
                  "flexq-nosplit": {"mosaic_small_split": False},

@@ -306,12 +306,17 @@ class QuantizedActivation:
 
 
 def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
-  """rms_norm(h, weight, eps) quantized for `layer` by one fused kernel
-  (pallas_kernels.w6a_matmul.norm_quantize), as a QuantizedActivation; None where
-  input_quantization(layer, M, ..., "norm") says it does not apply (the table keys "fuse_norm_quant" for the
-  Triton GEMMs, "fuse_norm_quant_small" for the small-M Mosaic GEMM) or h is not [..., K]."""
+  """rms_norm(h, weight, eps) for `layer`: a FoldedInput where the CUDA GEMV folds the norm in (gemv_folds has
+  "norm"; weight of h's dtype), else quantized by one fused kernel (pallas_kernels.w6a_matmul.norm_quantize) as a
+  QuantizedActivation; None where neither applies (input_quantization(layer, M, ..., "norm"): the table keys
+  "fuse_norm_quant" for the Triton GEMMs, "fuse_norm_quant_small" for the small-M Mosaic GEMM) or h is not
+  [..., K]."""
   m = math.prod(h.shape[:-1])
-  spec = input_quantization(layer, m, h.dtype, "norm") if h.shape[-1] == layer.in_features else None
+  if h.shape[-1] != layer.in_features:
+    return None
+  if weight.dtype == h.dtype and weight.shape == (layer.in_features,) and "norm" in gemv_folds(layer, m, h.dtype):
+    return FoldedInput(x=h, weight=weight, eps=float(eps), prologue="norm", in_features=layer.in_features)
+  spec = input_quantization(layer, m, h.dtype, "norm")
   if spec is None:
     return None
   out = w6a_matmul.norm_quantize(h.reshape(m, -1), weight, eps, a_bits=spec.a_bits, config=spec.quant_config,
@@ -391,13 +396,18 @@ def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantiz
 
 
 def fused_swiglu_input(gate_up: jax.Array, layer: Any):
-  """silu(gate) * up of a fused gate/up projection's output [..., 2K] quantized for `layer` (K inputs) by one
-  kernel (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory), as a
-  QuantizedActivation; None where input_quantization(layer, M, ..., "swiglu") says it does not apply (the
-  table key "fuse_swiglu_quant") or the input is not [..., 2K]."""
+  """silu(gate) * up of a fused gate/up projection's output [..., 2K] for `layer` (K inputs): a FoldedInput where
+  the CUDA GEMV folds it in (gemv_folds has "swiglu"), else quantized by one kernel
+  (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory) as a QuantizedActivation;
+  None where neither applies (input_quantization(layer, M, ..., "swiglu"): the table key "fuse_swiglu_quant") or
+  the input is not [..., 2K]."""
   k = layer.in_features
   m = math.prod(gate_up.shape[:-1])
-  spec = input_quantization(layer, m, gate_up.dtype, "swiglu") if gate_up.shape[-1] == 2 * k else None
+  if gate_up.shape[-1] != 2 * k:
+    return None
+  if "swiglu" in gemv_folds(layer, m, gate_up.dtype):
+    return FoldedInput(x=gate_up, weight=None, eps=0.0, prologue="swiglu", in_features=k)
+  spec = input_quantization(layer, m, gate_up.dtype, "swiglu")
   if spec is None:
     return None
   gu = gate_up.reshape(m, 2 * k)
@@ -408,6 +418,86 @@ def fused_swiglu_input(gate_up: jax.Array, layer: Any):
     out = w6a_matmul.quantize_activations(gu, a_bits=spec.a_bits, config=spec.quant_config, swiglu=True,
                                           interpret=jax.default_backend() != "gpu")
   return spec.wrap(gate_up.shape[:-1], gate_up.dtype, *out)
+
+
+# What the CUDA GEMV at M <= its table's cuda_gemv_xq_max_m may fold into itself (issue 14 item 1 at batch 1;
+# cuda.gemv.gemv_fused): its input's RMSNorm ("norm", fused q/k/v and gate/up), its input's SwiGLU ("swiglu",
+# down_proj) and the residual add after it ("residual", o_proj and down_proj). The card table's "cuda_gemv_fuse"
+# lists the ones it turns on (absent: none; the e2e method flexq-gemv-fused tries all three).
+GEMV_FOLDS = ("norm", "swiglu", "residual")
+
+
+def gemv_folds(layer: Any, m: int, dtype) -> frozenset[str]:
+  """The GEMV_FOLDS `layer` takes at M rows of `dtype` activations: those the card's table lists in
+  "cuda_gemv_fuse" where the pallas backend runs the quantizer-inside CUDA GEMV at this M (8 warps, unroll 1,
+  no ring: the variant gemv_fused extends), else none. A name the table lists that is not a fold is a
+  ValueError naming the key."""
+  if getattr(layer, "backend", None) != PALLAS.name or layer.a_bits == 16 or m == 0:
+    return frozenset()
+  if not PALLAS.can_run(layer, dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
+    return frozenset()
+  device = jax.devices()[0]
+  table = _card_table(device)
+  folds = table.get("cuda_gemv_fuse") or ()
+  unknown = [f for f in folds if f not in GEMV_FOLDS]
+  if unknown:
+    raise ValueError(f"tuning table key cuda_gemv_fuse lists {unknown}: known folds are {', '.join(GEMV_FOLDS)}")
+  if not folds or table.get("cuda_gemv_unroll", 1) != 1 or table.get("cuda_gemv_wide_warps") or \
+      table.get("cuda_gemv_ring") or table.get("cuda_gemv_pdl"):
+    return frozenset()
+  kernel = PALLAS.kernel_for(m, device, w_bits=layer.w_bits, dtype=dtype, n=layer.out_features,
+                             k=layer.in_features)[0]
+  return frozenset(folds) if kernel == "cuda_gemv_xq" else frozenset()
+
+
+@flax.struct.dataclass
+class FoldedInput:
+  """A layer's input that its kernel forms itself from what the producer would have read (cuda.gemv.gemv_fused's
+  prologue): rms_norm(x, weight, eps) ("norm", x the residual stream [..., K]) or silu(gate) * up ("swiglu", x the
+  fused gate/up output [..., 2K]). Made by fused_norm_input / fused_swiglu_input for the one layer that reads it;
+  `fi @ layer` (or folded_matmul with a residual) runs that layer's GEMV on it."""
+
+  x: jax.Array
+  weight: jax.Array | None  # the norm's weight [K] ("norm")
+  eps: float = flax.struct.field(pytree_node=False)
+  prologue: str = flax.struct.field(pytree_node=False)  # "norm" or "swiglu"
+  in_features: int = flax.struct.field(pytree_node=False)  # K of the layer that reads it
+
+  @property
+  def dtype(self):
+    return self.x.dtype
+
+  def __matmul__(self, layer: Any) -> jax.Array:
+    return folded_matmul(self, layer)
+
+
+def folded_matmul(x: Any, layer: Any, residual: jax.Array | None = None) -> jax.Array:
+  """[residual +] x @ layer by the CUDA GEMV with its folds (cuda.gemv.gemv_fused): x a float array [..., K] or a
+  FoldedInput made for this layer; residual [..., N] of x's dtype or None. Callers ask gemv_folds first."""
+  prologue, weight, eps, data = "plain", None, 0.0, x
+  if isinstance(x, FoldedInput):
+    if x.in_features != layer.in_features:
+      raise ValueError(f"this folded input was made for a layer with K={x.in_features}, not K={layer.in_features}")
+    prologue, weight, eps, data = x.prologue, x.weight, x.eps, x.x
+  lead = data.shape[:-1]
+  m = math.prod(lead)
+  y = cuda_gemv.gemv_fused(data.reshape(m, data.shape[-1]), layer.packed, layer.scales, a_bits=layer.a_bits,
+                           prologue=prologue, norm_weight=weight, eps=eps,
+                           residual=None if residual is None else residual.reshape(m, layer.out_features))
+  return y.reshape(*lead, layer.out_features)
+
+
+def fused_residual_matmul(x: Any, h: jax.Array, layer: Any) -> jax.Array | None:
+  """h + x @ layer with the add in the CUDA GEMV's store, where gemv_folds(layer, M, ...) has "residual" and h is
+  [..., N] of x's dtype; None otherwise (the model adds). x: a float array or a FoldedInput for this layer."""
+  if not isinstance(x, (jax.Array, FoldedInput)) or h.shape[-1] != layer.out_features:
+    return None
+  m = math.prod(h.shape[:-1])
+  if x.dtype != h.dtype or "residual" not in gemv_folds(layer, m, x.dtype):
+    return None
+  if isinstance(x, jax.Array) and (x.shape[:-1] != h.shape[:-1] or x.shape[-1] != layer.in_features):
+    return None
+  return folded_matmul(x, layer, residual=h)
 
 
 def _gemm_config(m: int, layer: Any):

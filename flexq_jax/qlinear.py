@@ -1,5 +1,5 @@
 """QuantizedLinear: a quantized weight leaf that applies itself (`x @ qlinear`, or `qa @ qlinear`
-for a backends.QuantizedActivation its producer quantized)."""
+for a backends.QuantizedActivation its producer quantized or a backends.FoldedInput its kernel forms)."""
 
 from __future__ import annotations
 
@@ -92,18 +92,25 @@ class QuantizedLinear:
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     return backends.quantized_matmul(x, self)
 
-  def norm_input(self, h: jax.Array, weight: jax.Array, eps: float) -> "backends.QuantizedActivation | None":
+  def norm_input(self, h: jax.Array, weight: jax.Array, eps: float):
     """The hook models.llama calls for this layer's input, rms_norm(h, weight, eps): the input
-    already quantized by a kernel that fuses the norm with the activation quantization, where the
-    backend and the card's tuning table say so (backends.fused_norm_input), else None (the model
-    runs rms_norm and `x @ self` as usual)."""
+    already quantized by a kernel that fuses the norm with the activation quantization, or left for this
+    layer's GEMV to form (a FoldedInput), where the backend and the card's tuning table say so
+    (backends.fused_norm_input), else None (the model runs rms_norm and `x @ self` as usual)."""
     return backends.fused_norm_input(h, weight, eps, self)
 
-  def swiglu_input(self, gate_up: jax.Array) -> "backends.QuantizedActivation | None":
+  def swiglu_input(self, gate_up: jax.Array):
     """The hook models.llama calls for this layer's input silu(gate) * up, from a fused gate/up projection's
-    output [..., 2 K]: the product quantized by one kernel that reads gate and up, where the backend and the
-    card's tuning table say so (backends.fused_swiglu_input), else None."""
+    output [..., 2 K]: the product quantized by one kernel that reads gate and up, or left for this layer's GEMV
+    to form (a FoldedInput), where the backend and the card's tuning table say so (backends.fused_swiglu_input),
+    else None."""
     return backends.fused_swiglu_input(gate_up, self)
+
+  def residual_matmul(self, x, h: jax.Array) -> jax.Array | None:
+    """The hook models.llama calls for h + x @ self (the residual add after o_proj and down_proj): the sum from
+    one kernel that adds h in its store, where the backend and the card's tuning table say so
+    (backends.fused_residual_matmul: the CUDA GEMV at batch 1), else None (the model adds)."""
+    return backends.fused_residual_matmul(x, h, self)
 
   def input_quantization(self, m: int, dtype, producer: str) -> "backends.InputQuantization | None":
     """The hook models.llama calls where a kernel that produces this layer's input (`producer`: "attention",

@@ -362,6 +362,16 @@ def normed_input(h: jax.Array, weight: jax.Array, eps: float, consumer: Any) -> 
   return rms_norm(h, weight, eps) if fused is None else fused
 
 
+def residual_linear(h: jax.Array, x: Any, w: Any, tp_axis: str | None = None) -> jax.Array:
+  """h + row_parallel_linear(x, w, tp_axis): the residual add after o_proj and down_proj. A kernel leaf with a
+  `residual_matmul(x, h)` method may return the sum from one kernel that adds h in its store (flexq_jax's
+  QuantizedLinear, where its backend says so: the CUDA GEMV at batch 1); not under tensor parallelism, where the
+  add follows the all-reduce."""
+  hook = getattr(w, "residual_matmul", None) if tp_axis is None else None
+  fused = hook(x, h) if hook is not None else None
+  return h + row_parallel_linear(x, w, tp_axis) if fused is None else fused
+
+
 def swiglu_input(gate_up: jax.Array, consumer: Any) -> Any:
   """silu(gate) * up from a fused gate/up projection's output [..., 2I] (gate first), as the input of the
   one projection that reads it (down_proj). A kernel leaf with a `swiglu_input(gate_up)` method may return
@@ -533,7 +543,7 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     k, v, extra = write_kv(k, v)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
   a = attention_input(q, k, v, visible, None if tp_axis is not None else layer["o_proj"])
-  h = h + row_parallel_linear(a, layer["o_proj"], tp_axis)
+  h = residual_linear(h, a, layer["o_proj"], tp_axis)
   if "gate_up_proj" in layer:
     x = normed_input(h, layer["post_attention_layernorm"], config.rms_norm_eps, layer["gate_up_proj"])
     gate_up = linear(x, layer["gate_up_proj"])
@@ -546,7 +556,7 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
     u = jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"])
   if config.down_proj_hadamard:  # a rotated model (flexq_jax/rotation.py): down_proj holds H^T W
     u = hadamard.hadamard_transform(u)
-  h = h + row_parallel_linear(u, layer["down_proj"], tp_axis)
+  h = residual_linear(h, u, layer["down_proj"], tp_axis)
   return h, extra
 
 

@@ -57,6 +57,8 @@ GEMV_TARGETS = {"bfloat16": ("flexq_gemv_pallas6_bf16", "FlexqGemvPallas6Bf16"),
                 "float32": ("flexq_gemv_pallas6_f32", "FlexqGemvPallas6F32")}
 GEMV_XQ_TARGETS = {"bfloat16": ("flexq_gemv_pallas6_xq_bf16", "FlexqGemvPallas6XqBf16"),  # quantizer inside
                    "float32": ("flexq_gemv_pallas6_xq_f32", "FlexqGemvPallas6XqF32")}
+GEMV_FUSED_TARGETS = {"bfloat16": ("flexq_gemv_pallas6_fused_bf16", "FlexqGemvPallas6FusedBf16"),  # producer and
+                      "float32": ("flexq_gemv_pallas6_fused_f32", "FlexqGemvPallas6FusedF32")}      # residual inside
 GEMM_SMALL_TARGETS = {"bfloat16": ("flexq_gemm_small_pallas6_bf16", "FlexqGemmSmallPallas6Bf16"),  # M <= 64, mma.sync
                       "float32": ("flexq_gemm_small_pallas6_f32", "FlexqGemmSmallPallas6F32")}
 CACHE_ENV = "FLEXQ_JAX_CUDA_CACHE"  # where built libraries go (default ~/.cache/flexq_jax/cuda)
@@ -157,7 +159,8 @@ def _register() -> None:
   library = ctypes.cdll.LoadLibrary(str(build_library()))
   jax.ffi.register_ffi_target(ACT_QUANT_TARGET, jax.ffi.pycapsule(library.FlexqBmmaActQuant), platform="CUDA")
   jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(library.FlexqBmmaGemm), platform="CUDA")
-  for target, symbol in (*GEMV_TARGETS.values(), *GEMV_XQ_TARGETS.values(), *GEMM_SMALL_TARGETS.values()):
+  for target, symbol in (*GEMV_TARGETS.values(), *GEMV_XQ_TARGETS.values(), *GEMV_FUSED_TARGETS.values(),
+                         *GEMM_SMALL_TARGETS.values()):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="CUDA")
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexq_jax import numerics
 from flexq_jax.cuda import bmma
 from pallas_kernels import core
 from pallas_kernels import w6a_matmul as wk
@@ -132,6 +133,88 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
                                                                          warps=np.int32(warps),
                                                                          pdl=np.int32(bool(pdl)),
                                                                          ring=np.int32(ring))
+
+
+PROLOGUES = {"plain": 0, "norm": 1, "swiglu": 2}  # csrc/gemv_pallas6.cuh kFusePlain, kFuseNorm, kFuseSwiglu
+
+
+def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, prologue: str = "plain",
+               norm_weight: jax.Array | None = None, eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
+  """The quantizer-inside GEMV at 8 warps a block with its producer and its consumer folded in, one kernel
+  (csrc/gemv_pallas6.cuh gemv_pallas6_fused_kernel): y [M, N] of x's dtype (bf16 or fp32), M <= 8.
+
+  prologue: what the GEMV's input is, made from x inside the kernel:
+    "plain"   x itself (then the kernel equals gemv_pallas6_xq at 8 warps, unroll 1, bit for bit);
+    "norm"    models.llama.rms_norm(x, norm_weight, eps) (x: the residual stream [M, K]);
+    "swiglu"  silu(gate) * up of x = [M, 2K], the fused gate/up projection's output (gate first).
+  residual: [M, N] of x's dtype or None: y = residual + (input @ W), the product rounded to x's dtype first
+  (what XLA's add of the two gives).
+  fused_reference is the same function in jnp."""
+  if prologue not in PROLOGUES:
+    raise ValueError(f"prologue must be one of {', '.join(PROLOGUES)}, got {prologue!r}")
+  if x.ndim != 2:
+    raise ValueError(f"x must be [M, K], got shape {x.shape}")
+  if x.dtype.name not in bmma.GEMV_FUSED_TARGETS:
+    raise ValueError(f"the fused CUDA GEMV takes bfloat16 or float32 activations, not {x.dtype}")
+  if prologue == "swiglu" and x.shape[1] % 2:
+    raise ValueError(f"prologue 'swiglu' takes x = [M, 2K] (gate, then up), got {x.shape[1]} columns, an odd count")
+  k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
+  m, _, n = wk.check_operands(jax.ShapeDtypeStruct((x.shape[0], k), x.dtype), w_packed, w_scales, a_bits)
+  if wk.weight_bits(w_packed) != 6:
+    raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
+  if w_scales.dtype != jnp.float16:
+    raise ValueError(f"w_scales must be float16, got {w_scales.dtype}")
+  if not 1 <= m <= MAX_M:
+    raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
+  if prologue == "norm":
+    if norm_weight is None or norm_weight.shape != (k,):
+      raise ValueError(f"prologue 'norm' needs norm_weight [{k}], got "
+                       f"{None if norm_weight is None else norm_weight.shape}")
+    if not (eps >= 0.0 and np.isfinite(eps)):
+      raise ValueError(f"eps must be finite and >= 0, got {eps}")
+  elif norm_weight is not None:
+    raise ValueError(f"norm_weight is for prologue 'norm', not {prologue!r}")
+  if residual is not None and residual.shape != (m, n):
+    raise ValueError(f"residual must be [{m}, {n}] like y, got {residual.shape}")
+  empty = jnp.zeros((0,), x.dtype)
+  gamma = empty if norm_weight is None else norm_weight.astype(x.dtype)
+  res = empty if residual is None else residual.astype(x.dtype)
+  bmma._register()
+  target = bmma.GEMV_FUSED_TARGETS[x.dtype.name][0]
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), x.dtype))(
+      x, w_packed, w_scales, gamma, res, a_bits=np.int32(a_bits), prologue=np.int32(PROLOGUES[prologue]),
+      eps=np.float32(eps))
+
+
+def fused_input(x: jax.Array, prologue: str, norm_weight: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+  """The GEMV's input as gemv_fused's prologue forms it, in jnp with the kernel's roundings (x's dtype after
+  each step): models.llama.rms_norm for "norm" (its sum of squares in XLA's order here, not the kernel's:
+  the rsqrt may differ in the last bit), pallas_kernels.w6a_matmul._swiglu's steps for "swiglu"."""
+  dt, f32 = x.dtype, jnp.float32
+  r = lambda v: v.astype(dt).astype(f32)
+  if prologue == "plain":
+    return x
+  if prologue == "norm":
+    v = x.astype(f32)
+    rstd = jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
+    return (norm_weight.astype(dt).astype(f32) * r(v * rstd)).astype(dt)
+  if prologue == "swiglu":
+    k = x.shape[-1] // 2
+    g, u = x[..., :k].astype(f32), x[..., k:].astype(f32)
+    sig = r(1.0 / r(r(jnp.exp(-g)) + 1.0))
+    return (r(g * sig) * u).astype(dt)
+  raise ValueError(f"prologue must be one of {', '.join(PROLOGUES)}, got {prologue!r}")
+
+
+def fused_reference(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int, prologue: str = "plain",
+                    norm_weight: jax.Array | None = None, eps: float = 0.0,
+                    residual: jax.Array | None = None) -> jax.Array:
+  """What gemv_fused computes, from the logical weights q_w [N, Kp] by the numerics contract's reference
+  (flexq_jax/numerics.py): the prologue's input, the quantized product in x's dtype, plus the residual."""
+  y = numerics.reference_matmul(fused_input(x, prologue, norm_weight, eps), q_w, s_w, a_bits=a_bits)
+  if residual is None:
+    return y
+  return (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
 
 
 def w6a_gemv(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, out_dtype=None,

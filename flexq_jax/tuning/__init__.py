@@ -26,7 +26,10 @@ is the small-M Mosaic GEMM with "mosaic_small_quant_t" (e2e method flexq-fused-n
 "fuse_swiglu_quant": true to quantize down_proj's input silu(gate) * up in one kernel reading the fused gate/up
 output, for either GEMM (backends.fused_swiglu_input; e2e method flexq-fused-swiglu; absent: never), and
 "fuse_attention_quant": true to quantize o_proj's input in the decode attention kernel's merge
-(models.llama.attention_input; e2e method flexq-fused-attention; absent: never).
+(models.llama.attention_input; e2e method flexq-fused-attention; absent: never), and
+"cuda_gemv_fuse": a list of "norm", "swiglu", "residual": what the quantizer-inside CUDA GEMV (8 warps, unroll 1)
+folds into itself where it runs: the RMSNorm of its input, down_proj's SwiGLU, the residual add after it
+(backends.gemv_folds, cuda.gemv.gemv_fused; e2e methods flexq-gemv-fused, -fused-residual; absent: none).
 $FLEXQ_TUNING_EXTRA, a JSON object, is merged over the table (benchmarks: a setting tried before
 it is committed, e.g. '{"cuda_gemv_xq_max_m": 2}').
 It is made from kernel-benchmark runs (python -m evaluation.kernel_bench writes them):

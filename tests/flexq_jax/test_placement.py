@@ -152,15 +152,20 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not has_gpu(), reason="needs a CUDA 
     pytest.param("pallas+fused", marks=_GPU),
     pytest.param("bmma+fused", marks=_GPU),
     pytest.param("pallas+fused+swiglu", marks=_GPU),
+    pytest.param("pallas+fused+gemv", marks=_GPU),
 ])
 def test_greedy_generation_matches_the_reference(tiny, backend, monkeypatch):
   """Same greedy tokens through `backend` (+fused: q/k/v and gate/up fused after placement; +swiglu: and
-  down_proj's input quantized by the SwiGLU kernel, "fuse_swiglu_quant") as through the jnp reference,
+  down_proj's input quantized by the SwiGLU kernel, "fuse_swiglu_quant"; +gemv: the 2-row decode steps on the
+  CUDA GEMV with the norms, SwiGLU and residual adds folded in, "cuda_gemv_fuse") as through the jnp reference,
   unfused; prompt logits within 1e-2 of their scale (the contract leaves fp32 summation order free, and an
   activation whose quotient sits within that rounding of a half step may land one step apart downstream)."""
   if backend.endswith("+swiglu"):
     monkeypatch.setenv(tuning.EXTRA_ENV, '{"fuse_swiglu_quant": true}')
     backend = backend.removesuffix("+swiglu")
+  if backend.endswith("+gemv"):  # the decode steps (2 rows) on the CUDA GEMV with every fold (cuda.gemv.gemv_fused)
+    monkeypatch.setenv(tuning.EXTRA_ENV, '{"cuda_gemv_xq_max_m": 2, "cuda_gemv_fuse": ["norm", "swiglu", "residual"]}')
+    backend = backend.removesuffix("+gemv")
   cfg, qparams, _ = tiny
   # bf16 activations (what the BMMA kernel takes): the norms and embeddings in bf16
   qparams = jax.tree.map(lambda a: a if isinstance(a, QuantizedLinear) else a.astype(jnp.bfloat16), qparams,

@@ -522,6 +522,191 @@ cudaError_t launch_gemv_pallas6_ring(cudaStream_t stream, const InT* x, const ui
   return cudaErrorInvalidValue;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The quantizer-inside GEMV with its producer and its consumer folded in (issue 14 item 1 at batch 1).
+//
+// Why: at M = 1 a LLaMA layer's four GEMVs are ~60% of a decode step's kernel time and the small XLA kernels
+// around them (the residual adds, the two RMSNorms, SwiGLU) are launches of ~2 us each that move almost no
+// bytes (results/e2e/NOTES.md, "Glue and ragged splits"). Here the GEMV computes its input from what the
+// model's producer would have read, and adds the residual in its store:
+//   prologue kFuseNorm:   x = rms_norm(h, gamma, eps) (models/llama.py rms_norm: fp32 sum of squares over the
+//                         row, h * rsqrt(mean + eps) rounded to x's dtype, times gamma rounded again); every warp
+//                         of every block forms the row's sum of squares itself (K = 4096 bf16: 8 KB, from L1/L2),
+//                         after its first group's weights are in flight: no block barrier, no extra kernel;
+//   prologue kFuseSwiglu: x = silu(gate) * up from the fused gate/up output [M, 2K] (gate first), rounded as
+//                         pallas_kernels/w6a_matmul.py _swiglu rounds it;
+//   residual:             y = residual + (x @ W) with x @ W rounded to y's dtype first: what XLA's add of the
+//                         two tensors gives.
+// The arithmetic after the prologue is gemv_pallas6_xq_kernel's at 8 warps, unroll 1 (same groups per warp,
+// same order, same quantizer), so with the plain prologue and no residual the two are bit-identical (a GPU
+// test checks it). The norm's sum of squares is added in another order than XLA's reduction, so its rsqrt
+// may differ in the last bit and move a rounding of x now and then (the GPU tests bound it).
+constexpr int kFusePlain = 0, kFuseNorm = 1, kFuseSwiglu = 2;
+
+struct GemvFuse {
+  const void* gamma;     // kFuseNorm: the norm's weight [K], x's dtype
+  const void* residual;  // non-null: [M, N] of y's dtype, added in the store
+  float eps;             // kFuseNorm: the norm's epsilon
+  int prologue;          // kFusePlain, kFuseNorm or kFuseSwiglu
+};
+
+__device__ __forceinline__ float gemv_round(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float gemv_round(float v, const float*) { return v; }
+
+// sum over the row of v * v in fp32, by one warp (every lane gets it): 16-byte loads where the row allows.
+__device__ __forceinline__ float gemv_sum_squares(const __nv_bfloat16* row, int k, int lane) {
+  float s = 0.f;
+  if ((k & 7) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* p = reinterpret_cast<const uint4*>(row);
+#pragma unroll 4
+    for (int c = lane; c < k / 8; c += 32) {
+      const uint4 u = __ldg(p + c);
+      const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(b[j]);
+        s += f.x * f.x;
+        s += f.y * f.y;
+      }
+    }
+  } else {
+    for (int kk = lane; kk < k; kk += 32) {
+      const float v = __bfloat162float(row[kk]);
+      s += v * v;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+__device__ __forceinline__ float gemv_sum_squares(const float* row, int k, int lane) {
+  float s = 0.f;
+  for (int kk = lane; kk < k; kk += 32) s += row[kk] * row[kk];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+// Element kk of row i of the GEMV's input, formed by the prologue (rstd: the row's 1 / rms for kFuseNorm).
+template <typename InT>
+__device__ __forceinline__ float gemv_fused_x(const InT* __restrict__ x, int i, int kk, int k, const GemvFuse& f,
+                                              float rstd) {
+  const InT* tag = nullptr;  // selects gemv_round's dtype
+  if (f.prologue == kFuseSwiglu) {
+    const InT* row = x + static_cast<long>(i) * 2 * k;
+    const float g = gemv_load_x(row + kk), u = gemv_load_x(row + k + kk);
+    const float sig = gemv_round(1.0f / gemv_round(gemv_round(expf(-g), tag) + 1.0f, tag), tag);
+    return gemv_round(gemv_round(g * sig, tag) * u, tag);
+  }
+  const float v = gemv_load_x(x + static_cast<long>(i) * k + kk);
+  if (f.prologue == kFuseNorm)
+    return gemv_round(gemv_load_x(static_cast<const InT*>(f.gamma) + kk) * gemv_round(v * rstd, tag), tag);
+  return v;
+}
+
+template <int kM, int kABits, typename InT, typename OutT>
+__global__ void __launch_bounds__(32 * kGemvWarps)
+gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
+                          OutT* __restrict__ y, int m, int n, int k, int groups, GemvFuse fuse) {
+  constexpr int kQMax = (1 << (kABits - 1)) - 1;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tile = blockIdx.x;
+  const int r = lane >> 1, h = lane & 1;
+  const long row_n = static_cast<long>(tile) * kGemvTileRows + r;
+  __shared__ __align__(16) int8_t xq[kGemvWarps][kM][kGemvGroup];
+
+  float acc[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
+
+  const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
+  uint4 planes[3];
+  auto load = [&](int g) {
+    const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
+#pragma unroll
+    for (int pl = 0; pl < 3; ++pl) planes[pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
+  };
+  if (warp < groups) load(warp);  // the first group's weights in flight while the norm's sums are formed
+  float rstd[kM];
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+    rstd[i] = (fuse.prologue == kFuseNorm && i < m && warp < groups)
+                  ? rsqrtf(gemv_sum_squares(x + static_cast<long>(i) * k, k, lane) / static_cast<float>(k) + fuse.eps)
+                  : 1.f;
+  for (int g = warp; g < groups; g += kGemvWarps) {
+    if (g != warp) load(g);
+    float v[kM][4];
+#pragma unroll
+    for (int i = 0; i < kM; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
+        const int kk = g * kGemvGroup + 4 * lane + e;
+        v[i][e] = (i < m && kk < k) ? gemv_fused_x(x, i, kk, k, fuse, rstd[i]) : 0.f;
+      }
+    float s_x[kM];
+    int q_sum[kM];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) q_sum[i] = gemv_quantize_group<kQMax>(v[i], xq[warp][i], lane, s_x[i]);
+    __syncwarp();
+    uint32_t uw[4][4];
+    gemv_unpack_planes(planes, uw);
+    const float s_w = __half2float(sw[row_n * groups + g]);
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      const int dot = gemv_group_dot(uw, &xq[warp][i][16 * h]);
+      const int exact = dot - kGemvOffset * q_sum[i];
+      acc[i] += static_cast<float>(exact) * (s_x[i] * s_w);
+    }
+    __syncwarp();
+  }
+
+  // gemv_reduce_store's order, then the residual added to the rounded product.
+  __shared__ float red[kGemvWarps][kM][kGemvTileRows];
+  if ((lane & 1) == 0) {
+#pragma unroll
+    for (int i = 0; i < kM; ++i) red[warp][i][lane >> 1] = acc[i];
+  }
+  __syncthreads();
+  const OutT* res = static_cast<const OutT*>(fuse.residual);
+  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
+    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
+    if (i >= m) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
+    const long at = static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr;
+    if (res != nullptr) s = gemv_load_x(res + at) + gemv_round(s, res);
+    gemv_store(s, y + at);
+  }
+}
+
+template <int kABits, typename InT, typename OutT>
+void launch_gemv_pallas6_fused_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                    int m, int n, int k, int groups, const GemvFuse& fuse) {
+  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
+  if (m <= 1) {
+    gemv_pallas6_fused_kernel<1, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+  } else if (m <= 2) {
+    gemv_pallas6_fused_kernel<2, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+  } else if (m <= 4) {
+    gemv_pallas6_fused_kernel<4, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+  } else {
+    gemv_pallas6_fused_kernel<8, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+  }
+}
+
+// k: the GEMV's K (x has 2k columns with kFuseSwiglu); m <= kGemvMaxM (the FFI handler checks).
+template <typename InT, typename OutT>
+void launch_gemv_pallas6_fused(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
+                               int n, int k, int groups, int a_bits, const GemvFuse& fuse) {
+  if (a_bits == 6) {
+    launch_gemv_pallas6_fused_bits<6>(stream, x, w, sw, y, m, n, k, groups, fuse);
+  } else {
+    launch_gemv_pallas6_fused_bits<8>(stream, x, w, sw, y, m, n, k, groups, fuse);
+  }
+}
+
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_xq(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
                             int n, int k, int groups, int a_bits, int unroll, int warps, bool pdl) {
