@@ -430,9 +430,9 @@ GEMV_FOLDS = ("norm", "swiglu", "residual")
 def gemv_folds(layer: Any, m: int, dtype) -> frozenset[str]:
   """The GEMV_FOLDS `layer` takes at M rows of `dtype` activations: those the card's table lists in
   "cuda_gemv_fuse" where the pallas backend runs the quantizer-inside CUDA GEMV at this M (8 warps, unroll 1,
-  no ring: the variant gemv_fused extends), else none. A name the table lists that is not a fold is a
+  no ring: the variant gemv_fused extends; M <= its FUSED_MAX_M), else none. A name the table lists that is not a fold is a
   ValueError naming the key."""
-  if getattr(layer, "backend", None) != PALLAS.name or layer.a_bits == 16 or m == 0:
+  if getattr(layer, "backend", None) != PALLAS.name or layer.a_bits == 16 or not 1 <= m <= cuda_gemv.FUSED_MAX_M:
     return frozenset()
   if not PALLAS.can_run(layer, dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
     return frozenset()

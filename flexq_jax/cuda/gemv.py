@@ -136,12 +136,13 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
 
 
 PROLOGUES = {"plain": 0, "norm": 1, "swiglu": 2}  # csrc/gemv_pallas6.cuh kFusePlain, kFuseNorm, kFuseSwiglu
+FUSED_MAX_M = 2  # csrc/gemv_pallas6.cuh kGemvFusedMaxM: rows the fused GEMV takes (decode at batch 1 and 2)
 
 
 def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, prologue: str = "plain",
                norm_weight: jax.Array | None = None, eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
   """The quantizer-inside GEMV at 8 warps a block with its producer and its consumer folded in, one kernel
-  (csrc/gemv_pallas6.cuh gemv_pallas6_fused_kernel): y [M, N] of x's dtype (bf16 or fp32), M <= 8.
+  (csrc/gemv_pallas6.cuh gemv_pallas6_fused_kernel): y [M, N] of x's dtype (bf16 or fp32), M <= FUSED_MAX_M.
 
   prologue: what the GEMV's input is, made from x inside the kernel:
     "plain"   x itself (then the kernel equals gemv_pallas6_xq at 8 warps, unroll 1, bit for bit);
@@ -164,8 +165,8 @@ def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
     raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
   if w_scales.dtype != jnp.float16:
     raise ValueError(f"w_scales must be float16, got {w_scales.dtype}")
-  if not 1 <= m <= MAX_M:
-    raise ValueError(f"the CUDA GEMV takes 1 <= M <= {MAX_M} rows, got M={m}")
+  if not 1 <= m <= FUSED_MAX_M:
+    raise ValueError(f"the fused CUDA GEMV takes 1 <= M <= {FUSED_MAX_M} rows, got M={m}")
   if prologue == "norm":
     if norm_weight is None or norm_weight.shape != (k,):
       raise ValueError(f"prologue 'norm' needs norm_weight [{k}], got "

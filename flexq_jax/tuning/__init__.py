@@ -80,6 +80,8 @@ def _setting(key: str, value) -> bool:
   count = lambda v: isinstance(v, int) and v >= 0
   if key == "mosaic_small_skip":
     return isinstance(value, list) and all(isinstance(t, list) and len(t) == 3 and all(map(count, t)) for t in value)
+  if key == "cuda_gemv_fuse":  # names; backends.gemv_folds says which it knows
+    return isinstance(value, list) and all(isinstance(t, str) for t in value)
   return count(value)
 
 
@@ -98,7 +100,7 @@ def _load_table(card: str, extra: str | None) -> dict | None:
       raise ValueError(f"${EXTRA_ENV} is not JSON: {e}") from None
     if not isinstance(more, dict) or not all(_setting(k, v) for k, v in more.items()):
       raise ValueError(f"${EXTRA_ENV} must be a JSON object of non-negative integers or booleans (and, for "
-                       f"mosaic_small_skip, a list of [N, K, max M] triples), got {extra!r}")
+                       f"mosaic_small_skip, a list of [N, K, max M] triples; for cuda_gemv_fuse, a list of names), got {extra!r}")
     table = {"entries": [], **(table or {}), **more}
   return table
 

@@ -76,8 +76,8 @@ def test_gemv_fused_checks_name_the_problem():
                     eps=float("nan"))
   with pytest.raises(ValueError, match=r"residual must be \[1, 32\]"):
     gemv.gemv_fused(x, packed, s_w, a_bits=6, residual=jnp.zeros((1, 16), jnp.bfloat16))
-  with pytest.raises(ValueError, match="M <= 8"):
-    gemv.gemv_fused(jnp.zeros((9, 256), jnp.bfloat16), packed, s_w, a_bits=6)
+  with pytest.raises(ValueError, match="M <= 2"):
+    gemv.gemv_fused(jnp.zeros((3, 256), jnp.bfloat16), packed, s_w, a_bits=6)
   with pytest.raises(ValueError, match="bfloat16 or float32"):
     gemv.gemv_fused(x.astype(jnp.float16), packed, s_w, a_bits=6)
 
@@ -188,7 +188,7 @@ gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 4096, jnp.bfloat16), (32, 200, jnp.float32)])
 def test_gpu_fused_gemv_with_nothing_folded_is_the_quantizer_inside_gemv(a_bits, m, n, k, dtype):
   """The plain prologue is gemv_pallas6_xq at 8 warps, unroll 1, bit for bit; with a residual, that output
@@ -209,7 +209,7 @@ def test_gpu_fused_gemv_with_nothing_folded_is_the_quantizer_inside_gemv(a_bits,
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("prologue", ["norm", "swiglu"])
 @pytest.mark.parametrize("n,k,dtype", [(48, 840, jnp.bfloat16), (4096, 4096, jnp.bfloat16), (256, 11008, jnp.bfloat16),
                                        (32, 200, jnp.float32)])

@@ -273,7 +273,7 @@ ffi::Error GemvFusedImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi
   if (has_residual) {
     if (auto e = expect_dims("residual", residual.dimensions(), {m, n}); e.failure()) return e;
   }
-  if (m > kGemvMaxM) return ffi::Error::InvalidArgument("the GEMV takes M <= 8 rows, got " + std::to_string(m));
+  if (m > kGemvFusedMaxM) return ffi::Error::InvalidArgument("the fused GEMV takes M <= " + std::to_string(kGemvFusedMaxM) + " rows, got " + std::to_string(m));
   if (m == 0 || n == 0) return ffi::Error::Success();
   using T = typename GemvOut<kT>::T;
   const GemvFuse fuse{prologue == kFuseNorm ? gamma.untyped_data() : nullptr,

@@ -530,9 +530,9 @@ cudaError_t launch_gemv_pallas6_ring(cudaStream_t stream, const InT* x, const ui
 // bytes (results/e2e/NOTES.md, "Glue and ragged splits"). Here the GEMV computes its input from what the
 // model's producer would have read, and adds the residual in its store:
 //   prologue kFuseNorm:   x = rms_norm(h, gamma, eps) (models/llama.py rms_norm: fp32 sum of squares over the
-//                         row, h * rsqrt(mean + eps) rounded to x's dtype, times gamma rounded again); every warp
-//                         of every block forms the row's sum of squares itself (K = 4096 bf16: 8 KB, from L1/L2),
-//                         after its first group's weights are in flight: no block barrier, no extra kernel;
+//                         row, h * rsqrt(mean + eps) rounded to x's dtype, times gamma rounded again); every block
+//                         forms the row's sum of squares itself (its 256 threads stride over the row; K = 4096
+//                         bf16: 8 KB from L2), after its first groups' weights are in flight: no extra kernel;
 //   prologue kFuseSwiglu: x = silu(gate) * up from the fused gate/up output [M, 2K] (gate first), rounded as
 //                         pallas_kernels/w6a_matmul.py _swiglu rounds it;
 //   residual:             y = residual + (x @ W) with x @ W rounded to y's dtype first: what XLA's add of the
@@ -553,13 +553,14 @@ struct GemvFuse {
 __device__ __forceinline__ float gemv_round(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float gemv_round(float v, const float*) { return v; }
 
-// sum over the row of v * v in fp32, by one warp (every lane gets it): 16-byte loads where the row allows.
-__device__ __forceinline__ float gemv_sum_squares(const __nv_bfloat16* row, int k, int lane) {
+// This thread's share of sum(v * v) over a row: 16-byte loads, the block's 256 threads striding over the row
+// (chunk c of 8 bf16 to thread c mod 256); the caller adds the shares.
+__device__ __forceinline__ float gemv_sum_squares_part(const __nv_bfloat16* row, int k) {
   float s = 0.f;
   if ((k & 7) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
     const uint4* p = reinterpret_cast<const uint4*>(row);
-#pragma unroll 4
-    for (int c = lane; c < k / 8; c += 32) {
+#pragma unroll 2
+    for (int c = threadIdx.x; c < k / 8; c += blockDim.x) {
       const uint4 u = __ldg(p + c);
       const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
@@ -570,41 +571,79 @@ __device__ __forceinline__ float gemv_sum_squares(const __nv_bfloat16* row, int 
       }
     }
   } else {
-    for (int kk = lane; kk < k; kk += 32) {
+    for (int kk = threadIdx.x; kk < k; kk += blockDim.x) {
       const float v = __bfloat162float(row[kk]);
       s += v * v;
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   return s;
 }
-__device__ __forceinline__ float gemv_sum_squares(const float* row, int k, int lane) {
+__device__ __forceinline__ float gemv_sum_squares_part(const float* row, int k) {
   float s = 0.f;
-  for (int kk = lane; kk < k; kk += 32) s += row[kk] * row[kk];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  for (int kk = threadIdx.x; kk < k; kk += blockDim.x) s += row[kk] * row[kk];
   return s;
 }
 
-// Element kk of row i of the GEMV's input, formed by the prologue (rstd: the row's 1 / rms for kFuseNorm).
-template <typename InT>
-__device__ __forceinline__ float gemv_fused_x(const InT* __restrict__ x, int i, int kk, int k, const GemvFuse& f,
-                                              float rstd) {
-  const InT* tag = nullptr;  // selects gemv_round's dtype
-  if (f.prologue == kFuseSwiglu) {
-    const InT* row = x + static_cast<long>(i) * 2 * k;
-    const float g = gemv_load_x(row + kk), u = gemv_load_x(row + k + kk);
-    const float sig = gemv_round(1.0f / gemv_round(gemv_round(expf(-g), tag) + 1.0f, tag), tag);
-    return gemv_round(gemv_round(g * sig, tag) * u, tag);
+// 1 / rms of each of the block's rows (every thread gets the same numbers): the threads' shares, added across a
+// warp by a butterfly and across the warps in shared memory in warp order.
+template <int kM, typename InT>
+__device__ __forceinline__ void gemv_row_rstd(const InT* __restrict__ x, int m, int k, float eps, float (&rstd)[kM]) {
+  __shared__ float part[kGemvWarps][kM];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+    float s = i < m ? gemv_sum_squares_part(x + static_cast<long>(i) * k, k) : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) part[warp][i] = s;
   }
-  const float v = gemv_load_x(x + static_cast<long>(i) * k + kk);
-  if (f.prologue == kFuseNorm)
-    return gemv_round(gemv_load_x(static_cast<const InT*>(f.gamma) + kk) * gemv_round(v * rstd, tag), tag);
-  return v;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) s += part[w][i];
+    rstd[i] = rsqrtf(s / static_cast<float>(k) + eps);
+  }
 }
 
-template <int kM, int kABits, typename InT, typename OutT>
+// Group g of row i of the GEMV's input as lane `lane` holds it (k = 128g + 4 lane + e, zero past K and M), formed
+// by the prologue: every load of the group first, then the arithmetic (no branch between them).
+template <int kPro, int kM, typename InT>
+__device__ __forceinline__ void gemv_fused_group(const InT* __restrict__ x, const GemvFuse& f, const float (&rstd)[kM],
+                                                 int g, int lane, int m, int k, float (&v)[kM][4]) {
+  const InT* tag = nullptr;  // selects gemv_round's dtype
+  const int k0 = g * kGemvGroup + 4 * lane;
+  const long stride = kPro == kFuseSwiglu ? 2L * k : k;
+  float a[kM][4], b[kM][4], gm[4];
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool in = i < m && k0 + e < k;
+      a[i][e] = in ? gemv_load_x(x + i * stride + k0 + e) : 0.f;
+      b[i][e] = (kPro == kFuseSwiglu && in) ? gemv_load_x(x + i * stride + k + k0 + e) : 0.f;
+    }
+  if (kPro == kFuseNorm) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gm[e] = k0 + e < k ? gemv_load_x(static_cast<const InT*>(f.gamma) + k0 + e) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (kPro == kFuseSwiglu) {
+        const float sig = gemv_round(1.0f / gemv_round(gemv_round(expf(-a[i][e]), tag) + 1.0f, tag), tag);
+        v[i][e] = gemv_round(gemv_round(a[i][e] * sig, tag) * b[i][e], tag);
+      } else if (kPro == kFuseNorm) {
+        v[i][e] = gemv_round(gm[e] * gemv_round(a[i][e] * rstd[i], tag), tag);
+      } else {
+        v[i][e] = a[i][e];
+      }
+    }
+}
+
+template <int kM, int kABits, int kPro, typename InT, typename OutT>
 __global__ void __launch_bounds__(32 * kGemvWarps)
 gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
                           OutT* __restrict__ y, int m, int n, int k, int groups, GemvFuse fuse) {
@@ -629,21 +668,16 @@ gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__
   };
   if (warp < groups) load(warp);  // the first group's weights in flight while the norm's sums are formed
   float rstd[kM];
+  if (kPro == kFuseNorm) {
+    gemv_row_rstd<kM>(x, m, k, fuse.eps, rstd);
+  } else {
 #pragma unroll
-  for (int i = 0; i < kM; ++i)
-    rstd[i] = (fuse.prologue == kFuseNorm && i < m && warp < groups)
-                  ? rsqrtf(gemv_sum_squares(x + static_cast<long>(i) * k, k, lane) / static_cast<float>(k) + fuse.eps)
-                  : 1.f;
+    for (int i = 0; i < kM; ++i) rstd[i] = 1.f;
+  }
   for (int g = warp; g < groups; g += kGemvWarps) {
     if (g != warp) load(g);
     float v[kM][4];
-#pragma unroll
-    for (int i = 0; i < kM; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
-        const int kk = g * kGemvGroup + 4 * lane + e;
-        v[i][e] = (i < m && kk < k) ? gemv_fused_x(x, i, kk, k, fuse, rstd[i]) : 0.f;
-      }
+    gemv_fused_group<kPro, kM>(x, fuse, rstd, g, lane, m, k, v);
     float s_x[kM];
     int q_sum[kM];
 #pragma unroll
@@ -681,30 +715,29 @@ gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__
   }
 }
 
-template <int kABits, typename InT, typename OutT>
-void launch_gemv_pallas6_fused_bits(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                    int m, int n, int k, int groups, const GemvFuse& fuse) {
+constexpr int kGemvFusedMaxM = 2;  // rows the fused GEMV takes (the decode steps of batch 1 and 2)
+
+template <int kABits, int kPro, typename InT, typename OutT>
+void launch_gemv_pallas6_fused_pro(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                   int m, int n, int k, int groups, const GemvFuse& fuse) {
   const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
   if (m <= 1) {
-    gemv_pallas6_fused_kernel<1, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
-  } else if (m <= 2) {
-    gemv_pallas6_fused_kernel<2, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
-  } else if (m <= 4) {
-    gemv_pallas6_fused_kernel<4, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+    gemv_pallas6_fused_kernel<1, kABits, kPro, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
   } else {
-    gemv_pallas6_fused_kernel<8, kABits, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+    gemv_pallas6_fused_kernel<2, kABits, kPro, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
   }
 }
 
-// k: the GEMV's K (x has 2k columns with kFuseSwiglu); m <= kGemvMaxM (the FFI handler checks).
+// k: the GEMV's K (x has 2k columns with kFuseSwiglu); m <= kGemvFusedMaxM (the FFI handler checks).
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_fused(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
                                int n, int k, int groups, int a_bits, const GemvFuse& fuse) {
-  if (a_bits == 6) {
-    launch_gemv_pallas6_fused_bits<6>(stream, x, w, sw, y, m, n, k, groups, fuse);
-  } else {
-    launch_gemv_pallas6_fused_bits<8>(stream, x, w, sw, y, m, n, k, groups, fuse);
-  }
+#define FLEXQ_FUSED(BITS, PRO) \
+  if (a_bits == BITS && fuse.prologue == PRO) \
+    return launch_gemv_pallas6_fused_pro<BITS, PRO>(stream, x, w, sw, y, m, n, k, groups, fuse);
+  FLEXQ_FUSED(6, kFusePlain) FLEXQ_FUSED(6, kFuseNorm) FLEXQ_FUSED(6, kFuseSwiglu)
+  FLEXQ_FUSED(8, kFusePlain) FLEXQ_FUSED(8, kFuseNorm) FLEXQ_FUSED(8, kFuseSwiglu)
+#undef FLEXQ_FUSED
 }
 
 template <typename InT, typename OutT>
