@@ -325,8 +325,9 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
 
 
 # Producers that may quantize a pallas layer's input themselves, and the tuning-table keys that turn each on
-# where the Triton GEMMs run and where the small-M Mosaic GEMM does (absent: never; the norm's are measured
-# slower, the others not yet run: no table sets any; $FLEXQ_TUNING_EXTRA tries them).
+# where the Triton GEMMs run and where the small-M Mosaic GEMM does (absent: never; $FLEXQ_TUNING_EXTRA tries them).
+# The norm's are measured slower and no table sets them; the h200 table sets the SwiGLU and attention keys
+# (LLaMA-2-7B decode 1-3% faster at batches 16-32, level at 64: results/e2e/h200-2026-12-03-e2e-fused-producers*.md).
 PRODUCER_KEYS = {"norm": ("fuse_norm_quant", "fuse_norm_quant_small"),
                  "swiglu": ("fuse_swiglu_quant", "fuse_swiglu_quant"),
                  "attention": ("fuse_attention_quant", "fuse_attention_quant")}
