@@ -606,6 +606,9 @@ gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__
           v[i][e] *= gm[e];
         }
     }
+    // gemv_pallas6_xq_kernel's group step, repeated rather than shared: moving the GPU-tested kernel's lines into
+    // a common function changed its PTX (register order, the s_w load's place); to be shared once a GPU run
+    // re-times it.
     float s_x[kM];
     int q_sum[kM];
 #pragma unroll
