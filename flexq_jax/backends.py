@@ -465,6 +465,11 @@ class FoldedInput:
   def dtype(self):
     return self.x.dtype
 
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The normalized input's shape: the residual stream's."""
+    return self.x.shape
+
   def __matmul__(self, layer: Any) -> jax.Array:
     return folded_matmul(self, layer)
 
@@ -488,7 +493,7 @@ def folded_matmul(x: Any, layer: Any, residual: jax.Array | None = None, swiglu:
 
 def _gemv_input(x: Any, layer: Any) -> bool:
   """Whether x is what folded_matmul takes for `layer`: a float [..., K] array or a FoldedInput."""
-  return isinstance(x, FoldedInput) or (isinstance(x, jax.Array) and x.shape[-1:] == (layer.in_features,))
+  return isinstance(x, (FoldedInput, jax.Array)) and x.shape[-1:] == (layer.in_features,)
 
 
 def fused_residual_matmul(x: Any, h: jax.Array, layer: Any) -> jax.Array | None:
@@ -496,7 +501,7 @@ def fused_residual_matmul(x: Any, h: jax.Array, layer: Any) -> jax.Array | None:
   [..., N] of x's dtype with x's rows; None otherwise (the model adds). x: a float array or a FoldedInput."""
   if not _gemv_input(x, layer) or h.shape[-1] != layer.out_features:
     return None
-  lead = x.x.shape[:-1] if isinstance(x, FoldedInput) else x.shape[:-1]
+  lead = x.shape[:-1]
   if lead != h.shape[:-1] or x.dtype != h.dtype or "residual" not in gemv_folds(layer, math.prod(lead), x.dtype):
     return None
   return folded_matmul(x, layer, residual=h)
@@ -507,8 +512,7 @@ def fused_swiglu_matmul(x: Any, layer: Any) -> jax.Array | None:
   gemv_folds(layer, M, ...) has "swiglu" and N is two whole sets of 16-row tiles; None otherwise."""
   if not _gemv_input(x, layer) or layer.out_features % (2 * TILE_ROWS):
     return None
-  lead = x.x.shape[:-1] if isinstance(x, FoldedInput) else x.shape[:-1]
-  if "swiglu" not in gemv_folds(layer, math.prod(lead), x.dtype):
+  if "swiglu" not in gemv_folds(layer, math.prod(x.shape[:-1]), x.dtype):
     return None
   return folded_matmul(x, layer, swiglu=True)
 
