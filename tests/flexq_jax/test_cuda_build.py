@@ -193,7 +193,9 @@ def _model_gemm(x_planes, x_scales, w_planes, w_scales, k: int, decode_split: tu
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(5, 20, 200), (3, 13, 576), (2, 9, 256), (8, 24, 2200)])
+@pytest.mark.parametrize("m,n,k", [(5, 20, 200), (8, 24, 2200),  # the rest with -m slow (CI time)
+                                   pytest.param(3, 13, 576, marks=pytest.mark.slow),
+                                   pytest.param(2, 9, 256, marks=pytest.mark.slow)])
 def test_kernel_plan_equals_contract(a_bits, m, n, k):
   x, q_w, s_w, w_planes = _layer_inputs(_rng(), m, n, k, extremes=True)
   x_planes, x_scales = _model_act_quant(np.asarray(x, np.float32), a_bits)

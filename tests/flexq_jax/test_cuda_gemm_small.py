@@ -36,7 +36,9 @@ def _quantized(x, a_bits, interpret=True):
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(9, 32, 200), (16, 16, 576), (17, 48, 384), (40, 16, 256)])
+@pytest.mark.parametrize("m,n,k", [(9, 32, 200), (17, 48, 384),  # the rest with -m slow (CI time)
+                                   pytest.param(16, 16, 576, marks=pytest.mark.slow),
+                                   pytest.param(40, 16, 256, marks=pytest.mark.slow)])
 def test_plan_equals_contract(a_bits, m, n, k):
   x, q_w, s_w, packed = _inputs(_rng(), m, n, k)
   qx, sx, xsum = _quantized(x, a_bits)

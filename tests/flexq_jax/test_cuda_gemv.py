@@ -37,8 +37,10 @@ def _quantized(x, packed, a_bits, interpret=True):
 
 
 @pytest.mark.parametrize("a_bits", [6, 8])
-@pytest.mark.parametrize("m,n,k,warps", [(1, 48, 200, 8), (3, 16, 576, 8), (8, 32, 2200, 8), (5, 64, 1152, 8),
-                                         (1, 32, 4200, 32), (2, 16, 2200, 16)])
+@pytest.mark.parametrize("m,n,k,warps", [(1, 48, 200, 8), (8, 32, 2200, 8), (2, 16, 2200, 16),  # the rest: -m slow
+                                         pytest.param(3, 16, 576, 8, marks=pytest.mark.slow),
+                                         pytest.param(5, 64, 1152, 8, marks=pytest.mark.slow),
+                                         pytest.param(1, 32, 4200, 32, marks=pytest.mark.slow)])
 def test_plan_equals_contract(a_bits, m, n, k, warps):
   x, q_w, s_w, packed = _inputs(_rng(), m, n, k, extremes=True)
   qx, sx, xsum = _quantized(x, packed, a_bits)

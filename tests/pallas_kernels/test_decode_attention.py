@@ -144,8 +144,9 @@ def _quantized_pair(q, k, v, visible, a_bits, rows, act_t, phase_major, splits, 
 
 
 @pytest.mark.parametrize("b, hq, hkv, s, dtype, splits", [
-    (3, 4, 4, 40, jnp.float32, 1), (3, 4, 4, 40, jnp.bfloat16, 3), (2, 8, 2, 70, jnp.bfloat16, 2),
-    (17, 2, 1, 33, jnp.float32, 3)])
+    (3, 4, 4, 40, jnp.float32, 1), (2, 8, 2, 70, jnp.bfloat16, 2),  # the rest with -m slow (CI time)
+    pytest.param(3, 4, 4, 40, jnp.bfloat16, 3, marks=pytest.mark.slow),
+    pytest.param(17, 2, 1, 33, jnp.float32, 3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("act_t, phase_major", [(False, True), (False, False), (True, True)])
 def test_quantized_merge_is_the_quantizer_of_the_output(b, hq, hkv, s, dtype, splits, act_t, phase_major):
   """decode_attention_quantized (the splits merged and quantized for o_proj in one kernel) against

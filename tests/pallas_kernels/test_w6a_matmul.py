@@ -208,7 +208,7 @@ class _W6AMatmulCases:
       wk.TileConfig(gemv=True, block_n=64, num_warps=4, block_kg=2, split_k=3),
       wk.TileConfig(gemv=True, block_n=64, num_warps=2, block_kg=2, split_k=2, prefetch=True),
   ])
-  @pytest.mark.parametrize("m,a_bits", [(1, 6), (3, 8), (16, 6)])
+  @pytest.mark.parametrize("m,a_bits", [(1, 6), (3, 8), pytest.param(16, 6, marks=pytest.mark.slow)])  # CI time
   def test_gemv_tilings(self, config, m, a_bits):
     # N = 112: not a multiple of 32 or 64; K = 600 -> 5 groups: ragged against block_kg and split_k.
     rng = _rng()
