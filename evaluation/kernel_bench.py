@@ -735,33 +735,67 @@ def compare_mgpu_small(shapes: list[str], ms: tuple[int, ...], log=print) -> lis
   return rows
 
 
-def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=print) -> list[dict]:
+# Our own W8A8 at each M runs on one kernel only where the other lost by ~2x in every row of the full run
+# (results/kernels/raw/h200-2026-12-02-w8a8-cmp.log): the Triton kernel from M = 1024 (380 vs 197 us ... 2349 vs
+# 1014), the large-M Mosaic kernel up to M = 64 (55.7 vs 32.0 ... 104 vs 51). Both run at M = 65-1023.
+W8A8_TRITON_BELOW, W8A8_MOSAIC_ABOVE = 1024, 64
+
+
+def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=print, on_row=None) -> list[dict]:
   """Issue 13's ratios side by side, whole ops (activation quantization included): what the pallas
   backend runs for W6A6 and W6A8 at each M (the card's table: the small-M Mosaic kernel, the large-M
-  Mosaic kernel or the Triton kernels) against our own W8A8 on "pallas8" weights (the Triton kernel,
-  and the large-M Mosaic kernel), cuBLAS bf16 (torch), cuBLASLt int8 (torch._int_mm, no quantization)
-  and XLA's bf16 and int8 dots."""
+  Mosaic kernel or the Triton kernels) against our own W8A8 on "pallas8" weights (the Triton kernel below
+  W8A8_TRITON_BELOW, the large-M Mosaic kernel above W8A8_MOSAIC_ABOVE), cuBLAS bf16 (torch), cuBLASLt int8
+  (torch._int_mm, no quantization) and XLA's bf16 and int8 dots. on_row(rows) after each row (a run cut
+  short keeps what it measured)."""
   rows = []
   key = jax.random.key(5)
   pallas = backends.PALLAS
+  nan = float("nan")
   for name, n, k, m, x, (t_bf16, t_i8, t_cb, t_ci8) in _cases_with_baselines(shapes, ms, key, use_torch):
     row = dict(shape=name, n=n, k=k, m=m, xla_bf16_us=t_bf16 * 1e6, xla_w8a8_us=t_i8 * 1e6,
                cublas_bf16_us=t_cb * 1e6, cublaslt_i8_us=t_ci8 * 1e6,
                kernel=pallas.kernel_for(m, w_bits=6, dtype=x.dtype, n=n, k=k)[0])
-    for label, layout, a_bits, op in (
-        ("w6a6", "pallas6", 6, lambda x, p, s: _dispatch(x, p, s, 6)),
-        ("w6a8", "pallas6", 8, lambda x, p, s: _dispatch(x, p, s, 8)),
-        ("w8a8_triton", "pallas8", 8, lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=8)),
-        ("w8a8_mosaic", "pallas8", 8, lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=8))):
-      row[f"{label}_us"], row[f"{label}_err"] = _timed_or_nan(label, op, x, n, k, a_bits, key, log, layout=layout)
-    own = min(row["w8a8_triton_us"], row["w8a8_mosaic_us"])
+    for label, layout, a_bits, op, runs in (
+        ("w6a6", "pallas6", 6, lambda x, p, s: _dispatch(x, p, s, 6), True),
+        ("w6a8", "pallas6", 8, lambda x, p, s: _dispatch(x, p, s, 8), True),
+        ("w8a8_triton", "pallas8", 8, lambda x, p, s: wk.w6a_matmul(x, p, s, a_bits=8), m < W8A8_TRITON_BELOW),
+        ("w8a8_mosaic", "pallas8", 8, lambda x, p, s: mg.w6a_gemm(x, p, s, a_bits=8), m > W8A8_MOSAIC_ABOVE)):
+      row[f"{label}_us"], row[f"{label}_err"] = (
+          _timed_or_nan(label, op, x, n, k, a_bits, key, log, layout=layout) if runs else (nan, nan))
+    row["w8a8_own_us"] = float(np.nanmin([row["w8a8_triton_us"], row["w8a8_mosaic_us"]]))
     rows.append(row)
     log(f"w8a8-cmp {name:11s} M={m:5d} [{row['kernel']}]: W6A6 {row['w6a6_us']:8.1f} (err {row['w6a6_err']:.0e}) "
         f"W6A8 {row['w6a8_us']:8.1f} | own W8A8 triton {row['w8a8_triton_us']:8.1f} mosaic {row['w8a8_mosaic_us']:8.1f} "
         f"| cuBLAS bf16 {row['cublas_bf16_us']:8.1f} cuBLASLt i8 {row['cublaslt_i8_us']:8.1f} xla bf16 "
         f"{row['xla_bf16_us']:8.1f} | W6A6 x cuBLAS {row['cublas_bf16_us'] / row['w6a6_us']:.2f} W6A8 x cuBLAS "
-        f"{row['cublas_bf16_us'] / row['w6a8_us']:.2f} W6A6 x own W8A8 {own / row['w6a6_us']:.2f}")
+        f"{row['cublas_bf16_us'] / row['w6a8_us']:.2f} W6A6 x own W8A8 {row['w8a8_own_us'] / row['w6a6_us']:.2f}")
+    if on_row is not None:
+      on_row(rows)
   return rows
+
+
+def w8a8_markdown(rows: list[dict], card: str, date: str) -> str:
+  """Issue 13's closing table: every shape and M of a --w8a8-cmp run, times in us and the target ratios."""
+  nan = float("nan")
+  cell = lambda v, f: "-" if v != v else format(v, f)
+  lines = [f"# W6A6 / W6A8 against cuBLAS bf16 and our own W8A8, whole ops ({card}, {date})", "",
+           "Times in us (activation quantization included in ours); ratios are cuBLAS bf16 time over ours. "
+           "`kernel`: what the pallas backend runs at that M. Own W8A8: the faster of our Triton and Mosaic "
+           "kernels on \"pallas8\" weights (`-`: not timed at that M, see `W8A8_TRITON_BELOW` in "
+           "evaluation/kernel_bench.py).", "",
+           "| shape | N | K | M | kernel | W6A6 | W6A8 | own W8A8 (triton / mosaic) | cuBLAS bf16 | cuBLASLt i8 | "
+           "XLA bf16 | XLA i8 | W6A6 x cuBLAS | W6A8 x cuBLAS | W6A6 x own W8A8 | W6A6 err |",
+           "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    lines.append(
+        f"| {r['shape']} | {r['n']} | {r['k']} | {r['m']} | {r['kernel']} | {cell(r['w6a6_us'], '.1f')} | "
+        f"{cell(r['w6a8_us'], '.1f')} | {cell(r['w8a8_triton_us'], '.1f')} / {cell(r['w8a8_mosaic_us'], '.1f')} | "
+        f"{cell(r['cublas_bf16_us'], '.1f')} | {cell(r['cublaslt_i8_us'], '.1f')} | {cell(r['xla_bf16_us'], '.1f')} | "
+        f"{cell(r['xla_w8a8_us'], '.1f')} | {cell(r['cublas_bf16_us'] / r['w6a6_us'], '.2f')} | "
+        f"{cell(r['cublas_bf16_us'] / r['w6a8_us'], '.2f')} | "
+        f"{cell(r.get('w8a8_own_us', nan) / r['w6a6_us'], '.2f')} | {cell(r['w6a6_err'], '.0e')} |")
+  return "\n".join(lines) + "\n"
 
 
 def compare_cuda_small(shapes: list[str], ms: tuple[int, ...], log=print) -> list[dict]:
@@ -993,7 +1027,7 @@ def attention_markdown(rows: list[dict], card: str, date: str) -> str:
   return "\n".join(out) + "\n"
 
 
-def _write_rows(out_dir: str, name: str, rows: list[dict], markdown_fn=None) -> None:
+def _write_rows(out_dir: str, name: str, rows: list[dict], markdown_fn=None, echo: bool = True) -> None:
   """<card>-<date>-<name>.json of a side-by-side comparison (and its .md, printed, with markdown_fn)."""
   card, date = tuning.card_name(), datetime.date.today().isoformat()
   stem = Path(out_dir) / f"{card}-{date}-{name}"
@@ -1002,7 +1036,8 @@ def _write_rows(out_dir: str, name: str, rows: list[dict], markdown_fn=None) -> 
                                                        jax=jax.__version__, rows=rows), indent=1))
   if markdown_fn is not None:
     stem.with_suffix(".md").write_text(markdown_fn(rows, card, date))
-    print(stem.with_suffix(".md").read_text())
+    if echo:
+      print(stem.with_suffix(".md").read_text())
 
 
 def main(argv=None) -> None:
@@ -1047,6 +1082,7 @@ def main(argv=None) -> None:
                   help="the decode attention kernel's configs against XLA's einsums (--m: batches, default 1,16,32,64)")
   ap.add_argument("--slots", default="160,1024", help="--attention: comma list of cache lengths")
   ap.add_argument("--out-dir", default="results/kernels")
+  ap.add_argument("--tag", default="", help="--w8a8-cmp: appended to the output file names (e.g. -70b)")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
   args = ap.parse_args(argv)
   if args.rerender:
@@ -1107,7 +1143,8 @@ def main(argv=None) -> None:
     _write_rows(args.out_dir, "cuda-small", compare_cuda_small(shapes, ms, log))
     return
   if args.w8a8_cmp:
-    _write_rows(args.out_dir, "w8a8-cmp", compare_w8a8(shapes, ms, not args.no_torch and torch_available(), log))
+    save = lambda rows, echo=False: _write_rows(args.out_dir, f"w8a8-cmp{args.tag}", rows, w8a8_markdown, echo)
+    save(compare_w8a8(shapes, ms, not args.no_torch and torch_available(), log, on_row=save), echo=True)
     return
   if args.mgpu_small:
     _write_rows(args.out_dir, "mgpu-small", compare_mgpu_small(shapes, ms, log))

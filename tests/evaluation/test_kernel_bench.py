@@ -80,3 +80,18 @@ def test_gemv_floor_probe_reads_named_and_nxk_shapes_and_refuses_others():
   assert probe_gemv_floor._shape("6144x4096") == ("6144x4096", (6144, 4096))
   with pytest.raises(SystemExit, match="neither a shape name"):
     probe_gemv_floor._shape("7bx")
+
+
+def test_w8a8_table_takes_own_w8a8_from_the_kernel_that_ran_and_marks_the_other(tmp_path):
+  nan = float("nan")
+  row = dict(shape="7b.o", n=4096, k=4096, m=16, kernel="mosaic_small", w6a6_us=20.0, w6a6_err=1e-3, w6a8_us=25.0,
+             w8a8_triton_us=30.0, w8a8_mosaic_us=nan, cublas_bf16_us=40.0, cublaslt_i8_us=35.0, xla_bf16_us=41.0,
+             xla_w8a8_us=33.0, w8a8_own_us=30.0)
+  kb._write_rows(str(tmp_path), "w8a8-cmp", [row], kb.w8a8_markdown, echo=False)
+  md = next(tmp_path.glob("*-w8a8-cmp.md")).read_text()
+  line = next(l for l in md.splitlines() if l.startswith("| 7b.o"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[7] == "30.0 / -"  # the Mosaic W8A8 kernel did not run at M = 16: a dash, not "nan"
+  assert cells[12:15] == ["2.00", "1.60", "1.50"]  # cuBLAS / W6A6, cuBLAS / W6A8, own W8A8 / W6A6
+  assert "nan" not in md
+  assert json.loads(next(tmp_path.glob("*-w8a8-cmp.json")).read_text())["rows"][0]["w8a8_own_us"] == 30.0
