@@ -315,7 +315,7 @@ def fused_norm_input(h: jax.Array, weight: jax.Array, eps: float, layer: Any):
   if h.shape[-1] != layer.in_features:
     return None
   if weight.dtype == h.dtype and weight.shape == (layer.in_features,) and "norm" in gemv_folds(layer, m, h.dtype):
-    return FoldedInput(x=h, weight=weight, eps=float(eps), in_features=layer.in_features)
+    return FoldedInput(x=h, weight=weight, eps=float(eps), prologue="norm", in_features=layer.in_features)
   spec = input_quantization(layer, m, h.dtype, "norm")
   if spec is None:
     return None
@@ -397,15 +397,17 @@ def input_quantization(layer: Any, m: int, dtype, producer: str) -> InputQuantiz
 
 
 def fused_swiglu_input(gate_up: jax.Array, layer: Any):
-  """silu(gate) * up of a fused gate/up projection's output [..., 2K] quantized for `layer` (K inputs) by one
-  kernel (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory), as a
-  QuantizedActivation; None where input_quantization(layer, M, ..., "swiglu") says it does not apply (the
-  table key "fuse_swiglu_quant") or the input is not [..., 2K]. (At batch 1 the gate/up GEMV can write the
-  product itself: fused_swiglu_matmul.)"""
+  """silu(gate) * up of a fused gate/up projection's output [..., 2K] for `layer` (K inputs): a FoldedInput where
+  the CUDA GEMV folds it in (gemv_folds has "swiglu"), else quantized by one kernel
+  (w6a_matmul.quantize_activations(_t)(swiglu=True): the product never goes to memory) as a QuantizedActivation;
+  None where neither applies (input_quantization(layer, M, ..., "swiglu"): the table key "fuse_swiglu_quant") or
+  the input is not [..., 2K]."""
   k = layer.in_features
   m = math.prod(gate_up.shape[:-1])
   if gate_up.shape[-1] != 2 * k:
     return None
+  if "swiglu" in gemv_folds(layer, m, gate_up.dtype):
+    return FoldedInput(x=gate_up, weight=None, eps=0.0, prologue="swiglu", in_features=k)
   spec = input_quantization(layer, m, gate_up.dtype, "swiglu")
   if spec is None:
     return None
@@ -420,18 +422,17 @@ def fused_swiglu_input(gate_up: jax.Array, layer: Any):
 
 
 # What the CUDA GEMV at M <= its table's cuda_gemv_xq_max_m may fold into itself (issue 14 item 1 at batch 1;
-# cuda.gemv.gemv_fused): its input's RMSNorm ("norm": the fused q/k/v and gate/up GEMVs read the residual stream),
-# the SwiGLU after the fused gate/up GEMV ("swiglu": it writes down_proj's float input) and the residual add after
-# o_proj and down_proj ("residual"). The card table's "cuda_gemv_fuse" lists the ones it turns on (absent: none;
-# the e2e methods flexq-gemv-fused* try them).
+# cuda.gemv.gemv_fused): its input's RMSNorm ("norm", fused q/k/v and gate/up), its input's SwiGLU ("swiglu",
+# down_proj) and the residual add after it ("residual", o_proj and down_proj). The card table's "cuda_gemv_fuse"
+# lists the ones it turns on (absent: none; the e2e method flexq-gemv-fused tries all three).
 GEMV_FOLDS = ("norm", "swiglu", "residual")
 
 
 def gemv_folds(layer: Any, m: int, dtype) -> frozenset[str]:
   """The GEMV_FOLDS `layer` takes at M rows of `dtype` activations: those the card's table lists in
   "cuda_gemv_fuse" where the pallas backend runs the quantizer-inside CUDA GEMV at this M (8 warps, unroll 1,
-  no ring: the variant gemv_fused extends; M <= its FUSED_MAX_M), else none. A name the table lists that is not a
-  fold is a ValueError naming the key."""
+  no ring: the variant gemv_fused extends; M <= its FUSED_MAX_M), else none. A name the table lists that is not a fold is a
+  ValueError naming the key."""
   if getattr(layer, "backend", None) != PALLAS.name or layer.a_bits == 16 or not 1 <= m <= cuda_gemv.FUSED_MAX_M:
     return frozenset()
   if not PALLAS.can_run(layer, dtype)[0] or layer.layout != PALLAS.layout_for(layer.w_bits):
@@ -452,69 +453,52 @@ def gemv_folds(layer: Any, m: int, dtype) -> frozenset[str]:
 
 @flax.struct.dataclass
 class FoldedInput:
-  """rms_norm(x, weight, eps) of the residual stream x [..., K], left for the one layer that reads it to form in
-  its GEMV (cuda.gemv.gemv_fused with norm_weight). Made by fused_norm_input; `fi @ layer` (or folded_matmul) runs
-  that layer's GEMV on it."""
+  """A layer's input that its kernel forms itself from what the producer would have read (cuda.gemv.gemv_fused's
+  prologue): rms_norm(x, weight, eps) ("norm", x the residual stream [..., K]) or silu(gate) * up ("swiglu", x the
+  fused gate/up output [..., 2K]). Made by fused_norm_input / fused_swiglu_input for the one layer that reads it;
+  `fi @ layer` (or folded_matmul with a residual) runs that layer's GEMV on it."""
 
   x: jax.Array
-  weight: jax.Array  # the norm's weight [K]
+  weight: jax.Array | None  # the norm's weight [K] ("norm")
   eps: float = flax.struct.field(pytree_node=False)
+  prologue: str = flax.struct.field(pytree_node=False)  # "norm" or "swiglu"
   in_features: int = flax.struct.field(pytree_node=False)  # K of the layer that reads it
 
   @property
   def dtype(self):
     return self.x.dtype
 
-  @property
-  def shape(self) -> tuple[int, ...]:
-    """The normalized input's shape: the residual stream's."""
-    return self.x.shape
-
   def __matmul__(self, layer: Any) -> jax.Array:
     return folded_matmul(self, layer)
 
 
-def folded_matmul(x: Any, layer: Any, residual: jax.Array | None = None, swiglu: bool = False) -> jax.Array:
+def folded_matmul(x: Any, layer: Any, residual: jax.Array | None = None) -> jax.Array:
   """[residual +] x @ layer by the CUDA GEMV with its folds (cuda.gemv.gemv_fused): x a float array [..., K] or a
-  FoldedInput made for this layer; residual [..., N] of x's dtype or None; swiglu: silu(gate) * up [..., N / 2] of
-  this fused gate/up layer's output instead. Callers ask gemv_folds first."""
-  weight, eps, data = None, 0.0, x
+  FoldedInput made for this layer; residual [..., N] of x's dtype or None. Callers ask gemv_folds first."""
+  prologue, weight, eps, data = "plain", None, 0.0, x
   if isinstance(x, FoldedInput):
     if x.in_features != layer.in_features:
       raise ValueError(f"this folded input was made for a layer with K={x.in_features}, not K={layer.in_features}")
-    weight, eps, data = x.weight, x.eps, x.x
+    prologue, weight, eps, data = x.prologue, x.weight, x.eps, x.x
   lead = data.shape[:-1]
   m = math.prod(lead)
   y = cuda_gemv.gemv_fused(data.reshape(m, data.shape[-1]), layer.packed, layer.scales, a_bits=layer.a_bits,
-                           norm_weight=weight, eps=eps, swiglu=swiglu,
+                           prologue=prologue, norm_weight=weight, eps=eps,
                            residual=None if residual is None else residual.reshape(m, layer.out_features))
-  return y.reshape(*lead, y.shape[-1])
-
-
-def _gemv_input(x: Any, layer: Any) -> bool:
-  """Whether x is what folded_matmul takes for `layer`: a float [..., K] array or a FoldedInput."""
-  return isinstance(x, (FoldedInput, jax.Array)) and x.shape[-1:] == (layer.in_features,)
+  return y.reshape(*lead, layer.out_features)
 
 
 def fused_residual_matmul(x: Any, h: jax.Array, layer: Any) -> jax.Array | None:
   """h + x @ layer with the add in the CUDA GEMV's store, where gemv_folds(layer, M, ...) has "residual" and h is
-  [..., N] of x's dtype with x's rows; None otherwise (the model adds). x: a float array or a FoldedInput."""
-  if not _gemv_input(x, layer) or h.shape[-1] != layer.out_features:
+  [..., N] of x's dtype; None otherwise (the model adds). x: a float array or a FoldedInput for this layer."""
+  if not isinstance(x, (jax.Array, FoldedInput)) or h.shape[-1] != layer.out_features:
     return None
-  lead = x.shape[:-1]
-  if lead != h.shape[:-1] or x.dtype != h.dtype or "residual" not in gemv_folds(layer, math.prod(lead), x.dtype):
+  m = math.prod(h.shape[:-1])
+  if x.dtype != h.dtype or "residual" not in gemv_folds(layer, m, x.dtype):
+    return None
+  if isinstance(x, jax.Array) and (x.shape[:-1] != h.shape[:-1] or x.shape[-1] != layer.in_features):
     return None
   return folded_matmul(x, layer, residual=h)
-
-
-def fused_swiglu_matmul(x: Any, layer: Any) -> jax.Array | None:
-  """silu(gate) * up of this fused gate/up layer's output (x @ layer, gate first) from the CUDA GEMV's store, where
-  gemv_folds(layer, M, ...) has "swiglu" and N is two whole sets of 16-row tiles; None otherwise."""
-  if not _gemv_input(x, layer) or layer.out_features % (2 * TILE_ROWS):
-    return None
-  if "swiglu" not in gemv_folds(layer, math.prod(x.shape[:-1]), x.dtype):
-    return None
-  return folded_matmul(x, layer, swiglu=True)
 
 
 def _gemm_config(m: int, layer: Any):

@@ -99,17 +99,12 @@ class QuantizedLinear:
     (backends.fused_norm_input), else None (the model runs rms_norm and `x @ self` as usual)."""
     return backends.fused_norm_input(h, weight, eps, self)
 
-  def swiglu_input(self, gate_up: jax.Array) -> "backends.QuantizedActivation | None":
+  def swiglu_input(self, gate_up: jax.Array):
     """The hook models.llama calls for this layer's input silu(gate) * up, from a fused gate/up projection's
-    output [..., 2 K]: the product quantized by one kernel that reads gate and up, where the backend and the
-    card's tuning table say so (backends.fused_swiglu_input), else None."""
+    output [..., 2 K]: the product quantized by one kernel that reads gate and up, or left for this layer's GEMV
+    to form (a FoldedInput), where the backend and the card's tuning table say so (backends.fused_swiglu_input),
+    else None."""
     return backends.fused_swiglu_input(gate_up, self)
-
-  def swiglu_matmul(self, x) -> jax.Array | None:
-    """The hook models.llama calls on a fused gate/up layer: silu(gate) * up of `x @ self` from one kernel that
-    writes the product in its store, where the backend and the card's tuning table say so
-    (backends.fused_swiglu_matmul: the CUDA GEMV at batch 1), else None (the model runs `x @ self`)."""
-    return backends.fused_swiglu_matmul(x, self)
 
   def residual_matmul(self, x, h: jax.Array) -> jax.Array | None:
     """The hook models.llama calls for h + x @ self (the residual add after o_proj and down_proj): the sum from

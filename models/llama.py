@@ -372,16 +372,6 @@ def residual_linear(h: jax.Array, x: Any, w: Any, tp_axis: str | None = None) ->
   return h + row_parallel_linear(x, w, tp_axis) if fused is None else fused
 
 
-def swiglu_linear(x: Any, gate_up_proj: Any, consumer: Any) -> Any:
-  """silu(gate) * up of linear(x, gate_up_proj) (a fused gate/up projection, gate first), as the input of
-  `consumer` (down_proj; None: the plain product). A kernel leaf with a `swiglu_matmul(x)` method may return the
-  product from one kernel that writes it in its store (flexq_jax's QuantizedLinear, where its backend says so: the
-  CUDA GEMV at batch 1); otherwise swiglu_input of the projection's output."""
-  hook = getattr(gate_up_proj, "swiglu_matmul", None) if consumer is not None else None
-  fused = hook(x) if hook is not None else None
-  return swiglu_input(linear(x, gate_up_proj), consumer) if fused is None else fused
-
-
 def swiglu_input(gate_up: jax.Array, consumer: Any) -> Any:
   """silu(gate) * up from a fused gate/up projection's output [..., 2I] (gate first), as the input of the
   one projection that reads it (down_proj). A kernel leaf with a `swiglu_input(gate_up)` method may return
@@ -556,10 +546,11 @@ def _decoder_block(layer, h, config: LlamaConfig, positions, inv_freq, visible, 
   h = residual_linear(h, a, layer["o_proj"], tp_axis)
   if "gate_up_proj" in layer:
     x = normed_input(h, layer["post_attention_layernorm"], config.rms_norm_eps, layer["gate_up_proj"])
-    # down_proj may take silu(gate) * up quantized by one kernel, or the gate/up kernel may write the product
-    # itself; neither through the online Hadamard or a row-parallel split, which need the plain float product
+    gate_up = linear(x, layer["gate_up_proj"])
+    # down_proj may take silu(gate) * up quantized by one kernel; not through the online Hadamard or a
+    # row-parallel split, which need the float product
     plain = config.down_proj_hadamard or tp_axis is not None
-    u = swiglu_linear(x, layer["gate_up_proj"], None if plain else layer["down_proj"])
+    u = swiglu_input(gate_up, None if plain else layer["down_proj"])
   else:
     x = rms_norm(h, layer["post_attention_layernorm"], config.rms_norm_eps)
     u = jax.nn.silu(linear(x, layer["gate_proj"])) * linear(x, layer["up_proj"])

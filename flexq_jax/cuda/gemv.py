@@ -135,44 +135,46 @@ def gemv_pallas6_xq(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a
                                                                          ring=np.int32(ring))
 
 
+PROLOGUES = {"plain": 0, "norm": 1, "swiglu": 2}  # csrc/gemv_pallas6.cuh kFusePlain, kFuseNorm, kFuseSwiglu
 FUSED_MAX_M = 2  # csrc/gemv_pallas6.cuh kGemvFusedMaxM: rows the fused GEMV takes (decode at batch 1 and 2)
 
 
-def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int,
-               norm_weight: jax.Array | None = None, eps: float = 0.0, swiglu: bool = False,
-               residual: jax.Array | None = None) -> jax.Array:
-  """The quantizer-inside GEMV at 8 warps a block with the ops around it folded in, one kernel
-  (csrc/gemv_pallas6.cuh gemv_pallas6_fused_kernel), M <= FUSED_MAX_M rows of bf16 or fp32:
-    norm_weight [K]: the input is models.llama.rms_norm(x, norm_weight, eps), x the residual stream (the kernel
-      quantizes norm_weight * x and scales each row's sums by 1 / rms: the model's two bf16 roundings of the
-      norm are not made, so q_x lands a step apart in a few percent of the elements: 1-2% of the output's scale
-      at A6 on random rows, fused_reference(model_rounding=False) is the kernel's own statement);
-    swiglu: the weights are a fused gate/up projection (N = 2I rows, gate first) and the result is
-      silu(gate) * up [M, I] (each rounded as XLA and pallas_kernels.w6a_matmul._swiglu round them);
-    residual [M, N] of x's dtype: y = residual + (x @ W), the product rounded to x's dtype first (XLA's add).
-  With none of them, the quantizer-inside GEMV (gemv_pallas6_xq at 8 warps, unroll 1) bit for bit.
-  fused_reference is the same function by the model's own ops and the contract's reference."""
+def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits: int, prologue: str = "plain",
+               norm_weight: jax.Array | None = None, eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
+  """The quantizer-inside GEMV at 8 warps a block with its producer and its consumer folded in, one kernel
+  (csrc/gemv_pallas6.cuh gemv_pallas6_fused_kernel): y [M, N] of x's dtype (bf16 or fp32), M <= FUSED_MAX_M.
+
+  prologue: what the GEMV's input is, made from x inside the kernel:
+    "plain"   x itself (then the kernel equals gemv_pallas6_xq at 8 warps, unroll 1, bit for bit);
+    "norm"    models.llama.rms_norm(x, norm_weight, eps) (x: the residual stream [M, K]);
+    "swiglu"  silu(gate) * up of x = [M, 2K], the fused gate/up projection's output (gate first).
+  residual: [M, N] of x's dtype or None: y = residual + (input @ W), the product rounded to x's dtype first
+  (what XLA's add of the two gives).
+  fused_reference is the same function in jnp."""
+  if prologue not in PROLOGUES:
+    raise ValueError(f"prologue must be one of {', '.join(PROLOGUES)}, got {prologue!r}")
   if x.ndim != 2:
     raise ValueError(f"x must be [M, K], got shape {x.shape}")
   if x.dtype.name not in bmma.GEMV_FUSED_TARGETS:
     raise ValueError(f"the fused CUDA GEMV takes bfloat16 or float32 activations, not {x.dtype}")
-  m, k, n = wk.check_operands(x, w_packed, w_scales, a_bits)
+  if prologue == "swiglu" and x.shape[1] % 2:
+    raise ValueError(f"prologue 'swiglu' takes x = [M, 2K] (gate, then up), got {x.shape[1]} columns, an odd count")
+  k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
+  m, _, n = wk.check_operands(jax.ShapeDtypeStruct((x.shape[0], k), x.dtype), w_packed, w_scales, a_bits)
   if wk.weight_bits(w_packed) != 6:
     raise ValueError("the CUDA GEMV reads 6-bit 'pallas6' weights only")
   if w_scales.dtype != jnp.float16:
     raise ValueError(f"w_scales must be float16, got {w_scales.dtype}")
   if not 1 <= m <= FUSED_MAX_M:
     raise ValueError(f"the fused CUDA GEMV takes 1 <= M <= {FUSED_MAX_M} rows, got M={m}")
-  if norm_weight is not None:
-    if norm_weight.shape != (k,):
-      raise ValueError(f"norm_weight must be [{k}], got {norm_weight.shape}")
+  if prologue == "norm":
+    if norm_weight is None or norm_weight.shape != (k,):
+      raise ValueError(f"prologue 'norm' needs norm_weight [{k}], got "
+                       f"{None if norm_weight is None else norm_weight.shape}")
     if not (eps >= 0.0 and np.isfinite(eps)):
       raise ValueError(f"eps must be finite and >= 0, got {eps}")
-  if swiglu and n % (2 * TILE_ROWS):
-    raise ValueError(f"swiglu needs gate and up of whole {TILE_ROWS}-row tiles (N a multiple of {2 * TILE_ROWS}), "
-                     f"got N={n}")
-  if swiglu and residual is not None:
-    raise ValueError("swiglu writes silu(gate) * up, which takes no residual")
+  elif norm_weight is not None:
+    raise ValueError(f"norm_weight is for prologue 'norm', not {prologue!r}")
   if residual is not None and residual.shape != (m, n):
     raise ValueError(f"residual must be [{m}, {n}] like y, got {residual.shape}")
   empty = jnp.zeros((0,), x.dtype)
@@ -180,15 +182,15 @@ def gemv_fused(x: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *, a_bits
   res = empty if residual is None else residual.astype(x.dtype)
   bmma._register()
   target = bmma.GEMV_FUSED_TARGETS[x.dtype.name][0]
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n // 2 if swiglu else n), x.dtype))(
-      x, w_packed, w_scales, gamma, res, a_bits=np.int32(a_bits), norm=np.int32(norm_weight is not None),
-      swiglu=np.int32(bool(swiglu)), eps=np.float32(eps))
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), x.dtype))(
+      x, w_packed, w_scales, gamma, res, a_bits=np.int32(a_bits), prologue=np.int32(PROLOGUES[prologue]),
+      eps=np.float32(eps))
 
 
 def fused_input(x: jax.Array, prologue: str, norm_weight: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
-  """The model's own op around a GEMV, in jnp with the model's roundings (x's dtype after each step):
-  "norm" is models.llama.rms_norm(x, norm_weight, eps); "swiglu" is silu(gate) * up of x = [..., 2I] (gate first)
-  by pallas_kernels.w6a_matmul._swiglu's steps; "plain" is x."""
+  """The GEMV's input as gemv_fused's prologue forms it, in jnp with the kernel's roundings (x's dtype after
+  each step): models.llama.rms_norm for "norm" (its sum of squares in XLA's order here, not the kernel's:
+  the rsqrt may differ in the last bit), pallas_kernels.w6a_matmul._swiglu's steps for "swiglu"."""
   dt, f32 = x.dtype, jnp.float32
   r = lambda v: v.astype(dt).astype(f32)
   if prologue == "plain":
@@ -202,27 +204,15 @@ def fused_input(x: jax.Array, prologue: str, norm_weight: jax.Array | None = Non
     g, u = x[..., :k].astype(f32), x[..., k:].astype(f32)
     sig = r(1.0 / r(r(jnp.exp(-g)) + 1.0))
     return (r(g * sig) * u).astype(dt)
-  raise ValueError(f"prologue must be plain, norm or swiglu, got {prologue!r}")
+  raise ValueError(f"prologue must be one of {', '.join(PROLOGUES)}, got {prologue!r}")
 
 
-def fused_reference(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int, norm_weight: jax.Array | None = None,
-                    eps: float = 0.0, swiglu: bool = False, residual: jax.Array | None = None,
-                    model_rounding: bool = True) -> jax.Array:
-  """What gemv_fused stands for, by the model's ops (fused_input) around the numerics contract's reference
-  (flexq_jax/numerics.py) on the logical weights q_w [N, Kp]. model_rounding=False: the norm as the kernel forms it
-  instead, norm_weight * x quantized in fp32 and each row's product scaled by 1 / rms (no rounding of x / rms and
-  of its product with the weight to x's dtype; on random bf16 rows at A6 that moves the output by 1-2% of its
-  scale, at A8 under 1%: a q_x step here and there)."""
-  if norm_weight is not None and not model_rounding:
-    h = x.astype(jnp.float32)
-    rstd = jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    z = norm_weight.astype(x.dtype).astype(jnp.float32) * h
-    y = (numerics.reference_matmul(z, q_w, s_w, a_bits=a_bits, out_dtype=jnp.float32) * rstd).astype(x.dtype)
-  else:
-    xin = x if norm_weight is None else fused_input(x, "norm", norm_weight, eps)
-    y = numerics.reference_matmul(xin, q_w, s_w, a_bits=a_bits)
-  if swiglu:
-    return fused_input(y, "swiglu")
+def fused_reference(x: jax.Array, q_w: jax.Array, s_w: jax.Array, *, a_bits: int, prologue: str = "plain",
+                    norm_weight: jax.Array | None = None, eps: float = 0.0,
+                    residual: jax.Array | None = None) -> jax.Array:
+  """What gemv_fused computes, from the logical weights q_w [N, Kp] by the numerics contract's reference
+  (flexq_jax/numerics.py): the prologue's input, the quantized product in x's dtype, plus the residual."""
+  y = numerics.reference_matmul(fused_input(x, prologue, norm_weight, eps), q_w, s_w, a_bits=a_bits)
   if residual is None:
     return y
   return (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)

@@ -12,10 +12,10 @@
 //                         w u8 [N/16, G, 3, 16, 32], w_scales f16 [N, G] -> y [M, N], M <= 8
 //   flexq_gemv_pallas6_xq_{bf16,f32}: x [M, K] (quantized inside), w, w_scales -> y [M, N] of x's dtype; attributes a_bits, unroll (1, 2, 4: groups a warp loads ahead), warps (8, 16, 32 a block), ring (0, or 2 / 4 / 8 stages of a shared-memory weight ring, M <= 2),
 //                                     pdl (1: programmatic dependent launch)
-//   flexq_gemv_pallas6_fused_{bf16,f32}: x [M, K], w, w_scales, gamma [K] (or [0]), residual [M, N] (or [0])
-//                         -> y [M, N] (swiglu: [M, N / 2]) of x's dtype; attributes a_bits, norm (1: x is the residual
-//                         stream, RMSNorm with gamma and eps), swiglu (1: silu(gate) * up of the fused gate/up output),
-//                         eps (f32): the ops around the GEMV folded in (gemv_pallas6_fused_kernel)
+//   flexq_gemv_pallas6_fused_{bf16,f32}: x [M, K] (or [M, 2K]: gate, up), w, w_scales, gamma [K] (or [0]),
+//                         residual [M, N] (or [0]) -> y [M, N] of x's dtype; attributes a_bits, prologue (0 plain,
+//                         1 RMSNorm with gamma and eps, 2 SwiGLU), eps (f32): the producer and the residual add
+//                         folded into the GEMV (gemv_pallas6_fused_kernel)
 // and the small-M tensor-core GEMM on the same operands (gemm_small_pallas6.cuh), M <= 64:
 //   flexq_gemm_small_pallas6_{bf16,f32}: q_x, s_x, sum(q_x), w, w_scales -> y [M, N]; attribute tiles_per_block
 #include <cuda_runtime.h>
@@ -252,47 +252,48 @@ ffi::Error GemvXqF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U
 template <ffi::DataType kT>
 ffi::Error GemvFusedImpl(cudaStream_t stream, ffi::Buffer<kT> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
                          ffi::Buffer<kT> gamma, ffi::Buffer<kT> residual, ffi::ResultBuffer<kT> y, int32_t a_bits,
-                         int32_t norm, int32_t swiglu, float eps) {
+                         int32_t prologue, float eps) {
   if (a_bits != 6 && a_bits != 8) return ffi::Error::InvalidArgument("a_bits must be 6 or 8, got " + std::to_string(a_bits));
-  if ((norm != 0 && norm != 1) || (swiglu != 0 && swiglu != 1))
-    return ffi::Error::InvalidArgument("norm and swiglu must be 0 or 1, got " + std::to_string(norm) + ", " + std::to_string(swiglu));
+  if (prologue != kFusePlain && prologue != kFuseNorm && prologue != kFuseSwiglu)
+    return ffi::Error::InvalidArgument("prologue must be 0 (plain), 1 (RMSNorm) or 2 (SwiGLU), got " + std::to_string(prologue));
   if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("x must be [M, K], got " + dims_str(x.dimensions()));
   if (w.dimensions().size() != 5) return ffi::Error::InvalidArgument("weights must be 'pallas6' [N/16, G, 3, 16, 32], got " + dims_str(w.dimensions()));
-  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  const int64_t m = x.dimensions()[0], cols = x.dimensions()[1];
+  if (prologue == kFuseSwiglu && cols % 2) return ffi::Error::InvalidArgument("the SwiGLU prologue takes x = [M, 2K] (gate, up), got " + std::to_string(cols) + " columns");
+  const int64_t k = prologue == kFuseSwiglu ? cols / 2 : cols;
   const int64_t tiles = w.dimensions()[0], groups = w.dimensions()[1], n = tiles * kGemvTileRows;
   if (ceil_div(k, kGemvGroup) != groups) return ffi::Error::InvalidArgument("x has K=" + std::to_string(k) + ", the weights " + std::to_string(groups) + " groups of 128");
   if (auto e = expect_dims("weights", w.dimensions(), {tiles, groups, 3, kGemvTileRows, kGemvPlaneBytes}); e.failure()) return e;
   if (auto e = expect_dims("weight scales", sw.dimensions(), {n, groups}); e.failure()) return e;
-  if (swiglu && n % (2 * kGemvTileRows)) return ffi::Error::InvalidArgument("the SwiGLU store needs gate and up of 16-row tiles each (N a multiple of 32), got N=" + std::to_string(n));
-  if (auto e = expect_dims("output", y->dimensions(), {m, swiglu ? n / 2 : n}); e.failure()) return e;
-  if (norm) {
+  if (auto e = expect_dims("output", y->dimensions(), {m, n}); e.failure()) return e;
+  if (prologue == kFuseNorm) {
     if (auto e = expect_dims("norm weight", gamma.dimensions(), {k}); e.failure()) return e;
   }
   const bool has_residual = residual.element_count() != 0;
-  if (has_residual && swiglu) return ffi::Error::InvalidArgument("the SwiGLU store takes no residual");
   if (has_residual) {
     if (auto e = expect_dims("residual", residual.dimensions(), {m, n}); e.failure()) return e;
   }
   if (m > kGemvFusedMaxM) return ffi::Error::InvalidArgument("the fused GEMV takes M <= " + std::to_string(kGemvFusedMaxM) + " rows, got " + std::to_string(m));
   if (m == 0 || n == 0) return ffi::Error::Success();
   using T = typename GemvOut<kT>::T;
-  const GemvFuse fuse{norm ? gamma.untyped_data() : nullptr, has_residual ? residual.untyped_data() : nullptr, eps};
+  const GemvFuse fuse{prologue == kFuseNorm ? gamma.untyped_data() : nullptr,
+                      has_residual ? residual.untyped_data() : nullptr, eps, prologue};
   launch_gemv_pallas6_fused(stream, reinterpret_cast<const T*>(x.typed_data()), w.typed_data(),
                             reinterpret_cast<const __half*>(sw.typed_data()), reinterpret_cast<T*>(y->typed_data()),
                             static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups),
-                            a_bits, norm != 0, swiglu != 0, fuse);
+                            a_bits, fuse);
   return last_cuda_error("flexq_gemv_pallas6_fused launch");
 }
 
 ffi::Error GemvFusedBf16(cudaStream_t s, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
                          ffi::Buffer<ffi::BF16> gamma, ffi::Buffer<ffi::BF16> residual, ffi::ResultBuffer<ffi::BF16> y,
-                         int32_t a_bits, int32_t norm, int32_t swiglu, float eps) {
-  return GemvFusedImpl<ffi::BF16>(s, x, w, sw, gamma, residual, y, a_bits, norm, swiglu, eps);
+                         int32_t a_bits, int32_t prologue, float eps) {
+  return GemvFusedImpl<ffi::BF16>(s, x, w, sw, gamma, residual, y, a_bits, prologue, eps);
 }
 ffi::Error GemvFusedF32(cudaStream_t s, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> sw,
                         ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                        int32_t a_bits, int32_t norm, int32_t swiglu, float eps) {
-  return GemvFusedImpl<ffi::F32>(s, x, w, sw, gamma, residual, y, a_bits, norm, swiglu, eps);
+                        int32_t a_bits, int32_t prologue, float eps) {
+  return GemvFusedImpl<ffi::F32>(s, x, w, sw, gamma, residual, y, a_bits, prologue, eps);
 }
 
 }  // namespace
@@ -395,29 +396,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6XqF32, flexq::GemvXqF32,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6FusedBf16, flexq::GemvFusedBf16,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K] (norm: the residual stream), quantized inside
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K] (SwiGLU: [M, 2K]), quantized inside
                                   .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
                                   .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // the norm's weight [K], or [0]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // residual [M, N], or [0]
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
-                                  .Attr<int32_t>("norm")
-                                  .Attr<int32_t>("swiglu")
+                                  .Attr<int32_t>("prologue")
                                   .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemvPallas6FusedF32, flexq::GemvFusedF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K] (norm: the residual stream), quantized inside
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K] (SwiGLU: [M, 2K]), quantized inside
                                   .Arg<ffi::Buffer<ffi::U8>>()   // "pallas6" weights [N/16, G, 3, 16, 32]
                                   .Arg<ffi::Buffer<ffi::F16>>()  // w_scales [N, G]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the norm's weight [K], or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N], or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int32_t>("a_bits")
-                                  .Attr<int32_t>("norm")
-                                  .Attr<int32_t>("swiglu")
+                                  .Attr<int32_t>("prologue")
                                   .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexqGemmSmallPallas6Bf16, flexq::GemmSmallBf16,

@@ -523,92 +523,161 @@ cudaError_t launch_gemv_pallas6_ring(cudaStream_t stream, const InT* x, const ui
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The quantizer-inside GEMV with the ops around it folded in (issue 14 item 1 at batch 1).
+// The quantizer-inside GEMV with its producer and its consumer folded in (issue 14 item 1 at batch 1).
 //
-// Why: at M = 1 a LLaMA layer's four GEMVs are ~75% of a decode step's kernel time and the small XLA kernels
-// around them (the two RMSNorms with the residual adds, SwiGLU) are launches of ~2 us each that move almost no
-// bytes (results/e2e/h200-2026-12-03-e2e-gemv-fused-v1.md: 459 launches a step, 128 of them GEMVs). Here:
-//   kNorm:   the input is rms_norm(h, gamma, eps) of the residual stream h. The norm's 1 / rms is one number a
-//            row, and the contract's per-group quantization is scale-free (q_x of c z is q_x of z, s_x scales by
-//            c), so the kernel quantizes z = gamma h (fp32) and multiplies each row's sum by 1 / rms at the end.
-//            Each lane adds the squares of the h it loads anyway; the block adds them with its partial sums.
-//            Nothing waits for the norm. (The model rounds h / rms and gamma times it to bf16; without those two
-//            roundings an x may land a q_x step apart now and then: the GPU tests bound it.)
-//   kSwiglu: the fused gate/up GEMV (N = 2I rows, gate first) writes silu(gate) * up [M, I] instead of its
-//            output: block t takes gate rows 8t .. 8t + 7 in lanes 0-15 and the up rows I + 8t .. in lanes
-//            16-31 (the same 16-row slots of the block's sums), and its store pairs them, rounded as XLA
-//            rounds the gate/up output and then as pallas_kernels/w6a_matmul.py _swiglu rounds the product.
-//   residual (run time, non-null): y = residual + (x @ W), the product rounded to y's dtype first, as XLA's
-//            add of the two (o_proj and down_proj).
-// Otherwise the arithmetic is gemv_pallas6_xq_kernel's at 8 warps, unroll 1 (same groups per warp, same order,
-// same quantizer): with none of the three the two are bit-identical (a GPU test checks it).
-// First forms, measured slower (results/kernels/NOTES.md): the norm as a prologue that waited for the row's sum
-// of squares, and SwiGLU applied to down_proj's input loads (an exp and a division per element and block).
+// Why: at M = 1 a LLaMA layer's four GEMVs are ~60% of a decode step's kernel time and the small XLA kernels
+// around them (the residual adds, the two RMSNorms, SwiGLU) are launches of ~2 us each that move almost no
+// bytes (results/e2e/NOTES.md, "Glue and ragged splits"). Here the GEMV computes its input from what the
+// model's producer would have read, and adds the residual in its store:
+//   prologue kFuseNorm:   x = rms_norm(h, gamma, eps) (models/llama.py rms_norm: fp32 sum of squares over the
+//                         row, h * rsqrt(mean + eps) rounded to x's dtype, times gamma rounded again); every block
+//                         forms the row's sum of squares itself (its 256 threads stride over the row; K = 4096
+//                         bf16: 8 KB from L2), after its first groups' weights are in flight: no extra kernel;
+//   prologue kFuseSwiglu: x = silu(gate) * up from the fused gate/up output [M, 2K] (gate first), rounded as
+//                         pallas_kernels/w6a_matmul.py _swiglu rounds it;
+//   residual:             y = residual + (x @ W) with x @ W rounded to y's dtype first: what XLA's add of the
+//                         two tensors gives.
+// The arithmetic after the prologue is gemv_pallas6_xq_kernel's at 8 warps, unroll 1 (same groups per warp,
+// same order, same quantizer), so with the plain prologue and no residual the two are bit-identical (a GPU
+// test checks it). The norm's sum of squares is added in another order than XLA's reduction, so its rsqrt
+// may differ in the last bit and move a rounding of x now and then (the GPU tests bound it).
+constexpr int kFusePlain = 0, kFuseNorm = 1, kFuseSwiglu = 2;
 
 struct GemvFuse {
-  const void* gamma;     // kNorm: the norm's weight [K], x's dtype
+  const void* gamma;     // kFuseNorm: the norm's weight [K], x's dtype
   const void* residual;  // non-null: [M, N] of y's dtype, added in the store
-  float eps;             // kNorm: the norm's epsilon
+  float eps;             // kFuseNorm: the norm's epsilon
+  int prologue;          // kFusePlain, kFuseNorm or kFuseSwiglu
 };
 
 __device__ __forceinline__ float gemv_round(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float gemv_round(float v, const float*) { return v; }
 
-// Six blocks an SM, as the quantizer-inside GEMV has at its 39-40 registers (the norm's squares would take 43 and
-// leave five).
-template <int kM, int kABits, bool kNorm, bool kSwiglu, typename InT, typename OutT>
-__global__ void __launch_bounds__(32 * kGemvWarps, 6)
+// This thread's share of sum(v * v) over a row: 16-byte loads, the block's 256 threads striding over the row
+// (chunk c of 8 bf16 to thread c mod 256); the caller adds the shares.
+__device__ __forceinline__ float gemv_sum_squares_part(const __nv_bfloat16* row, int k) {
+  float s = 0.f;
+  if ((k & 7) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* p = reinterpret_cast<const uint4*>(row);
+#pragma unroll 2
+    for (int c = threadIdx.x; c < k / 8; c += blockDim.x) {
+      const uint4 u = __ldg(p + c);
+      const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(b[j]);
+        s += f.x * f.x;
+        s += f.y * f.y;
+      }
+    }
+  } else {
+    for (int kk = threadIdx.x; kk < k; kk += blockDim.x) {
+      const float v = __bfloat162float(row[kk]);
+      s += v * v;
+    }
+  }
+  return s;
+}
+__device__ __forceinline__ float gemv_sum_squares_part(const float* row, int k) {
+  float s = 0.f;
+  for (int kk = threadIdx.x; kk < k; kk += blockDim.x) s += row[kk] * row[kk];
+  return s;
+}
+
+// 1 / rms of each of the block's rows (every thread gets the same numbers): the threads' shares, added across a
+// warp by a butterfly and across the warps in shared memory in warp order.
+template <int kM, typename InT>
+__device__ __forceinline__ void gemv_row_rstd(const InT* __restrict__ x, int m, int k, float eps, float (&rstd)[kM]) {
+  __shared__ float part[kGemvWarps][kM];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+    float s = i < m ? gemv_sum_squares_part(x + static_cast<long>(i) * k, k) : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) part[warp][i] = s;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kM; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) s += part[w][i];
+    rstd[i] = rsqrtf(s / static_cast<float>(k) + eps);
+  }
+}
+
+// Group g of row i of the GEMV's input as lane `lane` holds it (k = 128g + 4 lane + e, zero past K and M), formed
+// by the prologue: every load of the group first, then the arithmetic (no branch between them).
+template <int kPro, int kM, typename InT>
+__device__ __forceinline__ void gemv_fused_group(const InT* __restrict__ x, const GemvFuse& f, const float (&rstd)[kM],
+                                                 int g, int lane, int m, int k, float (&v)[kM][4]) {
+  const InT* tag = nullptr;  // selects gemv_round's dtype
+  const int k0 = g * kGemvGroup + 4 * lane;
+  const long stride = kPro == kFuseSwiglu ? 2L * k : k;
+  float a[kM][4], b[kM][4], gm[4];
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool in = i < m && k0 + e < k;
+      a[i][e] = in ? gemv_load_x(x + i * stride + k0 + e) : 0.f;
+      b[i][e] = (kPro == kFuseSwiglu && in) ? gemv_load_x(x + i * stride + k + k0 + e) : 0.f;
+    }
+  if (kPro == kFuseNorm) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gm[e] = k0 + e < k ? gemv_load_x(static_cast<const InT*>(f.gamma) + k0 + e) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (kPro == kFuseSwiglu) {
+        const float sig = gemv_round(1.0f / gemv_round(gemv_round(expf(-a[i][e]), tag) + 1.0f, tag), tag);
+        v[i][e] = gemv_round(gemv_round(a[i][e] * sig, tag) * b[i][e], tag);
+      } else if (kPro == kFuseNorm) {
+        v[i][e] = gemv_round(gm[e] * gemv_round(a[i][e] * rstd[i], tag), tag);
+      } else {
+        v[i][e] = a[i][e];
+      }
+    }
+}
+
+template <int kM, int kABits, int kPro, typename InT, typename OutT>
+__global__ void __launch_bounds__(32 * kGemvWarps)
 gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__ w, const __half* __restrict__ sw,
                           OutT* __restrict__ y, int m, int n, int k, int groups, GemvFuse fuse) {
   constexpr int kQMax = (1 << (kABits - 1)) - 1;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int h = lane & 1;
-  // The lane's weight row: row r = lane / 2 of the block's 16-row tile, or with kSwiglu gate / up row
-  // 8 (t % 2) + (lane % 16) / 2 of stored tile t / 2 (gate) or n / 32 + t / 2 (up).
-  int tile_row, stored_tile;
-  if (kSwiglu) {
-    const int t = blockIdx.x;
-    tile_row = 8 * (t & 1) + ((lane & 15) >> 1);
-    stored_tile = (lane < 16 ? 0 : n / (2 * kGemvTileRows)) + (t >> 1);
-  } else {
-    tile_row = lane >> 1;
-    stored_tile = blockIdx.x;
-  }
-  const long row_n = static_cast<long>(stored_tile) * kGemvTileRows + tile_row;
+  const int tile = blockIdx.x;
+  const int r = lane >> 1, h = lane & 1;
+  const long row_n = static_cast<long>(tile) * kGemvTileRows + r;
   __shared__ __align__(16) int8_t xq[kGemvWarps][kM][kGemvGroup];
 
-  float acc[kM], sq[kM];
+  float acc[kM];
 #pragma unroll
-  for (int i = 0; i < kM; ++i) acc[i] = sq[i] = 0.f;
+  for (int i = 0; i < kM; ++i) acc[i] = 0.f;
 
-  const uint8_t* w_tile = w + static_cast<long>(stored_tile) * groups * kGemvTileGroupBytes + tile_row * 32 + h * 16;
-  const InT* gamma = static_cast<const InT*>(fuse.gamma);
-  for (int g = warp; g < groups; g += kGemvWarps) {
-    uint4 planes[3];
+  const uint8_t* w_tile = w + static_cast<long>(tile) * groups * kGemvTileGroupBytes + lane * 16;
+  uint4 planes[3];
+  auto load = [&](int g) {
     const uint8_t* src = w_tile + static_cast<long>(g) * kGemvTileGroupBytes;
 #pragma unroll
     for (int pl = 0; pl < 3; ++pl) planes[pl] = __ldg(reinterpret_cast<const uint4*>(src + pl * kGemvPlaneTileBytes));
-    float v[kM][4], gm[4];
+  };
+  if (warp < groups) load(warp);  // the first group's weights in flight while the norm's sums are formed
+  float rstd[kM];
+  if (kPro == kFuseNorm) {
+    gemv_row_rstd<kM>(x, m, k, fuse.eps, rstd);
+  } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {  // lane l holds k = 128g + 4l + e: phase e, t = l
-      const int kk = g * kGemvGroup + 4 * lane + e;
-#pragma unroll
-      for (int i = 0; i < kM; ++i) v[i][e] = (i < m && kk < k) ? gemv_load_x(x + static_cast<long>(i) * k + kk) : 0.f;
-      if (kNorm) gm[e] = kk < k ? gemv_load_x(gamma + kk) : 0.f;
-    }
-    if (kNorm) {
-#pragma unroll
-      for (int i = 0; i < kM; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sq[i] += v[i][e] * v[i][e];
-          v[i][e] *= gm[e];
-        }
-    }
-    // gemv_pallas6_xq_kernel's group step, repeated rather than shared: moving the GPU-tested kernel's lines into
-    // a common function changed its PTX (register order, the s_w load's place); to be shared once a GPU run
-    // re-times it.
+    for (int i = 0; i < kM; ++i) rstd[i] = 1.f;
+  }
+  for (int g = warp; g < groups; g += kGemvWarps) {
+    if (g != warp) load(g);
+    float v[kM][4];
+    gemv_fused_group<kPro, kM>(x, fuse, rstd, g, lane, m, k, v);
     float s_x[kM];
     int q_sum[kM];
 #pragma unroll
@@ -626,75 +695,48 @@ gemv_pallas6_fused_kernel(const InT* __restrict__ x, const uint8_t* __restrict__
     __syncwarp();
   }
 
-  // gemv_reduce_store's order; the norm's squares added over the lanes (each holds distinct elements) and warps.
+  // gemv_reduce_store's order, then the residual added to the rounded product.
   __shared__ float red[kGemvWarps][kM][kGemvTileRows];
-  __shared__ float sqw[kGemvWarps][kM];
+  if ((lane & 1) == 0) {
 #pragma unroll
-  for (int i = 0; i < kM; ++i) {
-    if (kNorm) {
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sq[i] += __shfl_xor_sync(0xffffffffu, sq[i], off);
-      if (lane == 0) sqw[warp][i] = sq[i];
-    }
-    if (h == 0) red[warp][i][lane >> 1] = acc[i];
+    for (int i = 0; i < kM; ++i) red[warp][i][lane >> 1] = acc[i];
   }
   __syncthreads();
   const OutT* res = static_cast<const OutT*>(fuse.residual);
-  const OutT* tag = nullptr;  // selects gemv_round's dtype
-  constexpr int kOut = kSwiglu ? kGemvTileRows / 2 : kGemvTileRows;  // outputs a block writes a row
-  const int out_n = kSwiglu ? n / 2 : n;
-  for (int t = threadIdx.x; t < kM * kOut; t += blockDim.x) {
-    const int i = t / kOut, rr = t % kOut;
+  for (int t = threadIdx.x; t < kM * kGemvTileRows; t += blockDim.x) {
+    const int i = t / kGemvTileRows, rr = t % kGemvTileRows;
     if (i >= m) continue;
-    float rstd = 1.f;
-    if (kNorm) {
-      float ss = 0.f;
-#pragma unroll
-      for (int ww = 0; ww < kGemvWarps; ++ww) ss += sqw[ww][i];
-      rstd = rsqrtf(ss / static_cast<float>(k) + fuse.eps);
-    }
     float s = 0.f;
 #pragma unroll
     for (int ww = 0; ww < kGemvWarps; ++ww) s += red[ww][i][rr];
-    s *= rstd;
-    const long at = static_cast<long>(i) * out_n + static_cast<long>(blockIdx.x) * kOut + rr;
-    if (kSwiglu) {
-      float u = 0.f;
-#pragma unroll
-      for (int ww = 0; ww < kGemvWarps; ++ww) u += red[ww][i][rr + 8];
-      const float gate = gemv_round(s, tag), up = gemv_round(u * rstd, tag);
-      const float sig = gemv_round(1.0f / gemv_round(gemv_round(expf(-gate), tag) + 1.0f, tag), tag);
-      s = gemv_round(gate * sig, tag) * up;
-    } else if (res != nullptr) {
-      s = gemv_load_x(res + at) + gemv_round(s, tag);
-    }
+    const long at = static_cast<long>(i) * n + static_cast<long>(tile) * kGemvTileRows + rr;
+    if (res != nullptr) s = gemv_load_x(res + at) + gemv_round(s, res);
     gemv_store(s, y + at);
   }
 }
 
 constexpr int kGemvFusedMaxM = 2;  // rows the fused GEMV takes (the decode steps of batch 1 and 2)
 
-template <int kABits, bool kNorm, bool kSwiglu, typename InT, typename OutT>
-void launch_gemv_pallas6_fused_kind(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
-                                    int m, int n, int k, int groups, const GemvFuse& fuse) {
-  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);  // kSwiglu: n / 2 outputs, 8 a block
+template <int kABits, int kPro, typename InT, typename OutT>
+void launch_gemv_pallas6_fused_pro(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y,
+                                   int m, int n, int k, int groups, const GemvFuse& fuse) {
+  const dim3 grid(n / kGemvTileRows), block(32 * kGemvWarps);
   if (m <= 1) {
-    gemv_pallas6_fused_kernel<1, kABits, kNorm, kSwiglu, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+    gemv_pallas6_fused_kernel<1, kABits, kPro, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
   } else {
-    gemv_pallas6_fused_kernel<2, kABits, kNorm, kSwiglu, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
+    gemv_pallas6_fused_kernel<2, kABits, kPro, InT, OutT><<<grid, block, 0, stream>>>(x, w, sw, y, m, n, k, groups, fuse);
   }
 }
 
-// n: the weights' rows (kSwiglu: 2I, y is [m, I]); m <= kGemvFusedMaxM, no residual with swiglu (the FFI handler
-// checks both).
+// k: the GEMV's K (x has 2k columns with kFuseSwiglu); m <= kGemvFusedMaxM (the FFI handler checks).
 template <typename InT, typename OutT>
 void launch_gemv_pallas6_fused(cudaStream_t stream, const InT* x, const uint8_t* w, const __half* sw, OutT* y, int m,
-                               int n, int k, int groups, int a_bits, bool norm, bool swiglu, const GemvFuse& fuse) {
-#define FLEXQ_FUSED(BITS, NORM, SWIGLU) \
-  if (a_bits == BITS && norm == NORM && swiglu == SWIGLU) \
-    return launch_gemv_pallas6_fused_kind<BITS, NORM, SWIGLU>(stream, x, w, sw, y, m, n, k, groups, fuse);
-  FLEXQ_FUSED(6, false, false) FLEXQ_FUSED(6, true, false) FLEXQ_FUSED(6, false, true) FLEXQ_FUSED(6, true, true)
-  FLEXQ_FUSED(8, false, false) FLEXQ_FUSED(8, true, false) FLEXQ_FUSED(8, false, true) FLEXQ_FUSED(8, true, true)
+                               int n, int k, int groups, int a_bits, const GemvFuse& fuse) {
+#define FLEXQ_FUSED(BITS, PRO) \
+  if (a_bits == BITS && fuse.prologue == PRO) \
+    return launch_gemv_pallas6_fused_pro<BITS, PRO>(stream, x, w, sw, y, m, n, k, groups, fuse);
+  FLEXQ_FUSED(6, kFusePlain) FLEXQ_FUSED(6, kFuseNorm) FLEXQ_FUSED(6, kFuseSwiglu)
+  FLEXQ_FUSED(8, kFusePlain) FLEXQ_FUSED(8, kFuseNorm) FLEXQ_FUSED(8, kFuseSwiglu)
 #undef FLEXQ_FUSED
 }
 
