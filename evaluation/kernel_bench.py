@@ -1082,7 +1082,7 @@ def main(argv=None) -> None:
                   help="the decode attention kernel's configs against XLA's einsums (--m: batches, default 1,16,32,64)")
   ap.add_argument("--slots", default="160,1024", help="--attention: comma list of cache lengths")
   ap.add_argument("--out-dir", default="results/kernels")
-  ap.add_argument("--tag", default="", help="--w8a8-cmp: appended to the output file names (e.g. -70b)")
+  ap.add_argument("--tag", default="", help="--w8a8-cmp: appended to the output file names (a value starting with - as --tag=-70b)")
   ap.add_argument("--rerender", default=None, help="a saved .json: rewrite its .md/.png (no GPU needed)")
   args = ap.parse_args(argv)
   if args.rerender:
