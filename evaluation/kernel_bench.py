@@ -778,7 +778,6 @@ def compare_w8a8(shapes: list[str], ms: tuple[int, ...], use_torch: bool, log=pr
 def w8a8_markdown(rows: list[dict], card: str, date: str) -> str:
   """Issue 13's closing table: every shape and M of a --w8a8-cmp run, times in us and the target ratios."""
   nan = float("nan")
-  cell = lambda v, f: "-" if v != v else format(v, f)
   lines = [f"# W6A6 / W6A8 against cuBLAS bf16 and our own W8A8, whole ops ({card}, {date})", "",
            "Times in us (activation quantization included in ours); ratios are cuBLAS bf16 time over ours. "
            "`kernel`: what the pallas backend runs at that M. Own W8A8: the faster of our Triton and Mosaic "
